@@ -1,0 +1,95 @@
+//! Progress: what migratekit's own client posts to the VMA, and what the OMA polls back.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `status` field of a progress update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgressStatus {
+    /// Still copying.
+    InProgress,
+    /// migratekit finished the copy.
+    Completed,
+    /// migratekit gave up; `error_message` says why.
+    Failed,
+}
+
+/// `sync_type` field of a progress update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncType {
+    /// First copy of the whole disk.
+    Full,
+    /// Changed blocks only.
+    Incremental,
+}
+
+/// Body of `POST /api/v1/progress/{job_id}/update` exactly as migratekit's progress client
+/// (OSSEA fork) sends it. Unknown fields are tolerated here, unlike everywhere else: the
+/// client is not ours to change, and refusing its update would lose progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProgressUpdate {
+    /// Free-form stage name ("Transfer", "Snapshot", ...).
+    pub stage: String,
+    /// Overall status; absent means in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<ProgressStatus>,
+    /// Bytes copied so far.
+    pub bytes_transferred: u64,
+    /// Bytes to copy in all, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_bytes: Option<u64>,
+    /// Current throughput in bytes per second.
+    pub throughput_bps: u64,
+    /// Percent done, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+    /// Disk being copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_id: Option<String>,
+    /// Full or incremental copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_type: Option<SyncType>,
+    /// Why migratekit failed, with `status = failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+}
+
+/// Body of `GET /api/v1/progress/{job_id}` on the watchdog: the latest update and when it came.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StoredProgress {
+    /// The job.
+    pub job_id: String,
+    /// The latest update, as migratekit sent it.
+    pub update: ProgressUpdate,
+    /// When the watchdog received it.
+    pub received_at: DateTime<Utc>,
+    /// Number of updates received for this job so far.
+    pub sequence: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_minimal_migratekit_body() {
+        let body = r#"{"stage":"Transfer","bytes_transferred":10,"throughput_bps":5}"#;
+        let update: ProgressUpdate = serde_json::from_str(body).unwrap();
+        assert_eq!(update.bytes_transferred, 10);
+        assert_eq!(update.status, None);
+    }
+
+    #[test]
+    fn accepts_the_full_migratekit_body() {
+        let body = r#"{"stage":"Transfer","status":"completed","bytes_transferred":100,
+            "total_bytes":100,"throughput_bps":5,"percent":100.0,"disk_id":"disk-2000",
+            "sync_type":"incremental","error_message":null}"#;
+        let update: ProgressUpdate = serde_json::from_str(body).unwrap();
+        assert_eq!(update.status, Some(ProgressStatus::Completed));
+        assert_eq!(update.sync_type, Some(SyncType::Incremental));
+    }
+}

@@ -1,0 +1,2 @@
+//! Types shared by the kernel programs (`watchdog-ebpf`) and the daemon (`vma-watchdog`).
+#![no_std]

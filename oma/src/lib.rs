@@ -1,0 +1,1 @@
+//! `oma`: replication jobs, VM contexts and evidence-based recovery.
