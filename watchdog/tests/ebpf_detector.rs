@@ -430,3 +430,89 @@ async fn unrelated_exits_produce_no_events() {
     let _ = keep.wait();
     env.assert_no_read_errors();
 }
+
+/// A memory cgroup (v1) with a small limit, created under this process's own memory cgroup
+/// and removed on drop.
+struct MemCgroup(PathBuf);
+
+impl MemCgroup {
+    fn create(name: &str, limit_bytes: u64) -> Option<MemCgroup> {
+        let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let own = cgroups.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == "memory")
+                .then(|| path.to_owned())
+        })?;
+        let dir = PathBuf::from(format!(
+            "/sys/fs/cgroup/memory{own}/{name}-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir(&dir).ok()?;
+        let cgroup = MemCgroup(dir);
+        std::fs::write(
+            cgroup.0.join("memory.limit_in_bytes"),
+            limit_bytes.to_string(),
+        )
+        .ok()?;
+        // Without swap accounting limited too, the kernel could swap instead of killing.
+        let memsw = cgroup.0.join("memory.memsw.limit_in_bytes");
+        if memsw.exists() {
+            std::fs::write(memsw, limit_bytes.to_string()).ok()?;
+        }
+        Some(cgroup)
+    }
+
+    fn add(&self, pid: u32) {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).expect("move into cgroup");
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A process killed by the OOM killer of its memory cgroup carries the OOM flag (and SIGKILL).
+async fn oom_kill(name: &str, live: bool) {
+    let Some(mut env) = Env::start(name, live) else {
+        return;
+    };
+    let Some(cgroup) = MemCgroup::create(name, 64 << 20) else {
+        eprintln!("SKIP: cannot create a cgroup v1 memory group under /sys/fs/cgroup/memory");
+        return;
+    };
+    let mut helper = env.spawn(&["2", "oom"]);
+    env.expect_started(&helper).await;
+    cgroup.add(helper.id.pid);
+    helper.send_line();
+    let oom = ExitStatus {
+        code: None,
+        signal: Some(libc::SIGKILL),
+        core_dumped: false,
+        oom_killed: true,
+    };
+    env.expect_exited(&helper, oom).await;
+    env.assert_quiet(helper.id.pid).await;
+    env.assert_no_read_errors();
+    helper.reap();
+    drop(cgroup);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_killed_group_dead() {
+    oom_kill("wdg-oom", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_killed_signal_live() {
+    oom_kill("wdl-oom", true).await;
+}
