@@ -90,7 +90,7 @@ fn main() {
                     let _ = rx.lock().map(|r| r.recv());
                 });
             }
-            let code = arg.clone();
+            let code = arg;
             std::thread::spawn(move || {
                 let mut line = String::new();
                 let _ = std::io::stdin().lock().read_line(&mut line);
