@@ -296,3 +296,40 @@ async fn track_adopts_a_matching_process_and_refuses_others() {
     assert_eq!(error_of(gone).await.error, "no_such_process");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn health_needs_no_token_and_shows_the_outbox_counters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut state, jobs) = support::state(dir.path(), sleep_launcher());
+    let outbox =
+        vma_watchdog::outbox::Outbox::open(&dir.path().join("outbox"), Default::default()).unwrap();
+    let outbox = std::sync::Arc::new(outbox);
+    state.outbox = Some(outbox.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = support::serve_on(listener, state, jobs);
+    outbox
+        .append(api::ProcessEvent {
+            event_id: uuid::Uuid::new_v4(),
+            kind: api::ProcessEventKind::DiedWhileUnwatched,
+            job_id: "job-h".into(),
+            process: api::ProcessIdentity {
+                pid: 1,
+                start_time: 1,
+            },
+            exit: None,
+            observed_at: chrono::Utc::now(),
+            detector: api::Detector::Registry,
+        })
+        .unwrap();
+    let health: serde_json::Value = reqwest::get(server.url("/health"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["outbox"]["queued"], 1);
+    assert_eq!(health["outbox"]["delivered"], 0);
+    assert!(health["outbox"]["oldest_age_seconds"].is_number());
+    server.stop().await;
+}

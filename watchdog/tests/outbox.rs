@@ -337,3 +337,66 @@ async fn only_acknowledged_ids_are_removed_and_the_rest_is_redelivered() {
     assert_eq!(received.iter().filter(|id| **id == sent[0]).count(), 1);
     assert_eq!(received.iter().filter(|id| **id == sent[4]).count(), 4);
 }
+
+/// Runs `f` with a subscriber that writes log lines into a string, and returns them.
+fn capture_logs(f: impl FnOnce()) -> String {
+    let buffer = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let sink = Arc::clone(&buffer);
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || SharedWriter(Arc::clone(&sink)))
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    String::from_utf8(buffer.lock().unwrap().clone()).unwrap()
+}
+
+struct SharedWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn filling_full_and_torn_states_each_leave_a_clear_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = OutboxLimits {
+        max_events: 10,
+        max_bytes: 1 << 20,
+    };
+    let below = capture_logs(|| {
+        let outbox = Outbox::open(dir.path(), limits).unwrap();
+        (0..7).for_each(|n| outbox.append(event(n)).unwrap());
+    });
+    assert!(!below.contains("80%"), "{below}");
+    let logs = capture_logs(|| {
+        let outbox = Outbox::open(dir.path(), limits).unwrap();
+        (7..10).for_each(|n| outbox.append(event(n)).unwrap());
+        assert!(outbox.append(event(10)).is_err());
+    });
+    assert_eq!(logs.matches("outbox over 80% full").count(), 1, "{logs}");
+    assert!(logs.contains("WARN"), "{logs}");
+    assert!(
+        logs.contains("ERROR") && logs.contains("outbox full: refusing a new event"),
+        "{logs}"
+    );
+
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("events.jsonl"))
+        .unwrap();
+    file.write_all(b"{\"appended_at\":").unwrap();
+    let logs = capture_logs(|| {
+        let outbox = Outbox::open(dir.path(), limits).unwrap();
+        assert_eq!(outbox.stats().queued, 10);
+    });
+    assert!(
+        logs.contains("skipped a torn last line in the outbox"),
+        "{logs}"
+    );
+}

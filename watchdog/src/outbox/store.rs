@@ -104,7 +104,7 @@ impl Outbox {
         if !pending.is_empty() {
             tracing::info!(queued = pending.len(), dir = %dir.display(), "outbox resumes with events still to deliver to the OMA");
         }
-        Ok(Self {
+        let outbox = Self {
             dir: dir.to_path_buf(),
             limits,
             inner: Mutex::new(Inner {
@@ -119,7 +119,10 @@ impl Outbox {
                 warned_filling: false,
             }),
             notify: tokio::sync::Notify::new(),
-        })
+        };
+        // A restart with a backlog says so at once, not at the next append.
+        outbox.check_filling(&mut outbox.lock());
+        Ok(outbox)
     }
 
     /// Appends an event and makes it durable before returning.
