@@ -24,7 +24,7 @@ async fn a_program_that_exits_at_once_is_registered_before_it_runs() {
     let launcher = Launcher::new(config("/bin/true", &[]));
     let seen: Arc<Mutex<Option<(ProcessIdentity, String)>>> = Arc::default();
     let record = Arc::clone(&seen);
-    let (mut launched, registered) = launcher
+    let (launched, registered) = launcher
         .launch("job-quick", &StartJobRequest::default(), move |process| {
             // At this point the child exists but has not exec'd: its name is still ours.
             let comm = proc_comm(process.pid).expect("the process exists while registering");
@@ -34,11 +34,18 @@ async fn a_program_that_exits_at_once_is_registered_before_it_runs() {
         })
         .await
         .unwrap();
-    let status = launched.child.wait().await.unwrap();
-    assert!(status.success());
+    let exit = launched.wait_for_exit().unwrap();
+    assert_eq!((exit.code, exit.signal), (Some(0), None));
+    // Not reaped yet: still a zombie whose status a detector could read.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", launched.process.pid)).unwrap();
+    assert_eq!(stat.rsplit_once(") ").unwrap().1.chars().next(), Some('Z'));
+    let pid = launched.process.pid;
+    let registered_at_launch = launched.process;
+    assert!(launched.reap().unwrap().success());
+    assert!(proc_identity(pid).is_err(), "reaped");
     let (process, comm) = seen.lock().unwrap().clone().expect("registered");
-    assert_eq!(process, launched.process);
-    assert_eq!(registered, launched.process);
+    assert_eq!(process, registered_at_launch);
+    assert_eq!(registered, registered_at_launch);
     assert_ne!(
         comm, "true",
         "registration must happen before the program runs"
@@ -101,14 +108,14 @@ async fn the_password_never_appears_in_the_logged_argv() {
         credentials: Some("vc".into()),
         ..Default::default()
     };
-    let (mut launched, ()) = launcher
+    let (launched, ()) = launcher
         .launch("job-pw", &request, |_| Ok::<_, std::io::Error>(()))
         .await
         .unwrap();
-    launched.child.wait().await.unwrap();
     let shown = format!("{:?} {:?}", launched.redacted_argv(), launched);
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(launched.redacted_argv().contains(&"<redacted>".to_string()));
+    launched.reap().unwrap();
 }
 
 const ROLE: &str = "VMALINK_LAUNCHER_ROLE";

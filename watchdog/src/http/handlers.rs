@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use api::{
-    ExitStatus, FoundBy, JobProcessState, ProgressUpdate, StartJobRequest, StoredProgress,
-    TrackJobRequest, VmaJobStatus,
+    FoundBy, JobProcessState, ProgressUpdate, StartJobRequest, StoredProgress, TrackJobRequest,
+    VmaJobStatus,
 };
 use axum::Json;
 use axum::extract::{Path, State};
@@ -85,31 +85,28 @@ pub async fn start_job(
     let jobs = Arc::clone(&state.jobs);
     let id = job_id.clone();
     let register = move |process| jobs.register_process(&id, process, FoundBy::Started);
-    let (mut launched, status) = state
+    let (launched, status) = state
         .launcher
         .launch(&job_id, &request, register)
         .await
         .map_err(|e| launch_error(&job_id, e))?;
-    // Reap the child when it ends (no zombie) and hand its exact status to the registry.
+    // When the child ends, hand its exact status to the registry first and reap it only
+    // then, so a detector that saw the death can still read the zombie's status. A plain
+    // thread: it blocks for as long as the job runs.
     let jobs = Arc::clone(&state.jobs);
     let process = launched.process;
-    tokio::spawn(async move {
-        match launched.child.wait().await {
-            Ok(status) => {
-                use std::os::unix::process::ExitStatusExt;
-                let exit = ExitStatus {
-                    code: status.code(),
-                    signal: status.signal(),
-                    core_dumped: status.core_dumped(),
-                    oom_killed: false,
-                };
-                jobs.launched_child_exited(&job_id, process, exit);
+    let reaper = std::thread::Builder::new()
+        .name(format!("reap-{}", process.pid))
+        .spawn(move || {
+            match launched.wait_for_exit() {
+                Ok(exit) => jobs.launched_child_exited(&job_id, process, exit),
+                Err(error) => tracing::warn!(%error, pid = process.pid, "could not wait for a migratekit process; the detector still reports its death"),
             }
-            Err(error) => {
-                tracing::warn!(%error, pid = process.pid, "could not reap a migratekit process; the detector still reports its death")
-            }
-        }
-    });
+            let _ = launched.reap();
+        });
+    if let Err(error) = reaper {
+        tracing::warn!(%error, pid = process.pid, "could not start a thread to reap migratekit; it stays a zombie after it exits until the watchdog restarts");
+    }
     Ok((StatusCode::CREATED, Json(status)))
 }
 

@@ -33,6 +33,10 @@ pub const DEFAULT_BODY_LIMIT: usize = 64 * 1024;
 
 /// What the API needs to know about jobs and their processes. The daemon's process registry
 /// implements it; [`MemoryJobs`] is an in-memory implementation.
+///
+/// `register_process` and `launched_child_exited` are called from blocking threads (never
+/// from an async task), so an implementation over async code may use
+/// `tokio::runtime::Handle::current().block_on(..)` there.
 pub trait JobsView: Send + Sync + 'static {
     /// The latest state of a job's process, or `None` if the watchdog never heard of it.
     fn job(&self, job_id: &str) -> Option<VmaJobStatus>;
@@ -47,8 +51,9 @@ pub trait JobsView: Send + Sync + 'static {
         process: ProcessIdentity,
         found_by: FoundBy,
     ) -> Result<VmaJobStatus, RegisterError>;
-    /// A process started by the launcher was reaped with `exit`. The detectors report the
-    /// death anyway; this is the exact status from `waitpid`, for a registry that wants it.
+    /// A process started by the launcher has exited with `exit` (from `waitid`); it is still
+    /// a zombie and is reaped right after this returns. The detectors report the death
+    /// anyway; this is the exact status, for a registry that records it first.
     fn launched_child_exited(&self, job_id: &str, process: ProcessIdentity, exit: ExitStatus) {
         let _ = (job_id, process, exit);
     }

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use api::{ProcessIdentity, StartJobRequest};
-use tokio::process::{Child, Command};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
 
 use super::template::{RenderedArg, TemplateError, render};
 use super::{LauncherConfig, SystemdMode, proc_identity, systemd_running};
@@ -63,7 +64,8 @@ pub enum Placement {
 pub struct Launched {
     /// Its identity, as registered.
     pub process: ProcessIdentity,
-    /// The child handle; awaiting `wait()` reaps it and gives its exit status.
+    /// The child handle (a `std` one: tokio's would reap it behind our back, see
+    /// [`Launched::wait_for_exit`]).
     pub child: Child,
     /// Where it runs.
     pub placement: Placement,
@@ -71,6 +73,48 @@ pub struct Launched {
 }
 
 impl Launched {
+    /// Blocks until the process has exited and returns how, WITHOUT reaping it: while it is
+    /// a zombie, a detector that noticed the death can still read its status from `/proc`.
+    /// Call [`Launched::reap`] after handing the status on.
+    pub fn wait_for_exit(&self) -> std::io::Result<api::ExitStatus> {
+        // SAFETY: waitid fills a zeroed siginfo_t for our own child.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            loop {
+                let rc = libc::waitid(
+                    libc::P_PID,
+                    self.process.pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT,
+                );
+                if rc == 0 {
+                    break;
+                }
+                let error = std::io::Error::last_os_error();
+                if error.raw_os_error() != Some(libc::EINTR) {
+                    return Err(error);
+                }
+            }
+            let status = info.si_status();
+            Ok(match info.si_code {
+                libc::CLD_EXITED => api::ExitStatus {
+                    code: Some(status),
+                    ..Default::default()
+                },
+                code => api::ExitStatus {
+                    signal: Some(status),
+                    core_dumped: code == libc::CLD_DUMPED,
+                    ..Default::default()
+                },
+            })
+        }
+    }
+
+    /// Reaps the exited process (so no zombie is left) and returns its status.
+    pub fn reap(mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+
     /// Its command line with secrets replaced by `<redacted>`, fit for a log line.
     pub fn redacted_argv(&self) -> Vec<String> {
         self.argv
@@ -217,8 +261,7 @@ impl Launcher {
         cmd.args(argv.iter().map(|a| &a.value))
             .env("MIGRATEKIT_JOB_ID", job_id)
             .env("MIGRATEKIT_PROGRESS_JOB_ID", job_id)
-            .stdin(Stdio::null())
-            .kill_on_drop(false);
+            .stdin(Stdio::null());
         // Never a pipe to the watchdog: it would break (SIGPIPE) when the watchdog restarts.
         match &self.config.log_dir {
             Some(dir) => {
