@@ -218,16 +218,20 @@ impl Launcher {
                 }
             }
         });
-        let gate = gate
-            .await
-            .map_err(|e| LaunchError::Spawn(std::io::Error::other(e)))?;
-        let child = spawner
-            .await
-            .map_err(|e| LaunchError::Spawn(std::io::Error::other(e)))?;
-        let (process, registered) = gate?;
-        // Registered but exec failed: the registered process has already exited, and the
-        // registry's detector reports that death like any other.
-        let child = child.map_err(LaunchError::Spawn)?;
+        // Await both before looking at either, so no child handle is dropped unreaped.
+        let gate = gate.await;
+        let child = spawner.await;
+        let child = child
+            .map_err(|e| LaunchError::Spawn(std::io::Error::other(e)))
+            .and_then(|c| c.map_err(LaunchError::Spawn));
+        let (process, registered) = match gate {
+            Ok(Ok(registered)) => registered,
+            Ok(Err(e)) => return Err(stop(child, e)),
+            Err(e) => return Err(stop(child, LaunchError::Spawn(std::io::Error::other(e)))),
+        };
+        // Registered but exec failed: the registered process has already exited (std reaps
+        // it), and the registry's detector reports that death like any other.
+        let child = child?;
         let launched = Launched {
             process,
             child,
@@ -276,6 +280,17 @@ impl Launcher {
         }
         Ok((cmd, placement))
     }
+}
+
+/// A child can only get past its gate with the go byte, so a failed gate means a failed
+/// spawn; should a child exist anyway, it is killed and reaped rather than left running
+/// unregistered.
+fn stop<R>(child: Result<Child, LaunchError<R>>, error: LaunchError<R>) -> LaunchError<R> {
+    if let Ok(mut child) = child {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    error
 }
 
 /// Runs in the forked child: new session, report the pid, wait for the go byte.
