@@ -136,7 +136,10 @@ impl ProgressStore {
                 }
             }
         }
-        let (log, len) = write_compacted(&path, &latest).map_err(open_err)?;
+        let log = write_compacted(&path, &latest).map_err(open_err)?;
+        disk::sync_dir(state_dir).map_err(open_err)?;
+        let len = log.metadata().map_err(open_err)?.len();
+        let log = Arc::new(log);
         let lines = latest.len() as u64;
         Ok(Self {
             path,
@@ -267,25 +270,29 @@ impl ProgressStore {
         if inner.lines <= COMPACT_MIN_LINES || inner.lines <= COMPACT_FACTOR * jobs {
             return Ok(());
         }
-        let (log, len) =
+        let log =
             write_compacted(&self.path, &inner.latest).map_err(|source| ProgressError::Write {
                 path: self.path.clone(),
                 source,
             })?;
         // The compacted file was fsynced whole, so every line written so far is durable.
-        inner.log = log;
-        inner.len = len;
+        inner.len = log.metadata().map(|m| m.len()).unwrap_or(0);
+        inner.log = Arc::new(log);
         inner.lines = jobs;
         inner.synced = inner.written;
+        disk::sync_dir(self.path.parent().unwrap_or(Path::new("."))).map_err(|source| {
+            ProgressError::Write {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
         Ok(())
     }
 }
 
-/// Rewrites the log atomically with one line per job and reopens it for appending.
-fn write_compacted(
-    path: &Path,
-    latest: &HashMap<String, StoredProgress>,
-) -> std::io::Result<(Arc<File>, u64)> {
+/// Writes a new log with one line per job and renames it over the old one; the returned
+/// handle is on the new file (see [`disk::replace_keep_open`]). The caller syncs the dir.
+fn write_compacted(path: &Path, latest: &HashMap<String, StoredProgress>) -> std::io::Result<File> {
     let mut contents = Vec::new();
     for stored in latest.values() {
         // Serializing a value we hold cannot fail except for a NaN percent, which
@@ -295,8 +302,7 @@ fn write_compacted(
             contents.extend_from_slice(&line);
         }
     }
-    disk::replace_atomically(path, &contents)?;
-    Ok((Arc::new(disk::open_append(path)?), contents.len() as u64))
+    disk::replace_keep_open(path, &contents)
 }
 
 /// Borrowing twin of [`Record`], so writing does not clone every update.

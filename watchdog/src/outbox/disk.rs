@@ -25,24 +25,37 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// Replaces `path` with `contents` atomically: after a crash, `path` holds either the old
 /// contents or the new ones, never a mix.
+#[cfg(test)]
 pub(crate) fn replace_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
+    replace_keep_open(path, contents)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Writes `contents` to a temporary file, fsyncs it and renames it over `path`, and returns
+/// an append handle on the new file. The handle is opened before the rename, so it follows
+/// the new file: the caller never ends up appending to a replaced (unlinked) file, whatever
+/// fails. The caller installs the handle, then calls [`sync_dir`] to make the rename durable.
+pub(crate) fn replace_keep_open(path: &Path, contents: &[u8]) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = dir.join(tmp_name);
-    {
-        let mut file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
+    // A leftover from a crash is removed first: `create_new` then guarantees a fresh file,
+    // opened in append mode so that every later write lands at its end.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
     }
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
     std::fs::rename(&tmp, path)?;
-    sync_dir(dir)
+    Ok(file)
 }
 
 /// What reading a JSON-lines file found besides its good lines.

@@ -14,7 +14,7 @@ use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use api::ProcessEvent;
 use chrono::{DateTime, Utc};
@@ -26,7 +26,7 @@ use super::{OutboxError, OutboxLimits, OutboxStats};
 
 const EVENTS_FILE: &str = "events.jsonl";
 const ACKS_FILE: &str = "acks.jsonl";
-const COMPACT_MIN_ACKS: usize = 1024;
+const COMPACT_MIN_ACKS: usize = if cfg!(test) { 8 } else { 1024 };
 
 /// One line of `events.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,7 +100,14 @@ impl Outbox {
             pending_bytes += bytes;
             pending.push_back(Pending { stored, bytes });
         }
-        let (events, acks) = compact(dir, &pending).map_err(open_err(dir))?;
+        let (mut events, mut acks) = (None, None);
+        compact(dir, &pending, &mut events, &mut acks).map_err(open_err(dir))?;
+        let (Some(events), Some(acks)) = (events, acks) else {
+            return Err(OutboxError::Open {
+                path: dir.to_path_buf(),
+                source: std::io::Error::other("compaction returned no file handles"),
+            });
+        };
         if !pending.is_empty() {
             tracing::info!(queued = pending.len(), dir = %dir.display(), "outbox resumes with events still to deliver to the OMA");
         }
@@ -175,6 +182,19 @@ impl Outbox {
         Ok(())
     }
 
+    /// [`Outbox::append`] from async code: the fsync runs on a blocking thread.
+    pub async fn append_async(self: &Arc<Self>, event: ProcessEvent) -> Result<(), OutboxError> {
+        let outbox = Arc::clone(self);
+        tokio::task::spawn_blocking(move || outbox.append(event))
+            .await
+            .unwrap_or_else(|join| {
+                Err(OutboxError::Write {
+                    path: self.dir.join(EVENTS_FILE),
+                    source: std::io::Error::other(join),
+                })
+            })
+    }
+
     /// Up to `max` of the oldest pending events, in the order they were appended.
     pub fn peek(&self, max: usize) -> Vec<ProcessEvent> {
         let inner = self.lock();
@@ -225,14 +245,23 @@ impl Outbox {
         inner.acks_since_compaction += removed;
         self.check_filling(&mut inner);
         if inner.acks_since_compaction >= COMPACT_MIN_ACKS.max(inner.pending.len()) {
-            let (events, acks) =
-                compact(&self.dir, &inner.pending).map_err(|source| OutboxError::Write {
-                    path: self.dir.clone(),
-                    source,
-                })?;
-            inner.events = events;
-            inner.acks = acks;
-            inner.acks_since_compaction = 0;
+            // The acknowledgement is already durable; a failed compaction only means the
+            // files stay longer, so it is logged, not returned.
+            let inner = &mut *inner;
+            let (mut events, mut acks) = (None, None);
+            let result = compact(&self.dir, &inner.pending, &mut events, &mut acks);
+            if let Some(events) = events {
+                inner.events = events;
+            }
+            if let Some(acks) = acks {
+                inner.acks = acks;
+            }
+            match result {
+                Ok(()) => inner.acks_since_compaction = 0,
+                Err(error) => {
+                    tracing::warn!(%error, dir = %self.dir.display(), "could not compact the outbox; it keeps working and retries at the next acknowledgement")
+                }
+            }
         }
         Ok(removed)
     }
@@ -309,19 +338,73 @@ fn log_damage(path: &Path, damage: &disk::LineDamage) {
 }
 
 /// Rewrites the events file with the pending events only, then empties the acks file, and
-/// reopens both for appending.
-fn compact(dir: &Path, pending: &VecDeque<Pending>) -> std::io::Result<(File, File)> {
+/// reopens both for appending. Each new handle is installed as soon as its file is in place,
+/// so a failure half-way never leaves a handle on a replaced file.
+fn compact(
+    dir: &Path,
+    pending: &VecDeque<Pending>,
+    events: &mut Option<File>,
+    acks: &mut Option<File>,
+) -> std::io::Result<()> {
     let mut contents = Vec::new();
     for p in pending {
         serde_json::to_writer(&mut contents, &p.stored)?;
         contents.push(b'\n');
     }
-    let events_path = dir.join(EVENTS_FILE);
-    let acks_path = dir.join(ACKS_FILE);
-    disk::replace_atomically(&events_path, &contents)?;
-    disk::replace_atomically(&acks_path, b"")?;
-    Ok((
-        disk::open_append(&events_path)?,
-        disk::open_append(&acks_path)?,
-    ))
+    *events = Some(disk::replace_keep_open(&dir.join(EVENTS_FILE), &contents)?);
+    disk::sync_dir(dir)?;
+    *acks = Some(disk::replace_keep_open(&dir.join(ACKS_FILE), b"")?);
+    disk::sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::{Detector, ProcessEventKind, ProcessIdentity};
+
+    fn event(n: u32) -> ProcessEvent {
+        ProcessEvent {
+            event_id: Uuid::new_v4(),
+            kind: ProcessEventKind::DiedWhileUnwatched,
+            job_id: format!("job-{n}"),
+            process: ProcessIdentity {
+                pid: n,
+                start_time: 1,
+            },
+            exit: None,
+            observed_at: Utc::now(),
+            detector: Detector::Registry,
+        }
+    }
+
+    #[test]
+    fn compaction_after_acks_keeps_appending_to_the_new_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
+        let events: Vec<ProcessEvent> = (0..20).map(event).collect();
+        for e in &events {
+            outbox.append(e.clone()).unwrap();
+        }
+        let acked: Vec<Uuid> = events[..10].iter().map(|e| e.event_id).collect();
+        assert_eq!(outbox.acknowledge(&acked).unwrap(), 10);
+        // Compacted: only the pending events are left, and no acks.
+        let lines = std::fs::read_to_string(dir.path().join(EVENTS_FILE)).unwrap();
+        assert_eq!(lines.lines().count(), 10);
+        assert_eq!(std::fs::read(dir.path().join(ACKS_FILE)).unwrap(), b"");
+        let late = event(99);
+        outbox.append(late.clone()).unwrap();
+        outbox.acknowledge(&[events[10].event_id]).unwrap();
+        drop(outbox);
+        let outbox = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
+        let pending = outbox.peek(100);
+        assert_eq!(pending.len(), 10);
+        assert_eq!(pending[0], events[11]);
+        assert_eq!(pending[9], late);
+        assert_eq!(
+            outbox.stats().queued_bytes,
+            std::fs::metadata(dir.path().join(EVENTS_FILE))
+                .unwrap()
+                .len()
+        );
+    }
 }
