@@ -263,7 +263,7 @@ async fn delivery_survives_oma_outage_and_watchdog_restart_exactly_once() {
     for n in 6..9 {
         let e = event(n);
         sent.push(e.event_id);
-        outbox.append(e).unwrap();
+        outbox.append_async(e).await.unwrap();
     }
     wait_for("failed attempts while the OMA is down", || {
         outbox.stats().failed_attempts >= 3
