@@ -82,6 +82,18 @@ pub async fn start_job(
     if let Some(running) = running_process(&state, &job_id) {
         return Err(job_running(&job_id, running));
     }
+    // A task of its own: a client that hangs up mid-launch must not cancel the launch half
+    // way (process registered and released, but nobody left to reap it).
+    tokio::spawn(launch_and_reap(state, job_id, request))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the launch task failed: {e}")))?
+}
+
+async fn launch_and_reap(
+    state: AppState,
+    job_id: String,
+    request: StartJobRequest,
+) -> Result<(StatusCode, Json<VmaJobStatus>), ApiError> {
     let jobs = Arc::clone(&state.jobs);
     let id = job_id.clone();
     let register = move |process| jobs.register_process(&id, process, FoundBy::Started);
