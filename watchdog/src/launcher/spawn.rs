@@ -242,13 +242,29 @@ impl Launcher {
         Ok((launched, registered))
     }
 
+    /// `systemd-run`, when it is to be used and exists. Checked before the fork: an exec
+    /// that fails after registration would look like a migratekit death.
+    fn systemd_run(&self) -> Option<&'static str> {
+        if self.config.systemd != SystemdMode::Auto || !systemd_running() {
+            return None;
+        }
+        let found = ["/usr/bin/systemd-run", "/bin/systemd-run"]
+            .into_iter()
+            .find(|p| check_executable(std::path::Path::new(p)).is_ok());
+        if found.is_none() {
+            tracing::warn!(
+                "systemd runs but systemd-run was not found; starting migratekit in its own session only, so a stop of the watchdog's unit with KillMode=control-group would kill it"
+            );
+        }
+        found
+    }
+
     fn command(&self, job_id: &str, argv: &[RenderedArg]) -> std::io::Result<(Command, Placement)> {
         let program = &self.config.program;
-        let (mut cmd, placement) = if self.config.systemd == SystemdMode::Auto && systemd_running()
-        {
+        let (mut cmd, placement) = if let Some(systemd_run) = self.systemd_run() {
             let suffix = uuid::Uuid::new_v4().simple().to_string();
             let unit = format!("migratekit-{job_id}-{}", &suffix[..8]);
-            let mut cmd = Command::new("systemd-run");
+            let mut cmd = Command::new(systemd_run);
             // An explicit description: systemd would otherwise describe the scope by
             // its command line, which carries the password, in its logs.
             cmd.args(["--scope", "--quiet", "--collect", "--unit", &unit])
