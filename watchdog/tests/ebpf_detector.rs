@@ -395,6 +395,29 @@ async fn watched_tgid_without_name_match() {
     env.assert_no_read_errors();
 }
 
+/// A watch whose start time is not the process's (its pid was recycled since) reports nothing:
+/// the dying process is not the one that was asked about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_with_other_start_time_is_not_this_process() {
+    let Some(mut env) = Env::start("wd-stale-watch", false) else {
+        return;
+    };
+    let mut sleep = Command::new("sleep")
+        .arg("100")
+        .spawn()
+        .expect("sleep starts");
+    let real = identity(sleep.id());
+    let stale = ProcessIdentity {
+        pid: real.pid,
+        start_time: real.start_time.saturating_sub(1000),
+    };
+    env.detector.watch(stale).expect("watch");
+    sleep.kill().expect("kill");
+    env.assert_quiet(real.pid).await;
+    let _ = sleep.wait();
+    env.assert_no_read_errors();
+}
+
 /// 2,000 exits of unrelated processes while the detector watches reach user space as nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrelated_exits_produce_no_events() {
