@@ -160,7 +160,9 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), ReadError> {
         None => read(leader, &TASK_START_BOOTTIME)?,
     };
     if mode != exit_mode::TRACEPOINT_GROUP_DEAD
-        && REPORTED.insert([u64::from(tgid), start_ns], 1, u64::from(BPF_NOEXIST)).is_err()
+        && REPORTED
+            .insert([u64::from(tgid), start_ns], 1, u64::from(BPF_NOEXIST))
+            .is_err()
     {
         // Another thread of this process already reported its death.
         return Ok(());

@@ -201,6 +201,10 @@ async fn cost(args: &Args) -> Result<()> {
     let secs = args.storm_secs;
     let mut events_in_loaded = 0usize;
     let mut exits_seen = 0u64;
+    let (mut runs, mut run_ns) = (0u64, 0u128);
+    // The kernel measures each program run while this fd is open.
+    let _stats_on = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enabling BPF run-time statistics")?;
     for _ in 0..args.rounds {
         unloaded.push(tokio::task::spawn_blocking(move || storm(secs)).await??);
         let (detector, mut events) = EbpfDetector::start(&["migratekit".to_owned()])?;
@@ -209,6 +213,9 @@ async fn cost(args: &Args) -> Result<()> {
             events_in_loaded += 1;
         }
         exits_seen += detector.stats()?.exits_seen;
+        let [exit, exec] = detector.run_stats()?;
+        runs += exit.run_count + exec.run_count;
+        run_ns += exit.run_time.as_nanos() + exec.run_time.as_nanos();
         drop(detector);
     }
     let rate = |v: &[Phase]| median(v.iter().map(|p| p.rate).collect());
@@ -238,6 +245,11 @@ async fn cost(args: &Args) -> Result<()> {
     println!("  per round proc/s, loaded:   {}", fmt(&loaded));
     println!(
         "  exits seen by the kernel program: {exits_seen}; user-space events: {events_in_loaded}"
+    );
+    let per_run = run_ns as f64 / runs.max(1) as f64;
+    println!(
+        "  kernel-measured program cost: {runs} runs (exit + exec), {per_run:.0} ns per run = {:.2} % of the unloaded CPU per process",
+        per_run / 1000.0 / uc * 100.0
     );
     Ok(())
 }

@@ -110,6 +110,14 @@ pub enum EbpfError {
         /// What went wrong.
         source: ProgramError,
     },
+    /// The kernel's information about a loaded program could not be read.
+    #[error("reading the kernel's statistics of program {program} failed: {source}")]
+    ProgramInfo {
+        /// The program.
+        program: &'static str,
+        /// What went wrong.
+        source: ProgramError,
+    },
     /// Called outside a tokio runtime.
     #[error("EbpfDetector::start must be called inside a tokio runtime")]
     NoRuntime,
@@ -143,6 +151,18 @@ pub struct EbpfStats {
     pub read_errors: u64,
 }
 
+/// Run statistics of one program, as the kernel counts them while BPF statistics are
+/// enabled (`aya::sys::enable_stats(Stats::RunTime)` or `sysctl kernel.bpf_stats_enabled=1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgramRunStats {
+    /// The program (`watchdog_common::programs`).
+    pub program: &'static str,
+    /// How many times it ran.
+    pub run_count: u64,
+    /// Total time spent in it.
+    pub run_time: std::time::Duration,
+}
+
 /// A running eBPF detector. Dropping it detaches the programs and stops its reader task.
 pub struct EbpfDetector {
     watched: Mutex<BpfHashMap<MapData, u32, u64>>,
@@ -150,7 +170,7 @@ pub struct EbpfDetector {
     exit_mode: ExitMode,
     reader: tokio::task::JoinHandle<()>,
     // Holds the attached programs; dropped last.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 impl std::fmt::Debug for EbpfDetector {
@@ -276,7 +296,7 @@ impl EbpfDetector {
             stats,
             exit_mode: layout.exit_mode,
             reader,
-            _ebpf: ebpf,
+            ebpf,
         };
         Ok((detector, rx))
     }
@@ -284,6 +304,24 @@ impl EbpfDetector {
     /// How this detector decides deaths.
     pub fn exit_mode(&self) -> ExitMode {
         self.exit_mode
+    }
+
+    /// Run count and run time of both programs (zero unless BPF statistics are enabled).
+    pub fn run_stats(&self) -> Result<[ProgramRunStats; 2], EbpfError> {
+        let one = |program: &'static str| -> Result<ProgramRunStats, EbpfError> {
+            let info = self
+                .ebpf
+                .program(program)
+                .ok_or(EbpfError::MissingProgram(program))?
+                .info()
+                .map_err(|source| EbpfError::ProgramInfo { program, source })?;
+            Ok(ProgramRunStats {
+                program,
+                run_count: info.run_count(),
+                run_time: info.run_time(),
+            })
+        };
+        Ok([one(programs::EXIT)?, one(programs::EXEC)?])
     }
 
     /// The kernel-side counters, summed over CPUs.
