@@ -4,21 +4,21 @@
 //! See `docs/EBPF.md` for how the programs decide that a process died.
 
 mod btf;
+mod error;
 mod layout;
 mod reader;
 
-use std::path::PathBuf;
 use std::sync::Mutex;
 
 use api::{Detector as DetectorKind, ProcessIdentity};
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{ProgramError, TracePoint};
 use aya::{Ebpf, EbpfLoader};
-use thiserror::Error;
 use tokio::sync::mpsc;
 use watchdog_common::{COMM_LEN, maps, programs, stats};
 
 pub use btf::BtfError;
+pub use error::EbpfError;
 pub use layout::{ExitMode, KernelLayout, VMLINUX_BTF};
 
 use super::{Detector, DetectorEvent};
@@ -29,102 +29,6 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wa
 
 /// How many decoded events may wait for the daemon before the reader stops draining the ring.
 const CHANNEL_CAPACITY: usize = 4096;
-
-/// Why the eBPF detector could not start. Each message says what to do.
-#[derive(Debug, Error)]
-pub enum EbpfError {
-    /// The binary was built without the eBPF object.
-    #[error(
-        "eBPF object not built into this binary: run `cargo xtask build-ebpf`, then rebuild vma-watchdog"
-    )]
-    ObjectNotBuilt,
-    /// Not running as root.
-    #[error(
-        "the eBPF detector needs root (CAP_BPF, CAP_PERFMON): run vma-watchdog as root, or use --detector procfs"
-    )]
-    NotRoot,
-    /// No kernel BTF.
-    #[error(
-        "cannot read {path}: {source}; the kernel needs CONFIG_DEBUG_INFO_BTF=y for the eBPF detector (use --detector procfs otherwise)"
-    )]
-    NoBtf {
-        /// The BTF file.
-        path: PathBuf,
-        /// Why it could not be read.
-        source: std::io::Error,
-    },
-    /// The kernel BTF lacks something the programs need.
-    #[error(
-        "kernel BTF unusable: {0}; this kernel's task_struct differs from what the eBPF programs expect (use --detector procfs)"
-    )]
-    Btf(#[from] BtfError),
-    /// tracefs is not mounted.
-    #[error(
-        "tracefs is not mounted at /sys/kernel/tracing: run `mount -t tracefs nodev /sys/kernel/tracing` (or `cargo xtask setup`)"
-    )]
-    TracefsMissing,
-    /// The tracepoint format file could not be read.
-    #[error(
-        "cannot read the tracepoint format {path}: {source}; check that the kernel has sched tracepoints (CONFIG_TRACEPOINTS)"
-    )]
-    TracepointFormat {
-        /// The format file.
-        path: PathBuf,
-        /// Why it could not be read.
-        source: std::io::Error,
-    },
-    /// A match name is empty.
-    #[error("a process name to match is empty: pass a name such as `migratekit`")]
-    EmptyMatchName,
-    /// The object could not be loaded (maps created, relocations).
-    #[error("loading the eBPF object failed: {0}; rebuild it with `cargo xtask build-ebpf`")]
-    Load(#[from] aya::EbpfError),
-    /// A program is missing from the object.
-    #[error("program {0} missing from the eBPF object: rebuild it with `cargo xtask build-ebpf`")]
-    MissingProgram(&'static str),
-    /// A map is missing or has the wrong type.
-    #[error("map {name} unusable: {source}; rebuild the eBPF object with `cargo xtask build-ebpf`")]
-    Map {
-        /// The map.
-        name: &'static str,
-        /// What went wrong.
-        source: MapError,
-    },
-    /// The verifier rejected a program.
-    #[error(
-        "the kernel rejected program {program}: {io_error}; verifier log ends with:\n{log_tail}"
-    )]
-    Rejected {
-        /// The program.
-        program: &'static str,
-        /// The error of the load syscall.
-        io_error: std::io::Error,
-        /// The last lines of the verifier log.
-        log_tail: String,
-    },
-    /// Loading or attaching a program failed otherwise.
-    #[error("attaching program {program} to its tracepoint failed: {source}")]
-    Attach {
-        /// The program.
-        program: &'static str,
-        /// What went wrong.
-        source: ProgramError,
-    },
-    /// The kernel's information about a loaded program could not be read.
-    #[error("reading the kernel's statistics of program {program} failed: {source}")]
-    ProgramInfo {
-        /// The program.
-        program: &'static str,
-        /// What went wrong.
-        source: ProgramError,
-    },
-    /// Called outside a tokio runtime.
-    #[error("EbpfDetector::start must be called inside a tokio runtime")]
-    NoRuntime,
-    /// The ring buffer could not be registered with tokio.
-    #[error("cannot poll the eBPF ring buffer: {0}")]
-    Poll(std::io::Error),
-}
 
 /// Options of [`EbpfDetector::start_with`].
 #[derive(Debug, Clone)]
