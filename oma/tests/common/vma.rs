@@ -24,13 +24,15 @@ pub enum Answer {
     Broken,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Inner {
     pub jobs: HashMap<String, Answer>,
     pub progress: HashMap<String, StoredProgress>,
     pub progress_broken: bool,
     pub progress_calls: HashMap<String, u64>,
     pub delay_ms: u64,
+    /// Fixed "since"/"exited_at" time, so repeated answers are identical.
+    pub epoch: chrono::DateTime<Utc>,
 }
 
 /// A running stand-in VMA.
@@ -42,7 +44,14 @@ pub struct StandInVma {
 
 impl StandInVma {
     pub async fn start() -> Self {
-        let inner = Arc::new(Mutex::new(Inner::default()));
+        let inner = Arc::new(Mutex::new(Inner {
+            jobs: HashMap::new(),
+            progress: HashMap::new(),
+            progress_broken: false,
+            progress_calls: HashMap::new(),
+            delay_ms: 0,
+            epoch: Utc::now(),
+        }));
         let router = Router::new()
             .route("/api/v1/jobs/{id}", get(job))
             .route("/api/v1/progress/{id}", get(progress))
@@ -106,9 +115,9 @@ pub fn pid(pid: u32, start_time: u64) -> ProcessIdentity {
 }
 
 async fn job(State(inner): State<Arc<Mutex<Inner>>>, Path(id): Path<String>) -> Response {
-    let (answer, delay) = {
+    let (answer, delay, epoch) = {
         let inner = inner.lock().unwrap();
-        (inner.jobs.get(&id).cloned(), inner.delay_ms)
+        (inner.jobs.get(&id).cloned(), inner.delay_ms, inner.epoch)
     };
     if delay > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
@@ -124,13 +133,13 @@ async fn job(State(inner): State<Arc<Mutex<Inner>>>, Path(id): Path<String>) -> 
         Some(Answer::Broken) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         Some(Answer::Running(process)) => JobProcessState::Running {
             process,
-            since: Utc::now(),
+            since: epoch,
             found_by: FoundBy::Started,
         },
         Some(Answer::Exited(process, exit)) => JobProcessState::Exited {
             process,
             exit,
-            exited_at: Utc::now(),
+            exited_at: epoch,
             detector: Detector::Ebpf,
         },
     };
