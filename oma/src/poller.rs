@@ -288,7 +288,7 @@ pub fn progress_change(
         match (after.job.stalled_since, unmoved) {
             (None, Some(age)) if age >= stall_ms => {
                 after.job.stalled_since = Some(from_ms(now));
-                let mut ev = evidence.clone();
+                let mut ev = evidence;
                 ev["unmoved_ms"] = json!(age);
                 ev["stall_threshold_ms"] = json!(stall_ms);
                 audit.push(draft(
@@ -306,7 +306,7 @@ pub fn progress_change(
                     after.job.status,
                     after.job.status,
                     None,
-                    evidence.clone(),
+                    evidence,
                 ));
             }
             _ => {}
