@@ -92,17 +92,21 @@ pub fn finalize(rec: &JobRecord, verdict: &Verdict, now: i64) -> JobRecord {
     after
 }
 
-/// Records `process` as the job's current attempt.
+/// Records `process` as the job's current attempt (and moves `pending`/`initializing` to
+/// `replicating`). Leaves the record untouched when it already says exactly that.
 pub fn adopt(rec: &mut JobRecord, process: ProcessIdentity, now: i64) {
+    let before = rec.clone();
     if recorded_identity(rec) != Some(process) {
         rec.job.attempt += 1;
     }
     rec.job.pid = Some(i64::from(process.pid));
     rec.job.process_start_time = i64::try_from(process.start_time).ok();
     rec.job.started_at = rec.job.started_at.or(Some(from_ms(now)));
-    rec.job.updated_at = from_ms(now);
     if matches!(rec.job.status, JobStatus::Pending | JobStatus::Initializing) {
         rec.job.status = JobStatus::Replicating;
+    }
+    if *rec != before {
+        rec.job.updated_at = from_ms(now);
     }
 }
 

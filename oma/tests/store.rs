@@ -390,3 +390,42 @@ async fn lists_filter_and_the_active_set_excludes_final_jobs() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_repeated_start_of_the_same_process_changes_nothing() {
+    for db in test_dbs().await {
+        let store = setup(&db).await;
+        store
+            .create_job(&new_job("j1", "ctx-1", "vma-1"))
+            .await
+            .unwrap();
+        let p = pid(9, 99);
+        let first = [event("j1", ProcessEventKind::ProcessStarted, p, None)];
+        let again = [event("j1", ProcessEventKind::ProcessStarted, p, None)];
+        assert_eq!(
+            store
+                .apply_events("vma-1", &first, decide_event)
+                .await
+                .unwrap()
+                .1,
+            1
+        );
+        let job = store.get_job("j1").await.unwrap();
+        assert_eq!(
+            store
+                .apply_events("vma-1", &again, decide_event)
+                .await
+                .unwrap()
+                .1,
+            0,
+            "{}",
+            db.backend
+        );
+        assert_eq!(store.get_job("j1").await.unwrap(), job);
+        assert_eq!(
+            store.audit("j1").await.unwrap().len(),
+            2,
+            "created + process_recorded"
+        );
+    }
+}
