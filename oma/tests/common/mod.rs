@@ -46,7 +46,9 @@ pub async fn test_dbs() -> Vec<TestDb> {
                 "OMA_REQUIRE_POSTGRES=1 but OMA_TEST_POSTGRES_URL is not set; start one with \
                  oma/scripts/start-test-postgres.sh"
             );
-            eprintln!("SKIP postgres: OMA_TEST_POSTGRES_URL not set");
+            // Written to stderr directly, past the test harness's capture, so CI logs show it.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIP postgres: OMA_TEST_POSTGRES_URL not set");
         }
     }
     dbs
