@@ -126,6 +126,7 @@ async fn bench_intake(dir: &std::path::Path, vma_url: &str) -> anyhow::Result<()
         operators: Arc::new(OperatorTokens::new(["bench-operator-token".to_owned()])),
         recovery,
         poller,
+        vma_client: VmaClient::new(Duration::from_secs(5), None),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/api/v1/watchdog/events", listener.local_addr()?);

@@ -38,6 +38,9 @@ pub struct AppState {
     pub recovery: Arc<Recovery>,
     /// The progress poller (for its health).
     pub poller: Arc<Poller>,
+    /// Client of the VMAs' watchdog APIs: the seam through which job creation will start
+    /// migratekit on the VMA (`VmaClient::start_job`, next issue).
+    pub vma_client: vma_client::VmaClient,
 }
 
 /// The OMA's HTTP application: `/health` open, operator routes behind operator tokens,

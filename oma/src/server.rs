@@ -116,12 +116,17 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RunningS
         client.clone(),
         settings.recovery.clone(),
     ));
-    let poller = Arc::new(Poller::new(store.clone(), client, settings.poller.clone()));
+    let poller = Arc::new(Poller::new(
+        store.clone(),
+        client.clone(),
+        settings.poller.clone(),
+    ));
     let state = AppState {
         store,
         operators: Arc::new(operators),
         recovery: recovery.clone(),
         poller: poller.clone(),
+        vma_client: client,
     };
     let background = vec![
         tokio::spawn(recovery.run_forever()),

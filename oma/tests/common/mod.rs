@@ -48,7 +48,10 @@ pub async fn test_dbs() -> Vec<TestDb> {
             );
             // Written to stderr directly, past the test harness's capture, so CI logs show it.
             use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "SKIP postgres: OMA_TEST_POSTGRES_URL not set");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP postgres: OMA_TEST_POSTGRES_URL not set"
+            );
         }
     }
     dbs
