@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// `oma`: replication jobs, VM contexts and evidence-based recovery.
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(version, about)]
 pub struct ServerArgs {
     /// Address to listen on.
@@ -68,6 +68,18 @@ pub struct ServerArgs {
     /// Log format: `text` or `json`.
     #[arg(long, env = "OMA_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+}
+
+impl std::fmt::Debug for ServerArgs {
+    /// Tokens and the database URL (which may carry a password) are left out.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerArgs")
+            .field("listen", &self.listen)
+            .field("database", &crate::server::redact_url(&self.database))
+            .field("operator_tokens", &self.operator_tokens.len())
+            .field("log_format", &self.log_format)
+            .finish_non_exhaustive()
+    }
 }
 
 fn secs(value: f64, flag: &str) -> anyhow::Result<Duration> {
