@@ -41,17 +41,78 @@ pub(crate) async fn commit_change(
     change: &JobChange,
     now: i64,
 ) -> Result<bool, StoreError> {
-    let after = &change.after;
-    if after != before && !update_job(conn, before.version, after).await? {
+    if !write_row_change(conn, before, &change.after, now).await? {
         return Ok(false);
     }
-    for draft in &change.audit {
-        insert_audit(conn, &after.job.id, draft, now).await?;
+    let entries: Vec<_> = change
+        .audit
+        .iter()
+        .map(|d| (change.after.job.id.as_str(), d))
+        .collect();
+    insert_audits(conn, &entries, now).await?;
+    Ok(true)
+}
+
+/// The row half of a change: the fenced update and, when the job becomes final, the release of
+/// its context. The caller writes the audit entries (event intake batches them).
+pub(crate) async fn write_row_change(
+    conn: &mut AnyConnection,
+    before: &JobRecord,
+    after: &JobRecord,
+    now: i64,
+) -> Result<bool, StoreError> {
+    if after != before && !update_job(conn, before.version, after).await? {
+        return Ok(false);
     }
     if before.job.status.is_active() && after.job.status.is_final() {
         release_context(conn, after, now).await?;
     }
     Ok(true)
+}
+
+/// Appends audit entries with one statement per 100.
+pub(crate) async fn insert_audits(
+    conn: &mut AnyConnection,
+    entries: &[(&str, &AuditDraft)],
+    now: i64,
+) -> Result<(), StoreError> {
+    for chunk in entries.chunks(100) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let b = i * 8 + 1;
+                format!(
+                    "(${}, ${}, $1, ${}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7,
+                    b + 8
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO job_audit (id, job_id, at, from_status, to_status, actor, action, \
+             failure_class, evidence) VALUES {}",
+            values.join(", ")
+        );
+        let mut query = sqlx::query(&sql).bind(now);
+        for (job_id, draft) in chunk {
+            query = query
+                .bind(Uuid::now_v7().to_string())
+                .bind((*job_id).to_owned())
+                .bind(draft.from.map(|s| s.as_str()))
+                .bind(draft.to.as_str())
+                .bind(draft.actor.as_str())
+                .bind(draft.action)
+                .bind(draft.failure_class.map(|c| c.as_str()))
+                .bind(draft.evidence.to_string());
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 fn ms(t: Option<chrono::DateTime<chrono::Utc>>) -> Option<i64> {
@@ -102,31 +163,6 @@ async fn update_job(
     Ok(result.rows_affected() == 1)
 }
 
-/// Appends one audit entry.
-pub(crate) async fn insert_audit(
-    conn: &mut AnyConnection,
-    job_id: &str,
-    draft: &AuditDraft,
-    now: i64,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO job_audit (id, job_id, at, from_status, to_status, actor, action, \
-         failure_class, evidence) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(Uuid::now_v7().to_string())
-    .bind(job_id.to_owned())
-    .bind(now)
-    .bind(draft.from.map(|s| s.as_str()))
-    .bind(draft.to.as_str())
-    .bind(draft.actor.as_str())
-    .bind(draft.action)
-    .bind(draft.failure_class.map(|c| c.as_str()))
-    .bind(draft.evidence.to_string())
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
 /// Frees the job's VM context: `current_job_id` cleared, status `ready_for_failover` (the
 /// design's rule for every final state: the VM is free for failover or a new replication; the
 /// job's own status and failure class say how it ended), counters updated.
@@ -138,25 +174,24 @@ async fn release_context(
     let job = &rec.job;
     let succeeded = job.status == JobStatus::Completed;
     let failed = job.status == JobStatus::Failed;
+    // One statement: every SET expression sees the row as it was, so the CASEs all test the
+    // old holder. Counters move even if (against the rules) another job holds the context.
     sqlx::query(
         "UPDATE vm_replication_contexts SET successful_jobs = successful_jobs + $1, \
          failed_jobs = failed_jobs + $2, \
-         last_successful_job_id = COALESCE($3, last_successful_job_id) WHERE context_id = $4",
+         last_successful_job_id = COALESCE($3, last_successful_job_id), \
+         current_status = CASE WHEN current_job_id = $4 THEN $5 ELSE current_status END, \
+         last_status_change = CASE WHEN current_job_id = $4 THEN $6 ELSE last_status_change END, \
+         current_job_id = CASE WHEN current_job_id = $4 THEN NULL ELSE current_job_id END \
+         WHERE context_id = $7",
     )
     .bind(i64::from(succeeded))
     .bind(i64::from(failed))
     .bind(succeeded.then(|| job.id.clone()))
-    .bind(job.vm_context_id.clone())
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "UPDATE vm_replication_contexts SET current_job_id = NULL, current_status = $1, \
-         last_status_change = $2 WHERE context_id = $3 AND current_job_id = $4",
-    )
+    .bind(job.id.clone())
     .bind(ContextStatus::ReadyForFailover.as_str())
     .bind(now)
     .bind(job.vm_context_id.clone())
-    .bind(job.id.clone())
     .execute(&mut *conn)
     .await?;
     Ok(())

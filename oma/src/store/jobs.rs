@@ -1,6 +1,6 @@
 //! Jobs, VM contexts and VMAs: creation, reads, and the generic fenced job mutation.
 
-use super::change::{AuditDraft, JobChange, commit_change, insert_audit};
+use super::change::{AuditDraft, JobChange, commit_change, insert_audits};
 use super::rows::{
     CONTEXT_COLUMNS, JOB_COLUMNS, JobRecord, audit_from_row, context_from_row, job_from_row,
 };
@@ -143,7 +143,7 @@ impl Store {
             failure_class: None,
             evidence: serde_json::json!({ "vma_id": new.vma_id, "vm_context_id": new.vm_context_id }),
         };
-        insert_audit(&mut tx, &id, &draft, now).await?;
+        insert_audits(&mut tx, &[(id.as_str(), &draft)], now).await?;
         let rec = load_job(&mut tx, &id)
             .await?
             .ok_or_else(|| StoreError::UnknownJob(id.clone()))?;

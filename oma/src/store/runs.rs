@@ -1,6 +1,6 @@
 //! VMAs, idempotent event intake and the record of recovery runs.
 
-use super::change::{JobChange, commit_change};
+use super::change::{AuditDraft, JobChange, insert_audits, write_row_change};
 use super::rows::JobRecord;
 use super::rows::{JOB_COLUMNS, job_from_row};
 use super::{MAX_ATTEMPTS, Store, StoreError};
@@ -166,6 +166,7 @@ impl Store {
             let mut jobs = load_jobs(&mut tx, &job_ids).await?;
             let mut applied = 0;
             let mut processed = Vec::new();
+            let mut audit: Vec<(String, AuditDraft)> = Vec::new();
             for event in events {
                 let id = event.event_id.to_string();
                 if !seen.insert(id.clone()) {
@@ -180,11 +181,13 @@ impl Store {
                     }
                     Some(before) => {
                         let decision = decide(before, event, now);
-                        if let Some(change) = &decision.change {
-                            if !commit_change(&mut tx, before, change, now).await? {
+                        if let Some(change) = decision.change {
+                            if !write_row_change(&mut tx, before, &change.after, now).await? {
                                 continue 'retry;
                             }
-                            let mut after = change.after.clone();
+                            let job_id = change.after.job.id.clone();
+                            audit.extend(change.audit.into_iter().map(|d| (job_id.clone(), d)));
+                            let mut after = change.after;
                             if after != *before {
                                 after.version = before.version + 1;
                             }
@@ -196,6 +199,8 @@ impl Store {
                 };
                 processed.push((id, event.job_id.clone(), outcome));
             }
+            let entries: Vec<_> = audit.iter().map(|(j, d)| (j.as_str(), d)).collect();
+            insert_audits(&mut tx, &entries, now).await?;
             for chunk in processed.chunks(200) {
                 let values: Vec<String> = (0..chunk.len())
                     .map(|i| {
