@@ -226,6 +226,16 @@ async fn bench_scan(dir: &std::path::Path, vma_url: &str, max_jobs: i64) -> anyh
             best = best.min(start.elapsed());
         }
         let start = Instant::now();
+        let counted: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM replication_jobs WHERE active = 1")
+                .fetch_one(store.pool())
+                .await?
+                .try_get("n")?;
+        println!(
+            "scan: {total:>9} jobs: index-only count of the active set ({counted}) {:>8.2} ms",
+            start.elapsed().as_secs_f64() * 1e3
+        );
+        let start = Instant::now();
         let decisions = recovery.plan().await?.len();
         let planned = start.elapsed();
         println!(
