@@ -354,3 +354,35 @@ async fn two_recoveries_never_run_at_once() {
     );
     first.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn two_omas_on_one_postgres_never_recover_at_once() {
+    for db in test_dbs()
+        .await
+        .into_iter()
+        .filter(|d| d.backend == "postgres")
+    {
+        let vma = StandInVma::start().await;
+        let store_a = store_with_vmas(&db, &vma.url, &vma.url).await;
+        let store_b = Store::connect(&db.url).await.unwrap();
+        job(&store_a, "slow", "vma-1").await;
+        vma.set("slow", Answer::Running(pid(5, 5)));
+        vma.inner.lock().unwrap().delay_ms = 500;
+        let oma_a = Arc::new(recovery(&store_a, Duration::from_secs(1800)));
+        let oma_b = recovery(&store_b, Duration::from_secs(1800));
+        let first = tokio::spawn({
+            let oma_a = oma_a.clone();
+            async move { oma_a.run(Trigger::Periodic, false).await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let second = oma_b.run(Trigger::Periodic, false).await;
+        assert!(
+            matches!(second, Err(RecoveryError::Busy)),
+            "the other OMA must be refused"
+        );
+        first.await.unwrap().unwrap();
+        // Released: the other OMA runs now.
+        vma.inner.lock().unwrap().delay_ms = 0;
+        oma_b.run(Trigger::Periodic, true).await.unwrap();
+    }
+}

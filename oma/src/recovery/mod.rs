@@ -141,9 +141,24 @@ impl Recovery {
             .collect())
     }
 
-    /// Runs recovery once. A dry run records the run but changes no job.
+    /// Runs recovery once. A dry run records the run but changes no job. Refused with
+    /// [`RecoveryError::Busy`] while another run goes on in this OMA or, on PostgreSQL, in any
+    /// OMA on the same database.
     pub async fn run(&self, trigger: Trigger, dry_run: bool) -> Result<RunReport, RecoveryError> {
         let _guard = self.lock.try_lock().map_err(|_| RecoveryError::Busy)?;
+        let Some(db_lock) = self.store.try_recovery_lock().await? else {
+            return Err(RecoveryError::Busy);
+        };
+        let result = self.run_locked(trigger, dry_run).await;
+        db_lock.release().await;
+        result
+    }
+
+    async fn run_locked(
+        &self,
+        trigger: Trigger,
+        dry_run: bool,
+    ) -> Result<RunReport, RecoveryError> {
         let started = now_ms();
         let plan = self.plan().await?;
         let mut decisions = Vec::with_capacity(plan.len());

@@ -15,11 +15,13 @@
 
 mod change;
 mod jobs;
+mod lock;
 mod rows;
 mod runs;
 
 pub use change::{AuditDraft, JobChange};
 pub use jobs::{JobFilter, NewJob};
+pub use lock::RecoveryLock;
 pub use rows::JobRecord;
 pub use runs::{IntakeOutcome, RecoveryRunRecord, Vma};
 
