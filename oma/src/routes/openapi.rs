@@ -45,3 +45,33 @@ pub fn router() -> Router<AppState> {
         get(|| async { Json(ApiDoc::openapi()) }),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ApiDoc;
+    use utoipa::OpenApi;
+
+    #[test]
+    fn the_document_covers_every_route_and_its_types() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        assert_eq!(paths.len(), 13, "{:?}", paths.keys().collect::<Vec<_>>());
+        for schema in [
+            "Job",
+            "AuditEntry",
+            "VmContext",
+            "EventBatch",
+            "EventBatchAck",
+            "Decision",
+            "RunReport",
+            "RecoveryStatus",
+            "ErrorBody",
+        ] {
+            assert!(
+                doc["components"]["schemas"].get(schema).is_some(),
+                "schema {schema} missing"
+            );
+        }
+        assert!(doc["components"]["securitySchemes"].get("bearer").is_some());
+    }
+}
