@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 use utoipa::ToSchema;
 
@@ -60,6 +59,7 @@ pub struct PollerHealth {
 struct JobPoll {
     next_at: Instant,
     failures: u32,
+    in_flight: bool,
 }
 
 /// The poller. Share it in an `Arc`; `run_forever` drives it.
@@ -113,8 +113,10 @@ impl Poller {
             .min(self.config.max_backoff)
     }
 
-    /// One pass: re-read the active set and poll every job that is due.
-    pub async fn cycle(&self) -> Result<(), crate::store::StoreError> {
+    /// One pass: re-read the active set and start a poll of every job that is due and not
+    /// already being polled. Polls run detached, so a VMA that hangs until the timeout delays
+    /// only its own jobs (bounded by its own semaphore), never another VMA's.
+    pub async fn cycle(self: &Arc<Self>) -> Result<(), crate::store::StoreError> {
         let active = self.store.active_jobs().await?;
         let vmas: HashMap<String, String> = self
             .store
@@ -126,21 +128,28 @@ impl Poller {
         let now = Instant::now();
         let due: Vec<JobRecord> = {
             let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-            jobs.retain(|id, _| active.iter().any(|r| &r.job.id == id));
+            let ids: std::collections::HashSet<&str> =
+                active.iter().map(|r| r.job.id.as_str()).collect();
+            jobs.retain(|id, _| ids.contains(id.as_str()));
             active
                 .into_iter()
                 .filter(|r| {
                     let entry = jobs.entry(r.job.id.clone()).or_insert(JobPoll {
                         next_at: now,
                         failures: 0,
+                        in_flight: false,
                     });
-                    entry.next_at <= now
+                    let due = !entry.in_flight && entry.next_at <= now;
+                    entry.in_flight |= due;
+                    due
                 })
                 .collect()
         };
-        let mut tasks = JoinSet::new();
+        let stall_ms = i64::try_from(self.config.stall_threshold.as_millis()).unwrap_or(i64::MAX);
         for rec in due {
             let Some(url) = vmas.get(&rec.job.vma_id).cloned() else {
+                let error = format!("no VMA is registered under id {}", rec.job.vma_id);
+                self.finish(&rec.job.id, Err(error));
                 continue;
             };
             let permits = {
@@ -152,13 +161,12 @@ impl Poller {
                     })
                     .clone()
             };
-            let (client, store) = (self.client.clone(), self.store.clone());
-            let stall_ms =
-                i64::try_from(self.config.stall_threshold.as_millis()).unwrap_or(i64::MAX);
-            tasks.spawn(async move {
+            let poller = self.clone();
+            tokio::spawn(async move {
                 let _permit = permits.acquire_owned().await;
-                let result = match client.progress(&url, &rec.job.id).await {
-                    Ok(Some(progress)) => store
+                let result = match poller.client.progress(&url, &rec.job.id).await {
+                    Ok(Some(progress)) => poller
+                        .store
                         .mutate_job(&rec.job.id, |cur, now| {
                             Ok(progress_change(cur, &progress, now, stall_ms))
                         })
@@ -168,38 +176,44 @@ impl Poller {
                     Ok(None) => Ok(()),
                     Err(e) => Err(e.to_string()),
                 };
-                (rec.job.id, result)
+                poller.finish(&rec.job.id, result);
             });
         }
-        let results = tasks.join_all().await;
-        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        for (id, result) in results {
-            let Some(entry) = jobs.get_mut(&id) else {
-                continue;
-            };
-            match result {
-                Ok(()) => {
-                    health.polls_ok += 1;
-                    entry.failures = 0;
-                    entry.next_at = now + self.config.interval;
-                }
-                Err(error) => {
-                    tracing::warn!(job_id = %id, error = %error, failures = entry.failures + 1,
-                        "progress poll failed; backing off");
-                    health.polls_failed += 1;
-                    health.last_error = Some(format!("job {id}: {error}"));
-                    entry.failures += 1;
-                    entry.next_at = now + self.backoff(entry.failures);
-                }
-            }
-        }
         health.cycles += 1;
         health.last_cycle_at = Some(Utc::now());
         health.jobs_tracked = jobs.len();
         health.jobs_backing_off = jobs.values().filter(|j| j.failures > 0).count();
         Ok(())
+    }
+
+    /// Records the outcome of one poll and schedules the next: the interval after success,
+    /// exponential backoff (capped) after an error. A job is never dropped while active.
+    fn finish(&self, id: &str, result: Result<(), String>) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = jobs.get_mut(id) else {
+            return;
+        };
+        entry.in_flight = false;
+        let now = Instant::now();
+        match result {
+            Ok(()) => {
+                health.polls_ok += 1;
+                entry.failures = 0;
+                entry.next_at = now + self.config.interval;
+            }
+            Err(error) => {
+                entry.failures += 1;
+                tracing::warn!(job_id = %id, error = %error, failures = entry.failures,
+                    "progress poll failed; backing off");
+                health.polls_failed += 1;
+                health.last_error = Some(format!("job {id}: {error}"));
+                entry.next_at = now + self.backoff(entry.failures);
+            }
+        }
+        health.jobs_backing_off = jobs.values().filter(|j| j.failures > 0).count();
     }
 }
 

@@ -12,11 +12,15 @@ use oma::store::{NewJob, Store};
 use std::time::Duration;
 
 async fn create(store: &Store, id: &str) {
+    create_on(store, id, "vma-1").await;
+}
+
+async fn create_on(store: &Store, id: &str, vma: &str) {
     let new = NewJob {
         id: Some(id.into()),
         vm_context_id: format!("ctx-{id}"),
         vm_name: Some("vm".into()),
-        vma_id: "vma-1".into(),
+        vma_id: vma.into(),
         sync_type: None,
     };
     store.create_job(&new).await.unwrap();
@@ -172,4 +176,48 @@ async fn polling_resumes_after_the_server_restarts() {
         );
         server.shutdown().await;
     }
+}
+
+#[tokio::test]
+async fn a_hanging_vma_does_not_delay_another_vmas_jobs() {
+    let db = test_dbs().await.remove(0);
+    let vma = StandInVma::start().await;
+    // Accepts connections and never answers: every poll of its jobs waits for the timeout.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang_url = format!("http://{}", hang.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hang.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut s = settings(&db);
+    s.vma_timeout = Duration::from_secs(20);
+    let server = start_server(s).await;
+    let store = server.state.store.clone();
+    store
+        .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
+        .await
+        .unwrap();
+    store
+        .upsert_vma("vma-2", &hang_url, &hash_token(common::VMA2_TOKEN))
+        .await
+        .unwrap();
+    for i in 0..8 {
+        create_on(&store, &format!("hung-{i}"), "vma-2").await;
+    }
+    vma.set("healthy", Answer::Running(pid(3, 3)));
+    create(&store, "healthy").await;
+    vma.set_progress("healthy", 1, 10, None);
+    eventually(5, "first progress", || bytes(&store, "healthy", 10)).await;
+    // The hung VMA's polls are all still waiting for their timeout; the healthy job's next
+    // progress must still arrive well within it.
+    let start = tokio::time::Instant::now();
+    vma.set_progress("healthy", 2, 20, None);
+    eventually(5, "second progress", || bytes(&store, "healthy", 20)).await;
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "the healthy VMA waited for the hung one"
+    );
+    server.shutdown().await;
 }
