@@ -1,1 +1,70 @@
-//! `oma`: replication jobs, VM contexts and evidence-based recovery.
+//! `oma`: replication jobs, VM contexts and evidence-based recovery, served over REST.
+//!
+//! [`app`] builds the router from one router per resource; [`server`] wires the store, the
+//! recovery loop and the poller for the `oma` binary; [`cli`] is the `job-recovery` client.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod model;
+pub mod poller;
+pub mod recovery;
+pub mod routes;
+pub mod server;
+pub mod store;
+pub mod vma_client;
+
+use auth::OperatorTokens;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use poller::Poller;
+use recovery::Recovery;
+use std::sync::Arc;
+use store::Store;
+
+/// Largest request body accepted (1 MiB: a batch of a thousand events fits easily).
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The database.
+    pub store: Store,
+    /// Hashes of the operator tokens.
+    pub operators: Arc<OperatorTokens>,
+    /// The recovery engine.
+    pub recovery: Arc<Recovery>,
+    /// The progress poller (for its health).
+    pub poller: Arc<Poller>,
+    /// Client of the VMAs' watchdog APIs: the seam through which job creation will start
+    /// migratekit on the VMA (`VmaClient::start_job`, next issue).
+    pub vma_client: vma_client::VmaClient,
+}
+
+/// The OMA's HTTP application: `/health` open, operator routes behind operator tokens,
+/// the watchdog route behind VMA tokens, and a body limit everywhere.
+pub fn app(state: AppState) -> Router {
+    let operator = Router::new()
+        .merge(routes::jobs::router())
+        .merge(routes::contexts::router())
+        .merge(routes::vmas::router())
+        .merge(routes::recovery::router())
+        .merge(routes::openapi::router())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_operator,
+        ));
+    let watchdog = routes::watchdog::router().route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        auth::require_vma,
+    ));
+    Router::new()
+        .merge(routes::health::router())
+        .merge(operator)
+        .merge(watchdog)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}

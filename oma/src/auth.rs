@@ -1,0 +1,148 @@
+//! Bearer-token authentication: operator tokens for jobs and recovery, per-VMA tokens for
+//! watchdog events. Only SHA-256 hashes of tokens are kept (in memory for operators, in the
+//! database for VMAs), compared in constant time; no token reaches a log line or a response.
+
+use crate::AppState;
+use crate::error::ApiError;
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::Response;
+use sha2::{Digest, Sha256};
+
+/// SHA-256 of a token, lowercase hex: what is stored and compared.
+pub fn hash_token(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Operator token hashes, from flags, environment or a file.
+#[derive(Clone, Default)]
+pub struct OperatorTokens {
+    hashes: Vec<String>,
+}
+
+impl std::fmt::Debug for OperatorTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OperatorTokens({} configured)", self.hashes.len())
+    }
+}
+
+impl OperatorTokens {
+    /// Hashes the given tokens; empty strings are ignored.
+    pub fn new<I: IntoIterator<Item = String>>(tokens: I) -> Self {
+        Self {
+            hashes: tokens
+                .into_iter()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .map(|t| hash_token(&t))
+                .collect(),
+        }
+    }
+
+    /// True when `token` is one of the operator tokens.
+    pub fn accepts(&self, token: &str) -> bool {
+        let hash = hash_token(token);
+        // Check every hash, so the time does not tell which one matched.
+        self.hashes.iter().fold(false, |found, h| {
+            constant_time_eq(h.as_bytes(), hash.as_bytes()) | found
+        })
+    }
+
+    /// True when no operator token is configured.
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+}
+
+/// Who called, once authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// An operator.
+    Operator,
+    /// The watchdog of this VMA.
+    Vma(String),
+}
+
+fn bearer(request: &Request) -> Option<&str> {
+    request
+        .headers()
+        .get(AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// The bearer token's hash, and whether it is an operator token. This is synchronous on
+/// purpose: the request body is not `Sync`, so no borrow of the request may live across an
+/// await.
+fn credentials(state: &AppState, request: &Request) -> Result<(bool, String), ApiError> {
+    let token = bearer(request).ok_or(ApiError::Unauthorized)?;
+    Ok((state.operators.accepts(token), hash_token(token)))
+}
+
+/// Who the token belongs to.
+async fn identify(
+    state: &AppState,
+    (is_operator, hash): (bool, String),
+) -> Result<Principal, ApiError> {
+    if is_operator {
+        return Ok(Principal::Operator);
+    }
+    match state.store.vma_by_token_hash(&hash).await? {
+        Some(vma) => Ok(Principal::Vma(vma)),
+        None => Err(ApiError::Unauthorized),
+    }
+}
+
+/// Middleware for operator endpoints: 401 without a valid token, 403 for a VMA token.
+pub async fn require_operator(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    match identify(&state, credentials(&state, &request)?).await? {
+        Principal::Operator => Ok(next.run(request).await),
+        Principal::Vma(_) => Err(ApiError::Forbidden),
+    }
+}
+
+/// Middleware for watchdog endpoints: 401 without a valid token, 403 for an operator token.
+/// The VMA's id goes into the request's extensions for the handler.
+pub async fn require_vma(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    match identify(&state, credentials(&state, &request)?).await? {
+        Principal::Vma(vma) => {
+            request.extensions_mut().insert(Principal::Vma(vma));
+            Ok(next.run(request).await)
+        }
+        Principal::Operator => Err(ApiError::Forbidden),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_tokens_are_matched_by_hash() {
+        let tokens = OperatorTokens::new(["secret-1".to_owned(), " ".to_owned()]);
+        assert!(tokens.accepts("secret-1"));
+        assert!(!tokens.accepts("secret-2"));
+        assert!(!format!("{tokens:?}").contains("secret"));
+        assert!(constant_time_eq(b"ab", b"ab") && !constant_time_eq(b"ab", b"ac"));
+    }
+}

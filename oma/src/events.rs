@@ -1,0 +1,204 @@
+//! Pure decisions about watchdog process events, and the verdict from exit evidence that
+//! recovery shares, so an exit means the same thing whichever path reports it.
+
+use crate::model::{Actor, FailureClass, JobStatus, from_ms};
+use crate::store::{AuditDraft, IntakeOutcome, JobChange, JobRecord};
+use api::{ExitStatus, ProcessEvent, ProcessEventKind, ProcessIdentity};
+use serde_json::json;
+
+/// How a job ends, given how its process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// `completed` or `failed`.
+    pub status: JobStatus,
+    /// Set for `failed`.
+    pub class: Option<FailureClass>,
+    /// One sentence for the operator.
+    pub message: Option<String>,
+}
+
+/// The final state that exit evidence implies. `exit` is `None` (or all unknown) when the
+/// process ended unseen. `progress_status` is migratekit's own last word: an `exit(0)` after
+/// migratekit reported `failed` is still a failure.
+pub fn verdict_from_exit(exit: Option<&ExitStatus>, progress_status: Option<&str>) -> Verdict {
+    let failed = |class, message: String| Verdict {
+        status: JobStatus::Failed,
+        class: Some(class),
+        message: Some(message),
+    };
+    let Some(exit) = exit.filter(|e| !e.is_unknown()) else {
+        return failed(
+            FailureClass::DiedWhileUnwatched,
+            "migratekit ended while nothing watched it; its exit status is unknown".into(),
+        );
+    };
+    if exit.oom_killed {
+        return failed(
+            FailureClass::OomKilled,
+            format!(
+                "migratekit was killed by the kernel's OOM killer (signal {}); give the VMA more memory",
+                exit.signal.unwrap_or(9)
+            ),
+        );
+    }
+    if let Some(signal) = exit.signal {
+        let core = if exit.core_dumped {
+            " (core dumped)"
+        } else {
+            ""
+        };
+        return failed(
+            FailureClass::ProcessKilled,
+            format!("migratekit was killed by signal {signal}{core}"),
+        );
+    }
+    match exit.code {
+        Some(0) if progress_status == Some("failed") => failed(
+            FailureClass::VmaReportedFailure,
+            "migratekit exited 0 but its last progress report said failed".into(),
+        ),
+        Some(0) => Verdict {
+            status: JobStatus::Completed,
+            class: None,
+            message: None,
+        },
+        code => failed(
+            FailureClass::ProcessExited,
+            format!("migratekit exited with code {}", code.unwrap_or(-1)),
+        ),
+    }
+}
+
+/// The process identity recorded on a job, if any.
+pub fn recorded_identity(rec: &JobRecord) -> Option<ProcessIdentity> {
+    match (rec.job.pid, rec.job.process_start_time) {
+        (Some(pid), Some(start)) => Some(ProcessIdentity {
+            pid: u32::try_from(pid).ok()?,
+            start_time: u64::try_from(start).ok()?,
+        }),
+        _ => None,
+    }
+}
+
+/// Moves `rec` to the verdict's final state at `now`.
+pub fn finalize(rec: &JobRecord, verdict: &Verdict, now: i64) -> JobRecord {
+    let mut after = rec.clone();
+    after.job.status = verdict.status;
+    after.job.failure_class = verdict.class;
+    after.job.error_message = verdict.message.clone();
+    after.job.completed_at = Some(from_ms(now));
+    after.job.updated_at = from_ms(now);
+    after.job.stalled_since = None;
+    after
+}
+
+/// Records `process` as the job's current attempt (and moves `pending`/`initializing` to
+/// `replicating`). Leaves the record untouched when it already says exactly that.
+pub fn adopt(rec: &mut JobRecord, process: ProcessIdentity, now: i64) {
+    let before = rec.clone();
+    if recorded_identity(rec) != Some(process) {
+        rec.job.attempt += 1;
+    }
+    rec.job.pid = Some(i64::from(process.pid));
+    rec.job.process_start_time = i64::try_from(process.start_time).ok();
+    rec.job.started_at = rec.job.started_at.or(Some(from_ms(now)));
+    if matches!(rec.job.status, JobStatus::Pending | JobStatus::Initializing) {
+        rec.job.status = JobStatus::Replicating;
+    }
+    if *rec != before {
+        rec.job.updated_at = from_ms(now);
+    }
+}
+
+fn evidence(event: &ProcessEvent) -> serde_json::Value {
+    json!({
+        "event_id": event.event_id,
+        "kind": event.kind,
+        "pid": event.process.pid,
+        "start_time": event.process.start_time,
+        "exit": event.exit,
+        "observed_at": event.observed_at,
+        "detector": event.detector,
+    })
+}
+
+fn audit_only(rec: &JobRecord, action: &'static str, evidence: serde_json::Value) -> IntakeOutcome {
+    IntakeOutcome {
+        change: Some(JobChange {
+            after: rec.clone(),
+            audit: vec![AuditDraft {
+                action,
+                from: Some(rec.job.status),
+                to: rec.job.status,
+                actor: Actor::WatchdogEvent,
+                failure_class: None,
+                evidence,
+            }],
+        }),
+        outcome: action,
+        applied: false,
+    }
+}
+
+/// Decides what one watchdog event does to its job.
+pub fn decide_event(rec: &JobRecord, event: &ProcessEvent, now: i64) -> IntakeOutcome {
+    let mut ev = evidence(event);
+    let recorded = recorded_identity(rec);
+    if rec.job.status.is_final() {
+        return audit_only(rec, "ignored_final", ev);
+    }
+    let other_attempt = recorded.is_some_and(|r| r != event.process);
+    if other_attempt {
+        ev["recorded_pid"] = json!(rec.job.pid);
+        ev["recorded_start_time"] = json!(rec.job.process_start_time);
+    }
+    let mut after = rec.clone();
+    let (action, class) = match event.kind {
+        ProcessEventKind::ProcessStarted => {
+            // A start of a process older than the recorded one is a late report about an
+            // earlier attempt; a newer one takes the job over.
+            if recorded.is_some_and(|r| event.process.start_time < r.start_time) {
+                return audit_only(rec, "stale_attempt", ev);
+            }
+            adopt(&mut after, event.process, now);
+            if after == *rec {
+                return IntakeOutcome {
+                    change: None,
+                    outcome: "duplicate_start",
+                    applied: false,
+                };
+            }
+            ("process_recorded", None)
+        }
+        ProcessEventKind::ProcessExited | ProcessEventKind::DiedWhileUnwatched => {
+            if other_attempt {
+                return audit_only(rec, "stale_attempt", ev);
+            }
+            let exit = match event.kind {
+                ProcessEventKind::ProcessExited => event.exit.as_ref(),
+                _ => None,
+            };
+            let verdict = verdict_from_exit(exit, rec.progress_status.as_deref());
+            adopt(&mut after, event.process, now);
+            let attempt = after.job.attempt;
+            after = finalize(&after, &verdict, now);
+            after.job.attempt = attempt;
+            ("transition", verdict.class)
+        }
+    };
+    IntakeOutcome {
+        change: Some(JobChange {
+            audit: vec![AuditDraft {
+                action,
+                from: Some(rec.job.status),
+                to: after.job.status,
+                actor: Actor::WatchdogEvent,
+                failure_class: class,
+                evidence: ev,
+            }],
+            after,
+        }),
+        outcome: "applied",
+        applied: true,
+    }
+}

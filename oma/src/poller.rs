@@ -1,0 +1,351 @@
+//! The progress poller: polls every active job's progress on its VMA, forever.
+//!
+//! Its work list is the database's active set, re-read every cycle, so a restart (or a job
+//! created by another path) needs no hand-over. Errors back a job off exponentially up to a
+//! cap, but a job is never dropped while it is active. A job whose bytes do not move for the
+//! stall threshold is flagged (`stalled_since` plus an audit entry), never failed: a live
+//! process is not failed on age alone; deaths come from evidence (events, recovery).
+
+use crate::events::Verdict;
+use crate::events::finalize;
+use crate::model::{Actor, FailureClass, JobStatus, from_ms};
+use crate::store::{AuditDraft, JobChange, JobRecord, Store};
+use crate::vma_client::VmaClient;
+use api::StoredProgress;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use utoipa::ToSchema;
+
+/// Poller settings.
+#[derive(Debug, Clone)]
+pub struct PollerConfig {
+    /// Time between polls of a healthy job.
+    pub interval: Duration,
+    /// Cap of the exponential backoff after errors.
+    pub max_backoff: Duration,
+    /// Polls in flight per VMA.
+    pub per_vma_concurrency: usize,
+    /// Bytes unmoved for this long flag the job as stalled.
+    pub stall_threshold: Duration,
+}
+
+/// How the poller is doing, for `GET /api/v1/recovery/status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PollerHealth {
+    /// Cycles completed since start.
+    pub cycles: u64,
+    /// End of the latest cycle.
+    pub last_cycle_at: Option<DateTime<Utc>>,
+    /// Active jobs in the work list.
+    pub jobs_tracked: usize,
+    /// Jobs currently backing off after errors.
+    pub jobs_backing_off: usize,
+    /// Successful polls since start.
+    pub polls_ok: u64,
+    /// Failed polls since start.
+    pub polls_failed: u64,
+    /// The latest error, if any.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct JobPoll {
+    next_at: Instant,
+    failures: u32,
+    in_flight: bool,
+}
+
+/// The poller. Share it in an `Arc`; `run_forever` drives it.
+#[derive(Debug)]
+pub struct Poller {
+    store: Store,
+    client: VmaClient,
+    config: PollerConfig,
+    health: Mutex<PollerHealth>,
+    jobs: Mutex<HashMap<String, JobPoll>>,
+    per_vma: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Poller {
+    /// A poller over `store`, asking VMAs through `client`.
+    pub fn new(store: Store, client: VmaClient, config: PollerConfig) -> Self {
+        Self {
+            store,
+            client,
+            config,
+            health: Mutex::default(),
+            jobs: Mutex::default(),
+            per_vma: Mutex::default(),
+        }
+    }
+
+    /// A snapshot of the poller's health.
+    pub fn health(&self) -> PollerHealth {
+        self.health.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// Polls until the task is dropped.
+    pub async fn run_forever(self: Arc<Self>) {
+        loop {
+            if let Err(e) = self.cycle().await {
+                tracing::error!(error = %e, "poller cycle failed; retrying");
+                if let Ok(mut h) = self.health.lock() {
+                    h.last_error = Some(e.to_string());
+                }
+            }
+            let tick = self.config.interval.min(Duration::from_secs(1));
+            tokio::time::sleep(tick).await;
+        }
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        let factor = 2u32.saturating_pow(failures.min(20));
+        self.config
+            .interval
+            .saturating_mul(factor)
+            .min(self.config.max_backoff)
+    }
+
+    /// One pass: re-read the active set and start a poll of every job that is due and not
+    /// already being polled. Polls run detached, so a VMA that hangs until the timeout delays
+    /// only its own jobs (bounded by its own semaphore), never another VMA's.
+    pub async fn cycle(self: &Arc<Self>) -> Result<(), crate::store::StoreError> {
+        let active = self.store.active_jobs().await?;
+        let vmas: HashMap<String, String> = self
+            .store
+            .list_vmas()
+            .await?
+            .into_iter()
+            .map(|v| (v.id, v.base_url))
+            .collect();
+        let now = Instant::now();
+        let due: Vec<JobRecord> = {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            let ids: std::collections::HashSet<&str> =
+                active.iter().map(|r| r.job.id.as_str()).collect();
+            jobs.retain(|id, _| ids.contains(id.as_str()));
+            active
+                .into_iter()
+                .filter(|r| {
+                    let entry = jobs.entry(r.job.id.clone()).or_insert(JobPoll {
+                        next_at: now,
+                        failures: 0,
+                        in_flight: false,
+                    });
+                    let due = !entry.in_flight && entry.next_at <= now;
+                    entry.in_flight |= due;
+                    due
+                })
+                .collect()
+        };
+        let stall_ms = i64::try_from(self.config.stall_threshold.as_millis()).unwrap_or(i64::MAX);
+        for rec in due {
+            let Some(url) = vmas.get(&rec.job.vma_id).cloned() else {
+                let error = format!("no VMA is registered under id {}", rec.job.vma_id);
+                self.finish(&rec.job.id, Err(error));
+                continue;
+            };
+            let permits = {
+                let mut per_vma = self.per_vma.lock().unwrap_or_else(|e| e.into_inner());
+                per_vma
+                    .entry(rec.job.vma_id.clone())
+                    .or_insert_with(|| {
+                        Arc::new(Semaphore::new(self.config.per_vma_concurrency.max(1)))
+                    })
+                    .clone()
+            };
+            let poller = self.clone();
+            tokio::spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let result = match poller.client.progress(&url, &rec.job.id).await {
+                    Ok(Some(progress)) => poller
+                        .store
+                        .mutate_job(&rec.job.id, |cur, now| {
+                            Ok(progress_change(cur, &progress, now, stall_ms))
+                        })
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                };
+                poller.finish(&rec.job.id, result);
+            });
+        }
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        health.cycles += 1;
+        health.last_cycle_at = Some(Utc::now());
+        health.jobs_tracked = jobs.len();
+        health.jobs_backing_off = jobs.values().filter(|j| j.failures > 0).count();
+        Ok(())
+    }
+
+    /// Records the outcome of one poll and schedules the next: the interval after success,
+    /// exponential backoff (capped) after an error. A job is never dropped while active.
+    fn finish(&self, id: &str, result: Result<(), String>) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = jobs.get_mut(id) else {
+            return;
+        };
+        entry.in_flight = false;
+        let now = Instant::now();
+        match result {
+            Ok(()) => {
+                health.polls_ok += 1;
+                entry.failures = 0;
+                entry.next_at = now + self.config.interval;
+            }
+            Err(error) => {
+                entry.failures += 1;
+                tracing::warn!(job_id = %id, error = %error, failures = entry.failures,
+                    "progress poll failed; backing off");
+                health.polls_failed += 1;
+                health.last_error = Some(format!("job {id}: {error}"));
+                entry.next_at = now + self.backoff(entry.failures);
+            }
+        }
+        health.jobs_backing_off = jobs.values().filter(|j| j.failures > 0).count();
+    }
+}
+
+/// What one progress answer changes on a job: progress fields on a new sequence, `pending`/
+/// `initializing` → `replicating`, migratekit's own `failed` → failed `vma_reported_failure`,
+/// and the stall flag set or cleared.
+pub fn progress_change(
+    cur: &JobRecord,
+    progress: &StoredProgress,
+    now: i64,
+    stall_ms: i64,
+) -> Option<JobChange> {
+    if cur.job.status.is_final() {
+        return None;
+    }
+    let update = &progress.update;
+    let sequence = i64::try_from(progress.sequence).unwrap_or(i64::MAX);
+    let mut after = cur.clone();
+    let mut audit = Vec::new();
+    let bytes = i64::try_from(update.bytes_transferred).unwrap_or(i64::MAX);
+    let evidence = json!({
+        "sequence": progress.sequence, "bytes_transferred": update.bytes_transferred,
+        "received_at": progress.received_at, "stage": update.stage, "status": update.status,
+    });
+    if cur.progress_sequence != Some(sequence) {
+        let j = &mut after.job;
+        if cur.bytes_moved_at.is_none() || j.bytes_transferred != bytes {
+            after.bytes_moved_at = Some(now);
+        }
+        j.bytes_transferred = bytes;
+        j.total_bytes = update.total_bytes.and_then(|t| i64::try_from(t).ok());
+        j.progress_percent = update.percent.unwrap_or_else(|| match j.total_bytes {
+            Some(total) if total > 0 => bytes as f64 * 100.0 / total as f64,
+            _ => j.progress_percent,
+        });
+        j.current_operation = Some(update.stage.clone());
+        j.throughput = i64::try_from(update.throughput_bps).unwrap_or(i64::MAX);
+        if let Some(sync) = update.sync_type {
+            j.sync_type = serde_json::to_value(sync)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned));
+        }
+        j.last_progress_at = Some(from_ms(now));
+        after.progress_sequence = Some(sequence);
+        after.progress_status = update
+            .status
+            .and_then(|s| serde_json::to_value(s).ok())
+            .and_then(|v| v.as_str().map(str::to_owned));
+        if matches!(j.status, JobStatus::Pending | JobStatus::Initializing) {
+            j.status = JobStatus::Replicating;
+            j.started_at = j.started_at.or(Some(from_ms(now)));
+            audit.push(draft(
+                "transition",
+                cur.job.status,
+                JobStatus::Replicating,
+                None,
+                evidence.clone(),
+            ));
+        }
+        if after.progress_status.as_deref() == Some("failed") {
+            let from = after.job.status;
+            let message = update
+                .error_message
+                .clone()
+                .unwrap_or_else(|| "no reason given".into());
+            after = finalize(
+                &after,
+                &Verdict {
+                    status: JobStatus::Failed,
+                    class: Some(FailureClass::VmaReportedFailure),
+                    message: Some(format!("migratekit reported failure: {message}")),
+                },
+                now,
+            );
+            audit.push(draft(
+                "transition",
+                from,
+                JobStatus::Failed,
+                Some(FailureClass::VmaReportedFailure),
+                evidence.clone(),
+            ));
+        }
+    }
+    if after.job.status.is_active() {
+        let unmoved = after.bytes_moved_at.map(|t| now - t);
+        match (after.job.stalled_since, unmoved) {
+            (None, Some(age)) if age >= stall_ms => {
+                after.job.stalled_since = Some(from_ms(now));
+                let mut ev = evidence;
+                ev["unmoved_ms"] = json!(age);
+                ev["stall_threshold_ms"] = json!(stall_ms);
+                audit.push(draft(
+                    "stalled",
+                    after.job.status,
+                    after.job.status,
+                    None,
+                    ev,
+                ));
+            }
+            (Some(_), Some(age)) if age < stall_ms => {
+                after.job.stalled_since = None;
+                audit.push(draft(
+                    "unstalled",
+                    after.job.status,
+                    after.job.status,
+                    None,
+                    evidence,
+                ));
+            }
+            _ => {}
+        }
+    }
+    if after == *cur {
+        return None;
+    }
+    after.job.updated_at = from_ms(now);
+    Some(JobChange { after, audit })
+}
+
+fn draft(
+    action: &'static str,
+    from: JobStatus,
+    to: JobStatus,
+    class: Option<FailureClass>,
+    evidence: serde_json::Value,
+) -> AuditDraft {
+    AuditDraft {
+        action,
+        from: Some(from),
+        to,
+        actor: Actor::Poller,
+        failure_class: class,
+        evidence,
+    }
+}

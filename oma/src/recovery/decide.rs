@@ -1,0 +1,156 @@
+//! The recovery decision table, as one pure function. Orphans, dry runs and real runs all
+//! call [`decide`], so a dry run cannot show anything the real run would not do.
+
+use crate::events::{Verdict, recorded_identity, verdict_from_exit};
+use crate::model::{FailureClass, JobStatus};
+use crate::store::JobRecord;
+use crate::vma_client::VmaAnswer;
+use api::{JobProcessState, ProcessIdentity};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+
+/// What recovery does with one active job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// The process runs: keep the job (and keep polling it).
+    Keep,
+    /// The process is known gone (or the VMA silent past the threshold): final state.
+    Finalize,
+    /// The VMA did not answer, but progress is recent enough: decide next time.
+    Wait,
+}
+
+/// One decision with its evidence, as orphans, dry runs and real runs report it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Decision {
+    /// The job.
+    pub job_id: String,
+    /// Its VMA.
+    pub vma_id: String,
+    /// Its status when examined.
+    pub from_status: JobStatus,
+    /// What recovery does.
+    pub action: Action,
+    /// The status after the decision.
+    pub to_status: JobStatus,
+    /// Failure class, for `finalize` to `failed`.
+    pub failure_class: Option<FailureClass>,
+    /// One sentence for the operator.
+    pub message: Option<String>,
+    /// A process to record as the job's current attempt (the VMA reports it running).
+    pub adopt: Option<ProcessIdentity>,
+    /// What the decision rests on: the VMA's answer, the recorded process, ages, threshold.
+    #[schema(value_type = Object)]
+    pub evidence: serde_json::Value,
+}
+
+/// Decides for one active job, given the VMA's answer, the time and the stale threshold.
+///
+/// | VMA answer                        | decision                                          |
+/// |-----------------------------------|---------------------------------------------------|
+/// | running (recorded or newer)       | keep; record the process if it is not the recorded one |
+/// | exited (this or a newer attempt)  | final state from the exit evidence                |
+/// | exited (an older attempt)         | failed `job_lost`: the VMA never saw our attempt  |
+/// | 404 unknown_job                   | failed `job_lost`                                 |
+/// | unreachable, silent < threshold   | wait                                              |
+/// | unreachable, silent >= threshold  | failed `vma_unreachable_timeout`                  |
+///
+/// Silence is counted from the last progress the OMA saw; only for a job that never sent
+/// progress, from when its process was first seen, and only before that from its creation.
+pub fn decide(rec: &JobRecord, answer: &VmaAnswer, now_ms: i64, stale_ms: i64) -> Decision {
+    let job = &rec.job;
+    let silent_ms = rec.silence_ms(now_ms);
+    let silence_from = if job.last_progress_at.is_some() {
+        "last_progress_at"
+    } else if job.started_at.is_some() {
+        "started_at"
+    } else {
+        "created_at"
+    };
+    let evidence = json!({
+        "vma_answer": answer,
+        "recorded_pid": job.pid,
+        "recorded_start_time": job.process_start_time,
+        "attempt": job.attempt,
+        "last_progress_at": job.last_progress_at,
+        "silent_ms": silent_ms,
+        "silence_from": silence_from,
+        "stale_threshold_ms": stale_ms,
+    });
+    let recorded = recorded_identity(rec);
+    let base = Decision {
+        job_id: job.id.clone(),
+        vma_id: job.vma_id.clone(),
+        from_status: job.status,
+        action: Action::Keep,
+        to_status: job.status,
+        failure_class: None,
+        message: None,
+        adopt: None,
+        evidence,
+    };
+    let finalize = |verdict: Verdict| Decision {
+        action: Action::Finalize,
+        to_status: verdict.status,
+        failure_class: verdict.class,
+        message: verdict.message,
+        ..base.clone()
+    };
+    let failed = |class, message: String| {
+        finalize(Verdict {
+            status: JobStatus::Failed,
+            class: Some(class),
+            message: Some(message),
+        })
+    };
+    match answer {
+        VmaAnswer::Known {
+            state: JobProcessState::Running { process, .. },
+        } => {
+            let adopt = (recorded != Some(*process)).then_some(*process);
+            let to_status = match (adopt, job.status) {
+                (Some(_), JobStatus::Pending | JobStatus::Initializing) => JobStatus::Replicating,
+                (_, status) => status,
+            };
+            Decision {
+                adopt,
+                to_status,
+                ..base.clone()
+            }
+        }
+        VmaAnswer::Known {
+            state: JobProcessState::Exited { process, exit, .. },
+        } => {
+            if recorded.is_some_and(|r| r != *process && process.start_time < r.start_time) {
+                return failed(
+                    FailureClass::JobLost,
+                    "the VMA only knows an earlier attempt of this job; the recorded process is gone"
+                        .into(),
+                );
+            }
+            finalize(verdict_from_exit(
+                Some(exit),
+                rec.progress_status.as_deref(),
+            ))
+        }
+        VmaAnswer::UnknownJob => failed(
+            FailureClass::JobLost,
+            "the VMA has never heard of this job; start it again".into(),
+        ),
+        VmaAnswer::Unreachable { .. } if silent_ms >= stale_ms => failed(
+            FailureClass::VmaUnreachableTimeout,
+            format!(
+                "the VMA did not answer and no progress came for {} s (threshold {} s)",
+                silent_ms / 1000,
+                stale_ms / 1000
+            ),
+        ),
+        VmaAnswer::Unreachable { .. } => Decision {
+            action: Action::Wait,
+            ..base.clone()
+        },
+    }
+}

@@ -1,0 +1,307 @@
+//! Recovery: at startup, every interval and on demand, ask each active job's VMA about its
+//! process and apply [`decide::decide`]'s verdict, one fenced transaction per job.
+
+pub mod decide;
+
+pub use decide::{Action, Decision, decide};
+
+use crate::events::{Verdict, adopt, finalize};
+use crate::model::{Actor, now_ms};
+use crate::store::{AuditDraft, JobChange, JobRecord, RecoveryRunRecord, Store, StoreError};
+use crate::vma_client::{VmaAnswer, VmaClient};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, Semaphore};
+use tokio::task::JoinSet;
+use utoipa::ToSchema;
+
+/// Recovery settings.
+#[derive(Debug, Clone)]
+pub struct RecoveryConfig {
+    /// Time between periodic runs.
+    pub interval: Duration,
+    /// Silence (since the last progress) after which an unreachable VMA's job is failed.
+    pub stale_threshold: Duration,
+    /// VMA questions in flight at once.
+    pub concurrency: usize,
+}
+
+/// What started a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// The OMA started.
+    Startup,
+    /// The interval elapsed.
+    Periodic,
+    /// An operator asked.
+    Operator,
+}
+
+impl Trigger {
+    fn actor(self) -> Actor {
+        match self {
+            Self::Startup => Actor::StartupRecovery,
+            Self::Periodic => Actor::PeriodicRecovery,
+            Self::Operator => Actor::Operator,
+        }
+    }
+}
+
+/// One decision of a run and whether it was applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RunDecision {
+    /// The decision.
+    #[serde(flatten)]
+    pub decision: Decision,
+    /// True when the real run wrote it.
+    pub applied: bool,
+    /// True when the job changed between the question and the write, so nothing was written.
+    pub superseded: bool,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RunReport {
+    /// The run's counts, as recorded.
+    pub run: RecoveryRunRecord,
+    /// Every decision, in job order.
+    pub decisions: Vec<RunDecision>,
+}
+
+/// Why a run did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    /// Another run holds the lock.
+    #[error("a recovery run is already in progress; wait for it to finish and retry")]
+    Busy,
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The recovery engine. One per OMA; its mutex keeps two runs from overlapping.
+#[derive(Debug)]
+pub struct Recovery {
+    store: Store,
+    client: VmaClient,
+    config: RecoveryConfig,
+    lock: Mutex<()>,
+}
+
+impl Recovery {
+    /// A recovery engine over `store`, asking VMAs through `client`.
+    pub fn new(store: Store, client: VmaClient, config: RecoveryConfig) -> Self {
+        Self {
+            store,
+            client,
+            config,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Asks every active job's VMA and decides, changing nothing.
+    pub async fn plan(&self) -> Result<Vec<(JobRecord, Decision)>, StoreError> {
+        let jobs = self.store.active_jobs().await?;
+        let vmas: Arc<HashMap<String, String>> = Arc::new(
+            self.store
+                .list_vmas()
+                .await?
+                .into_iter()
+                .map(|v| (v.id, v.base_url))
+                .collect(),
+        );
+        let permits = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let mut tasks = JoinSet::new();
+        for (index, rec) in jobs.into_iter().enumerate() {
+            let (client, vmas, permits) = (self.client.clone(), vmas.clone(), permits.clone());
+            tasks.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let answer = match vmas.get(&rec.job.vma_id) {
+                    Some(url) => client.job_status(url, &rec.job.id).await,
+                    None => VmaAnswer::Unreachable {
+                        reason: format!("no VMA is registered under id {}", rec.job.vma_id),
+                    },
+                };
+                (index, rec, answer)
+            });
+        }
+        let mut answers = tasks.join_all().await;
+        answers.sort_by_key(|(index, _, _)| *index);
+        let now = now_ms();
+        let stale = i64::try_from(self.config.stale_threshold.as_millis()).unwrap_or(i64::MAX);
+        Ok(answers
+            .into_iter()
+            .map(|(_, rec, answer)| {
+                let decision = decide(&rec, &answer, now, stale);
+                (rec, decision)
+            })
+            .collect())
+    }
+
+    /// Runs recovery once. A dry run records the run but changes no job. Refused with
+    /// [`RecoveryError::Busy`] while another run goes on in this OMA or, on PostgreSQL, in any
+    /// OMA on the same database.
+    pub async fn run(&self, trigger: Trigger, dry_run: bool) -> Result<RunReport, RecoveryError> {
+        let _guard = self.lock.try_lock().map_err(|_| RecoveryError::Busy)?;
+        let Some(db_lock) = self.store.try_recovery_lock().await? else {
+            return Err(RecoveryError::Busy);
+        };
+        let result = self.run_locked(trigger, dry_run).await;
+        db_lock.release().await;
+        result
+    }
+
+    async fn run_locked(
+        &self,
+        trigger: Trigger,
+        dry_run: bool,
+    ) -> Result<RunReport, RecoveryError> {
+        let started = now_ms();
+        let plan = self.plan().await?;
+        let mut decisions = Vec::with_capacity(plan.len());
+        for (read, decision) in plan {
+            let (applied, superseded) = if dry_run {
+                (false, false)
+            } else {
+                let applied = self.apply(&read, &decision, trigger.actor()).await?;
+                (applied, !applied)
+            };
+            decisions.push(RunDecision {
+                decision,
+                applied,
+                superseded,
+            });
+        }
+        let count = |action| {
+            decisions
+                .iter()
+                .filter(|d| d.decision.action == action)
+                .count() as i64
+        };
+        let run = RecoveryRunRecord {
+            id: uuid::Uuid::now_v7().to_string(),
+            trigger: serde_json::to_value(trigger)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            dry_run,
+            started_at_ms: started,
+            finished_at_ms: now_ms(),
+            examined: decisions.len() as i64,
+            kept: count(Action::Keep),
+            finalized: count(Action::Finalize),
+            waiting: count(Action::Wait),
+            superseded: decisions.iter().filter(|d| d.superseded).count() as i64,
+        };
+        self.store.record_run(&run).await?;
+        tracing::info!(
+            trigger = %run.trigger, dry_run, examined = run.examined, kept = run.kept,
+            finalized = run.finalized, waiting = run.waiting, superseded = run.superseded,
+            "recovery run finished"
+        );
+        Ok(RunReport { run, decisions })
+    }
+
+    /// Writes one decision, unless the job changed since it was read (then `false`).
+    async fn apply(
+        &self,
+        read: &JobRecord,
+        decision: &Decision,
+        actor: Actor,
+    ) -> Result<bool, StoreError> {
+        let mut superseded = false;
+        self.store
+            .mutate_job(&decision.job_id, |current, now| {
+                let same_attempt = current.job.status == read.job.status
+                    && current.job.pid == read.job.pid
+                    && current.job.process_start_time == read.job.process_start_time;
+                // A finalize or wait that rests on silence is void once new progress came.
+                let same_progress = decision.action == Action::Keep
+                    || current.job.last_progress_at == read.job.last_progress_at;
+                if !same_attempt || !same_progress {
+                    superseded = true;
+                    return Ok(None);
+                }
+                Ok(change_for(current, decision, actor, now))
+            })
+            .await?;
+        Ok(!superseded)
+    }
+
+    /// Runs at startup, then every interval, until the task is dropped.
+    pub async fn run_forever(self: Arc<Self>) {
+        let mut trigger = Trigger::Startup;
+        loop {
+            match self.run(trigger, false).await {
+                Ok(_) => {}
+                Err(RecoveryError::Busy) => {
+                    tracing::info!("recovery skipped: a run is in progress")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "recovery run failed; retrying next interval")
+                }
+            }
+            trigger = Trigger::Periodic;
+            tokio::time::sleep(self.config.interval).await;
+        }
+    }
+}
+
+/// The row change and audit entry that carry out `decision` on `current`. Keep and wait
+/// write an audit entry only when recovery's opinion of the job changes, so the trail shows
+/// each change with its evidence instead of one line per job per interval.
+fn change_for(
+    current: &JobRecord,
+    decision: &Decision,
+    actor: Actor,
+    now: i64,
+) -> Option<JobChange> {
+    let mut after = current.clone();
+    let action = match decision.action {
+        Action::Finalize => {
+            after = finalize(
+                current,
+                &Verdict {
+                    status: decision.to_status,
+                    class: decision.failure_class,
+                    message: decision.message.clone(),
+                },
+                now,
+            );
+            after.recovery_note = None;
+            "transition"
+        }
+        Action::Keep => {
+            if let Some(process) = decision.adopt {
+                adopt(&mut after, process, now);
+            }
+            after.recovery_note = Some("keep".into());
+            if decision.adopt.is_some() {
+                "process_recorded"
+            } else {
+                "recovery_keep"
+            }
+        }
+        Action::Wait => {
+            after.recovery_note = Some("wait".into());
+            "recovery_wait"
+        }
+    };
+    if after == *current {
+        return None;
+    }
+    Some(JobChange {
+        audit: vec![AuditDraft {
+            action,
+            from: Some(current.job.status),
+            to: after.job.status,
+            actor,
+            failure_class: after.job.failure_class.filter(|_| action == "transition"),
+            evidence: decision.evidence.clone(),
+        }],
+        after,
+    })
+}

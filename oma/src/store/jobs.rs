@@ -1,0 +1,301 @@
+//! Jobs, VM contexts and VMAs: creation, reads, and the generic fenced job mutation.
+
+use super::change::{AuditDraft, JobChange, commit_change, insert_audits};
+use super::rows::{
+    CONTEXT_COLUMNS, JOB_COLUMNS, JobRecord, audit_from_row, context_from_row, job_from_row,
+};
+use super::{MAX_ATTEMPTS, Store, StoreError};
+use crate::model::{Actor, AuditEntry, ContextStatus, JobStatus, VmContext, now_ms};
+use serde::{Deserialize, Serialize};
+use sqlx::{AnyConnection, Row};
+use utoipa::{IntoParams, ToSchema};
+
+/// Body of `POST /api/v1/jobs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewJob {
+    /// Job id; generated (UUID v7) when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The VM context to replicate; created when it does not exist yet.
+    pub vm_context_id: String,
+    /// VM name; required when the context is new.
+    #[serde(default)]
+    pub vm_name: Option<String>,
+    /// The registered VMA that runs the job.
+    pub vma_id: String,
+    /// `full` or `incremental`.
+    #[serde(default)]
+    pub sync_type: Option<String>,
+}
+
+/// Filters of `GET /api/v1/jobs`.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct JobFilter {
+    /// Only jobs in this status.
+    pub status: Option<JobStatus>,
+    /// Only jobs of this VMA.
+    pub vma_id: Option<String>,
+    /// Only jobs of this VM context.
+    pub vm_context_id: Option<String>,
+    /// At most this many (default 100, at most 1000), newest first.
+    pub limit: Option<i64>,
+    /// Skip this many.
+    pub offset: Option<i64>,
+}
+
+/// Reads one job inside a transaction.
+pub(crate) async fn load_job(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> Result<Option<JobRecord>, StoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT {JOB_COLUMNS} FROM replication_jobs WHERE id = $1"
+    ))
+    .bind(id.to_owned())
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+impl Store {
+    /// Records a new job (status `pending`) and makes it the holder of its VM context.
+    pub async fn create_job(&self, new: &NewJob) -> Result<JobRecord, StoreError> {
+        let now = now_ms();
+        let id = new
+            .id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let mut tx = self.pool.begin().await?;
+        if self.get_vma_in(&mut tx, &new.vma_id).await?.is_none() {
+            return Err(StoreError::UnknownVma(new.vma_id.clone()));
+        }
+        if load_job(&mut tx, &id).await?.is_some() {
+            return Err(StoreError::JobExists(id));
+        }
+        let context = sqlx::query(&format!(
+            "SELECT {CONTEXT_COLUMNS} FROM vm_replication_contexts WHERE context_id = $1"
+        ))
+        .bind(new.vm_context_id.clone())
+        .fetch_optional(&mut *tx)
+        .await?;
+        match context.as_ref().map(context_from_row).transpose()? {
+            Some(ctx) => {
+                if let Some(holder) = ctx.current_job_id {
+                    let holder_active = load_job(&mut tx, &holder)
+                        .await?
+                        .is_some_and(|j| j.job.status.is_active());
+                    if holder_active {
+                        return Err(StoreError::ContextBusy {
+                            context_id: ctx.context_id,
+                            job_id: holder,
+                        });
+                    }
+                }
+            }
+            None => {
+                let vm_name = new
+                    .vm_name
+                    .clone()
+                    .ok_or_else(|| StoreError::UnknownContext(new.vm_context_id.clone()))?;
+                sqlx::query(
+                    "INSERT INTO vm_replication_contexts (context_id, vm_name, current_status, \
+                     last_status_change, created_at) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(new.vm_context_id.clone())
+                .bind(vm_name)
+                .bind(ContextStatus::Discovered.as_str())
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        sqlx::query(
+            "INSERT INTO replication_jobs (id, vm_context_id, vma_id, status, active, sync_type, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, 1, $5, $6, $7)",
+        )
+        .bind(id.clone())
+        .bind(new.vm_context_id.clone())
+        .bind(new.vma_id.clone())
+        .bind(JobStatus::Pending.as_str())
+        .bind(new.sync_type.clone())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE vm_replication_contexts SET current_job_id = $1, current_status = $2, \
+             total_jobs_run = total_jobs_run + 1, last_status_change = $3 WHERE context_id = $4",
+        )
+        .bind(id.clone())
+        .bind(ContextStatus::Replicating.as_str())
+        .bind(now)
+        .bind(new.vm_context_id.clone())
+        .execute(&mut *tx)
+        .await?;
+        let draft = AuditDraft {
+            action: "created",
+            from: None,
+            to: JobStatus::Pending,
+            actor: Actor::Operator,
+            failure_class: None,
+            evidence: serde_json::json!({ "vma_id": new.vma_id, "vm_context_id": new.vm_context_id }),
+        };
+        insert_audits(&mut tx, &[(id.as_str(), &draft)], now).await?;
+        let rec = load_job(&mut tx, &id)
+            .await?
+            .ok_or_else(|| StoreError::UnknownJob(id.clone()))?;
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    /// One job.
+    pub async fn get_job(&self, id: &str) -> Result<JobRecord, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        load_job(&mut conn, id)
+            .await?
+            .ok_or_else(|| StoreError::UnknownJob(id.to_owned()))
+    }
+
+    /// Jobs matching `filter`, newest first.
+    pub async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError> {
+        let mut clauses = Vec::new();
+        let mut binds = Vec::new();
+        for (column, value) in [
+            ("status", filter.status.map(|s| s.as_str().to_owned())),
+            ("vma_id", filter.vma_id.clone()),
+            ("vm_context_id", filter.vm_context_id.clone()),
+        ] {
+            if let Some(value) = value {
+                binds.push(value);
+                clauses.push(format!("{column} = ${}", binds.len()));
+            }
+        }
+        let filter_sql = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", clauses.join(" AND "))
+        };
+        let limit = filter.limit.unwrap_or(100).clamp(1, 1000);
+        let offset = filter.offset.unwrap_or(0).max(0);
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM replication_jobs {filter_sql} \
+             ORDER BY created_at DESC, id DESC LIMIT {limit} OFFSET {offset}"
+        );
+        let mut query = sqlx::query(&sql);
+        for value in binds {
+            query = query.bind(value);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// Every job in an active state. The literal `active = 1` matches the partial index
+    /// `replication_jobs_active`, so this reads the active set, not the whole table.
+    pub async fn active_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM replication_jobs WHERE active = 1"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// The audit trail of one job, oldest first.
+    pub async fn audit(&self, job_id: &str) -> Result<Vec<AuditEntry>, StoreError> {
+        self.get_job(job_id).await?;
+        let rows = sqlx::query(
+            "SELECT id, job_id, at, from_status, to_status, actor, action, failure_class, \
+             evidence FROM job_audit WHERE job_id = $1 ORDER BY id",
+        )
+        .bind(job_id.to_owned())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    /// Applies a pure decision to one job in one transaction, retrying when another writer
+    /// changed the job in between. `decide` returns `Ok(None)` when there is nothing to do.
+    pub async fn mutate_job<F>(&self, id: &str, mut decide: F) -> Result<JobRecord, StoreError>
+    where
+        F: FnMut(&JobRecord, i64) -> Result<Option<JobChange>, StoreError> + Send,
+    {
+        for _ in 0..MAX_ATTEMPTS {
+            let now = now_ms();
+            let mut tx = self.pool.begin().await?;
+            let before = load_job(&mut tx, id)
+                .await?
+                .ok_or_else(|| StoreError::UnknownJob(id.to_owned()))?;
+            let Some(change) = decide(&before, now)? else {
+                return Ok(before);
+            };
+            if commit_change(&mut tx, &before, &change, now).await? {
+                tx.commit().await?;
+                return Ok(change.after);
+            }
+        }
+        Err(StoreError::Contention(id.to_owned()))
+    }
+
+    /// One VM context.
+    pub async fn get_context(&self, id: &str) -> Result<VmContext, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {CONTEXT_COLUMNS} FROM vm_replication_contexts WHERE context_id = $1"
+        ))
+        .bind(id.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref()
+            .map(context_from_row)
+            .transpose()?
+            .ok_or_else(|| StoreError::UnknownContext(id.to_owned()))
+    }
+
+    /// VM contexts, optionally only those in `status`, by id.
+    pub async fn list_contexts(
+        &self,
+        status: Option<ContextStatus>,
+    ) -> Result<Vec<VmContext>, StoreError> {
+        let rows = match status {
+            Some(status) => {
+                sqlx::query(&format!(
+                    "SELECT {CONTEXT_COLUMNS} FROM vm_replication_contexts \
+                     WHERE current_status = $1 ORDER BY context_id LIMIT 1000"
+                ))
+                .bind(status.as_str())
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(&format!(
+                    "SELECT {CONTEXT_COLUMNS} FROM vm_replication_contexts \
+                     ORDER BY context_id LIMIT 1000"
+                ))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter().map(context_from_row).collect()
+    }
+
+    /// Number of jobs in each status that has any.
+    pub async fn count_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT status, COUNT(*) AS n FROM replication_jobs GROUP BY status ORDER BY status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let status: String = row.try_get("status")?;
+                let status = JobStatus::parse(&status).ok_or(StoreError::Corrupt {
+                    column: "status",
+                    value: status,
+                })?;
+                Ok((status, row.try_get("n")?))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,211 @@
+//! Storage: one `Store` over SQLite (embedded default) or PostgreSQL, with the same code.
+//!
+//! Why sqlx's `Any` driver with runtime queries rather than two backends: every statement is
+//! written once, in the SQL subset both databases accept (`$1` placeholders, BIGINT, TEXT,
+//! partial indexes, `ON CONFLICT DO NOTHING`), so the two backends cannot drift apart, and
+//! the same store test suite proves both. The price is no compile-time query checking and
+//! only portable column types, which is why timestamps are i64 unix milliseconds and
+//! booleans are 0/1 integers.
+//!
+//! Concurrency: every change is one transaction that re-reads the job and writes it back with
+//! `WHERE version = <read version>` (optimistic locking that works on both databases; SQLite
+//! has no `SELECT ... FOR UPDATE`). A lost race is retried from the start. SQLite gets a
+//! single pooled connection, which serialises writers instead of letting them fail with
+//! `SQLITE_BUSY`; PostgreSQL gets a real pool.
+
+mod change;
+mod jobs;
+mod lock;
+mod rows;
+mod runs;
+
+pub use change::{AuditDraft, JobChange};
+pub use jobs::{JobFilter, NewJob};
+pub use lock::RecoveryLock;
+pub use rows::JobRecord;
+pub use runs::{IntakeOutcome, RecoveryRunRecord, Vma};
+
+use crate::model::JobStatus;
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Executor};
+use std::time::Duration;
+
+/// Which database the store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// An embedded SQLite file.
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+/// Everything that can go wrong in the store, each saying what failed and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed a statement.
+    #[error("database operation failed ({0}); check that the database is reachable and writable")]
+    Database(#[from] sqlx::Error),
+    /// Migrating the schema at start failed.
+    #[error("database migration failed ({0}); the database may be newer than this oma binary")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The `--database` value is neither a SQLite path/URL nor a PostgreSQL URL.
+    #[error(
+        "unsupported database URL scheme in {0:?}; use a file path, sqlite://PATH or postgres://..."
+    )]
+    UnsupportedUrl(String),
+    /// No job with this id.
+    #[error("job {0} does not exist")]
+    UnknownJob(String),
+    /// No VM context with this id.
+    #[error("VM context {0} does not exist")]
+    UnknownContext(String),
+    /// No VMA with this id.
+    #[error("VMA {0} is not registered; register it with PUT /api/v1/vmas/{0} first")]
+    UnknownVma(String),
+    /// A job with this id exists already.
+    #[error("job {0} already exists; choose another id or omit it")]
+    JobExists(String),
+    /// The transition is not allowed from the job's current status.
+    #[error("job {job_id} is {status}: {why}")]
+    IllegalTransition {
+        /// The job.
+        job_id: String,
+        /// Its current status.
+        status: JobStatus,
+        /// Why the change is refused.
+        why: &'static str,
+    },
+    /// The VM context is held by another active job.
+    #[error("VM context {context_id} is held by active job {job_id}; cancel or finish it first")]
+    ContextBusy {
+        /// The context.
+        context_id: String,
+        /// The job holding it.
+        job_id: String,
+    },
+    /// A stored value is not one this version understands.
+    #[error("column {column} holds {value:?}, which this oma version does not understand")]
+    Corrupt {
+        /// The column.
+        column: &'static str,
+        /// The value found.
+        value: String,
+    },
+    /// A VMA reported on a job that belongs to another VMA.
+    #[error("job {job_id} belongs to another VMA; a VMA may only report on its own jobs")]
+    ForeignJob {
+        /// The job.
+        job_id: String,
+    },
+    /// Concurrent writers kept changing the same job.
+    #[error("job {0} kept changing under concurrent updates; retry the request")]
+    Contention(String),
+}
+
+/// How many times a transaction that lost an optimistic-locking race is retried.
+pub(crate) const MAX_ATTEMPTS: usize = 8;
+
+/// The OMA's database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Opens (creating a SQLite file if needed) and migrates the database at `url`.
+    ///
+    /// A plain path or `sqlite://PATH` selects SQLite; `postgres://` or `postgresql://` selects
+    /// PostgreSQL.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        install_default_drivers();
+        let (backend, url) = normalise_url(url)?;
+        let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
+        let pool = match backend {
+            Backend::Sqlite => {
+                options
+                    .max_connections(1)
+                    .after_connect(|conn, _meta| {
+                        Box::pin(async move {
+                            // WAL lets readers run beside the writer; FULL keeps every
+                            // acknowledged event durable across power loss.
+                            conn.execute("PRAGMA journal_mode = WAL").await?;
+                            conn.execute("PRAGMA synchronous = FULL").await?;
+                            conn.execute("PRAGMA foreign_keys = ON").await?;
+                            conn.execute("PRAGMA busy_timeout = 10000").await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await?
+            }
+            Backend::Postgres => options.max_connections(16).connect(&url).await?,
+        };
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool, backend })
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The connection pool, for the benchmark's bulk loading.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Readiness: one round trip to the database.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Turns a `--database` value into a backend and a URL sqlx understands.
+fn normalise_url(url: &str) -> Result<(Backend, String), StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok((Backend::Postgres, url.to_owned()));
+    }
+    let path = if let Some(rest) = url.strip_prefix("sqlite://") {
+        rest
+    } else if let Some(rest) = url.strip_prefix("sqlite:") {
+        rest
+    } else if url.contains("://") {
+        return Err(StoreError::UnsupportedUrl(url.to_owned()));
+    } else {
+        url
+    };
+    let path = path.split('?').next().unwrap_or(path);
+    Ok((Backend::Sqlite, format!("sqlite://{path}?mode=rwc")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_urls_select_the_backend() {
+        assert_eq!(
+            normalise_url("/var/lib/oma/oma.db").unwrap(),
+            (
+                Backend::Sqlite,
+                "sqlite:///var/lib/oma/oma.db?mode=rwc".into()
+            )
+        );
+        assert_eq!(
+            normalise_url("sqlite://x.db").unwrap().1,
+            "sqlite://x.db?mode=rwc"
+        );
+        assert_eq!(
+            normalise_url("postgres://u@h/db").unwrap().0,
+            Backend::Postgres
+        );
+        assert!(normalise_url("mysql://h/db").is_err());
+    }
+}

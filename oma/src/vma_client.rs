@@ -1,0 +1,167 @@
+//! The OMA's client of a VMA's watchdog API: job status for recovery, progress for the
+//! poller, and (next issue) starting a job.
+
+use api::{ErrorBody, JobProcessState, StoredProgress, VmaJobStatus};
+use reqwest::StatusCode;
+use serde::Serialize;
+use std::time::Duration;
+
+/// What a VMA said about one job, as recovery needs it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum VmaAnswer {
+    /// The VMA knows the job's process state.
+    Known {
+        /// Running or exited, with the process and exit evidence.
+        state: JobProcessState,
+    },
+    /// 404 `unknown_job`: the VMA has never heard of the job.
+    UnknownJob,
+    /// No usable answer: connection refused, timeout, 5xx, unexpected body, or no VMA
+    /// registered under the job's `vma_id`.
+    Unreachable {
+        /// What went wrong, for the audit trail.
+        reason: String,
+    },
+}
+
+/// Why a VMA call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmaError {
+    /// The request did not complete.
+    #[error("request to the VMA failed ({0}); check that its watchdog runs and is reachable")]
+    Request(#[from] reqwest::Error),
+    /// The VMA answered with an unexpected status.
+    #[error("the VMA answered HTTP {status}: {detail}")]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// Its error code and message, when it sent an ErrorBody.
+        detail: String,
+    },
+}
+
+/// HTTP client for VMA watchdogs. The bearer token for calls to VMAs is held in memory only.
+#[derive(Clone)]
+pub struct VmaClient {
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for VmaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmaClient")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl VmaClient {
+    /// A client with the given per-request timeout and optional bearer token.
+    pub fn new(timeout: Duration, token: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .unwrap_or_default();
+        Self { http, token }
+    }
+
+    fn get(&self, url: String) -> reqwest::RequestBuilder {
+        let request = self.http.get(url);
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    async fn error_detail(response: reqwest::Response) -> VmaError {
+        let status = response.status().as_u16();
+        let detail = match response.json::<ErrorBody>().await {
+            Ok(body) => format!("{}: {}", body.error, body.message),
+            Err(_) => "no error body".into(),
+        };
+        VmaError::Status { status, detail }
+    }
+
+    /// `GET {vma}/api/v1/jobs/{job_id}`, reduced to what recovery decides on.
+    pub async fn job_status(&self, base_url: &str, job_id: &str) -> VmaAnswer {
+        let url = format!("{}/api/v1/jobs/{job_id}", base_url.trim_end_matches('/'));
+        let response = match self.get(url).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return VmaAnswer::Unreachable {
+                    reason: VmaError::Request(e.without_url()).to_string(),
+                };
+            }
+        };
+        match response.status() {
+            StatusCode::OK => match response.json::<VmaJobStatus>().await {
+                Ok(status) if status.job_id == job_id => VmaAnswer::Known {
+                    state: status.state,
+                },
+                Ok(status) => VmaAnswer::Unreachable {
+                    reason: format!("the VMA answered about job {} instead", status.job_id),
+                },
+                Err(e) => VmaAnswer::Unreachable {
+                    reason: format!("the VMA's job status did not parse: {}", e.without_url()),
+                },
+            },
+            // Only the contract's own "unknown_job" body means "never heard of it": a 404 from
+            // a proxy or a wrong base URL must not fail a job as lost.
+            StatusCode::NOT_FOUND => match response.json::<ErrorBody>().await {
+                Ok(body) if body.error == "unknown_job" => VmaAnswer::UnknownJob,
+                _ => VmaAnswer::Unreachable {
+                    reason: "HTTP 404 without an unknown_job body; check the VMA's base URL".into(),
+                },
+            },
+            _ => VmaAnswer::Unreachable {
+                reason: Self::error_detail(response).await.to_string(),
+            },
+        }
+    }
+
+    /// `GET {vma}/api/v1/progress/{job_id}`: `Ok(None)` when the VMA has no progress yet.
+    pub async fn progress(
+        &self,
+        base_url: &str,
+        job_id: &str,
+    ) -> Result<Option<StoredProgress>, VmaError> {
+        let url = format!(
+            "{}/api/v1/progress/{job_id}",
+            base_url.trim_end_matches('/')
+        );
+        let response = self.get(url).send().await.map_err(|e| e.without_url())?;
+        match response.status() {
+            StatusCode::OK => Ok(Some(
+                response.json().await.map_err(reqwest::Error::without_url)?,
+            )),
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(Self::error_detail(response).await),
+        }
+    }
+
+    /// `POST {vma}/api/v1/jobs/{job_id}/start` with the job's parameters. The seam the next
+    /// issue wires into job creation; nothing calls it yet.
+    pub async fn start_job(
+        &self,
+        base_url: &str,
+        job_id: &str,
+        params: &serde_json::Value,
+    ) -> Result<(), VmaError> {
+        let url = format!(
+            "{}/api/v1/jobs/{job_id}/start",
+            base_url.trim_end_matches('/')
+        );
+        let mut request = self.http.post(url).json(params);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.map_err(|e| e.without_url())?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(Self::error_detail(response).await)
+        }
+    }
+}

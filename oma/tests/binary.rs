@@ -1,0 +1,106 @@
+//! The `oma` binary itself: starts on a fresh SQLite file, serves, and never writes a token
+//! to its log, even at debug level.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const TOKEN: &str = "binary-test-operator-token-42";
+const VMA_TOKEN: &str = "binary-test-vma-token-000042";
+
+#[tokio::test]
+async fn the_server_starts_migrates_serves_and_keeps_tokens_out_of_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("fresh.db");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_oma"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--poll-interval-secs",
+            "0.1",
+        ])
+        .arg("--database")
+        .arg(&db)
+        .env("OMA_OPERATOR_TOKEN", TOKEN)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start oma");
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let addr = loop {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("oma logged its address");
+        log.push(line.clone());
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if value["fields"]["message"] == "oma listening" {
+            break value["fields"]["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    assert!(db.exists(), "the database file is created at start");
+    let http = reqwest::Client::new();
+    let base = format!("http://{addr}");
+    assert_eq!(
+        http.get(format!("{base}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let resp = http
+        .put(format!("{base}/api/v1/vmas/vma-1"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"base_url": "http://127.0.0.1:9", "token": VMA_TOKEN}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = serde_json::json!({"vm_context_id": "c", "vm_name": "v", "vma_id": "vma-1"});
+    let resp = http
+        .post(format!("{base}/api/v1/jobs"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let wrong = http
+        .get(format!("{base}/api/v1/jobs"))
+        .bearer_auth(VMA_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 403);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_gracefully(&mut child);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    while let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(200)) {
+        log.push(line);
+    }
+    let all = format!("{}\n{stderr}", log.join("\n"));
+    assert!(all.contains("job created"), "the log shows the work: {all}");
+    for secret in [TOKEN, VMA_TOKEN] {
+        assert!(!all.contains(secret), "a token reached the log");
+    }
+}
+
+/// Stops the server with SIGTERM (its graceful path) and waits for it.
+fn stop_gracefully(child: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+}

@@ -1,0 +1,145 @@
+//! Shared test support: real databases (SQLite file, PostgreSQL when configured), a stand-in
+//! VMA that follows the watchdog's contract on 127.0.0.1:0, and a running OMA.
+#![allow(dead_code)]
+
+pub mod vma;
+
+use oma::auth::hash_token;
+use oma::poller::PollerConfig;
+use oma::recovery::RecoveryConfig;
+use oma::server::{RunningServer, Settings};
+use oma::store::Store;
+use sqlx::Connection;
+use std::time::Duration;
+
+/// Operator token used by every test server.
+pub const OPERATOR: &str = "operator-token-for-tests-0001";
+/// Watchdog token of VMA `vma-1`.
+pub const VMA1_TOKEN: &str = "vma-1-token-for-tests-000001";
+/// Watchdog token of VMA `vma-2`.
+pub const VMA2_TOKEN: &str = "vma-2-token-for-tests-000002";
+
+/// A database for one test: a SQLite file in a temporary directory, or a fresh PostgreSQL
+/// database on the server named by `OMA_TEST_POSTGRES_URL`.
+#[derive(Debug)]
+pub struct TestDb {
+    pub backend: &'static str,
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// The databases every backend-agnostic test runs on: SQLite always, PostgreSQL when
+/// `OMA_TEST_POSTGRES_URL` is set. Without it the PostgreSQL run is skipped with a notice,
+/// unless `OMA_REQUIRE_POSTGRES=1`, which makes the skip a failure (CI).
+pub async fn test_dbs() -> Vec<TestDb> {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut dbs = vec![TestDb {
+        backend: "sqlite",
+        url: dir.path().join("oma.db").display().to_string(),
+        _dir: Some(dir),
+    }];
+    match std::env::var("OMA_TEST_POSTGRES_URL") {
+        Ok(admin) if !admin.is_empty() => dbs.push(fresh_postgres(&admin).await),
+        _ => {
+            assert!(
+                std::env::var("OMA_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "OMA_REQUIRE_POSTGRES=1 but OMA_TEST_POSTGRES_URL is not set; start one with \
+                 oma/scripts/start-test-postgres.sh"
+            );
+            // Written to stderr directly, past the test harness's capture, so CI logs show it.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP postgres: OMA_TEST_POSTGRES_URL not set"
+            );
+        }
+    }
+    dbs
+}
+
+async fn fresh_postgres(admin: &str) -> TestDb {
+    let name = format!("oma_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(admin)
+        .await
+        .expect("connect to OMA_TEST_POSTGRES_URL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(admin);
+    TestDb {
+        backend: "postgres",
+        url: format!("{base}/{name}"),
+        _dir: None,
+    }
+}
+
+/// Opens the store and registers `vma-1` (and `vma-2`) at the given base URLs.
+pub async fn store_with_vmas(db: &TestDb, vma1: &str, vma2: &str) -> Store {
+    let store = Store::connect(&db.url).await.expect("open store");
+    store
+        .upsert_vma("vma-1", vma1, &hash_token(VMA1_TOKEN))
+        .await
+        .unwrap();
+    store
+        .upsert_vma("vma-2", vma2, &hash_token(VMA2_TOKEN))
+        .await
+        .unwrap();
+    store
+}
+
+/// Settings for a test server: fast poller, recovery interval long enough not to interfere.
+pub fn settings(db: &TestDb) -> Settings {
+    Settings {
+        database: db.url.clone(),
+        operator_tokens: vec![OPERATOR.into()],
+        vma_api_token: None,
+        vma_timeout: Duration::from_secs(2),
+        recovery: RecoveryConfig {
+            interval: Duration::from_secs(3600),
+            stale_threshold: Duration::from_secs(1800),
+            concurrency: 8,
+        },
+        poller: PollerConfig {
+            interval: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(400),
+            per_vma_concurrency: 2,
+            stall_threshold: Duration::from_secs(3600),
+        },
+    }
+}
+
+/// Starts an OMA on 127.0.0.1:0.
+pub async fn start_server(settings: Settings) -> RunningServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    oma::server::start(settings, listener)
+        .await
+        .expect("start oma")
+}
+
+/// A base URL on which nothing listens.
+pub async fn dead_url() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{addr}")
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `secs`.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,165 @@
+//! A minimal stand-in for a VMA's watchdog API, following the contract in `api/`:
+//! `GET /api/v1/jobs/{id}` (200 running/exited, 404 `unknown_job`) and
+//! `GET /api/v1/progress/{id}` (200 StoredProgress, 404 when none).
+
+use api::{
+    Detector, ErrorBody, ExitStatus, FoundBy, JobProcessState, ProcessIdentity, ProgressUpdate,
+    StoredProgress, VmaJobStatus,
+};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::Utc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// What the stand-in says about a job.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Running(ProcessIdentity),
+    Exited(ProcessIdentity, ExitStatus),
+    /// HTTP 500.
+    Broken,
+}
+
+#[derive(Debug)]
+pub struct Inner {
+    pub jobs: HashMap<String, Answer>,
+    pub progress: HashMap<String, StoredProgress>,
+    pub progress_broken: bool,
+    pub progress_calls: HashMap<String, u64>,
+    pub delay_ms: u64,
+    /// Fixed "since"/"exited_at" time, so repeated answers are identical.
+    pub epoch: chrono::DateTime<Utc>,
+}
+
+/// A running stand-in VMA.
+#[derive(Debug, Clone)]
+pub struct StandInVma {
+    pub url: String,
+    pub inner: Arc<Mutex<Inner>>,
+}
+
+impl StandInVma {
+    pub async fn start() -> Self {
+        let inner = Arc::new(Mutex::new(Inner {
+            jobs: HashMap::new(),
+            progress: HashMap::new(),
+            progress_broken: false,
+            progress_calls: HashMap::new(),
+            delay_ms: 0,
+            epoch: Utc::now(),
+        }));
+        let router = Router::new()
+            .route("/api/v1/jobs/{id}", get(job))
+            .route("/api/v1/progress/{id}", get(progress))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        Self { url, inner }
+    }
+
+    pub fn set(&self, job: &str, answer: Answer) {
+        self.inner.lock().unwrap().jobs.insert(job.into(), answer);
+    }
+
+    pub fn set_progress(
+        &self,
+        job: &str,
+        sequence: u64,
+        bytes: u64,
+        status: Option<api::ProgressStatus>,
+    ) {
+        let update = ProgressUpdate {
+            stage: "Transfer".into(),
+            status,
+            bytes_transferred: bytes,
+            total_bytes: Some(1000),
+            throughput_bps: 10,
+            percent: None,
+            disk_id: Some("disk-2000".into()),
+            sync_type: Some(api::SyncType::Full),
+            error_message: status
+                .filter(|s| *s == api::ProgressStatus::Failed)
+                .map(|_| "disk read error".into()),
+        };
+        let stored = StoredProgress {
+            job_id: job.into(),
+            update,
+            received_at: Utc::now(),
+            sequence,
+        };
+        self.inner
+            .lock()
+            .unwrap()
+            .progress
+            .insert(job.into(), stored);
+    }
+
+    pub fn progress_calls(&self, job: &str) -> u64 {
+        self.inner
+            .lock()
+            .unwrap()
+            .progress_calls
+            .get(job)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+pub fn pid(pid: u32, start_time: u64) -> ProcessIdentity {
+    ProcessIdentity { pid, start_time }
+}
+
+async fn job(State(inner): State<Arc<Mutex<Inner>>>, Path(id): Path<String>) -> Response {
+    let (answer, delay, epoch) = {
+        let inner = inner.lock().unwrap();
+        (inner.jobs.get(&id).cloned(), inner.delay_ms, inner.epoch)
+    };
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
+    let state = match answer {
+        None => {
+            let body = ErrorBody {
+                error: "unknown_job".into(),
+                message: format!("no job {id}"),
+            };
+            return (StatusCode::NOT_FOUND, Json(body)).into_response();
+        }
+        Some(Answer::Broken) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        Some(Answer::Running(process)) => JobProcessState::Running {
+            process,
+            since: epoch,
+            found_by: FoundBy::Started,
+        },
+        Some(Answer::Exited(process, exit)) => JobProcessState::Exited {
+            process,
+            exit,
+            exited_at: epoch,
+            detector: Detector::Ebpf,
+        },
+    };
+    Json(VmaJobStatus { job_id: id, state }).into_response()
+}
+
+async fn progress(State(inner): State<Arc<Mutex<Inner>>>, Path(id): Path<String>) -> Response {
+    let mut inner = inner.lock().unwrap();
+    *inner.progress_calls.entry(id.clone()).or_default() += 1;
+    if inner.progress_broken {
+        return StatusCode::BAD_GATEWAY.into_response();
+    }
+    match inner.progress.get(&id) {
+        Some(p) => Json(p.clone()).into_response(),
+        None => {
+            let body = ErrorBody {
+                error: "unknown_job".into(),
+                message: format!("no progress for {id}"),
+            };
+            (StatusCode::NOT_FOUND, Json(body)).into_response()
+        }
+    }
+}

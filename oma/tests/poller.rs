@@ -1,0 +1,223 @@
+//! The progress poller against a stand-in VMA: progress recorded, stall flagged and cleared,
+//! errors backed off but never given up, and polling resumed after the server restarts.
+
+mod common;
+
+use api::ProgressStatus;
+use common::vma::{Answer, StandInVma, pid};
+use common::{VMA1_TOKEN, eventually, settings, start_server, test_dbs};
+use oma::auth::hash_token;
+use oma::model::{FailureClass, JobStatus};
+use oma::store::{NewJob, Store};
+use std::time::Duration;
+
+async fn create(store: &Store, id: &str) {
+    create_on(store, id, "vma-1").await;
+}
+
+async fn create_on(store: &Store, id: &str, vma: &str) {
+    let new = NewJob {
+        id: Some(id.into()),
+        vm_context_id: format!("ctx-{id}"),
+        vm_name: Some("vm".into()),
+        vma_id: vma.into(),
+        sync_type: None,
+    };
+    store.create_job(&new).await.unwrap();
+}
+
+async fn bytes(store: &Store, id: &str, want: i64) -> Option<()> {
+    (store.get_job(id).await.unwrap().job.bytes_transferred == want).then_some(())
+}
+
+#[tokio::test]
+async fn progress_is_recorded_and_stalls_are_flagged_not_failed() {
+    for db in test_dbs().await {
+        let vma = StandInVma::start().await;
+        let mut s = settings(&db);
+        s.poller.stall_threshold = Duration::from_millis(300);
+        let server = start_server(s).await;
+        let store = server.state.store.clone();
+        store
+            .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
+            .await
+            .unwrap();
+        for id in ["live", "failing"] {
+            vma.set(id, Answer::Running(pid(10, 10)));
+            create(&store, id).await;
+        }
+        vma.set_progress("live", 1, 100, None);
+        eventually(10, "first progress", || bytes(&store, "live", 100)).await;
+        let job = store.get_job("live").await.unwrap().job;
+        assert_eq!(job.status, JobStatus::Replicating, "{}", db.backend);
+        assert!(job.last_progress_at.is_some() && job.progress_percent > 9.9);
+        // Updates keep coming but bytes do not move: flagged, still replicating.
+        for seq in 2..6 {
+            vma.set_progress("live", seq, 100, None);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eventually(10, "stall flag", || async {
+            store
+                .get_job("live")
+                .await
+                .unwrap()
+                .job
+                .stalled_since
+                .map(|_| ())
+        })
+        .await;
+        let job = store.get_job("live").await.unwrap().job;
+        assert_eq!(
+            (job.status, job.failure_class),
+            (JobStatus::Replicating, None)
+        );
+        // Bytes move again: the flag clears; both changes are in the audit trail.
+        vma.set_progress("live", 7, 200, None);
+        eventually(10, "stall cleared", || async {
+            store
+                .get_job("live")
+                .await
+                .unwrap()
+                .job
+                .stalled_since
+                .is_none()
+                .then_some(())
+        })
+        .await;
+        let actions: Vec<_> = store
+            .audit("live")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.action)
+            .collect();
+        assert!(
+            actions.contains(&"stalled".into()) && actions.contains(&"unstalled".into()),
+            "{actions:?}"
+        );
+        // migratekit's own "failed" is evidence: failed vma_reported_failure.
+        vma.set_progress("failing", 1, 5, Some(ProgressStatus::Failed));
+        eventually(10, "reported failure", || async {
+            let job = store.get_job("failing").await.unwrap().job;
+            (job.status == JobStatus::Failed).then_some(job)
+        })
+        .await;
+        let job = store.get_job("failing").await.unwrap().job;
+        assert_eq!(job.failure_class, Some(FailureClass::VmaReportedFailure));
+        assert!(job.error_message.unwrap().contains("disk read error"));
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn errors_back_off_but_polling_never_stops() {
+    let db = test_dbs().await.remove(0);
+    let vma = StandInVma::start().await;
+    let server = start_server(settings(&db)).await;
+    let store = server.state.store.clone();
+    store
+        .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
+        .await
+        .unwrap();
+    vma.set("flaky", Answer::Running(pid(1, 1)));
+    create(&store, "flaky").await;
+    vma.inner.lock().unwrap().progress_broken = true;
+    // Interval 50 ms, cap 400 ms: over 2 s a healthy poller would call ~40 times; backing
+    // off it calls fewer times, but it keeps calling.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let calls = vma.progress_calls("flaky");
+    assert!(calls >= 3, "the poller gave up after {calls} calls");
+    assert!(calls < 30, "no backoff: {calls} calls in 2 s");
+    let health = server.state.poller.health();
+    assert!(
+        health.polls_failed >= 3 && health.jobs_backing_off == 1,
+        "{health:?}"
+    );
+    vma.inner.lock().unwrap().progress_broken = false;
+    vma.set_progress("flaky", 1, 42, None);
+    eventually(10, "progress after errors", || bytes(&store, "flaky", 42)).await;
+    eventually(10, "backoff cleared", || async {
+        (server.state.poller.health().jobs_backing_off == 0).then_some(())
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn polling_resumes_after_the_server_restarts() {
+    for db in test_dbs().await {
+        let vma = StandInVma::start().await;
+        let server = start_server(settings(&db)).await;
+        let store = server.state.store.clone();
+        store
+            .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
+            .await
+            .unwrap();
+        vma.set("long", Answer::Running(pid(77, 7700)));
+        create(&store, "long").await;
+        vma.set_progress("long", 1, 100, None);
+        eventually(10, "progress before restart", || bytes(&store, "long", 100)).await;
+        server.shutdown().await;
+
+        // Progress moves while the OMA is down; a new server on the same database picks the
+        // job up from the database: startup recovery keeps it (the VMA says it runs) and the
+        // poller records the new progress.
+        vma.set_progress("long", 2, 600, None);
+        let server = start_server(settings(&db)).await;
+        let store = server.state.store.clone();
+        eventually(10, "progress after restart", || bytes(&store, "long", 600)).await;
+        let job = store.get_job("long").await.unwrap().job;
+        assert_eq!(job.status, JobStatus::Replicating, "{}", db.backend);
+        assert_eq!((job.pid, job.process_start_time), (Some(77), Some(7700)));
+        let runs = store.recent_runs(5).await.unwrap();
+        assert!(
+            runs.iter().any(|r| r.trigger == "startup" && r.kept == 1),
+            "{runs:?}"
+        );
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_hanging_vma_does_not_delay_another_vmas_jobs() {
+    let db = test_dbs().await.remove(0);
+    let vma = StandInVma::start().await;
+    // Accepts connections and never answers: every poll of its jobs waits for the timeout.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang_url = format!("http://{}", hang.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hang.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut s = settings(&db);
+    s.vma_timeout = Duration::from_secs(20);
+    let server = start_server(s).await;
+    let store = server.state.store.clone();
+    store
+        .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
+        .await
+        .unwrap();
+    store
+        .upsert_vma("vma-2", &hang_url, &hash_token(common::VMA2_TOKEN))
+        .await
+        .unwrap();
+    for i in 0..8 {
+        create_on(&store, &format!("hung-{i}"), "vma-2").await;
+    }
+    vma.set("healthy", Answer::Running(pid(3, 3)));
+    create(&store, "healthy").await;
+    vma.set_progress("healthy", 1, 10, None);
+    eventually(5, "first progress", || bytes(&store, "healthy", 10)).await;
+    // The hung VMA's polls are all still waiting for their timeout; the healthy job's next
+    // progress must still arrive well within it.
+    let start = tokio::time::Instant::now();
+    vma.set_progress("healthy", 2, 20, None);
+    eventually(5, "second progress", || bytes(&store, "healthy", 20)).await;
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "the healthy VMA waited for the hung one"
+    );
+    server.shutdown().await;
+}
