@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod build_ebpf;
 mod paths;
+mod postgres;
 mod setup;
 mod test;
 

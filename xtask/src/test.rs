@@ -1,14 +1,15 @@
 //! `cargo xtask test`: the README's test command, and what CI runs (`.ci/run`).
 //!
 //! It first installs and starts what the tests need, so that a fresh machine needs nothing
-//! else: the eBPF toolchain and tracefs (`setup`), the eBPF object (`build-ebpf`).
+//! else: the eBPF toolchain and tracefs (`setup`), the eBPF object (`build-ebpf`), and a
+//! PostgreSQL server for the OMA's store tests.
 
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::{build_ebpf, paths, setup};
+use crate::{build_ebpf, paths, postgres, setup};
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
@@ -27,9 +28,27 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     setup::run().context("setting up the toolchain for the tests")?;
     build_ebpf::run().context("building the eBPF object the watchdog embeds")?;
+    // The OMA's store tests run on SQLite and on PostgreSQL; in CI a skipped PostgreSQL run
+    // is a failure, so the server must start. Elsewhere, say so and go on with SQLite only.
+    let postgres_url = match postgres::start_test_server() {
+        Ok(url) => Some(url),
+        Err(err) if args.ci => {
+            return Err(err.context("CI needs PostgreSQL for the OMA's store tests"));
+        }
+        Err(err) => {
+            eprintln!("test: SKIP PostgreSQL store tests: {err:#}");
+            None
+        }
+    };
     let cargo = || {
         let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
         cmd.current_dir(paths::workspace_root());
+        if let Some(url) = &postgres_url {
+            cmd.env("OMA_TEST_POSTGRES_URL", url);
+        }
+        if args.ci {
+            cmd.env("OMA_REQUIRE_POSTGRES", "1");
+        }
         cmd
     };
     setup::status(cargo().args(["fmt", "--all", "--check"]))
