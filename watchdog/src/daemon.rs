@@ -136,15 +136,53 @@ impl Tracker {
 
     /// Registers and watches a process of `job_id` (one the watchdog started, or one adopted
     /// through the track endpoint). Call it before the process can die unseen: for a child,
-    /// before reaping it. Returns `false` when it was already registered.
+    /// before reaping it (a zombie child is still tracked, and its exit status read). Returns
+    /// `false` when it was already registered. The process's name is not checked here: the
+    /// caller decides what it is willing to track.
     pub async fn track(
         &self,
         process: ProcessIdentity,
         job_id: &str,
         found_by: FoundBy,
-    ) -> Result<bool, RegistryError> {
-        self.0.register(process, job_id, found_by).await
+    ) -> Result<bool, TrackError> {
+        let stat = procfs::read_stat(process.pid).map_err(|source| TrackError::Proc {
+            pid: process.pid,
+            source,
+        })?;
+        if stat.is_none_or(|s| s.start_time != process.start_time) {
+            return Err(TrackError::NotRunning {
+                pid: process.pid,
+                start_time: process.start_time,
+            });
+        }
+        Ok(self.0.register(process, job_id, found_by).await?)
     }
+}
+
+/// Why a process could not be tracked.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    /// No process with this pid and start time exists (any more).
+    #[error(
+        "no process {pid} with start time {start_time} is running; check the pid and read its start time from field 22 of /proc/<pid>/stat"
+    )]
+    NotRunning {
+        /// The pid asked for.
+        pid: u32,
+        /// The start time asked for.
+        start_time: u64,
+    },
+    /// `/proc/<pid>/stat` could not be read.
+    #[error("cannot read /proc/{pid}/stat: {source}")]
+    Proc {
+        /// The pid asked for.
+        pid: u32,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The registry could not record it.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 impl Core {

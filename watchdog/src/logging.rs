@@ -149,3 +149,91 @@ impl Visit for JsonVisitor<'_> {
             .insert(field.name().into(), format!("{value:?}").into());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lines_of(f: impl FnOnce()) -> Vec<Value> {
+        let buf = Buffer::default();
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .event_format(JsonLines)
+            .with_writer(move || sink.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_death_line_has_every_key_with_null_for_the_unknown() {
+        let p = ProcessIdentity {
+            pid: 42,
+            start_time: 4200,
+        };
+        let segv = ExitStatus::from_wait_status(0x80 | 11, false);
+        let lines = lines_of(|| {
+            death(
+                "process_exited",
+                Some("job-1"),
+                p,
+                Some(&segv),
+                Detector::Procfs,
+                None,
+            );
+            death(
+                "died_while_unwatched",
+                Some("job-2"),
+                p,
+                None,
+                Detector::Registry,
+                None,
+            );
+        });
+        let known = &lines[0];
+        assert_eq!(known["event"], "process_exited");
+        assert_eq!(known["job_id"], "job-1");
+        assert_eq!(
+            (known["pid"].as_u64(), known["start_time"].as_u64()),
+            (Some(42), Some(4200))
+        );
+        assert_eq!(known["exit_code"], Value::Null);
+        assert_eq!(
+            (known["signal"].as_i64(), known["core_dumped"].as_bool()),
+            (Some(11), Some(true))
+        );
+        assert_eq!(known["detector"], "procfs");
+        assert_eq!(known["level"], "INFO");
+        let unknown = &lines[1];
+        for key in [
+            "exit_code",
+            "signal",
+            "core_dumped",
+            "oom_killed",
+            "event_id",
+        ] {
+            assert!(
+                unknown.get(key).is_some_and(Value::is_null),
+                "{key} in {unknown}"
+            );
+        }
+        assert_eq!(unknown["detector"], "registry");
+    }
+}

@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 
 /// File name of the registry inside the state directory.
 pub const FILE_NAME: &str = "registry.json";
+/// How many jobs' last exits are kept; the oldest are forgotten beyond that, so the file
+/// stays small on a VMA that runs jobs for years. The OMA has long recorded those deaths.
+pub const MAX_LAST_EXITS: usize = 10_000;
 const FORMAT_VERSION: u32 = 1;
 
 /// What failed while loading or saving the registry.
@@ -212,7 +215,9 @@ impl Registry {
             detector,
         };
         let previous = state.last_exits.insert(entry.job_id.clone(), last);
+        let pruned = prune(&mut state.last_exits);
         if let Err(e) = self.save(&state) {
+            state.last_exits.extend(pruned);
             // Put everything back so memory never claims what the disk does not hold.
             match previous {
                 Some(p) => state.last_exits.insert(entry.job_id.clone(), p),
@@ -276,6 +281,23 @@ impl Registry {
             source,
         })
     }
+}
+
+/// Removes the oldest last exits beyond [`MAX_LAST_EXITS`] and returns them.
+fn prune(exits: &mut BTreeMap<String, LastExit>) -> Vec<(String, LastExit)> {
+    if exits.len() <= MAX_LAST_EXITS {
+        return Vec::new();
+    }
+    let mut by_age: Vec<(&String, DateTime<Utc>)> =
+        exits.iter().map(|(k, v)| (k, v.exited_at)).collect();
+    by_age.sort_by_key(|(_, at)| *at);
+    let old: Vec<String> = by_age[..exits.len() - MAX_LAST_EXITS]
+        .iter()
+        .map(|(k, _)| (*k).clone())
+        .collect();
+    old.into_iter()
+        .filter_map(|k| exits.remove_entry(&k))
+        .collect()
 }
 
 fn status_of(state: &State, job_id: &str) -> Option<VmaJobStatus> {

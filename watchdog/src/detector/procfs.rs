@@ -306,3 +306,6 @@ async fn scan_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -155,3 +155,23 @@ fn a_corrupt_or_newer_registry_is_refused_with_advice() {
         "{err}"
     );
 }
+
+#[test]
+fn only_the_newest_last_exits_are_kept() {
+    let mut exits = BTreeMap::new();
+    let t0 = DateTime::from_timestamp(1_000_000, 0).unwrap();
+    for i in 0..MAX_LAST_EXITS + 3 {
+        let last = LastExit {
+            process: p(i as u32, 1),
+            exit: ExitStatus::default(),
+            exited_at: t0 + chrono::Duration::seconds(i as i64),
+            detector: Detector::Procfs,
+        };
+        exits.insert(format!("job-{i:05}"), last);
+    }
+    let pruned = prune(&mut exits);
+    let names: Vec<&str> = pruned.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, ["job-00000", "job-00001", "job-00002"]);
+    assert_eq!(exits.len(), MAX_LAST_EXITS);
+    assert!(prune(&mut exits).is_empty());
+}

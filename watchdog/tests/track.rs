@@ -1,0 +1,119 @@
+//! Privileged: the daemon as a library, as the REST API will use it: a process the watchdog
+//! started is tracked before it can die unseen, its status is queryable, and its exact exit
+//! status is read from the kernel (`waitid` on the pidfd: the test process is its parent).
+//!
+//! Run: `cargo test -p vma-watchdog --test track` as root.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use api::{FoundBy, JobProcessState, ProcessIdentity};
+use clap::Parser;
+use common::*;
+use vma_watchdog::config::{Cli, Config};
+use vma_watchdog::daemon::{Daemon, TrackError};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_process_is_tracked_queried_and_its_exit_read() {
+    if !privileged("a_started_process_is_tracked_queried_and_its_exit_read") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // A name nothing has, so only `track` can make the daemon watch the stand-in.
+    let args = [
+        "--detector",
+        "procfs",
+        "--match-name",
+        "no-such-proc",
+        "--state-dir",
+    ];
+    let cli = Cli::try_parse_from(
+        ["vma-watchdog"]
+            .iter()
+            .chain(&args)
+            .copied()
+            .chain([state.to_str().unwrap()]),
+    );
+    let daemon = Daemon::start(Config::load(cli.unwrap()).unwrap())
+        .await
+        .unwrap();
+    let tracker = daemon.tracker();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(daemon.run(async {
+        let _ = stopped.await;
+    }));
+
+    let secret = secret();
+    let mut s = Standin::start(
+        dir.path(),
+        "job-tracked",
+        &secret,
+        &["--standin-exit-code", "7"],
+    );
+    let me = ProcessIdentity {
+        pid: s.pid,
+        start_time: s.start_time(),
+    };
+    assert!(
+        tracker
+            .track(me, "job-tracked", FoundBy::Started)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !tracker
+            .track(me, "job-tracked", FoundBy::Started)
+            .await
+            .unwrap(),
+        "idempotent"
+    );
+    let bogus = ProcessIdentity {
+        pid: s.pid,
+        start_time: me.start_time + 1,
+    };
+    let err = tracker
+        .track(bogus, "job-x", FoundBy::Tracked)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TrackError::NotRunning { .. }), "{err}");
+
+    let registry = tracker.registry();
+    match registry.job_status("job-tracked").map(|j| j.state) {
+        Some(JobProcessState::Running {
+            process, found_by, ..
+        }) => {
+            assert_eq!((process, found_by), (me, FoundBy::Started));
+        }
+        other => panic!("job-tracked should be running, is {other:?}"),
+    }
+    assert!(registry.job_status("job-x").is_none());
+
+    s.trigger();
+    let deadline = Instant::now() + TIMEOUT;
+    let exit = loop {
+        if let Some(JobProcessState::Exited { process, exit, .. }) =
+            registry.job_status("job-tracked").map(|j| j.state)
+        {
+            assert_eq!(process, me);
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exit recorded within {TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        (exit.code, exit.signal, exit.core_dumped),
+        (Some(7), None, false)
+    );
+    // The watchdog peeked at its child's status without reaping it: the owner still can.
+    assert_eq!(s.reap().code(), Some(7));
+    let journal = journal_for(&state, me.pid);
+    assert_eq!(journal.len(), 2, "started and exited: {journal:?}");
+    stop.send(()).unwrap();
+    running.await.unwrap();
+    assert_secret_absent(&secret, &state, &[]);
+}
