@@ -2,7 +2,7 @@ use super::*;
 use std::process::Command;
 
 fn zombie_child(script: &str) -> std::process::Child {
-    let child = Command::new("sh").args(["-c", script]).spawn().unwrap();
+    let mut child = Command::new("sh").args(["-c", script]).spawn().unwrap();
     let pid = child.id();
     // Wait until it has exited (a zombie: we have not reaped it).
     for _ in 0..500 {
@@ -14,6 +14,8 @@ fn zombie_child(script: &str) -> std::process::Child {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("child {pid} did not exit");
 }
 
