@@ -189,8 +189,8 @@ impl Core {
     async fn reconcile(&self, found: Vec<FoundProcess>) {
         for entry in self.registry.running() {
             let p = entry.process;
-            let alive =
-                matches!(procfs::read_stat(p.pid), Ok(Some(s)) if s.start_time == p.start_time);
+            let alive = matches!(procfs::read_stat(p.pid),
+                Ok(Some(s)) if s.start_time == p.start_time && !s.is_dead());
             if alive && self.watch(p).await {
                 tracing::info!(event = "process_adopted", job_id = %entry.job_id, pid = p.pid,
                     start_time = p.start_time, "adopted a process that was running before this start");
@@ -280,6 +280,19 @@ impl Core {
     /// unless the eBPF detector, attached before, will report it with its status. Returns
     /// whether it is being watched.
     async fn watch(&self, p: ProcessIdentity) -> bool {
+        // A process that is already dead (a zombie not yet reaped) would never produce an exit
+        // event for a tracepoint: report it now, with the status its zombie still holds.
+        if let Ok(Some(s)) = procfs::read_stat(p.pid)
+            && s.start_time == p.start_time
+            && s.is_dead()
+        {
+            let exit = s
+                .exit_code
+                .map(|raw| ExitStatus::from_wait_status(raw, false));
+            let kind = self.detector.kind();
+            self.report_death(p, exit.unwrap_or_default(), kind).await;
+            return false;
+        }
         match self.detector.watch(p) {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound || procfs::gone(&e) => {

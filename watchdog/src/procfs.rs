@@ -68,6 +68,11 @@ impl Stat {
         matches!(self.state, 'Z' | 'X')
     }
 
+    /// True when the whole process has exited and only its zombie waits to be reaped.
+    pub fn is_dead(&self) -> bool {
+        self.is_zombie() && !self.leader_exited_early()
+    }
+
     /// True when the leader thread has exited while other threads of its group still run.
     ///
     /// The zombie leader itself stays counted until it is reaped, so a plain zombie shows one
@@ -145,8 +150,6 @@ pub struct FoundProcess {
     pub comm: String,
     /// The job it runs, when its command line or environment says.
     pub job_id: Option<String>,
-    /// Its leader thread has exited while other threads run on.
-    pub leader_exited: bool,
 }
 
 /// Scans `/proc` for processes whose name is one of `names`.
@@ -166,12 +169,11 @@ pub fn scan(names: &[String]) -> io::Result<Vec<FoundProcess>> {
         let Ok(Some(stat)) = read_stat(pid) else {
             continue;
         };
-        if !comm_matches(&stat.comm, names) {
+        // A zombie is a death already happened, not a process to start watching.
+        if !comm_matches(&stat.comm, names) || stat.is_dead() {
             continue;
         }
-        let leader_exited = stat.leader_exited_early();
-        if let Some(mut p) = inspect(stat.identity(), stat.comm) {
-            p.leader_exited = leader_exited;
+        if let Some(p) = inspect(stat.identity(), stat.comm) {
             found.push(p);
         }
     }
@@ -180,15 +182,14 @@ pub fn scan(names: &[String]) -> io::Result<Vec<FoundProcess>> {
 }
 
 /// Reads the job id of `identity` and checks that the pid still belongs to it afterwards.
-/// `None` when the process is gone or its pid now belongs to another process.
+/// `None` when the process is gone (or a zombie) or its pid now belongs to another process.
 pub fn inspect(identity: ProcessIdentity, comm: String) -> Option<FoundProcess> {
     let job_id = read_job_id(identity.pid);
     match read_stat(identity.pid) {
-        Ok(Some(s)) if s.start_time == identity.start_time => Some(FoundProcess {
+        Ok(Some(s)) if s.start_time == identity.start_time && !s.is_dead() => Some(FoundProcess {
             identity,
             comm,
             job_id,
-            leader_exited: s.leader_exited_early(),
         }),
         _ => None,
     }

@@ -67,6 +67,8 @@ impl Case {
         let exit = ev.exit.expect("a death carries its exit status");
         assert_eq!(serde_json::json!(exit.code), line["exit_code"]);
         assert_eq!(serde_json::json!(exit.signal), line["signal"]);
+        // Stay a zombie for a few scans first: a dead process must not be found again.
+        std::thread::sleep(Duration::from_millis(500));
         s.reap();
         std::thread::sleep(Duration::from_millis(300));
         let deaths = self
@@ -156,8 +158,7 @@ fn thread_exit(detector: &str) {
 }
 
 /// The leader thread exits while the others run on: no death until the last thread ends,
-/// then exactly one. The procfs detector cannot know the group's exit code then (the zombie
-/// leader keeps its own), so it must say unknown rather than the leader's 0.
+/// then exactly one, with the group's exit code (not the leader thread's own 0).
 fn leader_exit(detector: &str) {
     let case = Case::start(detector);
     let mut s = case.standin(
@@ -176,13 +177,8 @@ fn leader_exit(detector: &str) {
         "false death: {early:?}"
     );
     s.trigger();
-    let ebpf = case.watchdog.detector == "ebpf";
     let line = case.death(s, "job-leader");
-    if ebpf {
-        assert_exit(&line, Some(5), None, Some(false));
-    } else {
-        assert_exit(&line, None, None, None);
-    }
+    assert_exit(&line, Some(5), None, Some(false));
 }
 
 macro_rules! both_detectors {

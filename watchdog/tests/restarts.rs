@@ -45,9 +45,13 @@ fn downtime(detector: &str) {
     let w = Watchdog::start(&state, detector);
     let dead = Standin::start(dir.path(), "job-down-dead", &secret, &[]);
     let live = Standin::start(dir.path(), "job-down-live", &secret, &[]);
-    w.wait_event("process_started", dead.pid);
-    w.wait_event("process_started", live.pid);
+    // Killed during the downtime too, but not reaped: a zombie is dead as well.
+    let zombie = Standin::start(dir.path(), "job-down-zombie", &secret, &[]);
+    for s in [&dead, &live, &zombie] {
+        w.wait_event("process_started", s.pid);
+    }
     let log1 = w.stop();
+    zombie.kill(libc::SIGKILL);
 
     let dead_pid = dead.pid;
     let dead_start = dead.start_time();
@@ -60,6 +64,9 @@ fn downtime(detector: &str) {
     assert_eq!(line["start_time"], dead_start);
     assert_eq!(line["detector"], "registry");
     assert_exit(&line, None, None, None);
+    let z = w.wait_event("died_while_unwatched", zombie.pid);
+    assert_eq!(z["job_id"], "job-down-zombie");
+    assert_exit(&z, None, None, None);
     let adopted = w.wait_event("process_adopted", live.pid);
     assert_eq!(adopted["job_id"], "job-down-live");
 

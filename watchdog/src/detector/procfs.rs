@@ -8,7 +8,7 @@
 //! Processes that start and die between two scans are not seen at all: that gap is what the
 //! eBPF detector closes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -42,9 +42,6 @@ pub enum ProcfsError {
 #[derive(Debug, Default)]
 struct Watched {
     tasks: HashMap<ProcessIdentity, JoinHandle<()>>,
-    /// Processes whose leader thread was seen exited while other threads ran: the leader's
-    /// exit code in `/proc` is then its own, not the group's, and must not be reported.
-    leader_gone: HashSet<ProcessIdentity>,
 }
 
 /// The procfs/pidfd detector. Dropping it stops its scans and watches.
@@ -99,9 +96,7 @@ impl Detector for ProcfsDetector {
     }
 
     fn unwatch(&self, process: ProcessIdentity) -> io::Result<()> {
-        let mut w = lock(&self.watched);
-        w.leader_gone.remove(&process);
-        if let Some(task) = w.tasks.remove(&process) {
+        if let Some(task) = lock(&self.watched).tasks.remove(&process) {
             task.abort();
         }
         Ok(())
@@ -135,11 +130,7 @@ fn watch(
     // The pidfd pins whatever process holds the pid now; make sure it is ours. A zombie is
     // still ours: its stat stays until it is reaped, and the pidfd reports it at once.
     match procfs::read_stat(process.pid)? {
-        Some(s) if s.start_time == process.start_time => {
-            if s.leader_exited_early() {
-                w.leader_gone.insert(process);
-            }
-        }
+        Some(s) if s.start_time == process.start_time => {}
         _ => {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -174,12 +165,8 @@ async fn wait_for_death(
     // Readable means the thread group is gone. An error here cannot happen for a pidfd; should
     // it, reporting the death with an unknown status is better than never reporting it.
     let _ = fd.readable().await;
-    let leader_gone = {
-        let mut w = lock(&watched);
-        w.tasks.remove(&process);
-        w.leader_gone.remove(&process)
-    };
-    let (exit, comm) = exit_status(fd.get_ref(), process, leader_gone);
+    lock(&watched).tasks.remove(&process);
+    let (exit, comm) = exit_status(fd.get_ref(), process);
     let _ = events
         .send(DetectorEvent::Exited {
             process,
@@ -191,7 +178,7 @@ async fn wait_for_death(
 }
 
 /// How a process whose pidfd became readable died, as far as the kernel can still tell.
-fn exit_status(fd: &OwnedFd, process: ProcessIdentity, leader_gone: bool) -> (ExitStatus, String) {
+fn exit_status(fd: &OwnedFd, process: ProcessIdentity) -> (ExitStatus, String) {
     let comm = procfs::read_stat(process.pid)
         .ok()
         .flatten()
@@ -201,10 +188,10 @@ fn exit_status(fd: &OwnedFd, process: ProcessIdentity, leader_gone: bool) -> (Ex
         return (exit, name);
     }
     match comm {
-        // A leader that exited before the rest of its group keeps its own exit code, not the
-        // group's, so field 52 is only trusted when the leader was not seen gone early. (A
-        // leader that exits and whose group dies within one scan interval is not caught.)
-        Some(s) if s.is_zombie() && !leader_gone => {
+        // Field 52 of a zombie is what wait() would return: the group's exit status when the
+        // group exited (exit_group, fatal signal), even when the leader thread had exited on
+        // its own before (checked on 6.18 by the leader-exit test).
+        Some(s) if s.is_zombie() => {
             let exit = s
                 .exit_code
                 .map(|raw| ExitStatus::from_wait_status(raw, false))
@@ -282,14 +269,8 @@ async fn scan_loop(
             Err(_) => continue,
         };
         for p in found {
-            {
-                let mut w = lock(&watched);
-                if w.tasks.contains_key(&p.identity) {
-                    if p.leader_exited {
-                        w.leader_gone.insert(p.identity);
-                    }
-                    continue;
-                }
+            if lock(&watched).tasks.contains_key(&p.identity) {
+                continue;
             }
             // Watch before reporting, so a death right after the report is not missed. A
             // process that died in between is simply not reported: it was never seen alive.

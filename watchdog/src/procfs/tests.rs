@@ -147,7 +147,6 @@ fn nothing_but_the_job_id_is_kept_from_a_secret_laden_command_line() {
         },
         comm: "migratekit".into(),
         job_id: job_id_from_cmdline(&c),
-        leader_exited: false,
     };
     assert!(!format!("{found:?}").contains(secret));
     let secret_buf = Secret(c);
