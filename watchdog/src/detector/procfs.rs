@@ -191,7 +191,9 @@ fn exit_status(fd: &OwnedFd, process: ProcessIdentity) -> (ExitStatus, String) {
         // Field 52 of a zombie is what wait() would return: the group's exit status when the
         // group exited (exit_group, fatal signal), even when the leader thread had exited on
         // its own before (checked on 6.18 by the leader-exit test).
-        Some(s) if s.is_zombie() => {
+        // The kernel shows 0 there to a reader without ptrace-read access: that 0 would be a
+        // false success, so the field is used only where it is readable.
+        Some(s) if s.is_zombie() && may_read_exit_code(process.pid) => {
             let exit = s
                 .exit_code
                 .map(|raw| ExitStatus::from_wait_status(raw, false))
@@ -201,6 +203,15 @@ fn exit_status(fd: &OwnedFd, process: ProcessIdentity) -> (ExitStatus, String) {
         Some(s) => (ExitStatus::default(), s.comm),
         None => (ExitStatus::default(), String::new()),
     }
+}
+
+/// Whether `/proc/<pid>/stat` field 52 shows us the real exit code: root, or the process's
+/// owner (`/proc/<pid>` belongs to root for a non-dumpable process, which we then cannot read).
+fn may_read_exit_code(pid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    me == 0 || std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == me)
 }
 
 /// `waitid(P_PIDFD, WEXITED | WNOHANG | WNOWAIT)`: the status of our own child without reaping
