@@ -170,8 +170,10 @@ impl Registry {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a running process of `job_id`. Returns `false` (and changes nothing) when the
-    /// process is already registered.
+    /// Records a running process of `job_id`. Returns `false` when the process was already
+    /// registered: that changes nothing, except that an explicit registration (`Started`,
+    /// `Tracked`) overrides what a scan or exec event recorded first (the detector often sees
+    /// a process the watchdog started before the starter gets to register it).
     pub fn register(
         &self,
         process: ProcessIdentity,
@@ -179,7 +181,17 @@ impl Registry {
         found_by: FoundBy,
     ) -> Result<bool, RegistryError> {
         let mut state = self.lock();
-        if state.processes.contains_key(&key(process)) {
+        if let Some(existing) = state.processes.get_mut(&key(process)) {
+            let explicit = |f: FoundBy| matches!(f, FoundBy::Started | FoundBy::Tracked);
+            if explicit(found_by) && !explicit(existing.found_by) {
+                let before = existing.clone();
+                existing.found_by = found_by;
+                existing.job_id = job_id.to_owned();
+                if let Err(e) = self.save(&state) {
+                    state.processes.insert(key(process), before);
+                    return Err(e);
+                }
+            }
             return Ok(false);
         }
         let entry = Entry {

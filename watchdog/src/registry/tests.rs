@@ -175,3 +175,26 @@ fn only_the_newest_last_exits_are_kept() {
     assert_eq!(exits.len(), MAX_LAST_EXITS);
     assert!(prune(&mut exits).is_empty());
 }
+
+#[test]
+fn an_explicit_registration_overrides_what_a_detector_found_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Registry::open(dir.path()).unwrap();
+    r.register(p(10, 100), "from-cmdline", FoundBy::Exec)
+        .unwrap();
+    assert!(
+        !r.register(p(10, 100), "from-api", FoundBy::Started)
+            .unwrap()
+    );
+    let e = Registry::open(dir.path()).unwrap().get(p(10, 100)).unwrap();
+    assert_eq!(
+        (e.job_id.as_str(), e.found_by),
+        ("from-api", FoundBy::Started)
+    );
+    // A later scan or exec event does not undo it.
+    assert!(
+        !r.register(p(10, 100), "from-cmdline", FoundBy::Scan)
+            .unwrap()
+    );
+    assert_eq!(r.get(p(10, 100)).unwrap().found_by, FoundBy::Started);
+}
