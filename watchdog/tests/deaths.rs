@@ -181,6 +181,43 @@ fn leader_exit(detector: &str) {
     assert_exit(&line, Some(5), None, Some(false));
 }
 
+/// A storm of exits of processes with other names reaches neither the log nor the journal.
+fn non_matching_storm(detector: &str) {
+    let case = Case::start(detector);
+    let mut pids = std::collections::HashSet::new();
+    for _ in 0..2000 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        pids.insert(child.id());
+        child.wait().unwrap();
+    }
+    // One real death afterwards, so the watchdog has demonstrably caught up.
+    let s = case.standin("job-after-storm", &[]);
+    s.kill(libc::SIGKILL);
+    let state = case.state();
+    let storm_lines: Vec<_> = {
+        case.watchdog.wait_event("process_exited", s.pid);
+        (case.watchdog.raw().lines())
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| {
+                v["pid"]
+                    .as_u64()
+                    .is_some_and(|p| pids.contains(&(p as u32)))
+            })
+            .collect()
+    };
+    assert!(
+        storm_lines.is_empty(),
+        "events about non-matching processes: {storm_lines:?}"
+    );
+    // Read the journal now: `death` ends the case and removes its directory.
+    let path = state.join(vma_watchdog::journal::FILE_NAME);
+    let events = vma_watchdog::journal::read_events(&path).unwrap();
+    assert!(events.iter().any(|e| e.process.pid == s.pid), "{events:?}");
+    assert!(events.iter().all(|e| !pids.contains(&e.process.pid)));
+    let line = case.death(s, "job-after-storm");
+    assert_exit(&line, None, Some(9), Some(false));
+}
+
 macro_rules! both_detectors {
     ($($case:ident),* $(,)?) => {
         mod procfs {
@@ -202,4 +239,12 @@ macro_rules! both_detectors {
     };
 }
 
-both_detectors!(sigkill, sigterm, exit3, segv, thread_exit, leader_exit);
+both_detectors!(
+    sigkill,
+    sigterm,
+    exit3,
+    segv,
+    thread_exit,
+    leader_exit,
+    non_matching_storm
+);
