@@ -5,7 +5,7 @@
 //! process that dies between the scan and the attach cannot exist; the registry from the last
 //! run is reconciled after both, so a death during the downtime is reported exactly once.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
@@ -20,8 +20,10 @@ use crate::procfs::{self, FoundProcess};
 use crate::registry::{Registry, RegistryError};
 
 mod start;
+mod tracker;
 
 pub use start::{DetectorStartError, shutdown_signal};
+pub use tracker::{TrackError, Tracker};
 
 /// What stops the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,7 @@ impl Daemon {
             journal,
             detector: started.detector,
             unjobbed: Mutex::new(HashSet::new()),
+            children: Mutex::new(HashMap::new()),
         }));
         let names = config.match_names.clone();
         let found = tokio::task::spawn_blocking(move || procfs::scan(&names))
@@ -110,10 +113,6 @@ impl Daemon {
     }
 }
 
-/// Shared handle on the daemon's state: the registry, the journal and the detector.
-#[derive(Debug, Clone)]
-pub struct Tracker(Arc<Core>);
-
 #[derive(Debug)]
 struct Core {
     registry: Arc<Registry>,
@@ -121,68 +120,8 @@ struct Core {
     detector: Arc<dyn Detector>,
     /// Matching processes that name no job: watched so their death is logged, not reported.
     unjobbed: Mutex<HashSet<ProcessIdentity>>,
-}
-
-impl Tracker {
-    /// The registry, for read-only queries (`job_status`, `jobs`).
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.0.registry
-    }
-
-    /// The journal (the outbox reads the file at `journal().path()`).
-    pub fn journal(&self) -> &Arc<Journal> {
-        &self.0.journal
-    }
-
-    /// Registers and watches a process of `job_id` (one the watchdog started, or one adopted
-    /// through the track endpoint). Call it before the process can die unseen: for a child,
-    /// before reaping it (a zombie child is still tracked, and its exit status read). Returns
-    /// `false` when it was already registered. The process's name is not checked here: the
-    /// caller decides what it is willing to track.
-    pub async fn track(
-        &self,
-        process: ProcessIdentity,
-        job_id: &str,
-        found_by: FoundBy,
-    ) -> Result<bool, TrackError> {
-        let stat = procfs::read_stat(process.pid).map_err(|source| TrackError::Proc {
-            pid: process.pid,
-            source,
-        })?;
-        if stat.is_none_or(|s| s.start_time != process.start_time) {
-            return Err(TrackError::NotRunning {
-                pid: process.pid,
-                start_time: process.start_time,
-            });
-        }
-        Ok(self.0.register(process, job_id, found_by).await?)
-    }
-}
-
-/// Why a process could not be tracked.
-#[derive(Debug, thiserror::Error)]
-pub enum TrackError {
-    /// No process with this pid and start time exists (any more).
-    #[error(
-        "no process {pid} with start time {start_time} is running; check the pid and read its start time from field 22 of /proc/<pid>/stat"
-    )]
-    NotRunning {
-        /// The pid asked for.
-        pid: u32,
-        /// The start time asked for.
-        start_time: u64,
-    },
-    /// `/proc/<pid>/stat` could not be read.
-    #[error("cannot read /proc/{pid}/stat: {source}")]
-    Proc {
-        /// The pid asked for.
-        pid: u32,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The registry could not record it.
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
+    /// Children handed over by [`Tracker::track_child`], reaped once their death is recorded.
+    children: Mutex<HashMap<ProcessIdentity, std::process::Child>>,
 }
 
 impl Core {
@@ -353,6 +292,21 @@ impl Core {
         );
         if let Err(e) = self.registry.record_exit(p, exit, detector) {
             tracing::error!(event = "registry_error", error = %e, pid = p.pid, "cannot record a death in the registry");
+        }
+        self.reap(p);
+    }
+
+    /// Reaps a child handed over by `track_child`, now that its death is recorded.
+    fn reap(&self, p: ProcessIdentity) {
+        let child = self
+            .children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&p);
+        if let Some(mut child) = child
+            && let Err(e) = child.wait()
+        {
+            tracing::warn!(event = "reap_error", error = %e, pid = p.pid, "cannot reap a child");
         }
     }
 }

@@ -171,7 +171,7 @@ impl Registry {
     }
 
     /// Records a running process of `job_id`. Returns `false` when the process was already
-    /// registered: that changes nothing, except that an explicit registration (`Started`,
+    /// registered, or has already died as this job's process: that changes nothing, except that an explicit registration (`Started`,
     /// `Tracked`) overrides what a scan or exec event recorded first (the detector often sees
     /// a process the watchdog started before the starter gets to register it).
     pub fn register(
@@ -192,6 +192,14 @@ impl Registry {
                     return Err(e);
                 }
             }
+            return Ok(false);
+        }
+        // Its death has been recorded already: registering it again would report it twice.
+        if state
+            .last_exits
+            .get(job_id)
+            .is_some_and(|x| x.process == process)
+        {
             return Ok(false);
         }
         let entry = Entry {

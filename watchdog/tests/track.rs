@@ -117,3 +117,102 @@ async fn a_started_process_is_tracked_queried_and_its_exit_read() {
     running.await.unwrap();
     assert_secret_absent(&secret, &state, &[]);
 }
+
+/// A child handed over with `track_child` is registered as started (even when the detector saw
+/// it first), its exact status is read, and the watchdog reaps it after recording the death.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_handed_over_is_reported_then_reaped() {
+    if !privileged("a_child_handed_over_is_reported_then_reaped") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let args = [
+        "vma-watchdog",
+        "--detector",
+        "procfs",
+        "--scan-interval-ms",
+        "50",
+        "--state-dir",
+    ];
+    let cli = Cli::try_parse_from(args.iter().copied().chain([state.to_str().unwrap()]));
+    let daemon = Daemon::start(Config::load(cli.unwrap()).unwrap())
+        .await
+        .unwrap();
+    let tracker = daemon.tracker();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(daemon.run(async {
+        let _ = stopped.await;
+    }));
+
+    let secret = secret();
+    let mut child = std::process::Command::new(standin_bin())
+        .args([
+            "migrate",
+            "--vmware-password",
+            &secret,
+            "--job-id",
+            "job-child",
+        ])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    let stdout = child.stdout.take().unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut ready).unwrap();
+    assert!(ready.starts_with("migratekit-standin ready"), "{ready:?}");
+    // Let the detector's scan find it first, as it often does in production.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = child.id();
+    let process = tracker
+        .track_child(child, "job-child")
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    assert_eq!(process.pid, pid);
+    let registry = tracker.registry();
+    match registry.job_status("job-child").map(|j| j.state) {
+        Some(JobProcessState::Running { found_by, .. }) => assert_eq!(found_by, FoundBy::Started),
+        other => panic!("job-child should be running, is {other:?}"),
+    }
+
+    signal(pid, libc::SIGKILL);
+    let deadline = Instant::now() + TIMEOUT;
+    let exit = loop {
+        if let Some(JobProcessState::Exited { exit, .. }) =
+            registry.job_status("job-child").map(|j| j.state)
+        {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exit recorded within {TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        (exit.code, exit.signal, exit.core_dumped),
+        (None, Some(9), false)
+    );
+    // Reaped by the watchdog: the pid no longer exists (not even as a zombie).
+    while vma_watchdog::procfs::read_stat(pid)
+        .unwrap()
+        .is_some_and(|s| s.start_time == process.start_time)
+    {
+        assert!(Instant::now() < deadline, "the child was not reaped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let kinds: Vec<_> = journal_for(&state, pid).iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            api::ProcessEventKind::ProcessStarted,
+            api::ProcessEventKind::ProcessExited
+        ]
+    );
+    stop.send(()).unwrap();
+    running.await.unwrap();
+    assert_secret_absent(&secret, &state, &[]);
+}

@@ -198,3 +198,14 @@ fn an_explicit_registration_overrides_what_a_detector_found_first() {
     );
     assert_eq!(r.get(p(10, 100)).unwrap().found_by, FoundBy::Started);
 }
+
+#[test]
+fn a_process_whose_death_is_recorded_is_not_registered_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Registry::open(dir.path()).unwrap();
+    r.register(p(10, 100), "job", FoundBy::Exec).unwrap();
+    r.record_exit(p(10, 100), ExitStatus::default(), Detector::Procfs)
+        .unwrap();
+    assert!(!r.register(p(10, 100), "job", FoundBy::Started).unwrap());
+    assert!(r.running().is_empty());
+}
