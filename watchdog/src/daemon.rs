@@ -265,7 +265,10 @@ impl Core {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&p);
-            if was_unjobbed || detector == DetectorKind::Ebpf {
+            // The tracepoint also reports deaths already recorded another way (a zombie found
+            // at `watch`): those are not news.
+            let known = self.registry.exit_of(p).is_some();
+            if was_unjobbed || (detector == DetectorKind::Ebpf && !known) {
                 death(name, None, p, Some(&exit), detector, None);
             }
             return;

@@ -254,6 +254,16 @@ impl Registry {
         self.lock().processes.get(&key(process)).cloned()
     }
 
+    /// The recorded end of this process, if it was the last process of its job to end.
+    pub fn exit_of(&self, process: ProcessIdentity) -> Option<LastExit> {
+        let state = self.lock();
+        state
+            .last_exits
+            .values()
+            .find(|x| x.process == process)
+            .cloned()
+    }
+
     /// Every process registered as running.
     pub fn running(&self) -> Vec<Entry> {
         self.lock().processes.values().cloned().collect()

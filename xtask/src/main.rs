@@ -1,1 +1,44 @@
-fn main() {}
+//! Project tasks: `cargo xtask <command>`. Each subcommand lives in its own module.
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod build_ebpf;
+mod paths;
+mod setup;
+mod test;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xtask",
+    about = "Project tasks for the VMA watchdog and the OMA"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what this machine lacks to build the eBPF programs (idempotent).
+    Setup,
+    /// Build the eBPF object that vma-watchdog embeds.
+    BuildEbpf,
+    /// Run a benchmark and print its figures.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+    /// The README's test command and what CI runs: set-up, eBPF build, formatting, lints, all tests.
+    Test(test::TestArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::run(),
+        Command::BuildEbpf => build_ebpf::run(),
+        Command::Bench { which } => bench::run(which),
+        Command::Test(args) => test::run(&args),
+    }
+}

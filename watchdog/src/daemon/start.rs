@@ -7,22 +7,16 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, DetectorChoice};
+use crate::detector::ebpf::{EbpfDetector, EbpfError};
 use crate::detector::procfs::{ProcfsDetector, ProcfsError};
 use crate::detector::{Detector, DetectorEvent};
 
 /// No detector could be started.
 #[derive(Debug, thiserror::Error)]
 pub enum DetectorStartError {
-    /// `--detector ebpf` was asked for, but this build has no eBPF detector.
-    #[error(
-        "the eBPF detector is not available in this build of vma-watchdog; run with --detector auto or --detector procfs"
-    )]
-    EbpfNotBuilt,
-    /// The eBPF programs could not be loaded or attached.
-    #[error(
-        "the eBPF detector failed to start: {0}; run as root on a kernel with BTF, or use --detector procfs"
-    )]
-    Ebpf(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The eBPF programs could not be loaded or attached; the error says why and what to do.
+    #[error("the eBPF detector failed to start: {0} (or run with --detector procfs)")]
+    Ebpf(#[from] EbpfError),
     /// The procfs fallback could not start either.
     #[error(transparent)]
     Procfs(#[from] ProcfsError),
@@ -85,13 +79,13 @@ fn procfs(config: &Config) -> Result<Started, DetectorStartError> {
     })
 }
 
-/// The eBPF detector. This build does not have `detector::ebpf` yet; once it lands, this is
-/// the only place to change:
-/// `let (d, events) = crate::detector::ebpf::EbpfDetector::start(config.match_names.clone())
-///     .map_err(|e| DetectorStartError::Ebpf(Box::new(e)))?;`
+/// The eBPF detector: tracepoints on process exec and exit, filtered in the kernel.
 fn ebpf(config: &Config) -> Result<Started, DetectorStartError> {
-    let _ = &config.match_names;
-    Err(DetectorStartError::EbpfNotBuilt)
+    let (detector, events) = EbpfDetector::start(&config.match_names)?;
+    Ok(Started {
+        detector: Arc::new(detector),
+        events,
+    })
 }
 
 /// Completes at the first SIGTERM or SIGINT.

@@ -4,6 +4,8 @@
 //! load) and [`procfs`] (polling `/proc` and pidfds, the fallback). The daemon does not care
 //! which one runs beyond logging it.
 
+pub mod ebpf;
+
 use api::{Detector as DetectorKind, ExitStatus, ProcessIdentity};
 
 /// One observation from a detector.

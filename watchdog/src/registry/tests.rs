@@ -25,7 +25,9 @@ fn registrations_and_exits_survive_a_reload() {
     );
     assert!(r.register(p(11, 110), "job-b", FoundBy::Started).unwrap());
     let exit = ExitStatus::from_wait_status(9, false);
+    assert!(r.exit_of(p(11, 110)).is_none());
     let gone = r.record_exit(p(11, 110), exit, Detector::Procfs).unwrap();
+    assert_eq!(r.exit_of(p(11, 110)).map(|x| x.exit), Some(exit));
     assert_eq!(gone.map(|e| e.job_id).as_deref(), Some("job-b"));
     assert_eq!(
         r.record_exit(p(11, 110), exit, Detector::Procfs).unwrap(),

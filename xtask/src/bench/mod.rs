@@ -1,0 +1,20 @@
+//! `cargo xtask bench <which>`: benchmarks that print figures (never timed assertions).
+
+use anyhow::Result;
+use clap::Subcommand;
+
+mod detect;
+
+/// The benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum Which {
+    /// Kill-to-event latency of the eBPF detector and its cost on a fork+exit storm.
+    Detect(detect::Args),
+}
+
+/// Runs one benchmark.
+pub fn run(which: Which) -> Result<()> {
+    match which {
+        Which::Detect(args) => detect::run(&args),
+    }
+}
