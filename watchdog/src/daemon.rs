@@ -73,7 +73,7 @@ impl Daemon {
             .await
             .map_err(|e| DaemonError::Scan(std::io::Error::other(e)))?
             .map_err(DaemonError::Scan)?;
-        tracker.0.reconcile(found).await;
+        tracker.0.reconcile(found);
         tracing::info!(
             event = "watchdog_ready",
             detector = detector_name(tracker.0.detector.kind()),
@@ -125,22 +125,21 @@ struct Core {
 }
 
 impl Core {
-    async fn reconcile(&self, found: Vec<FoundProcess>) {
+    fn reconcile(&self, found: Vec<FoundProcess>) {
         for entry in self.registry.running() {
             let p = entry.process;
             let alive = matches!(procfs::read_stat(p.pid),
                 Ok(Some(s)) if s.start_time == p.start_time && !s.is_dead());
-            if alive && self.watch(p).await {
+            if alive && self.watch(p) {
                 tracing::info!(event = "process_adopted", job_id = %entry.job_id, pid = p.pid,
                     start_time = p.start_time, "adopted a process that was running before this start");
             } else if !alive {
-                self.report_death(p, ExitStatus::default(), DetectorKind::Registry)
-                    .await;
+                self.report_death(p, ExitStatus::default(), DetectorKind::Registry);
             }
         }
         for f in found {
             if self.registry.get(f.identity).is_none() {
-                self.adopt_new(f, FoundBy::Scan).await;
+                self.adopt_new(f, FoundBy::Scan);
             }
         }
     }
@@ -154,12 +153,12 @@ impl Core {
                 let found = tokio::task::spawn_blocking(move || procfs::inspect(process, comm));
                 // Gone already: its exit event follows and is logged then.
                 if let Ok(Some(found)) = found.await {
-                    self.adopt_new(found, FoundBy::Exec).await;
+                    self.adopt_new(found, FoundBy::Exec);
                 }
             }
             DetectorEvent::Exited { process, exit, .. } => {
                 let kind = self.detector.kind();
-                self.report_death(process, exit, kind).await;
+                self.report_death(process, exit, kind);
             }
         }
     }
@@ -173,7 +172,7 @@ impl Core {
 
     /// A running process seen for the first time: register it (or only watch it, when it
     /// names no job) and record that it started.
-    async fn adopt_new(&self, found: FoundProcess, found_by: FoundBy) {
+    fn adopt_new(&self, found: FoundProcess, found_by: FoundBy) {
         let p = found.identity;
         let Some(job_id) = found.job_id else {
             self.unjobbed
@@ -182,15 +181,15 @@ impl Core {
                 .insert(p);
             tracing::warn!(event = "process_without_job", pid = p.pid, start_time = p.start_time,
                 comm = %found.comm, "matching process names no job (no --job-id, no MIGRATEKIT_JOB_ID); its death will be logged but not reported");
-            self.watch(p).await;
+            self.watch(p);
             return;
         };
-        if let Err(e) = self.register(p, &job_id, found_by).await {
+        if let Err(e) = self.register(p, &job_id, found_by) {
             tracing::error!(event = "registry_error", error = %e, pid = p.pid, "cannot register a process");
         }
     }
 
-    async fn register(
+    pub(super) fn register(
         &self,
         p: ProcessIdentity,
         job_id: &str,
@@ -211,14 +210,14 @@ impl Core {
                 tracing::error!(event = "journal_error", error = %e, "cannot journal a process start")
             }
         }
-        self.watch(p).await;
+        self.watch(p);
         Ok(true)
     }
 
     /// Watches `p`; when it turns out to be gone already, reports its death (status unknown)
     /// unless the eBPF detector, attached before, will report it with its status. Returns
     /// whether it is being watched.
-    async fn watch(&self, p: ProcessIdentity) -> bool {
+    fn watch(&self, p: ProcessIdentity) -> bool {
         // A process that is already dead (a zombie not yet reaped) would never produce an exit
         // event for a tracepoint: report it now, with the status its zombie still holds.
         if let Ok(Some(s)) = procfs::read_stat(p.pid)
@@ -229,7 +228,7 @@ impl Core {
                 .exit_code
                 .map(|raw| ExitStatus::from_wait_status(raw, false));
             let kind = self.detector.kind();
-            self.report_death(p, exit.unwrap_or_default(), kind).await;
+            self.report_death(p, exit.unwrap_or_default(), kind);
             return false;
         }
         match self.detector.watch(p) {
@@ -237,7 +236,7 @@ impl Core {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound || procfs::gone(&e) => {
                 if self.detector.kind() != DetectorKind::Ebpf {
                     let kind = self.detector.kind();
-                    self.report_death(p, ExitStatus::default(), kind).await;
+                    self.report_death(p, ExitStatus::default(), kind);
                 }
                 false
             }
@@ -252,7 +251,12 @@ impl Core {
     /// Reports the death of `p` at most once: journal first (durable), then log, then the
     /// registry. Should the journal fail, the process stays registered, so the next start
     /// reports it as died while unwatched instead of losing it.
-    async fn report_death(&self, p: ProcessIdentity, exit: ExitStatus, detector: DetectorKind) {
+    pub(super) fn report_death(
+        &self,
+        p: ProcessIdentity,
+        exit: ExitStatus,
+        detector: DetectorKind,
+    ) {
         let _ = self.detector.unwatch(p);
         let (kind, name) = if detector == DetectorKind::Registry {
             (ProcessEventKind::DiedWhileUnwatched, "died_while_unwatched")

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use api::{FoundBy, JobProcessState, ProcessIdentity};
+use api::{ExitStatus, FoundBy, JobProcessState, ProcessEventKind, ProcessIdentity};
 use clap::Parser;
 use common::*;
 use vma_watchdog::config::{Cli, Config};
@@ -56,28 +56,36 @@ async fn a_started_process_is_tracked_queried_and_its_exit_read() {
         pid: s.pid,
         start_time: s.start_time(),
     };
-    assert!(
-        tracker
-            .track(me, "job-tracked", FoundBy::Started)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !tracker
-            .track(me, "job-tracked", FoundBy::Started)
-            .await
-            .unwrap(),
-        "idempotent"
-    );
+    let status = tracker
+        .register_process("job-tracked", me, FoundBy::Started)
+        .unwrap();
+    assert!(matches!(status.state, JobProcessState::Running { process, .. } if process == me));
+    // Again: changes nothing.
+    tracker
+        .register_process("job-tracked", me, FoundBy::Started)
+        .unwrap();
     let bogus = ProcessIdentity {
         pid: s.pid,
         start_time: me.start_time + 1,
     };
     let err = tracker
-        .track(bogus, "job-x", FoundBy::Tracked)
-        .await
+        .register_process("job-x", bogus, FoundBy::Tracked)
         .unwrap_err();
     assert!(matches!(err, TrackError::NotRunning { .. }), "{err}");
+    // Another live process for a job that already runs is refused.
+    let other = Standin::start(dir.path(), "job-other", &secret, &[]);
+    let other_id = ProcessIdentity {
+        pid: other.pid,
+        start_time: other.start_time(),
+    };
+    let err = tracker
+        .register_process("job-tracked", other_id, FoundBy::Tracked)
+        .unwrap_err();
+    assert!(
+        matches!(err, TrackError::JobRunning { running, .. } if running == me),
+        "{err}"
+    );
+    drop(other);
 
     let registry = tracker.registry();
     match registry.job_status("job-tracked").map(|j| j.state) {
@@ -168,7 +176,6 @@ async fn a_child_handed_over_is_reported_then_reaped() {
     let pid = child.id();
     let process = tracker
         .track_child(child, "job-child")
-        .await
         .map_err(|(e, _)| e)
         .unwrap();
     assert_eq!(process.pid, pid);
@@ -208,11 +215,71 @@ async fn a_child_handed_over_is_reported_then_reaped() {
     assert_eq!(
         kinds,
         [
-            api::ProcessEventKind::ProcessStarted,
-            api::ProcessEventKind::ProcessExited
+            ProcessEventKind::ProcessStarted,
+            ProcessEventKind::ProcessExited
         ]
     );
     stop.send(()).unwrap();
     running.await.unwrap();
     assert_secret_absent(&secret, &state, &[]);
+}
+
+/// The launcher's own `waitid` status, handed over before it reaps, is recorded once; the
+/// detector's report of the same death adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_handed_over_by_the_launcher_is_recorded_once() {
+    if !privileged("a_status_handed_over_by_the_launcher_is_recorded_once") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let args = ["vma-watchdog", "--detector", "auto", "--state-dir"];
+    let cli = Cli::try_parse_from(args.iter().copied().chain([state.to_str().unwrap()]));
+    let daemon = Daemon::start(Config::load(cli.unwrap()).unwrap())
+        .await
+        .unwrap();
+    let tracker = daemon.tracker();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(daemon.run(async {
+        let _ = stopped.await;
+    }));
+    let secret = secret();
+    let mut s = Standin::start(
+        dir.path(),
+        "job-launched",
+        &secret,
+        &["--standin-exit-code", "9"],
+    );
+    let me = ProcessIdentity {
+        pid: s.pid,
+        start_time: s.start_time(),
+    };
+    tracker
+        .register_process("job-launched", me, FoundBy::Started)
+        .unwrap();
+    s.trigger();
+    while !vma_watchdog::procfs::read_stat(me.pid)
+        .unwrap()
+        .is_some_and(|st| st.is_dead())
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let exit = ExitStatus {
+        code: Some(9),
+        ..ExitStatus::default()
+    };
+    tracker.child_exited(me, exit);
+    tracker.child_exited(me, exit);
+    // Give the detector time to report the same death.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = journal_for(&state, me.pid);
+    let exits: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == ProcessEventKind::ProcessExited)
+        .collect();
+    assert_eq!(exits.len(), 1, "{events:?}");
+    assert_eq!(exits[0].exit, Some(exit));
+    s.reap();
+    stop.send(()).unwrap();
+    running.await.unwrap();
 }
