@@ -4,9 +4,11 @@
 //! at once. Every struct rejects unknown fields: a peer that sends something we do not
 //! understand gets a 400 that names the field instead of having it silently dropped.
 
+pub mod launch;
 pub mod process;
 pub mod progress;
 
+pub use launch::{StartJobRequest, TrackJobRequest};
 pub use process::{
     Detector, EventBatch, EventBatchAck, ExitStatus, FoundBy, JobProcessState, ProcessEvent,
     ProcessEventKind, ProcessIdentity, VmaJobStatus,

@@ -130,12 +130,23 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), ReadError> {
 
     // Cheapest filter first: the watched tgids, then the name of the process.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let leader: *const u8 = read(task, &TASK_GROUP_LEADER)?;
     let mut flags = 0;
-    if WATCHED.get_ptr(tgid).is_some() {
-        flags |= FLAG_WATCHED;
+    let mut start_ns = None;
+    if let Some(want) = WATCHED.get_ptr(tgid) {
+        // SAFETY: the pointer from a successful lookup is valid for this program run.
+        let want = unsafe { *want };
+        let ns: u64 = read(leader, &TASK_START_BOOTTIME)?;
+        start_ns = Some(ns);
+        // A start time that differs means the watched process is gone and its pid was
+        // recycled: the new process is not the one user space asked about.
+        if want == 0 || want == ns / NSEC_PER_CLOCK_TICK {
+            flags |= FLAG_WATCHED;
+        }
+        // Either way this tgid is dead now; a later process must not inherit the entry.
+        let _ = WATCHED.remove(tgid);
     }
     // The group leader's name, not this thread's: worker threads may rename themselves.
-    let leader: *const u8 = read(task, &TASK_GROUP_LEADER)?;
     let comm: [u8; COMM_LEN] = read(leader, &TASK_COMM)?;
     if MATCH_NAMES.get_ptr(comm).is_some() {
         flags |= FLAG_NAME_MATCHED;
@@ -144,7 +155,10 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), ReadError> {
         return Ok(());
     }
 
-    let start_ns: u64 = read(leader, &TASK_START_BOOTTIME)?;
+    let start_ns: u64 = match start_ns {
+        Some(ns) => ns,
+        None => read(leader, &TASK_START_BOOTTIME)?,
+    };
     if mode != exit_mode::TRACEPOINT_GROUP_DEAD
         && REPORTED
             .insert([u64::from(tgid), start_ns], 1, u64::from(BPF_NOEXIST))
@@ -152,10 +166,6 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), ReadError> {
     {
         // Another thread of this process already reported its death.
         return Ok(());
-    }
-    if flags & FLAG_WATCHED != 0 {
-        // The process is dead, so its tgid is free for reuse; a new process must not inherit it.
-        let _ = WATCHED.remove(tgid);
     }
 
     // What waitpid() would return: the group's exit code when the group was killed or called

@@ -19,6 +19,7 @@ use crate::logging::{death, detector_name, found_by_name};
 use crate::procfs::{self, FoundProcess};
 use crate::registry::{Registry, RegistryError};
 
+mod jobs_view;
 mod start;
 mod tracker;
 

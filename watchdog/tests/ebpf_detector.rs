@@ -14,246 +14,13 @@
 //! The SIGSEGV test needs a core_pattern that writes a core (the default `core` does; the
 //! helper sets RLIMIT_CORE itself and runs in a temporary directory).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::symlink;
-use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::time::Duration;
+mod ebpf_support;
+
+use std::process::Command;
 
 use api::{ExitStatus, ProcessIdentity};
-use tokio::sync::mpsc::Receiver;
-use vma_watchdog::detector::ebpf::{
-    EbpfDetector, EbpfOptions, ExitMode, VMLINUX_BTF, object_built,
-};
+use ebpf_support::{Env, MemCgroup, QUIET, exited, identity, killed, wait_leader_zombie};
 use vma_watchdog::detector::{Detector, DetectorEvent};
-
-const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long "no event" is waited for. Events arrive in well under a millisecond here.
-const QUIET: Duration = Duration::from_millis(300);
-
-fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root: the eBPF detector needs root".into());
-    }
-    if !std::path::Path::new(VMLINUX_BTF).exists() {
-        return Some(format!("{VMLINUX_BTF} missing: kernel without BTF"));
-    }
-    if !object_built() {
-        return Some("eBPF object not built into this binary: run `cargo xtask build-ebpf`".into());
-    }
-    None
-}
-
-/// One test's detector, its name and its helper symlink.
-struct Env {
-    detector: EbpfDetector,
-    events: Receiver<DetectorEvent>,
-    name: String,
-    exe: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    /// `None` (after printing SKIP) when the test cannot run here.
-    fn start(name: &str, signal_live: bool) -> Option<Env> {
-        // The kernel keeps 15 bytes of a name; use exactly what it will report.
-        let name = &name[..name.len().min(15)];
-        if let Some(why) = skip_reason() {
-            eprintln!("SKIP: {why}");
-            return None;
-        }
-        let options = EbpfOptions {
-            match_names: vec![name.to_owned()],
-            force_signal_live: signal_live,
-        };
-        let (detector, events) = EbpfDetector::start_with(&options).expect("eBPF detector starts");
-        assert_eq!(
-            matches!(detector.exit_mode(), ExitMode::SignalLive),
-            signal_live
-        );
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let exe = dir.path().join(name);
-        symlink(env!("CARGO_BIN_EXE_ebpf-test-child"), &exe).expect("symlink to the helper");
-        Some(Env {
-            detector,
-            events,
-            name: name.to_owned(),
-            exe,
-            dir,
-        })
-    }
-
-    /// Starts the helper and waits for its `ready` line (so it has exec'd and runs its threads).
-    fn spawn(&self, args: &[&str]) -> Helper {
-        let mut child = Command::new(&self.exe)
-            .args(args)
-            .current_dir(self.dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("helper starts");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout piped"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("helper prints ready");
-        assert_eq!(line.trim(), "ready");
-        let id = identity(child.id());
-        Helper {
-            stdin: child.stdin.take(),
-            child,
-            stdout,
-            id,
-        }
-    }
-
-    /// The next event about `pid`, skipping others; panics after [`EVENT_TIMEOUT`].
-    async fn next_for(&mut self, pid: u32) -> DetectorEvent {
-        loop {
-            let event = tokio::time::timeout(EVENT_TIMEOUT, self.events.recv())
-                .await
-                .unwrap_or_else(|_| panic!("no event for pid {pid} within {EVENT_TIMEOUT:?}"))
-                .expect("detector channel open");
-            if event_pid(&event) == pid {
-                return event;
-            }
-        }
-    }
-
-    /// Asserts that nothing about `pid` arrives for [`QUIET`].
-    async fn assert_quiet(&mut self, pid: u32) {
-        let deadline = tokio::time::Instant::now() + QUIET;
-        while let Ok(event) = tokio::time::timeout_at(deadline, self.events.recv()).await {
-            let event = event.expect("detector channel open");
-            assert_ne!(event_pid(&event), pid, "unexpected event {event:?}");
-        }
-    }
-
-    async fn expect_started(&mut self, helper: &Helper) {
-        let event = self.next_for(helper.id.pid).await;
-        assert_eq!(
-            event,
-            DetectorEvent::Started {
-                process: helper.id,
-                comm: self.name.clone()
-            }
-        );
-    }
-
-    async fn expect_exited(&mut self, helper: &Helper, exit: ExitStatus) {
-        match self.next_for(helper.id.pid).await {
-            DetectorEvent::Exited {
-                process,
-                exit: got,
-                comm,
-                ktime_ns,
-            } => {
-                assert_eq!(
-                    process, helper.id,
-                    "identity (pid, start time) of the dead process"
-                );
-                assert_eq!(got, exit, "exit status");
-                assert_eq!(comm, self.name);
-                assert!(ktime_ns.is_some_and(|t| t > 0));
-            }
-            other => panic!("expected an exit, got {other:?}"),
-        }
-    }
-
-    fn assert_no_read_errors(&self) {
-        let stats = self.detector.stats().expect("stats readable");
-        assert_eq!(
-            stats.read_errors, 0,
-            "kernel reads failed: offsets wrong? {stats:?}"
-        );
-        assert_eq!(stats.events_dropped, 0, "{stats:?}");
-    }
-}
-
-struct Helper {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<std::process::ChildStdout>,
-    id: ProcessIdentity,
-}
-
-impl Helper {
-    fn kill(&self, signal: i32) {
-        // SAFETY: kill() on our own child, which is not reaped yet, so the pid is still its.
-        assert_eq!(unsafe { libc::kill(self.id.pid as i32, signal) }, 0);
-    }
-
-    fn line(&mut self) -> String {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("helper output");
-        line.trim().to_owned()
-    }
-
-    fn send_line(&mut self) {
-        let stdin = self.stdin.as_mut().expect("stdin piped");
-        stdin
-            .write_all(b"go\n")
-            .and_then(|()| stdin.flush())
-            .expect("write to helper");
-    }
-
-    fn reap(mut self) {
-        let _ = self.child.wait();
-    }
-}
-
-fn event_pid(event: &DetectorEvent) -> u32 {
-    match event {
-        DetectorEvent::Started { process, .. } | DetectorEvent::Exited { process, .. } => {
-            process.pid
-        }
-    }
-}
-
-/// `(pid, start time)` from `/proc/<pid>/stat` field 22, as the rest of the watchdog reads it.
-fn identity(pid: u32) -> ProcessIdentity {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
-    let after_comm = &stat[stat.rfind(')').expect("comm ends") + 1..];
-    let start_time = after_comm
-        .split_whitespace()
-        .nth(19)
-        .and_then(|f| f.parse().ok())
-        .expect("field 22");
-    ProcessIdentity { pid, start_time }
-}
-
-fn killed(signal: i32, core_dumped: bool) -> ExitStatus {
-    ExitStatus {
-        code: None,
-        signal: Some(signal),
-        core_dumped,
-        oom_killed: false,
-    }
-}
-
-fn exited(code: i32) -> ExitStatus {
-    ExitStatus {
-        code: Some(code),
-        signal: None,
-        core_dumped: false,
-        oom_killed: false,
-    }
-}
-
-/// Waits until the leader thread of `pid` is a zombie while the process lives on.
-fn wait_leader_zombie(pid: u32) {
-    for _ in 0..500 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).unwrap_or_default();
-        if stat
-            .rfind(')')
-            .is_some_and(|i| stat[i + 1..].trim_start().starts_with('Z'))
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    panic!("leader of {pid} did not exit");
-}
 
 async fn killed_by_signal(name: &str, live: bool, signal: i32) {
     let Some(mut env) = Env::start(name, live) else {
@@ -395,6 +162,29 @@ async fn watched_tgid_without_name_match() {
     env.assert_no_read_errors();
 }
 
+/// A watch whose start time is not the process's (its pid was recycled since) reports nothing:
+/// the dying process is not the one that was asked about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_with_other_start_time_is_not_this_process() {
+    let Some(mut env) = Env::start("wd-stale-watch", false) else {
+        return;
+    };
+    let mut sleep = Command::new("sleep")
+        .arg("100")
+        .spawn()
+        .expect("sleep starts");
+    let real = identity(sleep.id());
+    let stale = ProcessIdentity {
+        pid: real.pid,
+        start_time: real.start_time.saturating_sub(1000),
+    };
+    env.detector.watch(stale).expect("watch");
+    sleep.kill().expect("kill");
+    env.assert_quiet(real.pid).await;
+    let _ = sleep.wait();
+    env.assert_no_read_errors();
+}
+
 /// 2,000 exits of unrelated processes while the detector watches reach user space as nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrelated_exits_produce_no_events() {
@@ -429,56 +219,6 @@ async fn unrelated_exits_produce_no_events() {
     keep.kill().expect("kill");
     let _ = keep.wait();
     env.assert_no_read_errors();
-}
-
-/// A memory cgroup (v1) with a small limit, created under this process's own memory cgroup
-/// and removed on drop.
-struct MemCgroup(PathBuf);
-
-impl MemCgroup {
-    fn create(name: &str, limit_bytes: u64) -> Option<MemCgroup> {
-        let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-        let own = cgroups.lines().find_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-            controllers
-                .split(',')
-                .any(|c| c == "memory")
-                .then(|| path.to_owned())
-        })?;
-        let dir = PathBuf::from(format!(
-            "/sys/fs/cgroup/memory{own}/{name}-{}",
-            std::process::id()
-        ));
-        std::fs::create_dir(&dir).ok()?;
-        let cgroup = MemCgroup(dir);
-        std::fs::write(
-            cgroup.0.join("memory.limit_in_bytes"),
-            limit_bytes.to_string(),
-        )
-        .ok()?;
-        // Without swap accounting limited too, the kernel could swap instead of killing.
-        let memsw = cgroup.0.join("memory.memsw.limit_in_bytes");
-        if memsw.exists() {
-            std::fs::write(memsw, limit_bytes.to_string()).ok()?;
-        }
-        Some(cgroup)
-    }
-
-    fn add(&self, pid: u32) {
-        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).expect("move into cgroup");
-    }
-}
-
-impl Drop for MemCgroup {
-    fn drop(&mut self) {
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.0).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
 }
 
 /// A process killed by the OOM killer of its memory cgroup carries the OOM flag (and SIGKILL).

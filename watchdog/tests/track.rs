@@ -13,6 +13,7 @@ use clap::Parser;
 use common::*;
 use vma_watchdog::config::{Cli, Config};
 use vma_watchdog::daemon::{Daemon, TrackError};
+use vma_watchdog::http::{JobsView, RegisterError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_started_process_is_tracked_queried_and_its_exit_read() {
@@ -86,6 +87,17 @@ async fn a_started_process_is_tracked_queried_and_its_exit_read() {
         "{err}"
     );
     drop(other);
+    // The same through the REST API's view of jobs.
+    let view: std::sync::Arc<dyn JobsView> = std::sync::Arc::new(tracker.clone());
+    assert_eq!(
+        view.job("job-tracked"),
+        tracker.registry().job_status("job-tracked")
+    );
+    assert!(view.jobs().iter().any(|j| j.job_id == "job-tracked"));
+    assert!(matches!(
+        view.register_process("job-tracked", other_id, FoundBy::Tracked),
+        Err(RegisterError::JobRunning { .. } | RegisterError::Watch(_))
+    ));
 
     let registry = tracker.registry();
     match registry.job_status("job-tracked").map(|j| j.state) {

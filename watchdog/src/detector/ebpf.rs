@@ -4,21 +4,21 @@
 //! See `docs/EBPF.md` for how the programs decide that a process died.
 
 mod btf;
+mod error;
 mod layout;
 mod reader;
 
-use std::path::PathBuf;
 use std::sync::Mutex;
 
 use api::{Detector as DetectorKind, ProcessIdentity};
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{ProgramError, TracePoint};
 use aya::{Ebpf, EbpfLoader};
-use thiserror::Error;
 use tokio::sync::mpsc;
 use watchdog_common::{COMM_LEN, maps, programs, stats};
 
 pub use btf::BtfError;
+pub use error::EbpfError;
 pub use layout::{ExitMode, KernelLayout, VMLINUX_BTF};
 
 use super::{Detector, DetectorEvent};
@@ -29,94 +29,6 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wa
 
 /// How many decoded events may wait for the daemon before the reader stops draining the ring.
 const CHANNEL_CAPACITY: usize = 4096;
-
-/// Why the eBPF detector could not start. Each message says what to do.
-#[derive(Debug, Error)]
-pub enum EbpfError {
-    /// The binary was built without the eBPF object.
-    #[error(
-        "eBPF object not built into this binary: run `cargo xtask build-ebpf`, then rebuild vma-watchdog"
-    )]
-    ObjectNotBuilt,
-    /// Not running as root.
-    #[error(
-        "the eBPF detector needs root (CAP_BPF, CAP_PERFMON): run vma-watchdog as root, or use --detector procfs"
-    )]
-    NotRoot,
-    /// No kernel BTF.
-    #[error(
-        "cannot read {path}: {source}; the kernel needs CONFIG_DEBUG_INFO_BTF=y for the eBPF detector (use --detector procfs otherwise)"
-    )]
-    NoBtf {
-        /// The BTF file.
-        path: PathBuf,
-        /// Why it could not be read.
-        source: std::io::Error,
-    },
-    /// The kernel BTF lacks something the programs need.
-    #[error(
-        "kernel BTF unusable: {0}; this kernel's task_struct differs from what the eBPF programs expect (use --detector procfs)"
-    )]
-    Btf(#[from] BtfError),
-    /// tracefs is not mounted.
-    #[error(
-        "tracefs is not mounted at /sys/kernel/tracing: run `mount -t tracefs nodev /sys/kernel/tracing` (or `cargo xtask setup`)"
-    )]
-    TracefsMissing,
-    /// The tracepoint format file could not be read.
-    #[error(
-        "cannot read the tracepoint format {path}: {source}; check that the kernel has sched tracepoints (CONFIG_TRACEPOINTS)"
-    )]
-    TracepointFormat {
-        /// The format file.
-        path: PathBuf,
-        /// Why it could not be read.
-        source: std::io::Error,
-    },
-    /// A match name is empty.
-    #[error("a process name to match is empty: pass a name such as `migratekit`")]
-    EmptyMatchName,
-    /// The object could not be loaded (maps created, relocations).
-    #[error("loading the eBPF object failed: {0}; rebuild it with `cargo xtask build-ebpf`")]
-    Load(#[from] aya::EbpfError),
-    /// A program is missing from the object.
-    #[error("program {0} missing from the eBPF object: rebuild it with `cargo xtask build-ebpf`")]
-    MissingProgram(&'static str),
-    /// A map is missing or has the wrong type.
-    #[error("map {name} unusable: {source}; rebuild the eBPF object with `cargo xtask build-ebpf`")]
-    Map {
-        /// The map.
-        name: &'static str,
-        /// What went wrong.
-        source: MapError,
-    },
-    /// The verifier rejected a program.
-    #[error(
-        "the kernel rejected program {program}: {io_error}; verifier log ends with:\n{log_tail}"
-    )]
-    Rejected {
-        /// The program.
-        program: &'static str,
-        /// The error of the load syscall.
-        io_error: std::io::Error,
-        /// The last lines of the verifier log.
-        log_tail: String,
-    },
-    /// Loading or attaching a program failed otherwise.
-    #[error("attaching program {program} to its tracepoint failed: {source}")]
-    Attach {
-        /// The program.
-        program: &'static str,
-        /// What went wrong.
-        source: ProgramError,
-    },
-    /// Called outside a tokio runtime.
-    #[error("EbpfDetector::start must be called inside a tokio runtime")]
-    NoRuntime,
-    /// The ring buffer could not be registered with tokio.
-    #[error("cannot poll the eBPF ring buffer: {0}")]
-    Poll(std::io::Error),
-}
 
 /// Options of [`EbpfDetector::start_with`].
 #[derive(Debug, Clone)]
@@ -143,6 +55,18 @@ pub struct EbpfStats {
     pub read_errors: u64,
 }
 
+/// Run statistics of one program, as the kernel counts them while BPF statistics are
+/// enabled (`aya::sys::enable_stats(Stats::RunTime)` or `sysctl kernel.bpf_stats_enabled=1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgramRunStats {
+    /// The program (`watchdog_common::programs`).
+    pub program: &'static str,
+    /// How many times it ran.
+    pub run_count: u64,
+    /// Total time spent in it.
+    pub run_time: std::time::Duration,
+}
+
 /// A running eBPF detector. Dropping it detaches the programs and stops its reader task.
 pub struct EbpfDetector {
     watched: Mutex<BpfHashMap<MapData, u32, u64>>,
@@ -150,7 +74,7 @@ pub struct EbpfDetector {
     exit_mode: ExitMode,
     reader: tokio::task::JoinHandle<()>,
     // Holds the attached programs; dropped last.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 impl std::fmt::Debug for EbpfDetector {
@@ -276,7 +200,7 @@ impl EbpfDetector {
             stats,
             exit_mode: layout.exit_mode,
             reader,
-            _ebpf: ebpf,
+            ebpf,
         };
         Ok((detector, rx))
     }
@@ -284,6 +208,24 @@ impl EbpfDetector {
     /// How this detector decides deaths.
     pub fn exit_mode(&self) -> ExitMode {
         self.exit_mode
+    }
+
+    /// Run count and run time of both programs (zero unless BPF statistics are enabled).
+    pub fn run_stats(&self) -> Result<[ProgramRunStats; 2], EbpfError> {
+        let one = |program: &'static str| -> Result<ProgramRunStats, EbpfError> {
+            let info = self
+                .ebpf
+                .program(program)
+                .ok_or(EbpfError::MissingProgram(program))?
+                .info()
+                .map_err(|source| EbpfError::ProgramInfo { program, source })?;
+            Ok(ProgramRunStats {
+                program,
+                run_count: info.run_count(),
+                run_time: info.run_time(),
+            })
+        };
+        Ok([one(programs::EXIT)?, one(programs::EXEC)?])
     }
 
     /// The kernel-side counters, summed over CPUs.

@@ -14,10 +14,10 @@ pub struct Args {
     #[arg(long, default_value_t = 1000)]
     pub kills: u32,
     /// Seconds of fork+exit storm per phase (loaded or unloaded).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 1.0)]
     pub storm_secs: f64,
     /// How many loaded/unloaded phase pairs to alternate.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 10)]
     pub rounds: u32,
 }
 

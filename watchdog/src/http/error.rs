@@ -1,0 +1,125 @@
+//! Error responses (always an [`api::ErrorBody`]) and the JSON body extractor that turns bad
+//! input into 400 naming the field and oversized bodies into 413.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+
+/// Everything the API answers besides success. Messages never carry secrets: they are built
+/// from our own error types, which name parameters and files, never values.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 401: missing or wrong token. No detail on purpose.
+    Unauthorized,
+    /// 403: a progress update from another host.
+    NotLoopback,
+    /// 400 with a code and a message (which names the offending field).
+    BadRequest(&'static str, String),
+    /// 404 with a code.
+    NotFound(&'static str, String),
+    /// 409 with a code.
+    Conflict(&'static str, String),
+    /// 422 with a code.
+    Unprocessable(&'static str, String),
+    /// 413.
+    TooLarge,
+    /// 500: something on the VMA failed; the message says what to check.
+    Internal(String),
+}
+
+impl ApiError {
+    fn parts(self) -> (StatusCode, &'static str, String) {
+        match self {
+            Self::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid bearer token is required".into(),
+            ),
+            Self::NotLoopback => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "progress updates are accepted only from processes on this VMA".into(),
+            ),
+            Self::BadRequest(code, message) => (StatusCode::BAD_REQUEST, code, message),
+            Self::NotFound(code, message) => (StatusCode::NOT_FOUND, code, message),
+            Self::Conflict(code, message) => (StatusCode::CONFLICT, code, message),
+            Self::Unprocessable(code, message) => (StatusCode::UNPROCESSABLE_ENTITY, code, message),
+            Self::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "the request body is larger than this endpoint accepts".into(),
+            ),
+            Self::Internal(message) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let unauthorized = matches!(self, Self::Unauthorized);
+        let (status, error, message) = self.parts();
+        let body = api::ErrorBody {
+            error: error.to_owned(),
+            message,
+        };
+        let mut response = (status, Json(body)).into_response();
+        if unauthorized {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// A JSON body: like `axum::Json`, but any content type is accepted (migratekit's client is
+/// not ours to fix), a body over the limit is a 413 and bad JSON a 400 whose message names
+/// the field (serde's "missing field `stage`", "unknown field `x`").
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::TooLarge
+                } else {
+                    ApiError::BadRequest(
+                        "invalid_body",
+                        format!("the request body could not be read: {rejection}"),
+                    )
+                }
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::BadRequest("invalid_body", format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Job ids become file names and unit names: 1 to 128 characters from `[A-Za-z0-9._-]`,
+/// starting with a letter or digit.
+pub fn check_job_id(job_id: &str) -> Result<(), ApiError> {
+    let valid = (1..=128).contains(&job_id.len())
+        && job_id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && job_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(
+            "invalid_job_id",
+            "job ids are 1 to 128 characters of letters, digits, '.', '_' and '-', starting with a letter or digit".into(),
+        ))
+    }
+}

@@ -1,0 +1,207 @@
+//! The route handlers.
+
+use std::sync::Arc;
+
+use api::{
+    FoundBy, JobProcessState, ProgressUpdate, StartJobRequest, StoredProgress, TrackJobRequest,
+    VmaJobStatus,
+};
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+
+use super::error::{ApiError, JsonBody, check_job_id};
+use super::{AppState, RegisterError};
+use crate::launcher::{LaunchError, TemplateError, proc_comm, proc_identity};
+
+/// `POST /api/v1/progress/{job_id}/update`: migratekit's own client (from this host only,
+/// which the route's `require_loopback` layer has checked before the body is read).
+pub async fn post_progress(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+    JsonBody(update): JsonBody<ProgressUpdate>,
+) -> Result<Json<StoredProgress>, ApiError> {
+    check_job_id(&job_id)?;
+    let store = Arc::clone(&state.progress);
+    let stored = tokio::task::spawn_blocking(move || store.record(&job_id, update))
+        .await
+        .map_err(|e| ApiError::Internal(format!("storing the progress update failed: {e}")))?
+        .map_err(|e| {
+            tracing::error!(error = %e, "could not store a progress update");
+            ApiError::Internal(e.to_string())
+        })?;
+    Ok(Json(stored))
+}
+
+/// `GET /api/v1/progress/{job_id}`: the latest update, for the OMA's poller.
+pub async fn get_progress(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+) -> Result<Json<StoredProgress>, ApiError> {
+    check_job_id(&job_id)?;
+    state.progress.get(&job_id).map(Json).ok_or_else(|| {
+        ApiError::NotFound(
+            "no_progress",
+            format!("no progress has been received for job {job_id}"),
+        )
+    })
+}
+
+/// `GET /api/v1/jobs`.
+pub async fn list_jobs(State(state): State<AppState>) -> Json<Vec<VmaJobStatus>> {
+    Json(state.jobs.jobs())
+}
+
+/// `GET /api/v1/jobs/{job_id}`: 200 with the state, or 404 `unknown_job`.
+pub async fn get_job(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+) -> Result<Json<VmaJobStatus>, ApiError> {
+    check_job_id(&job_id)?;
+    state
+        .jobs
+        .job(&job_id)
+        .map(Json)
+        .ok_or_else(|| unknown_job(&job_id))
+}
+
+fn unknown_job(job_id: &str) -> ApiError {
+    ApiError::NotFound(
+        "unknown_job",
+        format!("this VMA has never run or tracked job {job_id}"),
+    )
+}
+
+/// `POST /api/v1/jobs/{job_id}/start`: launch migratekit from the VMA's template.
+pub async fn start_job(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+    JsonBody(request): JsonBody<StartJobRequest>,
+) -> Result<(StatusCode, Json<VmaJobStatus>), ApiError> {
+    check_job_id(&job_id)?;
+    if let Some(running) = running_process(&state, &job_id) {
+        return Err(job_running(&job_id, running));
+    }
+    // A task of its own: a client that hangs up mid-launch must not cancel the launch half
+    // way (process registered and released, but nobody left to reap it).
+    tokio::spawn(launch_and_reap(state, job_id, request))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the launch task failed: {e}")))?
+}
+
+async fn launch_and_reap(
+    state: AppState,
+    job_id: String,
+    request: StartJobRequest,
+) -> Result<(StatusCode, Json<VmaJobStatus>), ApiError> {
+    let jobs = Arc::clone(&state.jobs);
+    let id = job_id.clone();
+    let register = move |process| jobs.register_process(&id, process, FoundBy::Started);
+    let (launched, status) = state
+        .launcher
+        .launch(&job_id, &request, register)
+        .await
+        .map_err(|e| launch_error(&job_id, e))?;
+    // When the child ends, hand its exact status to the registry first and reap it only
+    // then, so a detector that saw the death can still read the zombie's status. A plain
+    // thread: it blocks for as long as the job runs.
+    let jobs = Arc::clone(&state.jobs);
+    let process = launched.process;
+    let reaper = std::thread::Builder::new()
+        .name(format!("reap-{}", process.pid))
+        .spawn(move || {
+            match launched.wait_for_exit() {
+                Ok(exit) => jobs.launched_child_exited(&job_id, process, exit),
+                Err(error) => tracing::warn!(%error, pid = process.pid, "could not wait for a migratekit process; the detector still reports its death"),
+            }
+            let _ = launched.reap();
+        });
+    if let Err(error) = reaper {
+        tracing::warn!(%error, pid = process.pid, "could not start a thread to reap migratekit; it stays a zombie after it exits until the watchdog restarts");
+    }
+    Ok((StatusCode::CREATED, Json(status)))
+}
+
+fn launch_error(job_id: &str, error: LaunchError<RegisterError>) -> ApiError {
+    match error {
+        LaunchError::Template(e @ TemplateError::Unclosed(_)) => ApiError::Internal(e.to_string()),
+        LaunchError::Template(e) => ApiError::BadRequest("invalid_parameters", e.to_string()),
+        LaunchError::Registration(RegisterError::JobRunning { running, .. }) => {
+            job_running(job_id, running)
+        }
+        other => {
+            tracing::error!(job_id, error = %other, "could not start migratekit");
+            ApiError::Internal(other.to_string())
+        }
+    }
+}
+
+fn job_running(job_id: &str, running: api::ProcessIdentity) -> ApiError {
+    ApiError::Conflict(
+        "job_running",
+        format!(
+            "job {job_id} already runs as pid {} (start time {})",
+            running.pid, running.start_time
+        ),
+    )
+}
+
+fn running_process(state: &AppState, job_id: &str) -> Option<api::ProcessIdentity> {
+    match state.jobs.job(job_id)?.state {
+        JobProcessState::Running { process, .. } => Some(process),
+        JobProcessState::Exited { .. } => None,
+    }
+}
+
+/// `POST /api/v1/jobs/{job_id}/track`: adopt a running process after checking its name.
+pub async fn track_job(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+    JsonBody(request): JsonBody<TrackJobRequest>,
+) -> Result<Json<VmaJobStatus>, ApiError> {
+    check_job_id(&job_id)?;
+    let pid = request.pid;
+    let no_such = || {
+        ApiError::NotFound(
+            "no_such_process",
+            format!("no process with pid {pid} runs on this VMA"),
+        )
+    };
+    // Identity before and after reading the name: if the pid was reused in between, the
+    // two start times differ and we refuse rather than adopt the wrong process.
+    let before = proc_identity(pid).map_err(|_| no_such())?;
+    let comm = proc_comm(pid).map_err(|_| no_such())?;
+    let after = proc_identity(pid).map_err(|_| no_such())?;
+    if before != after {
+        return Err(no_such());
+    }
+    let names = &state.launcher.config().match_names;
+    if !names.contains(&comm) {
+        return Err(ApiError::Unprocessable(
+            "process_name_mismatch",
+            format!("pid {pid} is named {comm:?}, not one of the watched names {names:?}"),
+        ));
+    }
+    let jobs = Arc::clone(&state.jobs);
+    let id = job_id.clone();
+    let registered =
+        tokio::task::spawn_blocking(move || jobs.register_process(&id, after, FoundBy::Tracked))
+            .await
+            .map_err(|e| ApiError::Internal(format!("registering the process failed: {e}")))?;
+    match registered {
+        Ok(status) => Ok(Json(status)),
+        Err(RegisterError::JobRunning { running, .. }) => Err(job_running(&job_id, running)),
+        Err(other) => Err(ApiError::Internal(other.to_string())),
+    }
+}
+
+/// `GET /health`: liveness, plus the outbox's counters.
+pub async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let outbox = state.outbox.as_ref().map(|o| o.stats());
+    Json(serde_json::json!({ "status": "ok", "outbox": outbox }))
+}
+
+/// Any other path.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("not_found", "no such endpoint on the VMA watchdog".into())
+}

@@ -1,0 +1,144 @@
+//! The watchdog's REST API: progress from migratekit, job status and job start for the OMA.
+//!
+//! `router(state)` builds the axum router; `serve(listener, state, shutdown)` runs it with
+//! the peer address available to handlers (progress updates are accepted from loopback
+//! peers only). Every route but `/health` and progress updates needs the bearer token.
+
+mod auth;
+mod error;
+mod handlers;
+mod memory_jobs;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use api::{ExitStatus, FoundBy, ProcessIdentity, VmaJobStatus};
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+
+pub use auth::{BearerToken, InvalidToken, Secret, is_loopback_peer};
+pub use error::{ApiError, JsonBody, check_job_id};
+pub use memory_jobs::MemoryJobs;
+
+use crate::launcher::Launcher;
+use crate::outbox::Outbox;
+use crate::progress::ProgressStore;
+
+/// Largest request body accepted (progress updates and start requests are a few hundred
+/// bytes; anything this large is a mistake or an attack).
+pub const DEFAULT_BODY_LIMIT: usize = 64 * 1024;
+
+/// What the API needs to know about jobs and their processes. The daemon's process registry
+/// implements it; [`MemoryJobs`] is an in-memory implementation.
+///
+/// `register_process` and `launched_child_exited` are called from blocking threads (never
+/// from an async task), so an implementation over async code may use
+/// `tokio::runtime::Handle::current().block_on(..)` there.
+pub trait JobsView: Send + Sync + 'static {
+    /// The latest state of a job's process, or `None` if the watchdog never heard of it.
+    fn job(&self, job_id: &str) -> Option<VmaJobStatus>;
+    /// Every job the watchdog knows.
+    fn jobs(&self) -> Vec<VmaJobStatus>;
+    /// Registers `process` as running `job_id` (started by the launcher, or adopted by the
+    /// track endpoint). It must be durable and watched for its death when this returns:
+    /// the launcher lets a started process run only after it returns `Ok`.
+    fn register_process(
+        &self,
+        job_id: &str,
+        process: ProcessIdentity,
+        found_by: FoundBy,
+    ) -> Result<VmaJobStatus, RegisterError>;
+    /// A process started by the launcher has exited with `exit` (from `waitid`); it is still
+    /// a zombie and is reaped right after this returns. The detectors report the death
+    /// anyway; this is the exact status, for a registry that records it first.
+    fn launched_child_exited(&self, job_id: &str, process: ProcessIdentity, exit: ExitStatus) {
+        let _ = (job_id, process, exit);
+    }
+}
+
+/// Why a process could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The job already has another live process.
+    #[error("job {job_id} already runs as pid {} (start time {}); stop it or track that process instead", running.pid, running.start_time)]
+    JobRunning {
+        /// The job.
+        job_id: String,
+        /// Its live process.
+        running: ProcessIdentity,
+    },
+    /// The registry could not be written to disk.
+    #[error("the process registry could not be saved: {0}; check the state directory")]
+    Persist(#[source] std::io::Error),
+    /// The detector could not be told to watch the process.
+    #[error("the detector could not watch the process: {0}")]
+    Watch(#[source] std::io::Error),
+}
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// Latest progress per job.
+    pub progress: Arc<ProgressStore>,
+    /// The process registry.
+    pub jobs: Arc<dyn JobsView>,
+    /// Starts migratekit.
+    pub launcher: Arc<Launcher>,
+    /// Token required on every route but `/health` and progress updates.
+    pub token: BearerToken,
+    /// The outbox, whose counters `/health` shows.
+    pub outbox: Option<Arc<Outbox>>,
+    /// Largest request body accepted.
+    pub body_limit: usize,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("body_limit", &self.body_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The API's router.
+pub fn router(state: AppState) -> Router {
+    let protected = Router::new()
+        .route("/api/v1/progress/{job_id}", get(handlers::get_progress))
+        .route("/api/v1/jobs", get(handlers::list_jobs))
+        .route("/api/v1/jobs/{job_id}", get(handlers::get_job))
+        .route("/api/v1/jobs/{job_id}/start", post(handlers::start_job))
+        .route("/api/v1/jobs/{job_id}/track", post(handlers::track_job))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.token.clone(),
+            auth::require_token,
+        ));
+    let local = Router::new()
+        .route(
+            "/api/v1/progress/{job_id}/update",
+            post(handlers::post_progress),
+        )
+        .route_layer(axum::middleware::from_fn(auth::require_loopback));
+    Router::new()
+        .merge(protected)
+        .merge(local)
+        .route("/health", get(handlers::health))
+        .fallback(handlers::not_found)
+        .layer(DefaultBodyLimit::max(state.body_limit))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then finishes the requests in
+/// flight and returns.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

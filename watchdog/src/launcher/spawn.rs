@@ -1,0 +1,439 @@
+//! Spawning migratekit held at a gate until it is registered (see the module docs above).
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use api::{ProcessIdentity, StartJobRequest};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+
+use super::template::{RenderedArg, TemplateError, render};
+use super::{LauncherConfig, SystemdMode, proc_identity, systemd_running};
+
+/// How long the launcher waits for a forked child to report its pid.
+const PID_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why migratekit could not be started. `R` is the caller's registration error.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError<R> {
+    /// The request does not fit the VMA's command template.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// The configured program is missing or not executable.
+    #[error(
+        "the configured migratekit program {path} cannot be run: {source}; fix the VMA's launcher configuration"
+    )]
+    Program {
+        /// The program.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Creating the gate pipes or forking failed.
+    #[error("starting migratekit failed: {0}; check the VMA's process and file limits")]
+    Spawn(#[source] std::io::Error),
+    /// The forked child never reported its pid, or its identity could not be read.
+    #[error("the new migratekit process could not be identified: {0}; it was not started")]
+    Identity(#[source] std::io::Error),
+    /// The caller's registration refused the process; it was stopped before it ran.
+    #[error("the new migratekit process was not registered, so it was not started: {0}")]
+    Registration(#[source] R),
+}
+
+/// Where the launched process was placed so that it survives a watchdog restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Its own session, inside a transient systemd scope unit.
+    SystemdScope {
+        /// The unit's name.
+        unit: String,
+    },
+    /// Its own session; it stays in the watchdog's cgroups (no systemd).
+    Session,
+    /// Its own session, moved to the root cgroup of a cgroup v2 hierarchy.
+    SessionRootCgroup,
+}
+
+/// A started migratekit process.
+#[derive(Debug)]
+pub struct Launched {
+    /// Its identity, as registered.
+    pub process: ProcessIdentity,
+    /// The child handle (a `std` one: tokio's would reap it behind our back, see
+    /// [`Launched::wait_for_exit`]).
+    pub child: Child,
+    /// Where it runs.
+    pub placement: Placement,
+    argv: Vec<RenderedArg>,
+}
+
+impl Launched {
+    /// Blocks until the process has exited and returns how, WITHOUT reaping it: while it is
+    /// a zombie, a detector that noticed the death can still read its status from `/proc`.
+    /// Call [`Launched::reap`] after handing the status on.
+    pub fn wait_for_exit(&self) -> std::io::Result<api::ExitStatus> {
+        // SAFETY: waitid fills a zeroed siginfo_t for our own child.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            loop {
+                let rc = libc::waitid(
+                    libc::P_PID,
+                    self.process.pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT,
+                );
+                if rc == 0 {
+                    break;
+                }
+                let error = std::io::Error::last_os_error();
+                if error.raw_os_error() != Some(libc::EINTR) {
+                    return Err(error);
+                }
+            }
+            let status = info.si_status();
+            Ok(match info.si_code {
+                libc::CLD_EXITED => api::ExitStatus {
+                    code: Some(status),
+                    ..Default::default()
+                },
+                code => api::ExitStatus {
+                    signal: Some(status),
+                    core_dumped: code == libc::CLD_DUMPED,
+                    ..Default::default()
+                },
+            })
+        }
+    }
+
+    /// Reaps the exited process (so no zombie is left) and returns its status.
+    pub fn reap(mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+
+    /// Its command line with secrets replaced by `<redacted>`, fit for a log line.
+    pub fn redacted_argv(&self) -> Vec<String> {
+        self.argv
+            .iter()
+            .map(|a| {
+                if a.secret {
+                    "<redacted>".to_owned()
+                } else {
+                    a.value.clone()
+                }
+            })
+            .collect()
+    }
+}
+
+/// Starts migratekit processes from the configured template.
+#[derive(Debug)]
+pub struct Launcher {
+    config: LauncherConfig,
+    /// One launch at a time, so that no other child of ours, forked at the same moment,
+    /// holds a copy of this launch's gate pipes while it waits at its own gate.
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl Launcher {
+    /// A launcher for `config`.
+    pub fn new(config: LauncherConfig) -> Self {
+        Self {
+            config,
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LauncherConfig {
+        &self.config
+    }
+
+    /// Starts migratekit for `job_id`. `register` runs after the process exists (its pid and
+    /// start time are known) and before it can execute anything; if it fails, the process is
+    /// stopped at the gate and the error is returned.
+    pub async fn launch<T, R>(
+        &self,
+        job_id: &str,
+        request: &StartJobRequest,
+        register: impl FnOnce(ProcessIdentity) -> Result<T, R> + Send + 'static,
+    ) -> Result<(Launched, T), LaunchError<R>>
+    where
+        T: Send + 'static,
+        R: Send + 'static,
+    {
+        let argv = render(&self.config, job_id, request)?;
+        check_executable(&self.config.program).map_err(|source| LaunchError::Program {
+            path: self.config.program.clone(),
+            source,
+        })?;
+        let _one_at_a_time = self.lock.lock().await;
+        let (pid_r, pid_w) = pipe().map_err(LaunchError::Spawn)?;
+        let (go_r, go_w) = pipe().map_err(LaunchError::Spawn)?;
+        let (mut cmd, placement) = self.command(job_id, &argv).map_err(LaunchError::Spawn)?;
+        let (pid_w_raw, go_r_raw) = (pid_w.as_raw_fd(), go_r.as_raw_fd());
+        let held = (pid_w, go_r);
+        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+        // system calls (setsid, getpid, write, read) on descriptors it keeps alive.
+        unsafe {
+            cmd.pre_exec(move || {
+                let _keep_open = &held;
+                child_gate(pid_w_raw, go_r_raw)
+            });
+        }
+        let spawned = Arc::new(AtomicBool::new(false));
+        let spawned_flag = Arc::clone(&spawned);
+        let spawner = tokio::task::spawn_blocking(move || {
+            let child = cmd.spawn();
+            // Dropping the command closes the parent's copies of the child's pipe ends.
+            drop(cmd);
+            spawned_flag.store(true, Ordering::SeqCst);
+            child
+        });
+        let move_cgroup = placement == Placement::SessionRootCgroup;
+        let gate = tokio::task::spawn_blocking(move || {
+            let pid = read_pid(&pid_r, &spawned).map_err(LaunchError::Identity)?;
+            let identity = match proc_identity(pid) {
+                Ok(identity) => identity,
+                Err(e) => {
+                    let _ = write_byte(&go_w, b'0');
+                    return Err(LaunchError::Identity(e));
+                }
+            };
+            if move_cgroup {
+                move_to_root_cgroup(pid);
+            }
+            match register(identity) {
+                Ok(registered) => {
+                    write_byte(&go_w, b'1').map_err(LaunchError::Spawn)?;
+                    Ok((identity, registered))
+                }
+                Err(e) => {
+                    let _ = write_byte(&go_w, b'0');
+                    Err(LaunchError::Registration(e))
+                }
+            }
+        });
+        // Await both before looking at either, so no child handle is dropped unreaped.
+        let gate = gate.await;
+        let child = spawner.await;
+        let child = child
+            .map_err(|e| LaunchError::Spawn(std::io::Error::other(e)))
+            .and_then(|c| c.map_err(LaunchError::Spawn));
+        let (process, registered) = match gate {
+            Ok(Ok(registered)) => registered,
+            Ok(Err(e)) => return Err(stop(child, e)),
+            Err(e) => return Err(stop(child, LaunchError::Spawn(std::io::Error::other(e)))),
+        };
+        // Registered but exec failed: the registered process has already exited (std reaps
+        // it), and the registry's detector reports that death like any other.
+        let child = child?;
+        let launched = Launched {
+            process,
+            child,
+            placement,
+            argv,
+        };
+        tracing::info!(job_id, pid = process.pid, start_time = process.start_time, placement = ?launched.placement, argv = ?launched.redacted_argv(), "started migratekit");
+        Ok((launched, registered))
+    }
+
+    /// `systemd-run`, when it is to be used and exists. Checked before the fork: an exec
+    /// that fails after registration would look like a migratekit death.
+    fn systemd_run(&self) -> Option<&'static str> {
+        if self.config.systemd != SystemdMode::Auto || !systemd_running() {
+            return None;
+        }
+        let found = ["/usr/bin/systemd-run", "/bin/systemd-run"]
+            .into_iter()
+            .find(|p| check_executable(std::path::Path::new(p)).is_ok());
+        if found.is_none() {
+            tracing::warn!(
+                "systemd runs but systemd-run was not found; starting migratekit in its own session only, so a stop of the watchdog's unit with KillMode=control-group would kill it"
+            );
+        }
+        found
+    }
+
+    fn command(&self, job_id: &str, argv: &[RenderedArg]) -> std::io::Result<(Command, Placement)> {
+        let program = &self.config.program;
+        let (mut cmd, placement) = if let Some(systemd_run) = self.systemd_run() {
+            let suffix = uuid::Uuid::new_v4().simple().to_string();
+            let unit = format!("migratekit-{job_id}-{}", &suffix[..8]);
+            let mut cmd = Command::new(systemd_run);
+            // An explicit description: systemd would otherwise describe the scope by
+            // its command line, which carries the password, in its logs.
+            cmd.args(["--scope", "--quiet", "--collect", "--unit", &unit])
+                .arg("--description")
+                .arg(format!("migratekit job {job_id}"))
+                .arg("--")
+                .arg(program);
+            (cmd, Placement::SystemdScope { unit })
+        } else if in_cgroup_v2_subgroup() {
+            (Command::new(program), Placement::SessionRootCgroup)
+        } else {
+            (Command::new(program), Placement::Session)
+        };
+        cmd.args(argv.iter().map(|a| &a.value))
+            .env("MIGRATEKIT_JOB_ID", job_id)
+            .env("MIGRATEKIT_PROGRESS_JOB_ID", job_id)
+            .stdin(Stdio::null());
+        // Never a pipe to the watchdog: it would break (SIGPIPE) when the watchdog restarts.
+        match &self.config.log_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                let log =
+                    super::super::outbox::disk::open_append(&dir.join(format!("{job_id}.log")))?;
+                cmd.stdout(log.try_clone()?).stderr(log);
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        Ok((cmd, placement))
+    }
+}
+
+/// A child can only get past its gate with the go byte, so a failed gate means a failed
+/// spawn; should a child exist anyway, it is killed and reaped rather than left running
+/// unregistered.
+fn stop<R>(child: Result<Child, LaunchError<R>>, error: LaunchError<R>) -> LaunchError<R> {
+    if let Ok(mut child) = child {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    error
+}
+
+/// Runs in the forked child: new session, report the pid, wait for the go byte.
+fn child_gate(pid_w: RawFd, go_r: RawFd) -> std::io::Result<()> {
+    // SAFETY: plain system calls on descriptors the closure keeps open.
+    unsafe {
+        if libc::setsid() < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let pid = (libc::getpid() as u32).to_ne_bytes();
+        loop {
+            let n = libc::write(pid_w, pid.as_ptr().cast(), pid.len());
+            if n == pid.len() as isize {
+                break;
+            }
+            if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(std::io::Error::from_raw_os_error(libc::EPIPE));
+        }
+        let mut go = [0u8; 1];
+        loop {
+            let n = libc::read(go_r, go.as_mut_ptr().cast(), 1);
+            if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            if n == 1 && go[0] == b'1' {
+                return Ok(());
+            }
+            return Err(std::io::Error::from_raw_os_error(libc::ECANCELED));
+        }
+    }
+}
+
+/// Reads the 4-byte pid the child writes, polling so that a spawn that failed before the
+/// child wrote anything is noticed even if another process holds the pipe open.
+fn read_pid(pid_r: &OwnedFd, spawned: &AtomicBool) -> std::io::Result<u32> {
+    let deadline = Instant::now() + PID_TIMEOUT;
+    let mut buf = [0u8; 4];
+    let mut got = 0;
+    while got < buf.len() {
+        let finished = spawned.load(Ordering::SeqCst);
+        let mut fds = libc::pollfd {
+            fd: pid_r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut fds, 1, 50) };
+        if ready > 0 {
+            // SAFETY: reading into the rest of a local buffer.
+            let n = unsafe {
+                libc::read(
+                    pid_r.as_raw_fd(),
+                    buf[got..].as_mut_ptr().cast(),
+                    buf.len() - got,
+                )
+            };
+            if n > 0 {
+                got += n as usize;
+                continue;
+            }
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the child exited before reporting its pid",
+                ));
+            }
+        }
+        if finished || Instant::now() > deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the child did not report its pid",
+            ));
+        }
+    }
+    Ok(u32::from_ne_bytes(buf))
+}
+
+fn write_byte(fd: &OwnedFd, byte: u8) -> std::io::Result<()> {
+    // SAFETY: writing one byte from a local to an open descriptor.
+    let n = unsafe { libc::write(fd.as_raw_fd(), (&byte as *const u8).cast(), 1) };
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors that we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn check_executable(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)?;
+    if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "not an executable file",
+        ))
+    }
+}
+
+/// True when this process sits below the root of a pure cgroup v2 hierarchy (its
+/// `/proc/self/cgroup` has the single `0::/path` line, and path is not `/`).
+fn in_cgroup_v2_subgroup() -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/self/cgroup") else {
+        return false;
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    matches!(lines.as_slice(), [only] if only.starts_with("0::") && only.trim_end() != "0::/")
+}
+
+/// Moves `pid` to the root cgroup of the v2 hierarchy; a failure (a container that does not
+/// delegate the root) is logged and the process still runs in its own session.
+fn move_to_root_cgroup(pid: u32) {
+    if let Err(error) = std::fs::write("/sys/fs/cgroup/cgroup.procs", pid.to_string()) {
+        tracing::warn!(pid, %error, "could not move migratekit to the root cgroup; it runs in its own session but a stop of the watchdog's cgroup would kill it");
+    }
+}

@@ -1,0 +1,178 @@
+//! The task that delivers the outbox to the OMA, batch by batch, until each event is
+//! acknowledged.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::{EventBatch, EventBatchAck};
+use rand::Rng;
+use uuid::Uuid;
+
+use super::{Outbox, OutboxError};
+use crate::http::BearerToken;
+
+/// Where and how to deliver.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// Base URL of the OMA, e.g. `http://oma:8082`; `/api/v1/watchdog/events` is appended.
+    pub oma_url: String,
+    /// This VMA's id, sent in every batch.
+    pub vma_id: String,
+    /// The VMA's bearer token at the OMA.
+    pub token: BearerToken,
+    /// At most this many events per request.
+    pub batch_size: usize,
+    /// First retry delay after a failure; doubles on each further failure.
+    pub initial_backoff: Duration,
+    /// Cap on the retry delay.
+    pub max_backoff: Duration,
+    /// Timeout of one request.
+    pub request_timeout: Duration,
+}
+
+impl DeliveryConfig {
+    /// Defaults: batches of 100, backoff from 100 ms doubling to at most 30 s, 10 s timeout.
+    pub fn new(oma_url: impl Into<String>, vma_id: impl Into<String>, token: BearerToken) -> Self {
+        Self {
+            oma_url: oma_url.into(),
+            vma_id: vma_id.into(),
+            token,
+            batch_size: 100,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn events_url(&self) -> String {
+        format!(
+            "{}/api/v1/watchdog/events",
+            self.oma_url.trim_end_matches('/')
+        )
+    }
+}
+
+/// Why one delivery attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error("the OMA could not be reached: {0}")]
+    Request(#[source] reqwest::Error),
+    #[error("the OMA answered {0}; check the VMA id and token configured for this VMA at the OMA")]
+    Status(reqwest::StatusCode),
+    #[error("the OMA's answer is not an event acknowledgement: {0}")]
+    BadAck(#[source] reqwest::Error),
+    #[error("the OMA acknowledged none of the {0} events sent")]
+    NothingAcknowledged(usize),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error("the acknowledgement could not be recorded: the blocking task failed")]
+    Join,
+}
+
+/// Delivers the outbox until `shutdown` resolves. Never gives up: every failure is counted,
+/// logged and retried after a capped, jittered exponential backoff.
+pub async fn run(outbox: Arc<Outbox>, config: DeliveryConfig, shutdown: impl Future<Output = ()>) {
+    let client = reqwest::Client::builder()
+        .timeout(config.request_timeout)
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new());
+    let url = config.events_url();
+    tokio::pin!(shutdown);
+    let mut failures: u32 = 0;
+    loop {
+        let batch = outbox.peek(config.batch_size.max(1));
+        if batch.is_empty() {
+            // Wake on the next append; the periodic wake-up is only a safety net.
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = outbox.appended() => {}
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            continue;
+        }
+        let sent = batch.len();
+        let attempt = attempt(&client, &url, &config, &outbox, batch);
+        let result = tokio::select! {
+            () = &mut shutdown => return,
+            result = attempt => result,
+        };
+        match result {
+            Ok(removed) => {
+                failures = 0;
+                tracing::debug!(sent, acknowledged = removed, "delivered events to the OMA");
+            }
+            Err(error) => {
+                outbox.record_failed_attempt();
+                failures = failures.saturating_add(1);
+                let delay = backoff(failures, config.initial_backoff, config.max_backoff);
+                tracing::warn!(%error, url = %url, attempt = failures, retry_in_ms = delay.as_millis() as u64, queued = outbox.stats().queued, "delivering events to the OMA failed; will retry");
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn attempt(
+    client: &reqwest::Client,
+    url: &str,
+    config: &DeliveryConfig,
+    outbox: &Arc<Outbox>,
+    events: Vec<api::ProcessEvent>,
+) -> Result<usize, AttemptError> {
+    let sent: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    let batch = EventBatch {
+        vma_id: config.vma_id.clone(),
+        events,
+    };
+    let response = client
+        .post(url)
+        .bearer_auth(config.token.expose())
+        .json(&batch)
+        .send()
+        .await
+        .map_err(AttemptError::Request)?;
+    if !response.status().is_success() {
+        return Err(AttemptError::Status(response.status()));
+    }
+    let ack: EventBatchAck = response.json().await.map_err(AttemptError::BadAck)?;
+    let ids = ack.acknowledged;
+    let outbox = Arc::clone(outbox);
+    let removed = tokio::task::spawn_blocking(move || outbox.acknowledge(&ids))
+        .await
+        .map_err(|_| AttemptError::Join)??;
+    if removed == 0 {
+        return Err(AttemptError::NothingAcknowledged(sent.len()));
+    }
+    Ok(removed)
+}
+
+/// Delay before retry number `failures` (1-based): `initial * 2^(failures-1)`, capped at
+/// `max`, then jittered uniformly into its upper half so that many VMAs do not retry in step.
+pub fn backoff(failures: u32, initial: Duration, max: Duration) -> Duration {
+    let exp = failures.saturating_sub(1).min(30);
+    let base = initial.saturating_mul(1u32 << exp).min(max);
+    let half = base / 2;
+    let jitter = rand::thread_rng().gen_range(0..=half.as_micros() as u64);
+    half + Duration::from_micros(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(2));
+        for _ in 0..50 {
+            let first = backoff(1, i, m);
+            assert!(first >= Duration::from_millis(50) && first <= i);
+            let late = backoff(40, i, m);
+            assert!(late >= Duration::from_secs(1) && late <= m);
+        }
+        assert!(backoff(4, i, m) >= Duration::from_millis(400));
+    }
+}

@@ -1,0 +1,106 @@
+//! Durable outbox of process events for the OMA, and the task that delivers it.
+//!
+//! [`Outbox::append`] returns only once the event is fsynced; [`delivery::run`] sends the
+//! oldest events in batches to `{oma}/api/v1/watchdog/events` and removes exactly the ids the
+//! OMA acknowledges, retrying with capped exponential backoff and jitter for as long as it
+//! takes. A restart resumes from the files.
+
+pub mod delivery;
+pub(crate) mod disk;
+mod store;
+
+use std::path::PathBuf;
+
+pub use delivery::{DeliveryConfig, run as run_delivery};
+pub use store::Outbox;
+
+/// Bounds of the outbox on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxLimits {
+    /// At most this many undelivered events.
+    pub max_events: u64,
+    /// At most this many bytes of undelivered events (as stored, one JSON line each).
+    pub max_bytes: u64,
+}
+
+impl Default for OutboxLimits {
+    /// 100,000 events or 64 MiB: weeks of deaths at any realistic rate, and small enough
+    /// that loading and compacting the file stays well under a second.
+    fn default() -> Self {
+        Self {
+            max_events: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Counters of the outbox, for `/health` and metrics.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OutboxStats {
+    /// Events waiting for the OMA's acknowledgement.
+    pub queued: u64,
+    /// Their size on disk.
+    pub queued_bytes: u64,
+    /// Bound on `queued`.
+    pub max_events: u64,
+    /// Bound on `queued_bytes`.
+    pub max_bytes: u64,
+    /// Events acknowledged by the OMA since this process started.
+    pub delivered: u64,
+    /// Delivery attempts that failed since this process started.
+    pub failed_attempts: u64,
+    /// Events refused because the outbox was full, since this process started.
+    pub refused: u64,
+    /// Age of the oldest undelivered event, in seconds.
+    pub oldest_age_seconds: Option<f64>,
+}
+
+/// Errors of the outbox. Each says which file failed and what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The outbox directory or a file in it could not be created, read or opened.
+    #[error(
+        "cannot open the outbox at {path}: {source}; check that the state directory exists and is writable"
+    )]
+    Open {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An event or an acknowledgement could not be made durable.
+    #[error(
+        "cannot write the outbox file {path}: {source}; check free space on the state directory's filesystem"
+    )]
+    Write {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The outbox is at its bound; the event was not stored.
+    #[error(
+        "outbox full ({queued}/{max_events} events, {queued_bytes}/{max_bytes} bytes): the event was not stored; the OMA has not acknowledged events for a while, check that it is reachable and accepts the watchdog's token"
+    )]
+    Full {
+        /// Events queued.
+        queued: u64,
+        /// Bound on events.
+        max_events: u64,
+        /// Bytes queued.
+        queued_bytes: u64,
+        /// Bound on bytes.
+        max_bytes: u64,
+    },
+    /// An event could not be encoded as JSON.
+    #[error("cannot encode event {event_id} for the outbox: {source}")]
+    Encode {
+        /// The event.
+        event_id: uuid::Uuid,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}

@@ -1,0 +1,410 @@
+//! The outbox on disk: every process event is fsynced before `append` returns, and stays
+//! until the OMA acknowledges its id.
+//!
+//! Two files in the outbox directory:
+//! - `events.jsonl`: one [`StoredEvent`] per line, appended and `fdatasync`ed;
+//! - `acks.jsonl`: one acknowledged event id per line, appended and `fdatasync`ed.
+//!
+//! Pending = events whose id is not in the acks. Compaction rewrites `events.jsonl` with the
+//! pending events only (atomically), then empties `acks.jsonl`; a crash between the two
+//! leaves ids in the acks that match nothing, which is harmless. It runs when the outbox
+//! opens and when the acks have grown past the pending queue, so it costs O(1) amortised.
+
+use std::collections::{HashSet, VecDeque};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use api::ProcessEvent;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::disk;
+use super::{OutboxError, OutboxLimits, OutboxStats};
+
+const EVENTS_FILE: &str = "events.jsonl";
+const ACKS_FILE: &str = "acks.jsonl";
+const COMPACT_MIN_ACKS: usize = if cfg!(test) { 8 } else { 1024 };
+
+/// One line of `events.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredEvent {
+    /// When the event entered the outbox, for the "oldest age" metric.
+    appended_at: DateTime<Utc>,
+    event: ProcessEvent,
+}
+
+#[derive(Debug)]
+struct Pending {
+    stored: StoredEvent,
+    bytes: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pending: VecDeque<Pending>,
+    pending_bytes: u64,
+    events: File,
+    acks: File,
+    acks_since_compaction: usize,
+    delivered: u64,
+    failed_attempts: u64,
+    refused: u64,
+    /// Whether the last append found the outbox above the warning threshold, so the
+    /// warning is logged once per episode instead of once per event.
+    warned_filling: bool,
+}
+
+/// Durable queue of process events waiting for the OMA's acknowledgement. Methods block on
+/// disk I/O (`fdatasync`): call them from `spawn_blocking` in async code.
+#[derive(Debug)]
+pub struct Outbox {
+    dir: PathBuf,
+    limits: OutboxLimits,
+    inner: Mutex<Inner>,
+    notify: tokio::sync::Notify,
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox in `dir` and loads what is still pending.
+    ///
+    /// A torn last line (a crash in the middle of an append, so `append` never returned and
+    /// nobody was told the event was stored) is skipped with a warning.
+    pub fn open(dir: &Path, limits: OutboxLimits) -> Result<Self, OutboxError> {
+        let open_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| OutboxError::Open { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(open_err(dir))?;
+        let events_path = dir.join(EVENTS_FILE);
+        let acks_path = dir.join(ACKS_FILE);
+        let (events, damage) =
+            disk::read_json_lines::<StoredEvent>(&events_path).map_err(open_err(&events_path))?;
+        log_damage(&events_path, &damage);
+        let (acked, damage) =
+            disk::read_json_lines::<Uuid>(&acks_path).map_err(open_err(&acks_path))?;
+        log_damage(&acks_path, &damage);
+        let acked: HashSet<Uuid> = acked.into_iter().collect();
+        let mut seen = HashSet::new();
+        let mut pending = VecDeque::new();
+        let mut pending_bytes = 0;
+        for stored in events {
+            // The same id twice can only come from a retried append; keep the first.
+            if acked.contains(&stored.event.event_id) || !seen.insert(stored.event.event_id) {
+                continue;
+            }
+            let bytes = line_len(&stored)?;
+            pending_bytes += bytes;
+            pending.push_back(Pending { stored, bytes });
+        }
+        let (mut events, mut acks) = (None, None);
+        compact(dir, &pending, &mut events, &mut acks).map_err(open_err(dir))?;
+        let (Some(events), Some(acks)) = (events, acks) else {
+            return Err(OutboxError::Open {
+                path: dir.to_path_buf(),
+                source: std::io::Error::other("compaction returned no file handles"),
+            });
+        };
+        if !pending.is_empty() {
+            tracing::info!(queued = pending.len(), dir = %dir.display(), "outbox resumes with events still to deliver to the OMA");
+        }
+        let outbox = Self {
+            dir: dir.to_path_buf(),
+            limits,
+            inner: Mutex::new(Inner {
+                pending,
+                pending_bytes,
+                events,
+                acks,
+                acks_since_compaction: 0,
+                delivered: 0,
+                failed_attempts: 0,
+                refused: 0,
+                warned_filling: false,
+            }),
+            notify: tokio::sync::Notify::new(),
+        };
+        // A restart with a backlog says so at once, not at the next append.
+        outbox.check_filling(&mut outbox.lock());
+        Ok(outbox)
+    }
+
+    /// Appends an event and makes it durable before returning.
+    ///
+    /// When the outbox is full the new event is refused with [`OutboxError::Full`] rather
+    /// than dropping the oldest: the oldest events are deaths nobody else has recorded, while
+    /// the caller still holds the refused one, logs it (and it remains in the daemon's own
+    /// journal and in the job status the OMA's recovery polls). Dropping silently is never
+    /// an option.
+    pub fn append(&self, event: ProcessEvent) -> Result<(), OutboxError> {
+        let stored = StoredEvent {
+            appended_at: Utc::now(),
+            event,
+        };
+        let mut line = serde_json::to_vec(&stored).map_err(|source| OutboxError::Encode {
+            event_id: stored.event.event_id,
+            source,
+        })?;
+        line.push(b'\n');
+        let bytes = line.len() as u64;
+        let mut inner = self.lock();
+        let full = inner.pending.len() as u64 >= self.limits.max_events
+            || inner.pending_bytes + bytes > self.limits.max_bytes;
+        if full {
+            inner.refused += 1;
+            tracing::error!(
+                event_id = %stored.event.event_id, job_id = %stored.event.job_id,
+                queued = inner.pending.len(), queued_bytes = inner.pending_bytes,
+                max_events = self.limits.max_events, max_bytes = self.limits.max_bytes,
+                "outbox full: refusing a new event; the OMA has not acknowledged events for a while, check its reachability and the watchdog's token"
+            );
+            return Err(OutboxError::Full {
+                queued: inner.pending.len() as u64,
+                max_events: self.limits.max_events,
+                queued_bytes: inner.pending_bytes,
+                max_bytes: self.limits.max_bytes,
+            });
+        }
+        let write_err = |source| OutboxError::Write {
+            path: self.dir.join(EVENTS_FILE),
+            source,
+        };
+        inner.events.write_all(&line).map_err(write_err)?;
+        inner.events.sync_data().map_err(write_err)?;
+        inner.pending_bytes += bytes;
+        inner.pending.push_back(Pending { stored, bytes });
+        self.check_filling(&mut inner);
+        drop(inner);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// [`Outbox::append`] from async code: the fsync runs on a blocking thread.
+    pub async fn append_async(self: &Arc<Self>, event: ProcessEvent) -> Result<(), OutboxError> {
+        let outbox = Arc::clone(self);
+        tokio::task::spawn_blocking(move || outbox.append(event))
+            .await
+            .unwrap_or_else(|join| {
+                Err(OutboxError::Write {
+                    path: self.dir.join(EVENTS_FILE),
+                    source: std::io::Error::other(join),
+                })
+            })
+    }
+
+    /// Up to `max` of the oldest pending events, in the order they were appended.
+    pub fn peek(&self, max: usize) -> Vec<ProcessEvent> {
+        let inner = self.lock();
+        inner
+            .pending
+            .iter()
+            .take(max)
+            .map(|p| p.stored.event.clone())
+            .collect()
+    }
+
+    /// Removes exactly the pending events whose ids are in `ids` (ids not pending are
+    /// ignored), durably. Returns how many were removed.
+    pub fn acknowledge(&self, ids: &[Uuid]) -> Result<usize, OutboxError> {
+        let mut inner = self.lock();
+        let ids: HashSet<Uuid> = ids.iter().copied().collect();
+        let present: Vec<Uuid> = inner
+            .pending
+            .iter()
+            .map(|p| p.stored.event.event_id)
+            .filter(|id| ids.contains(id))
+            .collect();
+        if present.is_empty() {
+            return Ok(0);
+        }
+        let mut lines = Vec::new();
+        for id in &present {
+            lines.extend_from_slice(format!("\"{id}\"\n").as_bytes());
+        }
+        let write_err = |source| OutboxError::Write {
+            path: self.dir.join(ACKS_FILE),
+            source,
+        };
+        inner.acks.write_all(&lines).map_err(write_err)?;
+        inner.acks.sync_data().map_err(write_err)?;
+        let before = inner.pending.len();
+        let mut removed_bytes = 0;
+        inner.pending.retain(|p| {
+            let keep = !ids.contains(&p.stored.event.event_id);
+            if !keep {
+                removed_bytes += p.bytes;
+            }
+            keep
+        });
+        let removed = before - inner.pending.len();
+        inner.pending_bytes -= removed_bytes;
+        inner.delivered += removed as u64;
+        inner.acks_since_compaction += removed;
+        self.check_filling(&mut inner);
+        if inner.acks_since_compaction >= COMPACT_MIN_ACKS.max(inner.pending.len()) {
+            // The acknowledgement is already durable; a failed compaction only means the
+            // files stay longer, so it is logged, not returned.
+            let inner = &mut *inner;
+            let (mut events, mut acks) = (None, None);
+            let result = compact(&self.dir, &inner.pending, &mut events, &mut acks);
+            if let Some(events) = events {
+                inner.events = events;
+            }
+            if let Some(acks) = acks {
+                inner.acks = acks;
+            }
+            match result {
+                Ok(()) => inner.acks_since_compaction = 0,
+                Err(error) => {
+                    tracing::warn!(%error, dir = %self.dir.display(), "could not compact the outbox; it keeps working and retries at the next acknowledgement")
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Counts one failed delivery attempt (for the metrics).
+    pub fn record_failed_attempt(&self) {
+        self.lock().failed_attempts += 1;
+    }
+
+    /// Counters for `/health` and metrics.
+    pub fn stats(&self) -> OutboxStats {
+        let inner = self.lock();
+        let oldest_age_seconds = inner.pending.front().map(|p| {
+            (Utc::now() - p.stored.appended_at)
+                .num_milliseconds()
+                .max(0) as f64
+                / 1000.0
+        });
+        OutboxStats {
+            queued: inner.pending.len() as u64,
+            queued_bytes: inner.pending_bytes,
+            max_events: self.limits.max_events,
+            max_bytes: self.limits.max_bytes,
+            delivered: inner.delivered,
+            failed_attempts: inner.failed_attempts,
+            refused: inner.refused,
+            oldest_age_seconds,
+        }
+    }
+
+    /// Resolves when an event is appended (used by the delivery task to wake up).
+    pub(crate) async fn appended(&self) {
+        self.notify.notified().await;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Logs a warning once each time the outbox crosses 80 % of either bound.
+    fn check_filling(&self, inner: &mut Inner) {
+        let events = inner.pending.len() as u64 * 100 / self.limits.max_events.max(1);
+        let bytes = inner.pending_bytes * 100 / self.limits.max_bytes.max(1);
+        let filling = events >= 80 || bytes >= 80;
+        if filling && !inner.warned_filling {
+            tracing::warn!(
+                queued = inner.pending.len(),
+                max_events = self.limits.max_events,
+                queued_bytes = inner.pending_bytes,
+                max_bytes = self.limits.max_bytes,
+                "outbox over 80% full: events are not being acknowledged by the OMA; check that it is reachable, or new events will be refused"
+            );
+        }
+        inner.warned_filling = filling;
+    }
+}
+
+fn line_len(stored: &StoredEvent) -> Result<u64, OutboxError> {
+    serde_json::to_vec(stored)
+        .map(|v| v.len() as u64 + 1)
+        .map_err(|source| OutboxError::Encode {
+            event_id: stored.event.event_id,
+            source,
+        })
+}
+
+fn log_damage(path: &Path, damage: &disk::LineDamage) {
+    if damage.torn_tail {
+        tracing::warn!(file = %path.display(), "skipped a torn last line in the outbox (an append interrupted by a crash, never reported as stored)");
+    }
+    if !damage.corrupt_lines.is_empty() {
+        tracing::error!(file = %path.display(), lines = ?damage.corrupt_lines, "skipped corrupt lines in the outbox; the events on them are lost, check the disk");
+    }
+}
+
+/// Rewrites the events file with the pending events only, then empties the acks file, and
+/// reopens both for appending. Each new handle is installed as soon as its file is in place,
+/// so a failure half-way never leaves a handle on a replaced file.
+fn compact(
+    dir: &Path,
+    pending: &VecDeque<Pending>,
+    events: &mut Option<File>,
+    acks: &mut Option<File>,
+) -> std::io::Result<()> {
+    let mut contents = Vec::new();
+    for p in pending {
+        serde_json::to_writer(&mut contents, &p.stored)?;
+        contents.push(b'\n');
+    }
+    *events = Some(disk::replace_keep_open(&dir.join(EVENTS_FILE), &contents)?);
+    disk::sync_dir(dir)?;
+    *acks = Some(disk::replace_keep_open(&dir.join(ACKS_FILE), b"")?);
+    disk::sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::{Detector, ProcessEventKind, ProcessIdentity};
+
+    fn event(n: u32) -> ProcessEvent {
+        ProcessEvent {
+            event_id: Uuid::new_v4(),
+            kind: ProcessEventKind::DiedWhileUnwatched,
+            job_id: format!("job-{n}"),
+            process: ProcessIdentity {
+                pid: n,
+                start_time: 1,
+            },
+            exit: None,
+            observed_at: Utc::now(),
+            detector: Detector::Registry,
+        }
+    }
+
+    #[test]
+    fn compaction_after_acks_keeps_appending_to_the_new_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
+        let events: Vec<ProcessEvent> = (0..20).map(event).collect();
+        for e in &events {
+            outbox.append(e.clone()).unwrap();
+        }
+        let acked: Vec<Uuid> = events[..10].iter().map(|e| e.event_id).collect();
+        assert_eq!(outbox.acknowledge(&acked).unwrap(), 10);
+        // Compacted: only the pending events are left, and no acks.
+        let lines = std::fs::read_to_string(dir.path().join(EVENTS_FILE)).unwrap();
+        assert_eq!(lines.lines().count(), 10);
+        assert_eq!(std::fs::read(dir.path().join(ACKS_FILE)).unwrap(), b"");
+        let late = event(99);
+        outbox.append(late.clone()).unwrap();
+        outbox.acknowledge(&[events[10].event_id]).unwrap();
+        drop(outbox);
+        let outbox = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
+        let pending = outbox.peek(100);
+        assert_eq!(pending.len(), 10);
+        assert_eq!(pending[0], events[11]);
+        assert_eq!(pending[9], late);
+        assert_eq!(
+            outbox.stats().queued_bytes,
+            std::fs::metadata(dir.path().join(EVENTS_FILE))
+                .unwrap()
+                .len()
+        );
+    }
+}

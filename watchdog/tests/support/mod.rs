@@ -1,0 +1,95 @@
+//! Shared set-up for the API tests: a real server on a real socket.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use vma_watchdog::http::{self, AppState, BearerToken, DEFAULT_BODY_LIMIT, MemoryJobs};
+use vma_watchdog::launcher::{Launcher, LauncherConfig, SystemdMode};
+use vma_watchdog::progress::ProgressStore;
+
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// A running API server and what it serves.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    pub jobs: Arc<MemoryJobs>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Server {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Stops the server and waits until it has closed its listener.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// A launcher that runs `/bin/sleep {seconds}` and tracks processes named `sleep`.
+pub fn sleep_launcher() -> LauncherConfig {
+    let mut config = LauncherConfig::new("/bin/sleep");
+    config.args = vec!["{seconds}".into()];
+    config.match_names = vec!["sleep".into()];
+    config.systemd = SystemdMode::Never;
+    config
+}
+
+pub fn state(dir: &Path, launcher: LauncherConfig) -> (AppState, Arc<MemoryJobs>) {
+    let jobs = Arc::new(MemoryJobs::new());
+    let state = AppState {
+        progress: Arc::new(ProgressStore::open(dir).unwrap()),
+        jobs: jobs.clone(),
+        launcher: Arc::new(Launcher::new(launcher)),
+        token: BearerToken::new(TOKEN).unwrap(),
+        outbox: None,
+        body_limit: DEFAULT_BODY_LIMIT,
+    };
+    (state, jobs)
+}
+
+/// Serves on an already bound listener.
+pub fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    jobs: Arc<MemoryJobs>,
+) -> Server {
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(http::serve(listener, state.clone(), async move {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        state,
+        jobs,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+/// Serves on `127.0.0.1:0`.
+pub async fn start(dir: &Path, launcher: LauncherConfig) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (state, jobs) = state(dir, launcher);
+    serve_on(listener, state, jobs)
+}
+
+pub fn progress_body(bytes: u64) -> serde_json::Value {
+    serde_json::json!({
+        "stage": "Transfer", "status": "in_progress", "bytes_transferred": bytes,
+        "total_bytes": 1000, "throughput_bps": 100, "percent": bytes as f64 / 10.0,
+        "disk_id": "disk-2000", "sync_type": "full"
+    })
+}
