@@ -1,0 +1,69 @@
+//! `kill-test`: runs the kill-test scenarios of issue 5 (or the kill-to-commit benchmark)
+//! against the real daemons. Run through `cargo xtask kill-test`, which builds everything first.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use system_tests::killtest::{self, bench};
+
+/// Kill tests of the whole system: real oma, real vma-watchdog, stand-in migratekit.
+#[derive(Debug, Parser)]
+#[command(name = "kill-test")]
+struct Args {
+    /// Runs of each scenario.
+    #[arg(long, default_value_t = 2)]
+    runs: usize,
+    /// Only these scenario numbers (comma-separated), e.g. `--only 3,4`.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<u8>,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/kill-test/report.json")]
+    json: PathBuf,
+    /// List the scenarios and what each proves, then exit.
+    #[arg(long)]
+    list: bool,
+    /// Instead of the scenarios, measure kill-to-commit latency over this many SIGKILLs.
+    #[arg(long)]
+    bench: Option<usize>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let scenarios: Vec<_> = killtest::all()
+        .into_iter()
+        .filter(|s| args.only.is_empty() || args.only.contains(&s.number))
+        .collect();
+    if args.list {
+        for s in &scenarios {
+            println!("{} {}: {}", s.number, s.name, s.proves);
+        }
+        return Ok(());
+    }
+    if !system_tests::is_root() {
+        eprintln!("SKIP: kill-test: needs root (eBPF, killing processes, namespaces, cgroups)");
+        return Ok(());
+    }
+    if let Some(kills) = args.bench {
+        let figures = bench::kill_to_commit(kills).context("kill-to-commit benchmark")?;
+        println!("{figures}");
+        write_json(&args.json, &figures)?;
+        return Ok(());
+    }
+    let report = killtest::run(&scenarios, args.runs);
+    println!("{}", report.table());
+    write_json(&args.json, &report)?;
+    eprintln!("report written to {}", args.json.display());
+    if !report.ok() {
+        anyhow::bail!("some kill-test scenarios failed; see the table above");
+    }
+    Ok(())
+}
+
+fn write_json(path: &PathBuf, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("writing {}; check the path", path.display()))
+}

@@ -1,0 +1,60 @@
+//! Kill-to-commit benchmark: SIGKILL a running migratekit, time until the OMA has committed
+//! the job's transition to `failed` (the audit entry's timestamp, millisecond resolution).
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::system::{System, SystemOptions, percentile};
+
+/// Figures of one benchmark run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchFigures {
+    /// Kills measured.
+    pub kills: usize,
+    /// Median, milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile, milliseconds.
+    pub p99_ms: f64,
+    /// Worst, milliseconds.
+    pub max_ms: f64,
+    /// The watchdog's detector (`auto` picks eBPF when it loads).
+    pub detector: String,
+}
+
+impl fmt::Display for BenchFigures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "kill-to-commit over {} SIGKILLs (detector {}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
+             (OMA timestamps have 1 ms resolution)",
+            self.kills, self.detector, self.p50_ms, self.p99_ms, self.max_ms
+        )
+    }
+}
+
+/// Starts one system and measures `kills` SIGKILLs, one job at a time.
+pub fn kill_to_commit(kills: usize) -> crate::Result<BenchFigures> {
+    let sys = System::start(&SystemOptions::default())?;
+    let mut ms = Vec::with_capacity(kills);
+    for i in 0..kills {
+        let job = format!("bench-{i}");
+        let p = sys.start_job(&job, "")?;
+        sys.wait_recorded(&job, p)?;
+        // Let the process settle (the launcher's registration and the exec are done).
+        std::thread::sleep(Duration::from_millis(20));
+        let (_, latency) = sys.kill_and_wait(&job, p, libc::SIGKILL)?;
+        ms.push(latency.as_secs_f64() * 1e3);
+        if (i + 1) % 50 == 0 {
+            eprintln!("  {} kills measured", i + 1);
+        }
+    }
+    Ok(BenchFigures {
+        kills,
+        p50_ms: percentile(&ms, 50.0).unwrap_or_default(),
+        p99_ms: percentile(&ms, 99.0).unwrap_or_default(),
+        max_ms: ms.iter().copied().fold(0.0, f64::max),
+        detector: "auto".into(),
+    })
+}

@@ -1,0 +1,451 @@
+//! Scenarios 1, 2, 3, 5, 6 and 7 of issue 5, on loopback.
+
+use std::time::{Duration, Instant};
+
+use api::ProcessIdentity;
+use oma::model::{FailureClass, JobStatus};
+use rand::Rng;
+
+use super::{RunOutcome, check, fail};
+use crate::procs;
+use crate::system::{PATIENCE, System, SystemOptions, final_transitions, json_find};
+
+pub(crate) fn system() -> Result<System, String> {
+    System::start(&SystemOptions::default()).map_err(fail("starting oma and vma-watchdog"))
+}
+
+/// Starts `job` and waits until the OMA has recorded its process.
+pub(crate) fn started(sys: &System, job: &str, args: &str) -> Result<ProcessIdentity, String> {
+    let p = sys.start_job(job, args).map_err(fail("starting a job"))?;
+    sys.wait_recorded(job, p)
+        .map_err(fail("OMA recording the process"))?;
+    Ok(p)
+}
+
+/// Asserts the job's final state, class, and exactly one final transition.
+pub(crate) fn expect_final(
+    sys: &System,
+    job: &str,
+    status: JobStatus,
+    class: Option<FailureClass>,
+) -> Result<(), String> {
+    let j = sys
+        .oma
+        .wait_final(job, PATIENCE)
+        .map_err(fail(&format!("job {job} reaching a final state")))?;
+    check(j.status == status && j.failure_class == class, || {
+        format!(
+            "job {job}: expected {status:?}/{class:?}, got {:?}/{:?}",
+            j.status, j.failure_class
+        )
+    })?;
+    let audit = sys
+        .oma
+        .audit(job)
+        .map_err(fail("reading the audit trail"))?;
+    let n = final_transitions(&audit).len();
+    check(n == 1, || {
+        format!("job {job}: {n} final transitions, expected 1")
+    })
+}
+
+/// Asserts the job is still active with its process, and its progress moves at the OMA.
+pub(crate) fn expect_alive_and_polled(
+    sys: &System,
+    job: &str,
+    p: ProcessIdentity,
+) -> Result<(), String> {
+    check(procs::is_alive(p), || format!("job {job}: process died"))?;
+    let before = sys.oma.job(job).map_err(fail("reading a job"))?;
+    check(before.status.is_active(), || {
+        format!("job {job} was moved to {:?}", before.status)
+    })?;
+    sys.oma
+        .wait_job(job, PATIENCE, |j| {
+            j.bytes_transferred > before.bytes_transferred && j.status.is_active()
+        })
+        .map_err(fail(&format!("progress of {job} moving at the OMA")))?;
+    Ok(())
+}
+
+/// Asserts that no job is left active.
+pub(crate) fn expect_none_active(sys: &System) -> Result<(), String> {
+    let active = sys.oma.active_jobs().map_err(fail("listing jobs"))?;
+    check(active.is_empty(), || {
+        format!(
+            "jobs left active: {:?}",
+            active.iter().map(|j| &j.id).collect::<Vec<_>>()
+        )
+    })
+}
+
+/// Scenario 1: the OMA restarts mid-job (SIGKILL on even runs, SIGTERM on odd ones).
+pub fn oma_restart(run: usize) -> RunOutcome {
+    let mut sys = system()?;
+    let live = started(&sys, "live", "")?;
+    let dying = started(&sys, "dying", "")?;
+    if run.is_multiple_of(2) {
+        sys.oma.sigkill().map_err(fail("SIGKILL of the OMA"))?;
+    } else {
+        sys.oma.stop().map_err(fail("stopping the OMA"))?;
+    }
+    procs::kill_process(dying, libc::SIGKILL).map_err(fail("killing migratekit"))?;
+    procs::wait_gone(dying, PATIENCE).map_err(fail("migratekit ending"))?;
+    sys.oma.start_again().map_err(fail("restarting the OMA"))?;
+    expect_final(
+        &sys,
+        "dying",
+        JobStatus::Failed,
+        Some(FailureClass::ProcessKilled),
+    )?;
+    expect_alive_and_polled(&sys, "live", live)?;
+    let (_, latency) = sys
+        .kill_and_wait("live", live, libc::SIGKILL)
+        .map_err(fail("killing the live job"))?;
+    expect_final(
+        &sys,
+        "live",
+        JobStatus::Failed,
+        Some(FailureClass::ProcessKilled),
+    )?;
+    expect_none_active(&sys)?;
+    Ok(vec![latency])
+}
+
+/// Scenario 2: the watchdog restarts mid-job (SIGKILL on even runs, SIGTERM on odd ones).
+pub fn watchdog_restart(run: usize) -> RunOutcome {
+    let mut sys = system()?;
+    let live = started(&sys, "live", "")?;
+    let dying = started(&sys, "dying", "")?;
+    if run.is_multiple_of(2) {
+        sys.watchdog
+            .sigkill()
+            .map_err(fail("SIGKILL of the watchdog"))?;
+    } else {
+        sys.watchdog.stop().map_err(fail("stopping the watchdog"))?;
+    }
+    check(procs::is_alive(live), || {
+        "migratekit died with the watchdog".into()
+    })?;
+    procs::kill_process(dying, libc::SIGKILL).map_err(fail("killing migratekit"))?;
+    procs::wait_gone(dying, PATIENCE).map_err(fail("migratekit ending"))?;
+    sys.watchdog
+        .start_again()
+        .map_err(fail("restarting the watchdog"))?;
+    expect_final(
+        &sys,
+        "dying",
+        JobStatus::Failed,
+        Some(FailureClass::DiedWhileUnwatched),
+    )?;
+    expect_alive_and_polled(&sys, "live", live)?;
+    let (_, latency) = sys
+        .kill_and_wait("live", live, libc::SIGKILL)
+        .map_err(fail("killing the adopted job"))?;
+    expect_final(
+        &sys,
+        "live",
+        JobStatus::Failed,
+        Some(FailureClass::ProcessKilled),
+    )?;
+    expect_none_active(&sys)?;
+    Ok(vec![latency])
+}
+
+fn expect_evidence(
+    sys: &System,
+    job: &str,
+    key: &str,
+    want: &serde_json::Value,
+) -> Result<(), String> {
+    let audit = sys
+        .oma
+        .audit(job)
+        .map_err(fail("reading the audit trail"))?;
+    let finals = final_transitions(&audit);
+    let got = finals.first().and_then(|a| json_find(&a.evidence, key));
+    check(got == Some(want), || {
+        format!("job {job}: evidence {key} = {got:?}, expected {want}")
+    })
+}
+
+/// Scenario 3: every way migratekit dies.
+pub fn migratekit_dies(_run: usize) -> RunOutcome {
+    let sys = system()?;
+    let mut latencies = Vec::new();
+    for (job, sig) in [("sigkill", libc::SIGKILL), ("sigterm", libc::SIGTERM)] {
+        let p = started(&sys, job, "")?;
+        let (_, l) = sys.kill_and_wait(job, p, sig).map_err(fail(job))?;
+        latencies.push(l);
+        expect_final(
+            &sys,
+            job,
+            JobStatus::Failed,
+            Some(FailureClass::ProcessKilled),
+        )?;
+        expect_evidence(&sys, job, "signal", &sig.into())?;
+    }
+    sys.start_job("segv", "--standin-run-for 0.3 --standin-crash segv")
+        .map_err(fail("starting the segv job"))?;
+    expect_final(
+        &sys,
+        "segv",
+        JobStatus::Failed,
+        Some(FailureClass::ProcessKilled),
+    )?;
+    expect_evidence(&sys, "segv", "signal", &libc::SIGSEGV.into())?;
+    expect_evidence(&sys, "segv", "core_dumped", &true.into())?;
+    sys.start_job("exit3", "--standin-run-for 0.3 --standin-exit-code 3")
+        .map_err(fail("starting the exit-3 job"))?;
+    expect_final(
+        &sys,
+        "exit3",
+        JobStatus::Failed,
+        Some(FailureClass::ProcessExited),
+    )?;
+    expect_evidence(&sys, "exit3", "code", &3.into())?;
+    let cgroup = crate::cgroup::MemCgroup::create(
+        &format!("kill-test-oom-{}", std::process::id()),
+        64 << 20,
+    )
+    .map_err(fail("creating a memory cgroup"))?;
+    sys.watchdog
+        .set_cgroup("oom", &cgroup.procs_file())
+        .map_err(fail("placing the OOM job in the cgroup"))?;
+    sys.start_job(
+        "oom",
+        "--standin-run-for 0.3 --standin-oom --standin-oom-cap-mib 1024",
+    )
+    .map_err(fail("starting the OOM job"))?;
+    expect_final(
+        &sys,
+        "oom",
+        JobStatus::Failed,
+        Some(FailureClass::OomKilled),
+    )?;
+    expect_none_active(&sys)?;
+    Ok(latencies)
+}
+
+/// Scenario 5: thread exits that are not deaths.
+pub fn threads(_run: usize) -> RunOutcome {
+    let sys = system()?;
+    let worker = started(&sys, "worker-exit", "--standin-thread-exit")?;
+    let leader = started(&sys, "leader-exit", "--standin-leader-exit")?;
+    // Both thread exits happen within 100 ms of start; give a false death time to arrive.
+    std::thread::sleep(Duration::from_millis(1500));
+    for (job, p) in [("worker-exit", worker), ("leader-exit", leader)] {
+        let j = sys.oma.job(job).map_err(fail("reading a job"))?;
+        check(j.status.is_active() && j.failure_class.is_none(), || {
+            format!(
+                "job {job}: a thread exit was taken for a death ({:?})",
+                j.status
+            )
+        })?;
+        check(procs::is_alive(p), || {
+            format!("job {job}: the process is gone")
+        })?;
+    }
+    let mut latencies = Vec::new();
+    for (job, p) in [("worker-exit", worker), ("leader-exit", leader)] {
+        let (_, l) = sys
+            .kill_and_wait(job, p, libc::SIGKILL)
+            .map_err(fail(job))?;
+        latencies.push(l);
+        expect_final(
+            &sys,
+            job,
+            JobStatus::Failed,
+            Some(FailureClass::ProcessKilled),
+        )?;
+    }
+    expect_none_active(&sys)?;
+    Ok(latencies)
+}
+
+/// Makes the next process land on `pid` (root: `/proc/sys/kernel/ns_last_pid`), retrying a
+/// few times since other processes on the machine fork too. Returns the new process.
+fn occupy_pid(pid: u32) -> Result<std::process::Child, String> {
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
+            .map_err(fail("writing /proc/sys/kernel/ns_last_pid"))?;
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .map_err(fail("spawning sleep"))?;
+        if child.id() == pid {
+            return Ok(child);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    Err(format!(
+        "could not get pid {pid} for a new process in 50 tries"
+    ))
+}
+
+/// Scenario 6: pid reuse after a death during the watchdog's downtime.
+pub fn pid_reuse(_run: usize) -> RunOutcome {
+    let mut sys = system()?;
+    let p = started(&sys, "reused", "")?;
+    sys.watchdog
+        .sigkill()
+        .map_err(fail("SIGKILL of the watchdog"))?;
+    procs::kill_process(p, libc::SIGKILL).map_err(fail("killing migratekit"))?;
+    procs::wait_gone(p, PATIENCE).map_err(fail("migratekit ending"))?;
+    let mut impostor = occupy_pid(p.pid)?;
+    let outcome = (|| {
+        sys.watchdog
+            .start_again()
+            .map_err(fail("restarting the watchdog"))?;
+        expect_final(
+            &sys,
+            "reused",
+            JobStatus::Failed,
+            Some(FailureClass::DiedWhileUnwatched),
+        )?;
+        let status = sys
+            .watchdog
+            .job("reused")
+            .map_err(fail("watchdog job status"))?;
+        let running = matches!(
+            status.as_ref().map(|s| &s.state),
+            Some(api::JobProcessState::Running { .. })
+        );
+        check(!running, || format!("the impostor was adopted: {status:?}"))?;
+        let job = sys.oma.job("reused").map_err(fail("reading the job"))?;
+        check(job.process_start_time == Some(p.start_time as i64), || {
+            "the OMA's job changed process".into()
+        })
+    })();
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    outcome.map(|()| Vec::new())
+}
+
+/// What the harness did to one job of the load scenario, and so how it must end.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fate {
+    /// Exits 0 after reporting 100 %.
+    Completes,
+    /// Exits 3.
+    Exits3,
+    /// SIGKILLed by the harness while the watchdog ran.
+    Killed,
+    /// SIGKILLed while the watchdog was down.
+    KilledUnwatched,
+}
+
+/// Scenario 7: 50 concurrent jobs, random kills and restarts of both daemons for ~20 s.
+pub fn load(run: usize) -> RunOutcome {
+    let mut sys = system()?;
+    let mut rng = rand::thread_rng();
+    let mut jobs: Vec<(String, Option<ProcessIdentity>, Fate)> = Vec::new();
+    // When each self-ending job is due to end, and when the watchdog was down: a job that
+    // ends on its own while nobody watches is rightly `died_while_unwatched`.
+    let mut ends: Vec<Option<Instant>> = Vec::new();
+    let mut downtimes: Vec<(Instant, Instant)> = Vec::new();
+    for i in 0..50 {
+        let job = format!("load-{run}-{i}");
+        let run_for: f64 = rng.gen_range(2.0..15.0);
+        let (args, fate) = match rng.gen_range(0..4) {
+            0 => (format!("--standin-run-for {run_for:.1}"), Fate::Completes),
+            1 => (
+                format!("--standin-run-for {run_for:.1} --standin-exit-code 3"),
+                Fate::Exits3,
+            ),
+            _ => (String::new(), Fate::Killed),
+        };
+        let p = sys
+            .start_job(&job, &args)
+            .map_err(fail("starting a load job"))?;
+        ends.push(
+            (fate != Fate::Killed).then(|| Instant::now() + Duration::from_secs_f64(run_for)),
+        );
+        jobs.push((job, Some(p), fate));
+    }
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(200..800)));
+        match rng.gen_range(0..10) {
+            0 => {
+                sys.oma.sigkill().map_err(fail("SIGKILL of the OMA"))?;
+                sys.oma.start_again().map_err(fail("restarting the OMA"))?;
+            }
+            1 => {
+                let down = Instant::now();
+                sys.watchdog
+                    .sigkill()
+                    .map_err(fail("SIGKILL of the watchdog"))?;
+                // Kill one job while nobody watches.
+                if let Some(entry) = jobs
+                    .iter_mut()
+                    .find(|(_, p, f)| *f == Fate::Killed && p.is_some_and(procs::is_alive))
+                {
+                    if let Some(p) = entry.1 {
+                        let _ = procs::kill_process(p, libc::SIGKILL);
+                        let _ = procs::wait_gone(p, PATIENCE);
+                    }
+                    entry.2 = Fate::KilledUnwatched;
+                }
+                sys.watchdog
+                    .start_again()
+                    .map_err(fail("restarting the watchdog"))?;
+                downtimes.push((down, Instant::now()));
+            }
+            _ => {
+                let i = rng.gen_range(0..jobs.len());
+                if jobs[i].2 == Fate::Killed
+                    && let Some(p) = jobs[i].1.take()
+                {
+                    let _ = procs::kill_process(p, libc::SIGKILL);
+                }
+            }
+        }
+    }
+    // Whatever still runs to be killed is killed now, with the watchdog up.
+    for (_, p, fate) in &mut jobs {
+        if *fate == Fate::Killed
+            && let Some(p) = p.take()
+        {
+            let _ = procs::kill_process(p, libc::SIGKILL);
+        }
+    }
+    let slack = Duration::from_secs(1);
+    for ((job, _, fate), end) in jobs.iter().zip(&ends) {
+        let unwatched_end = end.is_some_and(|e| {
+            downtimes
+                .iter()
+                .any(|(a, b)| e + slack >= *a && e <= *b + slack)
+        });
+        if unwatched_end {
+            let j = sys.oma.wait_final(job, PATIENCE).map_err(fail(job))?;
+            let fine = j.failure_class == Some(FailureClass::DiedWhileUnwatched)
+                || matches!(
+                    (fate, j.status, j.failure_class),
+                    (Fate::Completes, JobStatus::Completed, None)
+                        | (
+                            Fate::Exits3,
+                            JobStatus::Failed,
+                            Some(FailureClass::ProcessExited)
+                        )
+                );
+            check(fine, || {
+                format!(
+                    "job {job}: {fate:?} ended as {:?}/{:?}",
+                    j.status, j.failure_class
+                )
+            })?;
+            continue;
+        }
+        let (status, class) = match fate {
+            Fate::Completes => (JobStatus::Completed, None),
+            Fate::Exits3 => (JobStatus::Failed, Some(FailureClass::ProcessExited)),
+            Fate::Killed => (JobStatus::Failed, Some(FailureClass::ProcessKilled)),
+            Fate::KilledUnwatched => (JobStatus::Failed, Some(FailureClass::DiedWhileUnwatched)),
+        };
+        expect_final(&sys, job, status, class)?;
+    }
+    expect_none_active(&sys)?;
+    Ok(Vec::new())
+}

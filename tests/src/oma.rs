@@ -1,0 +1,286 @@
+//! A real `oma` server on a free port with its own SQLite file, and its REST API as the
+//! operator sees it.
+
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use oma::model::{AuditEntry, Job, JobStatus, VmContext};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::daemon::Daemon;
+use crate::http::{Answer, JsonClient, free_port, wait_for};
+use crate::{HarnessError, Result};
+
+/// How to run the OMA. Intervals are short so that tests see recovery and polling quickly.
+#[derive(Debug, Clone)]
+pub struct OmaConfig {
+    /// Address to listen on (loopback, or the OMA's veth address in a namespace).
+    pub ip: IpAddr,
+    /// Network namespace to run in.
+    pub netns: Option<String>,
+    /// `--poll-interval-secs`.
+    pub poll_interval_secs: f64,
+    /// `--recovery-interval-secs`.
+    pub recovery_interval_secs: f64,
+    /// `--stale-threshold-secs`.
+    pub stale_threshold_secs: f64,
+    /// `--poll-max-backoff-secs`.
+    pub poll_max_backoff_secs: f64,
+    /// `--vma-timeout-secs`.
+    pub vma_timeout_secs: f64,
+}
+
+impl Default for OmaConfig {
+    fn default() -> Self {
+        Self {
+            ip: IpAddr::from([127, 0, 0, 1]),
+            netns: None,
+            poll_interval_secs: 0.2,
+            recovery_interval_secs: 2.0,
+            stale_threshold_secs: 1800.0,
+            poll_max_backoff_secs: 1.0,
+            vma_timeout_secs: 2.0,
+        }
+    }
+}
+
+/// A running (or stopped) `oma`. Its database and logs live in a temporary directory that
+/// outlives restarts.
+#[derive(Debug)]
+pub struct Oma {
+    daemon: Daemon,
+    dir: tempfile::TempDir,
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub url: String,
+    /// The operator token.
+    pub operator_token: String,
+    /// The token the OMA presents to VMA watchdogs.
+    pub vma_api_token: String,
+    client: JsonClient,
+}
+
+fn token() -> String {
+    format!("tok-{}", uuid::Uuid::new_v4().simple())
+}
+
+impl Oma {
+    /// Starts an OMA with `config` and waits for `/health`. `http` is the client to reach it
+    /// with (see [`crate::netns::NetPair::client_in`] for a namespaced OMA).
+    pub fn start(config: &OmaConfig, http: reqwest::blocking::Client) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("oma-")
+            .tempdir()
+            .map_err(|e| HarnessError::io("creating the OMA's temporary directory", e))?;
+        let port = free_port(if config.netns.is_some() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            config.ip
+        })?;
+        let operator_token = token();
+        let vma_api_token = token();
+        let write = |name: &str, text: &str| -> Result<PathBuf> {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text)
+                .map_err(|e| HarnessError::io(format!("writing {}", p.display()), e))?;
+            Ok(p)
+        };
+        let operator_file = write("operator.token", &operator_token)?;
+        let vma_file = write("vma-api.token", &vma_api_token)?;
+        let f = |v: f64| OsString::from(v.to_string());
+        let args: Vec<OsString> = vec![
+            "--listen".into(),
+            format!("{}:{port}", config.ip).into(),
+            "--database".into(),
+            dir.path().join("oma.db").into(),
+            "--operator-token-file".into(),
+            operator_file.into(),
+            "--vma-api-token-file".into(),
+            vma_file.into(),
+            "--poll-interval-secs".into(),
+            f(config.poll_interval_secs),
+            "--recovery-interval-secs".into(),
+            f(config.recovery_interval_secs),
+            "--stale-threshold-secs".into(),
+            f(config.stale_threshold_secs),
+            "--poll-max-backoff-secs".into(),
+            f(config.poll_max_backoff_secs),
+            "--vma-timeout-secs".into(),
+            f(config.vma_timeout_secs),
+            "--log-format".into(),
+            "json".into(),
+        ];
+        let daemon = Daemon::new(
+            "oma",
+            crate::bins::oma()?,
+            args,
+            config.netns.clone(),
+            dir.path().join("oma.log"),
+        );
+        let url = format!("http://{}:{port}", config.ip);
+        let client = JsonClient::new(http, url.clone(), Some(operator_token.clone()));
+        let mut oma = Self {
+            daemon,
+            dir,
+            url,
+            operator_token,
+            vma_api_token,
+            client,
+        };
+        oma.start_again()?;
+        Ok(oma)
+    }
+
+    /// Starts the stopped server again on the same port and database; waits for `/health`.
+    pub fn start_again(&mut self) -> Result<()> {
+        self.daemon.start()?;
+        self.client
+            .wait_healthy(Duration::from_secs(20))
+            .map_err(|e| self.with_log(&e))
+    }
+
+    /// Appends the end of the OMA's log to an error, so a failure explains itself.
+    pub fn with_log(&self, e: &HarnessError) -> HarnessError {
+        HarnessError::Status {
+            what: format!("{e}; oma log tail"),
+            status: 0,
+            body: self.daemon.log_tail(30),
+        }
+    }
+
+    /// SIGKILL (a crash).
+    pub fn sigkill(&mut self) -> Result<()> {
+        self.daemon.sigkill()
+    }
+
+    /// SIGTERM (a clean stop).
+    pub fn stop(&mut self) -> Result<()> {
+        self.daemon.stop(Duration::from_secs(10))
+    }
+
+    /// The daemon (pid, log).
+    pub fn daemon(&mut self) -> &mut Daemon {
+        &mut self.daemon
+    }
+
+    /// The temporary directory (database, log, token files).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The operator's client.
+    pub fn client(&self) -> &JsonClient {
+        &self.client
+    }
+
+    /// `PUT /api/v1/vmas/{id}`: registers a VMA's watchdog URL and the token it posts events with.
+    pub fn register_vma(&self, vma_id: &str, base_url: &str, token: &str) -> Result<()> {
+        let _: Value = self.client.call(
+            Method::PUT,
+            &format!("/api/v1/vmas/{vma_id}"),
+            Some(&json!({ "base_url": base_url, "token": token })),
+            200,
+        )?;
+        Ok(())
+    }
+
+    /// `POST /api/v1/jobs`: creates job `job_id` for VM context `context` on `vma_id`.
+    pub fn create_job(&self, job_id: &str, context: &str, vma_id: &str) -> Result<Job> {
+        self.client.call(
+            Method::POST,
+            "/api/v1/jobs",
+            Some(&json!({
+                "id": job_id,
+                "vm_context_id": context,
+                "vm_name": format!("vm-{context}"),
+                "vma_id": vma_id,
+                "sync_type": "full",
+            })),
+            201,
+        )
+    }
+
+    /// `GET /api/v1/jobs/{id}`.
+    pub fn job(&self, job_id: &str) -> Result<Job> {
+        self.client.get(&format!("/api/v1/jobs/{job_id}"))
+    }
+
+    /// `GET /api/v1/jobs` (up to 1000, newest first).
+    pub fn jobs(&self) -> Result<Vec<Job>> {
+        self.client.get("/api/v1/jobs?limit=1000")
+    }
+
+    /// `GET /api/v1/jobs/{id}/audit`, oldest first.
+    pub fn audit(&self, job_id: &str) -> Result<Vec<AuditEntry>> {
+        self.client.get(&format!("/api/v1/jobs/{job_id}/audit"))
+    }
+
+    /// `GET /api/v1/vm-contexts/{id}`.
+    pub fn context(&self, context_id: &str) -> Result<VmContext> {
+        self.client
+            .get(&format!("/api/v1/vm-contexts/{context_id}"))
+    }
+
+    /// `GET /api/v1/recovery/status`.
+    pub fn recovery_status(&self) -> Result<Value> {
+        self.client.get("/api/v1/recovery/status")
+    }
+
+    /// Any request, with any token, for tests of refusals.
+    pub fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<Answer> {
+        self.client.raw(method, path, token, body)
+    }
+
+    /// Waits until job `job_id` satisfies `done` and returns it.
+    pub fn wait_job(
+        &self,
+        job_id: &str,
+        timeout: Duration,
+        done: impl Fn(&Job) -> bool,
+    ) -> Result<Job> {
+        wait_for(
+            &format!("job {job_id} to reach the expected state"),
+            timeout,
+            Duration::from_millis(2),
+            || self.job(job_id).ok().filter(|j| done(j)),
+        )
+        .map_err(|e| match self.job(job_id) {
+            Ok(j) => HarnessError::Status {
+                what: e.to_string(),
+                status: 0,
+                body: format!("job is {:?} / {:?}", j.status, j.failure_class),
+            },
+            Err(_) => e,
+        })
+    }
+
+    /// Waits until the job is final.
+    pub fn wait_final(&self, job_id: &str, timeout: Duration) -> Result<Job> {
+        self.wait_job(job_id, timeout, |j| j.status.is_final())
+    }
+
+    /// Jobs still in an active state.
+    pub fn active_jobs(&self) -> Result<Vec<Job>> {
+        Ok(self
+            .jobs()?
+            .into_iter()
+            .filter(|j| j.status.is_active())
+            .collect())
+    }
+}
+
+/// Audit entries that moved the job into `to` (a real transition, not a note).
+pub fn transitions_to(audit: &[AuditEntry], to: JobStatus) -> Vec<&AuditEntry> {
+    audit
+        .iter()
+        .filter(|a| a.to_status == to && a.from_status.is_some_and(|f| f != to))
+        .collect()
+}

@@ -1,0 +1,298 @@
+//! A real `vma-watchdog` with its own state directory and port, launching the stand-in
+//! migratekit through a small wrapper that the harness controls per job.
+//!
+//! The watchdog's launch template runs `launch-mk.sh {job_id}`. The wrapper (written here)
+//! reads `behaviour/<job>.args` for the stand-in's `--standin-*` flags and, when
+//! `behaviour/<job>.cgroup` names a `cgroup.procs` file, moves itself there; then it execs the
+//! stand-in with the original's flags, `--vmware-password` included, so that a secret on the
+//! command line is exercised by every test. The pid, and so the identity the watchdog
+//! registered, is unchanged by the exec.
+
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use api::{StoredProgress, VmaJobStatus};
+use reqwest::Method;
+
+use crate::daemon::Daemon;
+use crate::http::{Answer, JsonClient, free_port};
+use crate::{HarnessError, Result};
+
+/// The vCenter password every launched stand-in carries on its command line. Tests assert it
+/// never shows up in a log, a database row or an API answer.
+pub const SECRET_PASSWORD: &str = "S3cret-vCenter-Passw0rd";
+
+/// How to run the watchdog.
+#[derive(Debug, Clone)]
+pub struct WatchdogConfig {
+    /// The VMA's id at the OMA.
+    pub vma_id: String,
+    /// Address to listen on: loopback, or `0.0.0.0` in a namespace so that both the OMA
+    /// (over the veth pair) and migratekit (over loopback) reach it.
+    pub ip: IpAddr,
+    /// Address the OMA uses to reach it (differs from `ip` when that is `0.0.0.0`).
+    pub advertised_ip: IpAddr,
+    /// Network namespace to run in.
+    pub netns: Option<String>,
+    /// The OMA's base URL for event delivery.
+    pub oma_url: String,
+    /// The token the OMA presents to this watchdog (the OMA's `--vma-api-token`).
+    pub api_token: String,
+    /// `--detector`: `auto`, `ebpf` or `procfs`.
+    pub detector: String,
+}
+
+/// A running (or stopped) watchdog; its state directory outlives restarts.
+#[derive(Debug)]
+pub struct Watchdog {
+    daemon: Daemon,
+    dir: tempfile::TempDir,
+    /// Base URL as the OMA reaches it.
+    pub url: String,
+    /// The token this watchdog presents to the OMA (register it with the OMA).
+    pub vma_token: String,
+    /// The VMA id.
+    pub vma_id: String,
+    api_token: String,
+    client: JsonClient,
+}
+
+fn wrapper_script(migratekit: &Path, dir: &Path, progress_url: &str) -> String {
+    format!(
+        r#"#!/bin/sh
+# Written by the system-tests harness: runs the stand-in migratekit for job $1 the way the
+# harness asked in {dir}/behaviour/.
+job="$1"
+b="{dir}/behaviour/$job"
+if [ -f "$b.cgroup" ]; then echo $$ > "$(cat "$b.cgroup")" || exit 97; fi
+args=""
+if [ -f "$b.args" ]; then args="$(cat "$b.args")"; fi
+export MIGRATEKIT_JOB_ID="$job" MIGRATEKIT_PROGRESS_JOB_ID="$job"
+export MIGRATEKIT_PROGRESS_URL="{progress_url}"
+# shellcheck disable=SC2086
+exec {mk} migrate --vmware-endpoint vcenter.example --vmware-username admin \
+  --vmware-password {secret} --vmware-path /dc/vm/$job --nbd-export-name $job \
+  --job-id "$job" $args
+"#,
+        dir = dir.display(),
+        mk = migratekit.display(),
+        secret = SECRET_PASSWORD,
+    )
+}
+
+impl Watchdog {
+    /// Starts a watchdog and waits for `/health`.
+    pub fn start(config: &WatchdogConfig, http: reqwest::blocking::Client) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("vma-")
+            .tempdir()
+            .map_err(|e| HarnessError::io("creating the watchdog's temporary directory", e))?;
+        let port = free_port(if config.netns.is_some() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            config.ip
+        })?;
+        let behaviour = dir.path().join("behaviour");
+        std::fs::create_dir_all(&behaviour)
+            .map_err(|e| HarnessError::io(format!("creating {}", behaviour.display()), e))?;
+        let vma_token = format!("vma-{}", uuid::Uuid::new_v4().simple());
+        let write = |name: &str, text: &str| -> Result<PathBuf> {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text)
+                .map_err(|e| HarnessError::io(format!("writing {}", p.display()), e))?;
+            Ok(p)
+        };
+        let progress_url = format!("http://127.0.0.1:{port}");
+        let wrapper = write(
+            "launch-mk.sh",
+            &wrapper_script(&crate::bins::migratekit()?, dir.path(), &progress_url),
+        )?;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| HarnessError::io("making the launch wrapper executable", e))?;
+        let oma_token_file = write("oma.token", &vma_token)?;
+        let api_token_file = write("api.token", &config.api_token)?;
+        let args = wiring_args(&WiringArgs {
+            state_dir: dir.path().join("state"),
+            listen: format!("{}:{port}", config.ip),
+            oma_url: config.oma_url.clone(),
+            vma_id: config.vma_id.clone(),
+            oma_token_file,
+            api_token_file,
+            wrapper,
+            log_dir: dir.path().join("jobs"),
+            detector: config.detector.clone(),
+        });
+        let daemon = Daemon::new(
+            "vma-watchdog",
+            crate::bins::watchdog()?,
+            args,
+            config.netns.clone(),
+            dir.path().join("watchdog.log"),
+        );
+        let url = format!("http://{}:{port}", config.advertised_ip);
+        let client = JsonClient::new(http, url.clone(), Some(config.api_token.clone()));
+        let mut w = Self {
+            daemon,
+            dir,
+            url,
+            vma_token,
+            vma_id: config.vma_id.clone(),
+            api_token: config.api_token.clone(),
+            client,
+        };
+        w.start_again()?;
+        Ok(w)
+    }
+
+    /// Starts the stopped watchdog again with the same state directory and port.
+    pub fn start_again(&mut self) -> Result<()> {
+        self.daemon.start()?;
+        self.client
+            .wait_healthy(Duration::from_secs(30))
+            .map_err(|e| HarnessError::Status {
+                what: format!("{e}; watchdog log tail"),
+                status: 0,
+                body: self.daemon.log_tail(30),
+            })
+    }
+
+    /// SIGKILL (a crash).
+    pub fn sigkill(&mut self) -> Result<()> {
+        self.daemon.sigkill()
+    }
+
+    /// SIGTERM (a clean stop).
+    pub fn stop(&mut self) -> Result<()> {
+        self.daemon.stop(Duration::from_secs(10))
+    }
+
+    /// The daemon (pid, log).
+    pub fn daemon(&mut self) -> &mut Daemon {
+        &mut self.daemon
+    }
+
+    /// The temporary directory (state, logs, wrapper).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The client with the OMA's token.
+    pub fn client(&self) -> &JsonClient {
+        &self.client
+    }
+
+    /// Sets the stand-in flags for `job_id` (e.g. `--standin-run-for 2 --standin-exit-code 3`).
+    pub fn set_behaviour(&self, job_id: &str, standin_args: &str) -> Result<()> {
+        let p = self
+            .dir
+            .path()
+            .join("behaviour")
+            .join(format!("{job_id}.args"));
+        std::fs::write(&p, standin_args)
+            .map_err(|e| HarnessError::io(format!("writing {}", p.display()), e))
+    }
+
+    /// Makes the launched stand-in of `job_id` move itself into the cgroup whose
+    /// `cgroup.procs` file is `procs`.
+    pub fn set_cgroup(&self, job_id: &str, procs: &Path) -> Result<()> {
+        let p = self
+            .dir
+            .path()
+            .join("behaviour")
+            .join(format!("{job_id}.cgroup"));
+        std::fs::write(&p, procs.as_os_str().as_encoded_bytes())
+            .map_err(|e| HarnessError::io(format!("writing {}", p.display()), e))
+    }
+
+    /// `GET /api/v1/jobs/{id}`: `None` for the contract's 404 `unknown_job`.
+    pub fn job(&self, job_id: &str) -> Result<Option<VmaJobStatus>> {
+        let path = format!("/api/v1/jobs/{job_id}");
+        let answer = self
+            .client
+            .raw(Method::GET, &path, Some(self.api_token_of_client()), None)?;
+        match answer.status {
+            200 => serde_json::from_str(&answer.body)
+                .map(Some)
+                .map_err(|source| HarnessError::Parse { what: path, source }),
+            404 => Ok(None),
+            status => Err(HarnessError::Status {
+                what: path,
+                status,
+                body: answer.body,
+            }),
+        }
+    }
+
+    /// `GET /api/v1/progress/{id}`: `None` before the first update.
+    pub fn progress(&self, job_id: &str) -> Result<Option<StoredProgress>> {
+        let path = format!("/api/v1/progress/{job_id}");
+        let answer = self
+            .client
+            .raw(Method::GET, &path, Some(self.api_token_of_client()), None)?;
+        match answer.status {
+            200 => serde_json::from_str(&answer.body)
+                .map(Some)
+                .map_err(|source| HarnessError::Parse { what: path, source }),
+            404 => Ok(None),
+            status => Err(HarnessError::Status {
+                what: path,
+                status,
+                body: answer.body,
+            }),
+        }
+    }
+
+    /// Any request, for tests of refusals.
+    pub fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<Answer> {
+        self.client.raw(method, path, token, body)
+    }
+
+    /// The token the OMA presents to this watchdog.
+    fn api_token_of_client(&self) -> &str {
+        &self.api_token
+    }
+}
+
+/// Everything the watchdog's command line carries.
+#[derive(Debug)]
+struct WiringArgs {
+    state_dir: PathBuf,
+    listen: String,
+    oma_url: String,
+    vma_id: String,
+    oma_token_file: PathBuf,
+    api_token_file: PathBuf,
+    wrapper: PathBuf,
+    log_dir: PathBuf,
+    detector: String,
+}
+
+/// The watchdog's command line, in one place so that a renamed flag is fixed once.
+fn wiring_args(w: &WiringArgs) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut flag = |name: &str, value: OsString| {
+        args.push(name.into());
+        args.push(value);
+    };
+    flag("--state-dir", w.state_dir.clone().into());
+    flag("--listen", w.listen.clone().into());
+    flag("--oma-url", w.oma_url.clone().into());
+    flag("--vma-id", w.vma_id.clone().into());
+    flag("--oma-token-file", w.oma_token_file.clone().into());
+    flag("--api-token-file", w.api_token_file.clone().into());
+    flag("--migratekit-program", w.wrapper.clone().into());
+    flag("--migratekit-arg", "{job_id}".into());
+    flag("--job-log-dir", w.log_dir.clone().into());
+    flag("--detector", w.detector.clone().into());
+    flag("--log-format", "json".into());
+    args
+}
