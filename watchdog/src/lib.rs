@@ -1,7 +1,13 @@
 //! `vma-watchdog`: sees every migratekit death on the VMA and reports it.
 
+pub mod config;
+pub mod daemon;
 pub mod detector;
 pub mod http;
+pub mod journal;
 pub mod launcher;
+pub mod logging;
 pub mod outbox;
+pub mod procfs;
 pub mod progress;
+pub mod registry;

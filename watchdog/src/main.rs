@@ -1,1 +1,30 @@
-fn main() {}
+//! `vma-watchdog`: see `vma_watchdog::config::Cli` for the command line.
+
+use anyhow::Context;
+use vma_watchdog::{config::Config, daemon, logging};
+
+fn main() -> anyhow::Result<()> {
+    let config = Config::from_args()?;
+    logging::init(config.log_format)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(async {
+        let shutdown =
+            daemon::shutdown_signal().context("cannot install the SIGTERM/SIGINT handlers")?;
+        daemon::run(config, shutdown)
+            .await
+            .context("the watchdog failed")
+    });
+    match &result {
+        Ok(()) => tracing::info!(event = "watchdog_stopped", "watchdog stopped cleanly"),
+        Err(e) => tracing::error!(
+            event = "watchdog_failed",
+            error = format!("{e:#}"),
+            "watchdog failed"
+        ),
+    }
+    result
+}

@@ -42,3 +42,5 @@ pub trait Detector: Send + Sync + std::fmt::Debug {
     /// Stop watching it (it died, or its job was forgotten).
     fn unwatch(&self, process: ProcessIdentity) -> std::io::Result<()>;
 }
+
+pub mod procfs;

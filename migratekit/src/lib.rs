@@ -1,0 +1,170 @@
+//! A stand-in for migratekit in tests.
+//!
+//! Like the Go original it runs several OS threads, takes `migrate --job-id ID` (or
+//! `MIGRATEKIT_JOB_ID`) and accepts the original's other flags, `--vmware-password` included,
+//! without keeping them. The `--standin-*` flags say how it ends: exit code, SIGSEGV, OOM, and
+//! thread tricks (leader exits first, a worker exits early) that must not look like a death.
+//!
+//! Once exec'd with all its threads up it prints one line on stdout,
+//! `migratekit-standin ready pid=<pid> job_id=<id> threads=<n>`; tests wait for it before
+//! killing. It then ends after `--standin-run-for` seconds, or when any line arrives on stdin
+//! (end of input does nothing), or when killed.
+
+use std::io::{BufRead, Write};
+use std::sync::mpsc;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Duration;
+
+mod args;
+
+pub use args::{ArgsError, Ending, Options};
+
+/// The ready line's first word, for tests to look for.
+pub const READY: &str = "migratekit-standin ready";
+
+/// Runs the stand-in. Returns only on an error before the threads are up; otherwise it ends
+/// the process as `options` say.
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    let barrier = Arc::new(Barrier::new(options.threads + 1));
+    for i in 0..options.threads {
+        let barrier = Arc::clone(&barrier);
+        let exits_early = options.thread_exit && i == 0;
+        thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .spawn(move || worker(&barrier, exits_early))?;
+    }
+    barrier.wait();
+
+    let (trigger_tx, trigger) = mpsc::channel::<()>();
+    thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || watch_stdin(&trigger_tx))?;
+
+    let job = options.job_id.as_deref().unwrap_or("-");
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{READY} pid={} job_id={job} threads={}",
+        std::process::id(),
+        live_threads()
+    )?;
+    out.flush()?;
+    drop(out);
+
+    let ending = options.ending;
+    let run_for = options.run_for;
+    if options.leader_exit {
+        // Another thread takes over the ending; the leader then exits on its own while the
+        // rest of the process runs on.
+        thread::Builder::new()
+            .name("conductor".into())
+            .spawn(move || conduct(run_for, ending, &trigger))?;
+        leader_exit();
+    }
+    conduct(run_for, ending, &trigger)
+}
+
+/// A worker: where the original copies disk blocks. Progress reporting (a later issue) goes
+/// here, with the job id handed down from [`Options`].
+fn worker(barrier: &Barrier, exits_early: bool) {
+    barrier.wait();
+    if exits_early {
+        thread::sleep(Duration::from_millis(100));
+        return;
+    }
+    loop {
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Forwards every line that arrives on stdin as a trigger; end of input is not a trigger.
+fn watch_stdin(trigger: &mpsc::Sender<()>) {
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        if line.is_err() || trigger.send(()).is_err() {
+            break;
+        }
+    }
+    // Keep the channel open so the conductor's wait is not cut short by end of input.
+    loop {
+        thread::park();
+    }
+}
+
+/// Waits for the time to be up (or a trigger) and ends the process.
+fn conduct(run_for: Option<Duration>, ending: Ending, trigger: &mpsc::Receiver<()>) -> ! {
+    match run_for {
+        Some(d) => {
+            let _ = trigger.recv_timeout(d);
+        }
+        None => {
+            let _ = trigger.recv();
+        }
+    }
+    end(ending)
+}
+
+/// Ends the whole process the way `ending` says, from any thread.
+fn end(ending: Ending) -> ! {
+    match ending {
+        Ending::Exit(code) => std::process::exit(code),
+        Ending::Segv => segv(),
+        Ending::Oom { cap_mib } => oom(cap_mib),
+    }
+}
+
+fn segv() -> ! {
+    // SAFETY: plain libc calls. The Rust runtime's own SIGSEGV handler (for stack overflow
+    // reports) is replaced by the default action first, and core dumps are allowed so the
+    // kernel sets the core-dumped flag, as it would for the real program on a VMA.
+    unsafe {
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &unlimited);
+        libc::signal(libc::SIGSEGV, libc::SIG_DFL);
+        libc::raise(libc::SIGSEGV);
+    }
+    // Not reached: the default action of SIGSEGV ends the process.
+    std::process::abort()
+}
+
+fn oom(cap_mib: u64) -> ! {
+    const CHUNK: usize = 16 << 20;
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    for _ in 0..cap_mib.div_ceil(16) {
+        // Touch every page so the memory is really charged, not just reserved.
+        let mut chunk = vec![0u8; CHUNK];
+        for page in chunk.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        held.push(chunk);
+    }
+    eprintln!(
+        "migratekit-standin: not OOM-killed after {cap_mib} MiB; run it in a cgroup with a smaller memory.max"
+    );
+    std::process::exit(1)
+}
+
+/// The leader thread exits alone, as `pthread_exit` in the leader would: the raw `exit`
+/// system call ends only the calling thread and unwinds nothing.
+fn leader_exit() -> ! {
+    // SAFETY: SYS_exit ends this thread only; no Rust frame of it runs again.
+    unsafe {
+        libc::syscall(libc::SYS_exit, 0);
+    }
+    std::process::abort()
+}
+
+/// Number of live threads of this process, from `/proc/self/stat` (field 20).
+fn live_threads() -> usize {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 1..];
+            rest.split_ascii_whitespace().nth(17)?.parse().ok()
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,346 @@
+//! The daemon: start the detector, find what runs, reconcile with the registry, then follow
+//! every start and death until told to stop.
+//!
+//! The order at start matters: the detector is attached *before* `/proc` is scanned, so a
+//! process that dies between the scan and the attach cannot exist; the registry from the last
+//! run is reconciled after both, so a death during the downtime is reported exactly once.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use api::{Detector as DetectorKind, ExitStatus, FoundBy, ProcessEventKind, ProcessIdentity};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::detector::{Detector, DetectorEvent};
+use crate::journal::{Journal, JournalError};
+use crate::logging::{death, detector_name, found_by_name};
+use crate::outbox::Outbox;
+use crate::procfs::{self, FoundProcess};
+use crate::registry::{Registry, RegistryError};
+
+mod jobs_view;
+mod start;
+mod tracker;
+
+pub use start::{DetectorStartError, shutdown_signal};
+pub use tracker::{TrackError, Tracker};
+
+/// What stops the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The registry cannot be loaded.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The journal cannot be opened.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// No detector could be started.
+    #[error(transparent)]
+    Detector(#[from] DetectorStartError),
+    /// The initial scan of `/proc` failed.
+    #[error("cannot scan /proc for running processes: {0}; the watchdog needs procfs at /proc")]
+    Scan(#[source] std::io::Error),
+}
+
+/// Runs the daemon until `shutdown` completes (SIGTERM/SIGINT in `main`).
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    Daemon::start(config).await?.run(shutdown).await;
+    Ok(())
+}
+
+/// A started daemon: detector attached, `/proc` scanned, registry reconciled.
+#[derive(Debug)]
+pub struct Daemon {
+    tracker: Tracker,
+    events: mpsc::Receiver<DetectorEvent>,
+}
+
+impl Daemon {
+    /// Attaches the detector, scans `/proc`, reconciles with the registry on disk.
+    pub async fn start(config: Config) -> Result<Self, DaemonError> {
+        Self::start_with_outbox(config, None).await
+    }
+
+    /// [`Self::start`], and every event journaled is also appended to `outbox` for delivery
+    /// to the OMA (after the journal: a crash between the two loses that one delivery).
+    pub async fn start_with_outbox(
+        config: Config,
+        outbox: Option<Arc<Outbox>>,
+    ) -> Result<Self, DaemonError> {
+        let registry = Arc::new(Registry::open(&config.state_dir)?);
+        let journal = Arc::new(Journal::open(&config.state_dir)?);
+        let started = start::detector(&config)?;
+        let tracker = Tracker(Arc::new(Core {
+            registry,
+            journal,
+            detector: started.detector,
+            unjobbed: Mutex::new(HashSet::new()),
+            children: Mutex::new(HashMap::new()),
+            outbox,
+        }));
+        let names = config.match_names.clone();
+        let found = tokio::task::spawn_blocking(move || procfs::scan(&names))
+            .await
+            .map_err(|e| DaemonError::Scan(std::io::Error::other(e)))?
+            .map_err(DaemonError::Scan)?;
+        tracker.0.reconcile(found);
+        tracing::info!(
+            event = "watchdog_ready",
+            detector = detector_name(tracker.0.detector.kind()),
+            watched = tracker.0.registry.running().len(),
+            state_dir = %config.state_dir.display(),
+            "watchdog ready"
+        );
+        Ok(Self {
+            tracker,
+            events: started.events,
+        })
+    }
+
+    /// A handle for the REST API: job status queries and registering processes it starts.
+    pub fn tracker(&self) -> Tracker {
+        self.tracker.clone()
+    }
+
+    /// Follows detector events until `shutdown` completes or the detector stops.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => {
+                    tracing::info!(event = "watchdog_stopping", "shutdown requested; stopping");
+                    break;
+                }
+                event = self.events.recv() => match event {
+                    Some(event) => self.tracker.0.handle(event).await,
+                    None => {
+                        tracing::error!(event = "detector_stopped", "the detector stopped delivering events; stopping so a supervisor restarts the watchdog");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Core {
+    registry: Arc<Registry>,
+    journal: Arc<Journal>,
+    detector: Arc<dyn Detector>,
+    /// Matching processes that name no job: watched so their death is logged, not reported.
+    unjobbed: Mutex<HashSet<ProcessIdentity>>,
+    /// Children handed over by [`Tracker::track_child`], reaped once their death is recorded.
+    children: Mutex<HashMap<ProcessIdentity, std::process::Child>>,
+    /// Where events go for delivery to the OMA, when the daemon delivers them.
+    outbox: Option<Arc<Outbox>>,
+}
+
+impl Core {
+    fn reconcile(&self, found: Vec<FoundProcess>) {
+        for entry in self.registry.running() {
+            let p = entry.process;
+            let alive = matches!(procfs::read_stat(p.pid),
+                Ok(Some(s)) if s.start_time == p.start_time && !s.is_dead());
+            if alive && self.watch(p) {
+                tracing::info!(event = "process_adopted", job_id = %entry.job_id, pid = p.pid,
+                    start_time = p.start_time, "adopted a process that was running before this start");
+            } else if !alive {
+                self.report_death(p, ExitStatus::default(), DetectorKind::Registry);
+            }
+        }
+        for f in found {
+            if self.registry.get(f.identity).is_none() {
+                self.adopt_new(f, FoundBy::Scan);
+            }
+        }
+    }
+
+    async fn handle(&self, event: DetectorEvent) {
+        match event {
+            DetectorEvent::Started { process, comm } => {
+                if self.registry.get(process).is_some() || self.is_unjobbed(process) {
+                    return;
+                }
+                let found = tokio::task::spawn_blocking(move || procfs::inspect(process, comm));
+                // Gone already: its exit event follows and is logged then.
+                if let Ok(Some(found)) = found.await {
+                    self.adopt_new(found, FoundBy::Exec);
+                }
+            }
+            DetectorEvent::Exited { process, exit, .. } => {
+                let kind = self.detector.kind();
+                self.report_death(process, exit, kind);
+            }
+        }
+    }
+
+    fn is_unjobbed(&self, p: ProcessIdentity) -> bool {
+        self.unjobbed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&p)
+    }
+
+    /// A running process seen for the first time: register it (or only watch it, when it
+    /// names no job) and record that it started.
+    fn adopt_new(&self, found: FoundProcess, found_by: FoundBy) {
+        let p = found.identity;
+        let Some(job_id) = found.job_id else {
+            self.unjobbed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(p);
+            tracing::warn!(event = "process_without_job", pid = p.pid, start_time = p.start_time,
+                comm = %found.comm, "matching process names no job (no --job-id, no MIGRATEKIT_JOB_ID); its death will be logged but not reported");
+            self.watch(p);
+            return;
+        };
+        if let Err(e) = self.register(p, &job_id, found_by) {
+            tracing::error!(event = "registry_error", error = %e, pid = p.pid, "cannot register a process");
+        }
+    }
+
+    pub(super) fn register(
+        &self,
+        p: ProcessIdentity,
+        job_id: &str,
+        found_by: FoundBy,
+    ) -> Result<bool, RegistryError> {
+        if !self.registry.register(p, job_id, found_by)? {
+            return Ok(false);
+        }
+        let kind = self.detector.kind();
+        match self.record(ProcessEventKind::ProcessStarted, job_id, p, None, kind) {
+            Ok(ev) => tracing::info!(event = "process_started", job_id, pid = p.pid,
+                start_time = p.start_time, found_by = found_by_name(found_by), detector = detector_name(kind),
+                event_id = %ev.event_id, "migratekit process started"),
+            Err(e) => {
+                tracing::error!(event = "journal_error", error = %e, "cannot journal a process start")
+            }
+        }
+        self.watch(p);
+        Ok(true)
+    }
+
+    /// Watches `p`; when it turns out to be gone already, reports its death (status unknown)
+    /// unless the eBPF detector, attached before, will report it with its status. Returns
+    /// whether it is being watched.
+    fn watch(&self, p: ProcessIdentity) -> bool {
+        // A process that is already dead (a zombie not yet reaped) would never produce an exit
+        // event for a tracepoint: report it now, with the status its zombie still holds.
+        if let Ok(Some(s)) = procfs::read_stat(p.pid)
+            && s.start_time == p.start_time
+            && s.is_dead()
+        {
+            let exit = s
+                .exit_code
+                .map(|raw| ExitStatus::from_wait_status(raw, false));
+            let kind = self.detector.kind();
+            self.report_death(p, exit.unwrap_or_default(), kind);
+            return false;
+        }
+        match self.detector.watch(p) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound || procfs::gone(&e) => {
+                if self.detector.kind() != DetectorKind::Ebpf {
+                    let kind = self.detector.kind();
+                    self.report_death(p, ExitStatus::default(), kind);
+                }
+                false
+            }
+            Err(e) => {
+                tracing::error!(event = "watch_error", error = %e, pid = p.pid,
+                    "cannot watch a process; its death may go unseen until the next restart");
+                false
+            }
+        }
+    }
+
+    /// Reports the death of `p` at most once: journal first (durable), then log, then the
+    /// registry. Should the journal fail, the process stays registered, so the next start
+    /// reports it as died while unwatched instead of losing it.
+    pub(super) fn report_death(
+        &self,
+        p: ProcessIdentity,
+        exit: ExitStatus,
+        detector: DetectorKind,
+    ) {
+        let _ = self.detector.unwatch(p);
+        let (kind, name) = if detector == DetectorKind::Registry {
+            (ProcessEventKind::DiedWhileUnwatched, "died_while_unwatched")
+        } else {
+            (ProcessEventKind::ProcessExited, "process_exited")
+        };
+        let Some(entry) = self.registry.get(p) else {
+            let was_unjobbed = self
+                .unjobbed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&p);
+            // The tracepoint also reports deaths already recorded another way (a zombie found
+            // at `watch`): those are not news.
+            let known = self.registry.exit_of(p).is_some();
+            if was_unjobbed || (detector == DetectorKind::Ebpf && !known) {
+                death(name, None, p, Some(&exit), detector, None);
+            }
+            return;
+        };
+        // A death while unwatched carries an exit status with every field unknown.
+        let event = match self.record(kind, &entry.job_id, p, Some(exit), detector) {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::error!(event = "journal_error", error = %e, pid = p.pid,
+                    "cannot journal a death; it will be reported after the next restart");
+                return;
+            }
+        };
+        death(
+            name,
+            Some(&entry.job_id),
+            p,
+            Some(&exit),
+            detector,
+            Some(event.event_id),
+        );
+        if let Err(e) = self.registry.record_exit(p, exit, detector) {
+            tracing::error!(event = "registry_error", error = %e, pid = p.pid, "cannot record a death in the registry");
+        }
+        self.reap(p);
+    }
+
+    /// Reaps a child handed over by `track_child`, now that its death is recorded.
+    fn reap(&self, p: ProcessIdentity) {
+        let child = self
+            .children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&p);
+        if let Some(mut child) = child
+            && let Err(e) = child.wait()
+        {
+            tracing::warn!(event = "reap_error", error = %e, pid = p.pid, "cannot reap a child");
+        }
+    }
+
+    /// Journals an event (durably) and hands it to the outbox, when there is one.
+    fn record(
+        &self,
+        kind: ProcessEventKind,
+        job_id: &str,
+        p: ProcessIdentity,
+        exit: Option<ExitStatus>,
+        detector: DetectorKind,
+    ) -> Result<api::ProcessEvent, JournalError> {
+        let event = self.journal.record(kind, job_id, p, exit, detector)?;
+        if let Some(outbox) = &self.outbox
+            && let Err(e) = outbox.append(event.clone())
+        {
+            tracing::error!(event = "outbox_error", error = %e, event_id = %event.event_id,
+                "cannot queue an event for the OMA; it stays in the local journal");
+        }
+        Ok(event)
+    }
+}

@@ -1,0 +1,156 @@
+//! The handle the REST API uses: job status queries, and registering the processes it starts
+//! or is asked to track, before they can die unseen.
+//!
+//! Every method is synchronous and may block briefly on an fsync: call it from a blocking
+//! thread (`spawn_blocking`) in async code.
+
+use std::sync::Arc;
+
+use api::{ExitStatus, FoundBy, ProcessIdentity, VmaJobStatus};
+
+use super::Core;
+use crate::journal::Journal;
+use crate::procfs;
+use crate::registry::{Registry, RegistryError};
+
+/// Shared handle on the daemon's state: the registry, the journal and the detector.
+#[derive(Debug, Clone)]
+pub struct Tracker(pub(super) Arc<Core>);
+
+impl Tracker {
+    /// The registry, for read-only queries (`job_status`, `jobs`).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.0.registry
+    }
+
+    /// The journal (the outbox reads the file at `journal().path()`).
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.0.journal
+    }
+
+    /// Registers `process` as running `job_id` (started by the launcher, or adopted through
+    /// the track endpoint) and watches it. When this returns `Ok` the registration is on disk
+    /// and the process watched, so its death cannot go unseen; a process that has died already
+    /// (a zombie) is reported at once. Registering the same process again changes nothing, but
+    /// an explicit `Started`/`Tracked` replaces what the detector recorded first. The process's
+    /// name is not checked here: the caller decides what it is willing to track.
+    pub fn register_process(
+        &self,
+        job_id: &str,
+        process: ProcessIdentity,
+        found_by: FoundBy,
+    ) -> Result<VmaJobStatus, TrackError> {
+        let stat = procfs::read_stat(process.pid).map_err(|source| TrackError::Proc {
+            pid: process.pid,
+            source,
+        })?;
+        if stat.is_none_or(|s| s.start_time != process.start_time) {
+            return Err(TrackError::NotRunning {
+                pid: process.pid,
+                start_time: process.start_time,
+            });
+        }
+        let other = self
+            .0
+            .registry
+            .running()
+            .into_iter()
+            .find(|e| e.job_id == job_id && e.process != process);
+        if let Some(other) = other {
+            return Err(TrackError::JobRunning {
+                job_id: job_id.to_owned(),
+                running: other.process,
+            });
+        }
+        self.0.register(process, job_id, found_by)?;
+        self.0
+            .registry
+            .job_status(job_id)
+            .ok_or(TrackError::NotRunning {
+                pid: process.pid,
+                start_time: process.start_time,
+            })
+    }
+
+    /// Takes over a child the caller spawned for `job_id`: registers it (found by `Started`),
+    /// watches it, and reaps it once its death is recorded, so its exact exit status is read
+    /// before anyone reaps it. On failure the child is handed back, still unreaped.
+    pub fn track_child(
+        &self,
+        child: std::process::Child,
+        job_id: &str,
+    ) -> Result<ProcessIdentity, (TrackError, std::process::Child)> {
+        let pid = child.id();
+        let process = match procfs::read_stat(pid) {
+            Ok(Some(s)) => s.identity(),
+            Ok(None) => {
+                let e = TrackError::NotRunning { pid, start_time: 0 };
+                return Err((e, child));
+            }
+            Err(source) => return Err((TrackError::Proc { pid, source }, child)),
+        };
+        // Hand the child over first: should it be dead already, the registration reports its
+        // death at once and must find it there to reap it.
+        let children = || self.0.children.lock().unwrap_or_else(|e| e.into_inner());
+        children().insert(process, child);
+        match self.register_process(job_id, process, FoundBy::Started) {
+            Ok(_) => {
+                // Its death may have been recorded already (seen by the detector before this
+                // call): then nobody else will reap it.
+                if self.0.registry.get(process).is_none() {
+                    self.0.reap(process);
+                }
+                Ok(process)
+            }
+            Err(e) => {
+                let child = children().remove(&process);
+                Err((e, child.expect("the child was inserted above")))
+            }
+        }
+    }
+
+    /// A child the caller started has exited with `exit` (from its own `waitid`): records the
+    /// death with this exact status now, before the caller reaps it. The detector's own report
+    /// of the same death is then recognised and dropped.
+    pub fn child_exited(&self, process: ProcessIdentity, exit: ExitStatus) {
+        let kind = self.0.detector.kind();
+        self.0.report_death(process, exit, kind);
+    }
+}
+
+/// Why a process could not be tracked.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    /// No process with this pid and start time exists (any more).
+    #[error(
+        "no process {pid} with start time {start_time} is running; check the pid and read its start time from field 22 of /proc/<pid>/stat"
+    )]
+    NotRunning {
+        /// The pid asked for.
+        pid: u32,
+        /// The start time asked for.
+        start_time: u64,
+    },
+    /// The job already has another live process.
+    #[error(
+        "job {job_id} already runs as pid {} (start time {}); stop it or track that process instead",
+        running.pid, running.start_time
+    )]
+    JobRunning {
+        /// The job.
+        job_id: String,
+        /// Its live process.
+        running: ProcessIdentity,
+    },
+    /// `/proc/<pid>/stat` could not be read.
+    #[error("cannot read /proc/{pid}/stat: {source}")]
+    Proc {
+        /// The pid asked for.
+        pid: u32,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The registry could not record it.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}

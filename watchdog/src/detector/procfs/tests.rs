@@ -1,0 +1,87 @@
+use super::*;
+use std::process::Command;
+
+fn zombie_child(script: &str) -> std::process::Child {
+    let mut child = Command::new("sh").args(["-c", script]).spawn().unwrap();
+    let pid = child.id();
+    // Wait until it has exited (a zombie: we have not reaped it).
+    for _ in 0..500 {
+        if procfs::read_stat(pid)
+            .unwrap()
+            .is_some_and(|s| s.is_zombie())
+        {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("child {pid} did not exit");
+}
+
+#[test]
+fn the_status_of_our_own_child_is_read_without_reaping_it() {
+    let mut child = zombie_child("exit 4");
+    let fd = pidfd_open(child.id()).unwrap();
+    let exit = waitid_nowait(&fd).expect("our child's status");
+    assert_eq!((exit.code, exit.signal), (Some(4), None));
+    // Still there for its owner to reap.
+    assert_eq!(child.wait().unwrap().code(), Some(4));
+}
+
+#[test]
+fn a_child_killed_by_a_signal_reports_the_signal() {
+    let mut child = zombie_child("kill -TERM $$");
+    let fd = pidfd_open(child.id()).unwrap();
+    let exit = waitid_nowait(&fd).expect("our child's status");
+    assert_eq!(
+        (exit.code, exit.signal, exit.core_dumped),
+        (None, Some(15), false)
+    );
+    child.wait().unwrap();
+}
+
+#[test]
+fn a_zombie_that_is_not_our_child_is_read_from_proc() {
+    // `sh` forks a grandchild and becomes `sleep`; the grandchild exits 6 once that is done
+    // (so `sh` cannot reap it first) and stays a zombie: `sleep` never reaps.
+    let mut sh = Command::new("sh")
+        .args(["-c", "sh -c 'sleep 0.3; exit 6' & echo $!; exec sleep 5"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(sh.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let pid: u32 = line.trim().parse().unwrap();
+    let mut stat = None;
+    for _ in 0..500 {
+        stat = procfs::read_stat(pid).unwrap().filter(|s| s.is_zombie());
+        if stat.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stat = stat.expect("grandchild became a zombie");
+    let fd = pidfd_open(pid).unwrap();
+    assert_eq!(waitid_nowait(&fd), None, "not our child");
+    let (exit, comm) = exit_status(&fd, stat.identity());
+    assert_eq!(
+        (exit.code, exit.signal, comm.as_str()),
+        (Some(6), None, "sh")
+    );
+    let _ = sh.kill();
+    let _ = sh.wait();
+}
+
+#[test]
+fn a_gone_process_cannot_be_opened() {
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    let err = pidfd_open(pid).unwrap_err();
+    assert!(procfs::gone(&err), "{err}");
+}

@@ -1,0 +1,213 @@
+use super::*;
+
+fn p(pid: u32, start_time: u64) -> ProcessIdentity {
+    ProcessIdentity { pid, start_time }
+}
+
+#[test]
+fn an_empty_state_dir_gives_an_empty_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Registry::open(dir.path()).unwrap();
+    assert!(r.running().is_empty());
+    assert!(r.jobs().is_empty());
+    assert_eq!(r.job_status("nope"), None);
+    assert!(!r.path().exists(), "opening alone writes nothing");
+}
+
+#[test]
+fn registrations_and_exits_survive_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Registry::open(dir.path()).unwrap();
+    assert!(r.register(p(10, 100), "job-a", FoundBy::Scan).unwrap());
+    assert!(
+        !r.register(p(10, 100), "job-a", FoundBy::Exec).unwrap(),
+        "idempotent"
+    );
+    assert!(r.register(p(11, 110), "job-b", FoundBy::Started).unwrap());
+    let exit = ExitStatus::from_wait_status(9, false);
+    assert!(r.exit_of(p(11, 110)).is_none());
+    let gone = r.record_exit(p(11, 110), exit, Detector::Procfs).unwrap();
+    assert_eq!(r.exit_of(p(11, 110)).map(|x| x.exit), Some(exit));
+    assert_eq!(gone.map(|e| e.job_id).as_deref(), Some("job-b"));
+    assert_eq!(
+        r.record_exit(p(11, 110), exit, Detector::Procfs).unwrap(),
+        None,
+        "once"
+    );
+    drop(r);
+
+    let r = Registry::open(dir.path()).unwrap();
+    let running = r.running();
+    assert_eq!(running.len(), 1);
+    assert_eq!(
+        (running[0].process, running[0].found_by),
+        (p(10, 100), FoundBy::Scan)
+    );
+    match r.job_status("job-a").unwrap().state {
+        JobProcessState::Running {
+            process, found_by, ..
+        } => {
+            assert_eq!((process, found_by), (p(10, 100), FoundBy::Scan));
+        }
+        other => panic!("job-a should run, got {other:?}"),
+    }
+    match r.job_status("job-b").unwrap().state {
+        JobProcessState::Exited {
+            process,
+            exit: e,
+            detector,
+            ..
+        } => {
+            assert_eq!((process, e, detector), (p(11, 110), exit, Detector::Procfs));
+        }
+        other => panic!("job-b should have exited, got {other:?}"),
+    }
+    let ids: Vec<String> = r.jobs().into_iter().map(|j| j.job_id).collect();
+    assert_eq!(ids, ["job-a", "job-b"]);
+}
+
+#[test]
+fn the_same_pid_with_another_start_time_is_another_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Registry::open(dir.path()).unwrap();
+    r.register(p(10, 100), "old", FoundBy::Scan).unwrap();
+    assert!(r.register(p(10, 200), "new", FoundBy::Exec).unwrap());
+    assert_eq!(r.get(p(10, 100)).unwrap().job_id, "old");
+    assert_eq!(r.get(p(10, 200)).unwrap().job_id, "new");
+    assert_eq!(
+        r.record_exit(p(10, 300), ExitStatus::default(), Detector::Procfs)
+            .unwrap(),
+        None
+    );
+}
+
+#[test]
+fn a_running_process_wins_over_an_older_exit_of_the_same_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Registry::open(dir.path()).unwrap();
+    r.register(p(1, 1), "job", FoundBy::Scan).unwrap();
+    r.record_exit(p(1, 1), ExitStatus::default(), Detector::Registry)
+        .unwrap();
+    r.register(p(2, 2), "job", FoundBy::Started).unwrap();
+    assert!(matches!(
+        r.job_status("job").unwrap().state,
+        JobProcessState::Running { process, .. } if process == p(2, 2)
+    ));
+}
+
+#[test]
+fn a_leftover_temporary_file_from_a_crash_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Registry::open(dir.path()).unwrap();
+    r.register(p(10, 100), "job-a", FoundBy::Scan).unwrap();
+    drop(r);
+    // A crash in the middle of the next save leaves a half-written temporary file.
+    fs::write(
+        dir.path().join(format!("{FILE_NAME}.tmp")),
+        b"{\"version\":1,\"proc",
+    )
+    .unwrap();
+    let r = Registry::open(dir.path()).unwrap();
+    assert_eq!(r.running().len(), 1);
+    // And the next save replaces it.
+    r.register(p(11, 110), "job-b", FoundBy::Scan).unwrap();
+    assert_eq!(Registry::open(dir.path()).unwrap().running().len(), 2);
+}
+
+#[test]
+fn a_failed_save_changes_nothing_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    fs::create_dir(&state).unwrap();
+    let r = Registry::open(&state).unwrap();
+    r.register(p(10, 100), "job-a", FoundBy::Scan).unwrap();
+    fs::remove_dir_all(&state).unwrap();
+    let err = r.register(p(11, 110), "job-b", FoundBy::Scan).unwrap_err();
+    assert!(matches!(err, RegistryError::Write { .. }), "{err}");
+    assert_eq!(r.running().len(), 1);
+    let err = r
+        .record_exit(p(10, 100), ExitStatus::default(), Detector::Procfs)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot write the process registry")
+    );
+    assert_eq!(r.running().len(), 1);
+    assert_eq!(
+        r.job_status("job-a")
+            .map(|s| matches!(s.state, JobProcessState::Running { .. })),
+        Some(true)
+    );
+}
+
+#[test]
+fn a_corrupt_or_newer_registry_is_refused_with_advice() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join(FILE_NAME), b"not json").unwrap();
+    let err = Registry::open(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("move it aside"), "{err}");
+    fs::write(
+        dir.path().join(FILE_NAME),
+        br#"{"version":99,"processes":[],"last_exits":{}}"#,
+    )
+    .unwrap();
+    let err = Registry::open(dir.path()).unwrap_err();
+    assert!(
+        matches!(err, RegistryError::Version { found: 99, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn only_the_newest_last_exits_are_kept() {
+    let mut exits = BTreeMap::new();
+    let t0 = DateTime::from_timestamp(1_000_000, 0).unwrap();
+    for i in 0..MAX_LAST_EXITS + 3 {
+        let last = LastExit {
+            process: p(i as u32, 1),
+            exit: ExitStatus::default(),
+            exited_at: t0 + chrono::Duration::seconds(i as i64),
+            detector: Detector::Procfs,
+        };
+        exits.insert(format!("job-{i:05}"), last);
+    }
+    let pruned = prune(&mut exits);
+    let names: Vec<&str> = pruned.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, ["job-00000", "job-00001", "job-00002"]);
+    assert_eq!(exits.len(), MAX_LAST_EXITS);
+    assert!(prune(&mut exits).is_empty());
+}
+
+#[test]
+fn an_explicit_registration_overrides_what_a_detector_found_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Registry::open(dir.path()).unwrap();
+    r.register(p(10, 100), "from-cmdline", FoundBy::Exec)
+        .unwrap();
+    assert!(
+        !r.register(p(10, 100), "from-api", FoundBy::Started)
+            .unwrap()
+    );
+    let e = Registry::open(dir.path()).unwrap().get(p(10, 100)).unwrap();
+    assert_eq!(
+        (e.job_id.as_str(), e.found_by),
+        ("from-api", FoundBy::Started)
+    );
+    // A later scan or exec event does not undo it.
+    assert!(
+        !r.register(p(10, 100), "from-cmdline", FoundBy::Scan)
+            .unwrap()
+    );
+    assert_eq!(r.get(p(10, 100)).unwrap().found_by, FoundBy::Started);
+}
+
+#[test]
+fn a_process_whose_death_is_recorded_is_not_registered_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Registry::open(dir.path()).unwrap();
+    r.register(p(10, 100), "job", FoundBy::Exec).unwrap();
+    r.record_exit(p(10, 100), ExitStatus::default(), Detector::Procfs)
+        .unwrap();
+    assert!(!r.register(p(10, 100), "job", FoundBy::Started).unwrap());
+    assert!(r.running().is_empty());
+}
