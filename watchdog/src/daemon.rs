@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::detector::{Detector, DetectorEvent};
 use crate::journal::{Journal, JournalError};
 use crate::logging::{death, detector_name, found_by_name};
+use crate::outbox::Outbox;
 use crate::procfs::{self, FoundProcess};
 use crate::registry::{Registry, RegistryError};
 
@@ -59,6 +60,15 @@ pub struct Daemon {
 impl Daemon {
     /// Attaches the detector, scans `/proc`, reconciles with the registry on disk.
     pub async fn start(config: Config) -> Result<Self, DaemonError> {
+        Self::start_with_outbox(config, None).await
+    }
+
+    /// [`Self::start`], and every event journaled is also appended to `outbox` for delivery
+    /// to the OMA (after the journal: a crash between the two loses that one delivery).
+    pub async fn start_with_outbox(
+        config: Config,
+        outbox: Option<Arc<Outbox>>,
+    ) -> Result<Self, DaemonError> {
         let registry = Arc::new(Registry::open(&config.state_dir)?);
         let journal = Arc::new(Journal::open(&config.state_dir)?);
         let started = start::detector(&config)?;
@@ -68,6 +78,7 @@ impl Daemon {
             detector: started.detector,
             unjobbed: Mutex::new(HashSet::new()),
             children: Mutex::new(HashMap::new()),
+            outbox,
         }));
         let names = config.match_names.clone();
         let found = tokio::task::spawn_blocking(move || procfs::scan(&names))
@@ -123,6 +134,8 @@ struct Core {
     unjobbed: Mutex<HashSet<ProcessIdentity>>,
     /// Children handed over by [`Tracker::track_child`], reaped once their death is recorded.
     children: Mutex<HashMap<ProcessIdentity, std::process::Child>>,
+    /// Where events go for delivery to the OMA, when the daemon delivers them.
+    outbox: Option<Arc<Outbox>>,
 }
 
 impl Core {
@@ -200,10 +213,7 @@ impl Core {
             return Ok(false);
         }
         let kind = self.detector.kind();
-        match self
-            .journal
-            .record(ProcessEventKind::ProcessStarted, job_id, p, None, kind)
-        {
+        match self.record(ProcessEventKind::ProcessStarted, job_id, p, None, kind) {
             Ok(ev) => tracing::info!(event = "process_started", job_id, pid = p.pid,
                 start_time = p.start_time, found_by = found_by_name(found_by), detector = detector_name(kind),
                 event_id = %ev.event_id, "migratekit process started"),
@@ -279,10 +289,7 @@ impl Core {
             return;
         };
         // A death while unwatched carries an exit status with every field unknown.
-        let event = match self
-            .journal
-            .record(kind, &entry.job_id, p, Some(exit), detector)
-        {
+        let event = match self.record(kind, &entry.job_id, p, Some(exit), detector) {
             Ok(ev) => ev,
             Err(e) => {
                 tracing::error!(event = "journal_error", error = %e, pid = p.pid,
@@ -316,5 +323,24 @@ impl Core {
         {
             tracing::warn!(event = "reap_error", error = %e, pid = p.pid, "cannot reap a child");
         }
+    }
+
+    /// Journals an event (durably) and hands it to the outbox, when there is one.
+    fn record(
+        &self,
+        kind: ProcessEventKind,
+        job_id: &str,
+        p: ProcessIdentity,
+        exit: Option<ExitStatus>,
+        detector: DetectorKind,
+    ) -> Result<api::ProcessEvent, JournalError> {
+        let event = self.journal.record(kind, job_id, p, exit, detector)?;
+        if let Some(outbox) = &self.outbox
+            && let Err(e) = outbox.append(event.clone())
+        {
+            tracing::error!(event = "outbox_error", error = %e, event_id = %event.event_id,
+                "cannot queue an event for the OMA; it stays in the local journal");
+        }
+        Ok(event)
     }
 }

@@ -295,3 +295,66 @@ async fn a_status_handed_over_by_the_launcher_is_recorded_once() {
     stop.send(()).unwrap();
     running.await.unwrap();
 }
+
+/// With an outbox attached, every journaled event is queued for the OMA with the same id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journaled_events_are_queued_in_the_outbox() {
+    if !privileged("journaled_events_are_queued_in_the_outbox") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let outbox_dir = dir.path().join("outbox");
+    std::fs::create_dir_all(&outbox_dir).unwrap();
+    let outbox = std::sync::Arc::new(
+        vma_watchdog::outbox::Outbox::open(&outbox_dir, Default::default()).unwrap(),
+    );
+    let args = ["vma-watchdog", "--detector", "auto", "--state-dir"];
+    let cli = Cli::try_parse_from(args.iter().copied().chain([state.to_str().unwrap()]));
+    let config = Config::load(cli.unwrap()).unwrap();
+    let daemon = Daemon::start_with_outbox(config, Some(outbox.clone()))
+        .await
+        .unwrap();
+    let tracker = daemon.tracker();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(daemon.run(async {
+        let _ = stopped.await;
+    }));
+    let secret = secret();
+    let s = Standin::start(dir.path(), "job-outbox", &secret, &[]);
+    let me = ProcessIdentity {
+        pid: s.pid,
+        start_time: s.start_time(),
+    };
+    tracker
+        .register_process("job-outbox", me, FoundBy::Started)
+        .unwrap();
+    s.kill(libc::SIGKILL);
+    let deadline = Instant::now() + TIMEOUT;
+    while !matches!(
+        tracker.registry().job_status("job-outbox").map(|j| j.state),
+        Some(JobProcessState::Exited { .. })
+    ) {
+        assert!(
+            Instant::now() < deadline,
+            "no exit recorded within {TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let journal = journal_for(&state, me.pid);
+    let queued: Vec<_> = outbox
+        .peek(10_000)
+        .into_iter()
+        .filter(|e| e.process == me)
+        .collect();
+    assert_eq!(
+        queued, journal,
+        "the outbox holds exactly the journaled events"
+    );
+    assert_eq!(queued.len(), 2);
+    assert_eq!(queued[1].exit.and_then(|e| e.signal), Some(9));
+    s.reap();
+    stop.send(()).unwrap();
+    running.await.unwrap();
+    assert_secret_absent(&secret, dir.path(), &[]);
+}
