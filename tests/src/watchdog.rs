@@ -289,9 +289,9 @@ fn wiring_args(w: &WiringArgs) -> Vec<OsString> {
     flag("--vma-id", w.vma_id.clone().into());
     flag("--oma-token-file", w.oma_token_file.clone().into());
     flag("--api-token-file", w.api_token_file.clone().into());
-    flag("--migratekit-program", w.wrapper.clone().into());
-    flag("--migratekit-arg", "{job_id}".into());
-    flag("--job-log-dir", w.log_dir.clone().into());
+    flag("--launch-program", w.wrapper.clone().into());
+    flag("--launch-arg", "{job_id}".into());
+    flag("--launch-log-dir", w.log_dir.clone().into());
     flag("--detector", w.detector.clone().into());
     flag("--log-format", "json".into());
     args
