@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build_ebpf;
+mod kill_test;
 mod paths;
 mod postgres;
 mod run;
@@ -33,6 +34,8 @@ enum Command {
     },
     /// The README's run command: OMA (SQLite) + watchdog on this machine with a demo job.
     Run(run::RunArgs),
+    /// Kill tests: every way a replication can die, with real processes, restarts and cuts.
+    KillTest(kill_test::KillTestArgs),
     /// The README's test command and what CI runs: set-up, eBPF build, formatting, lints, all tests.
     Test(test::TestArgs),
 }
@@ -45,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench { which } => bench::run(which),
         Command::Test(args) => test::run(&args),
         Command::Run(args) => run::run(&args),
+        Command::KillTest(args) => kill_test::run(&args),
     }
 }

@@ -1,0 +1,64 @@
+//! `cargo xtask kill-test`: builds the daemons (with the eBPF object) and the `kill-test`
+//! runner of the `system-tests` crate, then runs it. The scenarios themselves live in
+//! `tests/src/killtest/`, next to the harness the end-to-end tests share.
+//!
+//! `cargo xtask kill-test --bench 200` runs the kill-to-commit latency benchmark instead.
+
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::{build_ebpf, paths, setup};
+
+/// Flags of `cargo xtask kill-test`; passed on to the runner.
+#[derive(Debug, clap::Args)]
+pub struct KillTestArgs {
+    /// Runs of each scenario.
+    #[arg(long, default_value_t = 2)]
+    runs: usize,
+    /// Only these scenario numbers (comma-separated), e.g. `--only 3,4`.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<u8>,
+    /// Where to write the JSON report (default target/kill-test/report.json).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Measure kill-to-commit latency over this many SIGKILLs instead of running scenarios.
+    #[arg(long)]
+    bench: Option<usize>,
+    /// List the scenarios and what each proves.
+    #[arg(long)]
+    list: bool,
+}
+
+/// Builds what the runner needs and runs it; fails when a scenario fails.
+pub fn run(args: &KillTestArgs) -> Result<()> {
+    let root = paths::workspace_root();
+    if !paths::ebpf_object().exists() {
+        build_ebpf::run().context("building the eBPF object the watchdog embeds")?;
+    }
+    setup::status(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(&root)
+            .args(["build", "-p", "oma", "-p", "vma-watchdog", "-p"])
+            .args(["migratekit-standin", "-p", "system-tests", "--bins"]),
+    )
+    .context("building oma, vma-watchdog, the stand-in migratekit and the kill-test runner")?;
+    let mut runner = Command::new(root.join("target").join("debug").join("kill-test"));
+    runner
+        .current_dir(&root)
+        .args(["--runs", &args.runs.to_string()]);
+    if !args.only.is_empty() {
+        let only: Vec<String> = args.only.iter().map(u8::to_string).collect();
+        runner.args(["--only", &only.join(",")]);
+    }
+    if let Some(json) = &args.json {
+        runner.arg("--json").arg(json);
+    }
+    if let Some(kills) = args.bench {
+        runner.args(["--bench", &kills.to_string()]);
+    }
+    if args.list {
+        runner.arg("--list");
+    }
+    setup::status(&mut runner).context("kill-test scenarios failed (table above)")
+}
