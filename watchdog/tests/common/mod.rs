@@ -89,6 +89,9 @@ impl Watchdog {
                 "100",
                 "--detector",
                 detector,
+                // Tests run in parallel: each watchdog takes a free port of its own.
+                "--listen",
+                "127.0.0.1:0",
             ])
             .arg("--state-dir")
             .arg(state_dir)
@@ -350,10 +353,11 @@ pub fn assert_exit(line: &Value, code: Option<i32>, signal: Option<i32>, core: O
     );
 }
 
-/// The journal's events about `pid`.
+/// The recorded events about `pid`: the outbox is the daemon's journal, and without an OMA
+/// nothing is ever removed from it.
 pub fn journal_for(state: &Path, pid: u32) -> Vec<api::ProcessEvent> {
-    let path = state.join(vma_watchdog::journal::FILE_NAME);
-    vma_watchdog::journal::read_events(&path)
+    let dir = state.join(vma_watchdog::outbox::DIR_NAME);
+    vma_watchdog::outbox::read_pending(&dir)
         .unwrap()
         .into_iter()
         .filter(|e| e.process.pid == pid)
