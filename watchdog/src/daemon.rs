@@ -73,6 +73,7 @@ impl Daemon {
             detector: started.detector,
             unjobbed: Mutex::new(HashSet::new()),
             children: Mutex::new(HashMap::new()),
+            reporting: Mutex::new(HashSet::new()),
         }));
         let names = config.match_names.clone();
         let found = tokio::task::spawn_blocking(move || procfs::scan(&names))
@@ -129,6 +130,9 @@ struct Core {
     unjobbed: Mutex<HashSet<ProcessIdentity>>,
     /// Children handed over by [`Tracker::track_child`], reaped once their death is recorded.
     children: Mutex<HashMap<ProcessIdentity, std::process::Child>>,
+    /// Deaths being reported right now. The launcher's reaper and the detector can report the
+    /// same death at the same moment; the first to claim it reports it, the other drops it.
+    reporting: Mutex<HashSet<ProcessIdentity>>,
 }
 
 impl Core {
@@ -264,6 +268,24 @@ impl Core {
         detector: DetectorKind,
     ) {
         let _ = self.detector.unwatch(p);
+        let claimed = self
+            .reporting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p);
+        if !claimed {
+            return;
+        }
+        self.report_claimed(p, exit, detector);
+        self.reporting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&p);
+    }
+
+    /// [`Core::report_death`] once this caller alone reports `p`; when it returns, the
+    /// registry no longer lists `p` as running (unless every write failed).
+    fn report_claimed(&self, p: ProcessIdentity, exit: ExitStatus, detector: DetectorKind) {
         let (kind, name) = if detector == DetectorKind::Registry {
             (ProcessEventKind::DiedWhileUnwatched, "died_while_unwatched")
         } else {

@@ -81,6 +81,17 @@ pub struct Watchdog {
 impl Watchdog {
     /// Starts the watchdog on `state_dir` with `--detector detector` and waits until it is ready.
     pub fn start(state_dir: &Path, detector: &str) -> Self {
+        // Tests run in parallel: each watchdog takes a free port of its own.
+        Self::start_with(state_dir, detector, &["--listen", "127.0.0.1:0"], &[])
+    }
+
+    /// [`Watchdog::start`] with more arguments and environment variables.
+    pub fn start_with(
+        state_dir: &Path,
+        detector: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_vma-watchdog"))
             .args([
                 "--log-format",
@@ -89,10 +100,9 @@ impl Watchdog {
                 "100",
                 "--detector",
                 detector,
-                // Tests run in parallel: each watchdog takes a free port of its own.
-                "--listen",
-                "127.0.0.1:0",
             ])
+            .args(extra)
+            .envs(env.iter().copied())
             .arg("--state-dir")
             .arg(state_dir)
             .stdin(Stdio::null())
@@ -140,6 +150,25 @@ impl Watchdog {
             );
             log = self.log.1.wait_timeout(log, deadline - now).unwrap().0;
         }
+    }
+
+    /// The address of the REST API (its first `api_listening` line).
+    pub fn api_addr(&self) -> std::net::SocketAddr {
+        let line = self.wait_for("api_listening", |v| v["event"] == "api_listening");
+        line["addr"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and waits until it is gone.
+    pub fn kill9(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(100));
+        self.raw()
     }
 
     /// Waits for the event `event` about `pid`.
