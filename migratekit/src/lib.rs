@@ -72,7 +72,6 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     if options.leader_exit {
         // Another thread takes over the ending; the leader then exits on its own while the
         // rest of the process runs on.
-        let reporter = reporter.clone();
         thread::Builder::new()
             .name("conductor".into())
             .spawn(move || conduct(run_for, ending, &trigger, reporter.as_deref()))?;

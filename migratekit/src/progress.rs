@@ -130,7 +130,7 @@ impl Reporter {
                 state.failures = 0;
             }
             result => {
-                if state.failures % 20 == 0 {
+                if state.failures.is_multiple_of(20) {
                     let why = match result {
                         Ok(status) => format!("HTTP {status}"),
                         Err(e) => e.to_string(),

@@ -206,7 +206,7 @@ impl Config {
         )?;
         let oma = match (cli.oma_url, oma_token) {
             (Some(url), Some(token)) => Some(OmaConfig {
-                url: check_url(url)?,
+                url: check_url(&url)?,
                 token,
                 max_backoff: Duration::from_millis(cli.oma_max_backoff_ms.max(1)),
             }),
@@ -251,7 +251,7 @@ impl Config {
     }
 }
 
-fn check_url(url: String) -> anyhow::Result<String> {
+fn check_url(url: &str) -> anyhow::Result<String> {
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"));
