@@ -32,6 +32,15 @@ pub struct Options {
     pub leader_exit: bool,
     /// One worker thread exits right after the ready line.
     pub thread_exit: bool,
+    /// Base URL for progress updates (`--standin-progress-url`); `None`: the environment's
+    /// `MIGRATEKIT_STANDIN_PROGRESS_URL`, else the real client's `http://localhost:8081`.
+    pub progress_url: Option<String>,
+    /// Simulated size of the copy, in bytes.
+    pub total_bytes: u64,
+    /// Simulated copy rate, in bytes per second.
+    pub rate: u64,
+    /// Time between two progress updates.
+    pub progress_interval: Duration,
 }
 
 /// A command line the stand-in does not understand.
@@ -68,6 +77,10 @@ impl Options {
             ending: Ending::Exit(0),
             leader_exit: false,
             thread_exit: false,
+            progress_url: None,
+            total_bytes: 10 << 30,
+            rate: 100 << 20,
+            progress_interval: Duration::from_secs(1),
         };
         let mut exit_code = 0;
         let mut crash = false;
@@ -108,6 +121,21 @@ impl Options {
                 "--standin-oom" => oom = true,
                 "--standin-oom-cap-mib" => {
                     oom_cap = number(value("--standin-oom-cap-mib")?, "--standin-oom-cap-mib")?
+                }
+                "--standin-progress-url" => {
+                    o.progress_url = Some(value("--standin-progress-url")?.to_owned())
+                }
+                "--standin-total-bytes" => {
+                    o.total_bytes =
+                        number(value("--standin-total-bytes")?, "--standin-total-bytes")?
+                }
+                "--standin-rate" => o.rate = number(value("--standin-rate")?, "--standin-rate")?,
+                "--standin-progress-interval-ms" => {
+                    let ms: u64 = number(
+                        value("--standin-progress-interval-ms")?,
+                        "--standin-progress-interval-ms",
+                    )?;
+                    o.progress_interval = Duration::from_millis(ms.max(1));
                 }
                 "--standin-leader-exit" => o.leader_exit = true,
                 "--standin-thread-exit" => o.thread_exit = true,
@@ -213,6 +241,20 @@ mod tests {
             (o.ending, o.thread_exit, o.threads),
             (Ending::Oom { cap_mib: 4096 }, true, 2)
         );
+        let o = parse(&[
+            "migrate",
+            "--standin-progress-url",
+            "http://127.0.0.1:9",
+            "--standin-total-bytes=5000",
+            "--standin-rate",
+            "100",
+            "--standin-progress-interval-ms",
+            "50",
+        ])
+        .unwrap();
+        assert_eq!(o.progress_url.as_deref(), Some("http://127.0.0.1:9"));
+        assert_eq!((o.total_bytes, o.rate), (5000, 100));
+        assert_eq!(o.progress_interval, Duration::from_millis(50));
     }
 
     #[test]

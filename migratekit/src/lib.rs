@@ -9,6 +9,11 @@
 //! `migratekit-standin ready pid=<pid> job_id=<id> threads=<n>`; tests wait for it before
 //! killing. It then ends after `--standin-run-for` seconds, or when any line arrives on stdin
 //! (end of input does nothing), or when killed.
+//!
+//! With `MIGRATEKIT_PROGRESS_JOB_ID` set, it reports progress like the real client (see
+//! [`progress`]): a simulated copy of `--standin-total-bytes` at `--standin-rate` bytes/s,
+//! one update every `--standin-progress-interval-ms`, and, when it ends with exit code 0,
+//! 100 % `completed` just before it exits.
 
 use std::io::{BufRead, Write};
 use std::sync::mpsc;
@@ -17,8 +22,12 @@ use std::thread;
 use std::time::Duration;
 
 mod args;
+pub mod progress;
 
 pub use args::{ArgsError, Ending, Options};
+
+/// Environment variable that overrides the progress base URL (`--standin-progress-url` wins).
+pub const PROGRESS_URL_ENV: &str = "MIGRATEKIT_STANDIN_PROGRESS_URL";
 
 /// The ready line's first word, for tests to look for.
 pub const READY: &str = "migratekit-standin ready";
@@ -26,13 +35,19 @@ pub const READY: &str = "migratekit-standin ready";
 /// Runs the stand-in. Returns only on an error before the threads are up; otherwise it ends
 /// the process as `options` say.
 pub fn run(options: &Options) -> anyhow::Result<()> {
+    let reporter = reporter(options)?.map(Arc::new);
     let barrier = Arc::new(Barrier::new(options.threads + 1));
     for i in 0..options.threads {
         let barrier = Arc::clone(&barrier);
         let exits_early = options.thread_exit && i == 0;
+        // The last worker never exits early: it reports progress.
+        let reports = (i + 1 == options.threads)
+            .then(|| reporter.clone())
+            .flatten()
+            .map(|r| (r, options.progress_interval));
         thread::Builder::new()
             .name(format!("worker-{i}"))
-            .spawn(move || worker(&barrier, exits_early))?;
+            .spawn(move || worker(&barrier, exits_early, reports))?;
     }
     barrier.wait();
 
@@ -59,22 +74,53 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         // rest of the process runs on.
         thread::Builder::new()
             .name("conductor".into())
-            .spawn(move || conduct(run_for, ending, &trigger))?;
+            .spawn(move || conduct(run_for, ending, &trigger, reporter.as_deref()))?;
         leader_exit();
     }
-    conduct(run_for, ending, &trigger)
+    conduct(run_for, ending, &trigger, reporter.as_deref())
 }
 
-/// A worker: where the original copies disk blocks. Progress reporting (a later issue) goes
-/// here, with the job id handed down from [`Options`].
-fn worker(barrier: &Barrier, exits_early: bool) {
+/// The progress reporter, when `MIGRATEKIT_PROGRESS_JOB_ID` names a job (as for the real
+/// client, nothing is reported without it).
+fn reporter(options: &Options) -> anyhow::Result<Option<progress::Reporter>> {
+    let Some(job) = std::env::var(progress::JOB_ENV)
+        .ok()
+        .filter(|j| !j.is_empty())
+    else {
+        return Ok(None);
+    };
+    let base = options
+        .progress_url
+        .clone()
+        .or_else(|| std::env::var(PROGRESS_URL_ENV).ok())
+        .unwrap_or_else(|| progress::DEFAULT_URL.to_owned());
+    let target = progress::Target::new(&base, &job)?;
+    Ok(Some(progress::Reporter::new(
+        target,
+        options.total_bytes,
+        options.rate,
+    )))
+}
+
+/// A worker: where the original copies disk blocks. One of them reports progress.
+fn worker(
+    barrier: &Barrier,
+    exits_early: bool,
+    reports: Option<(Arc<progress::Reporter>, Duration)>,
+) {
     barrier.wait();
     if exits_early {
         thread::sleep(Duration::from_millis(100));
         return;
     }
-    loop {
-        thread::sleep(Duration::from_millis(250));
+    match reports {
+        Some((reporter, every)) => loop {
+            reporter.report();
+            thread::sleep(every);
+        },
+        None => loop {
+            thread::sleep(Duration::from_millis(250));
+        },
     }
 }
 
@@ -92,8 +138,14 @@ fn watch_stdin(trigger: &mpsc::Sender<()>) {
     }
 }
 
-/// Waits for the time to be up (or a trigger) and ends the process.
-fn conduct(run_for: Option<Duration>, ending: Ending, trigger: &mpsc::Receiver<()>) -> ! {
+/// Waits for the time to be up (or a trigger) and ends the process; a successful end
+/// reports 100 % `completed` first, as the real client does.
+fn conduct(
+    run_for: Option<Duration>,
+    ending: Ending,
+    trigger: &mpsc::Receiver<()>,
+    reporter: Option<&progress::Reporter>,
+) -> ! {
     match run_for {
         Some(d) => {
             let _ = trigger.recv_timeout(d);
@@ -101,6 +153,9 @@ fn conduct(run_for: Option<Duration>, ending: Ending, trigger: &mpsc::Receiver<(
         None => {
             let _ = trigger.recv();
         }
+    }
+    if let (Ending::Exit(0), Some(reporter)) = (ending, reporter) {
+        reporter.complete();
     }
     end(ending)
 }

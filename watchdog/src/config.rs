@@ -1,13 +1,25 @@
 //! Command line and configuration: the one place where the daemon's settings are read.
 
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
 
+use crate::http::BearerToken;
+use crate::launcher::LauncherConfig;
 use crate::logging::LogFormat;
+use crate::outbox::OutboxLimits;
 use crate::procfs::COMM_MAX;
+
+mod launch;
+mod secrets;
+
+pub use secrets::{SecretArg, unguessable as unguessable_token};
+
+/// Port of the API by default: the one migratekit's progress client posts to.
+pub const DEFAULT_PORT: u16 = 8081;
 
 /// Which detector to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -24,7 +36,8 @@ pub enum DetectorChoice {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "vma-watchdog", version, about)]
 pub struct Cli {
-    /// Directory for the process registry and the event journal (created if missing).
+    /// Directory for the process registry, the outbox of events and the progress store
+    /// (created if missing).
     #[arg(long, env = "VMA_WATCHDOG_STATE_DIR")]
     pub state_dir: PathBuf,
     /// Process name to watch (as the kernel shows it, at most 15 bytes); repeatable.
@@ -39,6 +52,67 @@ pub struct Cli {
     /// How often the procfs detector scans /proc for new processes, in milliseconds.
     #[arg(long, default_value_t = 500, hide = true)]
     pub scan_interval_ms: u64,
+    /// Address of the REST API; repeatable. Default 127.0.0.1:8081, plus [::1]:8081 when the
+    /// host has IPv6 loopback (migratekit posts to http://localhost:8081).
+    #[arg(long)]
+    pub listen: Vec<SocketAddr>,
+    /// Bearer token the OMA presents to this API. Without one (here, in the file or in the
+    /// environment) every call but /health and progress updates is refused.
+    #[arg(long, env = "VMA_WATCHDOG_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<SecretArg>,
+    /// File holding the API token (one line).
+    #[arg(long, env = "VMA_WATCHDOG_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Base URL of the OMA, e.g. http://oma:8082. Without it deaths are kept in the outbox
+    /// on disk and not delivered.
+    #[arg(long, env = "VMA_WATCHDOG_OMA_URL")]
+    pub oma_url: Option<String>,
+    /// This VMA's id at the OMA (default: the host name).
+    #[arg(long, env = "VMA_WATCHDOG_VMA_ID")]
+    pub vma_id: Option<String>,
+    /// Bearer token this watchdog presents to the OMA.
+    #[arg(long, env = "VMA_WATCHDOG_OMA_TOKEN", hide_env_values = true)]
+    pub oma_token: Option<SecretArg>,
+    /// File holding the OMA token (one line).
+    #[arg(long, env = "VMA_WATCHDOG_OMA_TOKEN_FILE")]
+    pub oma_token_file: Option<PathBuf>,
+    /// Longest wait between two delivery attempts while the OMA fails, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub oma_max_backoff_ms: u64,
+    /// At most this many undelivered events on disk.
+    #[arg(long, default_value_t = OutboxLimits::default().max_events)]
+    pub outbox_max_events: u64,
+    /// At most this many bytes of undelivered events on disk.
+    #[arg(long, default_value_t = OutboxLimits::default().max_bytes)]
+    pub outbox_max_bytes: u64,
+    /// JSON file with the migratekit program, its argument template and vCenter
+    /// credentials (see docs/WATCHDOG.md). Excludes --launch-program and --launch-arg.
+    #[arg(long, env = "VMA_WATCHDOG_LAUNCH_CONFIG")]
+    pub launch_config: Option<PathBuf>,
+    /// The migratekit program (default: `migratekit` next to this binary, else on PATH).
+    #[arg(long)]
+    pub launch_program: Option<PathBuf>,
+    /// One argument of the template, with {job_id}, {vm_path}, ... placeholders; repeatable.
+    /// Default: migrate --job-id {job_id}.
+    #[arg(long = "launch-arg", allow_hyphen_values = true)]
+    pub launch_args: Vec<String>,
+    /// Directory for each launched job's output ({job_id}.log); default: discarded.
+    #[arg(long)]
+    pub launch_log_dir: Option<PathBuf>,
+    /// Never start migratekit in a transient systemd scope, even when systemd runs.
+    #[arg(long)]
+    pub launch_no_systemd: bool,
+}
+
+/// Where and how deaths are delivered to the OMA.
+#[derive(Debug, Clone)]
+pub struct OmaConfig {
+    /// Base URL.
+    pub url: String,
+    /// Token the watchdog presents.
+    pub token: BearerToken,
+    /// Cap of the retry delay.
+    pub max_backoff: Duration,
 }
 
 /// The validated configuration the daemon runs with.
@@ -54,6 +128,20 @@ pub struct Config {
     pub detector: DetectorChoice,
     /// Scan interval of the procfs detector.
     pub scan_interval: Duration,
+    /// Addresses the API must listen on.
+    pub listen: Vec<SocketAddr>,
+    /// Addresses it listens on when it can ([::1] with the default address).
+    pub listen_if_available: Vec<SocketAddr>,
+    /// Token the OMA presents; `None` refuses every protected call.
+    pub api_token: Option<BearerToken>,
+    /// The OMA, when deaths are to be delivered.
+    pub oma: Option<OmaConfig>,
+    /// This VMA's id.
+    pub vma_id: String,
+    /// Bounds of the outbox.
+    pub outbox_limits: OutboxLimits,
+    /// How migratekit is started.
+    pub launcher: LauncherConfig,
 }
 
 impl Config {
@@ -98,14 +186,92 @@ impl Config {
         if cli.scan_interval_ms == 0 {
             bail!("--scan-interval-ms must be at least 1");
         }
+        let (listen, listen_if_available) = if cli.listen.is_empty() {
+            (
+                vec![SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT))],
+                vec![SocketAddr::from((Ipv6Addr::LOCALHOST, DEFAULT_PORT))],
+            )
+        } else {
+            (cli.listen.clone(), Vec::new())
+        };
+        let api_token = secrets::token(
+            cli.api_token.as_ref(),
+            cli.api_token_file.as_deref(),
+            "--api-token",
+        )?;
+        let oma_token = secrets::token(
+            cli.oma_token.as_ref(),
+            cli.oma_token_file.as_deref(),
+            "--oma-token",
+        )?;
+        let oma = match (cli.oma_url, oma_token) {
+            (Some(url), Some(token)) => Some(OmaConfig {
+                url: check_url(&url)?,
+                token,
+                max_backoff: Duration::from_millis(cli.oma_max_backoff_ms.max(1)),
+            }),
+            (Some(_), None) => bail!(
+                "--oma-url needs the token this VMA presents to the OMA: give --oma-token-file (or --oma-token, or VMA_WATCHDOG_OMA_TOKEN)"
+            ),
+            (None, _) => None,
+        };
+        let vma_id = match cli.vma_id {
+            Some(id) if !id.trim().is_empty() => id,
+            Some(_) => bail!("--vma-id is empty; give this VMA's id as registered at the OMA"),
+            None => hostname(),
+        };
+        if cli.outbox_max_events == 0 || cli.outbox_max_bytes < 4096 {
+            bail!("--outbox-max-events must be at least 1 and --outbox-max-bytes at least 4096");
+        }
+        let launcher = launch::load(&launch::LaunchFlags {
+            file: cli.launch_config.as_deref(),
+            program: cli.launch_program.as_deref(),
+            args: &cli.launch_args,
+            log_dir: cli.launch_log_dir.as_deref(),
+            no_systemd: cli.launch_no_systemd,
+            match_names: &match_names,
+        })?;
         Ok(Self {
             state_dir,
             match_names,
             log_format: cli.log_format,
             detector: cli.detector,
             scan_interval: Duration::from_millis(cli.scan_interval_ms),
+            listen,
+            listen_if_available,
+            api_token,
+            oma,
+            vma_id,
+            outbox_limits: OutboxLimits {
+                max_events: cli.outbox_max_events,
+                max_bytes: cli.outbox_max_bytes,
+            },
+            launcher,
         })
     }
+}
+
+fn check_url(url: &str) -> anyhow::Result<String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    match rest {
+        Some(host) if !host.is_empty() && !host.starts_with('/') => {
+            Ok(url.trim_end_matches('/').to_owned())
+        }
+        _ => bail!(
+            "--oma-url {url:?} is not an http:// or https:// URL with a host, e.g. http://oma:8082"
+        ),
+    }
+}
+
+/// The host name, this VMA's default id.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "vma".to_owned())
 }
 
 #[cfg(test)]
@@ -125,6 +291,62 @@ mod tests {
         assert_eq!(c.match_names, ["migratekit"]);
         assert_eq!(c.detector, DetectorChoice::Auto);
         assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.listen, ["127.0.0.1:8081".parse().unwrap()]);
+        assert_eq!(c.listen_if_available, ["[::1]:8081".parse().unwrap()]);
+        assert!(c.api_token.is_none() && c.oma.is_none());
+        assert_eq!(c.vma_id, hostname());
+        assert_eq!(c.launcher.args, ["migrate", "--job-id", "{job_id}"]);
+    }
+
+    #[test]
+    fn delivery_needs_a_token_and_a_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let err = Config::load(cli(&["--state-dir", d, "--oma-url", "http://oma:1"])).unwrap_err();
+        assert!(err.to_string().contains("--oma-token-file"), "{err}");
+        let err = Config::load(cli(&[
+            "--state-dir",
+            d,
+            "--oma-url",
+            "oma:1",
+            "--oma-token",
+            "t",
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("http://"), "{err}");
+        let c = Config::load(cli(&[
+            "--state-dir",
+            d,
+            "--oma-url",
+            "http://oma:1/",
+            "--oma-token",
+            "oma-secret",
+            "--vma-id",
+            "vma-7",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-token",
+            "api-secret",
+            "--launch-program",
+            "/bin/true",
+            "--launch-arg",
+            "--job-id",
+            "--launch-arg",
+            "{job_id}",
+        ]))
+        .unwrap();
+        let oma = c.oma.as_ref().unwrap();
+        assert_eq!(
+            (oma.url.as_str(), c.vma_id.as_str()),
+            ("http://oma:1", "vma-7")
+        );
+        assert!(c.listen_if_available.is_empty());
+        assert_eq!(c.launcher.args, ["--job-id", "{job_id}"]);
+        let shown = format!(
+            "{c:?} {:?}",
+            cli(&["--state-dir", d, "--api-token", "api-secret"])
+        );
+        assert!(!shown.contains("secret"), "{shown}");
     }
 
     #[test]

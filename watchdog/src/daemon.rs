@@ -10,20 +10,24 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use api::{Detector as DetectorKind, ExitStatus, FoundBy, ProcessEventKind, ProcessIdentity};
+use chrono::Utc;
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use crate::config::Config;
 use crate::detector::{Detector, DetectorEvent};
-use crate::journal::{Journal, JournalError};
 use crate::logging::{death, detector_name, found_by_name};
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, OutboxError};
 use crate::procfs::{self, FoundProcess};
 use crate::registry::{Registry, RegistryError};
 
 mod jobs_view;
+mod legacy;
+mod serve;
 mod start;
 mod tracker;
 
+pub use serve::{ServeError, run};
 pub use start::{DetectorStartError, shutdown_signal};
 pub use tracker::{TrackError, Tracker};
 
@@ -33,21 +37,15 @@ pub enum DaemonError {
     /// The registry cannot be loaded.
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    /// The journal cannot be opened.
+    /// The outbox (the daemon's journal of events) cannot be opened.
     #[error(transparent)]
-    Journal(#[from] JournalError),
+    Outbox(#[from] OutboxError),
     /// No detector could be started.
     #[error(transparent)]
     Detector(#[from] DetectorStartError),
     /// The initial scan of `/proc` failed.
     #[error("cannot scan /proc for running processes: {0}; the watchdog needs procfs at /proc")]
     Scan(#[source] std::io::Error),
-}
-
-/// Runs the daemon until `shutdown` completes (SIGTERM/SIGINT in `main`).
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
-    Daemon::start(config).await?.run(shutdown).await;
-    Ok(())
 }
 
 /// A started daemon: detector attached, `/proc` scanned, registry reconciled.
@@ -58,27 +56,24 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Attaches the detector, scans `/proc`, reconciles with the registry on disk.
+    /// Opens the registry and the outbox, attaches the detector, scans `/proc`, reconciles
+    /// with the registry on disk. Every event is written once, to the outbox in
+    /// `<state dir>/outbox`, whether or not anything delivers it.
     pub async fn start(config: Config) -> Result<Self, DaemonError> {
-        Self::start_with_outbox(config, None).await
-    }
-
-    /// [`Self::start`], and every event journaled is also appended to `outbox` for delivery
-    /// to the OMA (after the journal: a crash between the two loses that one delivery).
-    pub async fn start_with_outbox(
-        config: Config,
-        outbox: Option<Arc<Outbox>>,
-    ) -> Result<Self, DaemonError> {
         let registry = Arc::new(Registry::open(&config.state_dir)?);
-        let journal = Arc::new(Journal::open(&config.state_dir)?);
+        let outbox = Arc::new(Outbox::open(
+            &config.state_dir.join(crate::outbox::DIR_NAME),
+            config.outbox_limits,
+        )?);
+        legacy::import_journal(&config.state_dir, &outbox);
         let started = start::detector(&config)?;
         let tracker = Tracker(Arc::new(Core {
             registry,
-            journal,
+            outbox,
             detector: started.detector,
             unjobbed: Mutex::new(HashSet::new()),
             children: Mutex::new(HashMap::new()),
-            outbox,
+            reporting: Mutex::new(HashSet::new()),
         }));
         let names = config.match_names.clone();
         let found = tokio::task::spawn_blocking(move || procfs::scan(&names))
@@ -128,14 +123,16 @@ impl Daemon {
 #[derive(Debug)]
 struct Core {
     registry: Arc<Registry>,
-    journal: Arc<Journal>,
+    /// Every event, durable before anything else happens to it, until the OMA acknowledges it.
+    outbox: Arc<Outbox>,
     detector: Arc<dyn Detector>,
     /// Matching processes that name no job: watched so their death is logged, not reported.
     unjobbed: Mutex<HashSet<ProcessIdentity>>,
     /// Children handed over by [`Tracker::track_child`], reaped once their death is recorded.
     children: Mutex<HashMap<ProcessIdentity, std::process::Child>>,
-    /// Where events go for delivery to the OMA, when the daemon delivers them.
-    outbox: Option<Arc<Outbox>>,
+    /// Deaths being reported right now. The launcher's reaper and the detector can report the
+    /// same death at the same moment; the first to claim it reports it, the other drops it.
+    reporting: Mutex<HashSet<ProcessIdentity>>,
 }
 
 impl Core {
@@ -218,7 +215,7 @@ impl Core {
                 start_time = p.start_time, found_by = found_by_name(found_by), detector = detector_name(kind),
                 event_id = %ev.event_id, "migratekit process started"),
             Err(e) => {
-                tracing::error!(event = "journal_error", error = %e, "cannot journal a process start")
+                tracing::error!(event = "outbox_error", error = %e, "cannot record a process start")
             }
         }
         self.watch(p);
@@ -259,9 +256,11 @@ impl Core {
         }
     }
 
-    /// Reports the death of `p` at most once: journal first (durable), then log, then the
-    /// registry. Should the journal fail, the process stays registered, so the next start
-    /// reports it as died while unwatched instead of losing it.
+    /// Reports the death of `p` at most once: outbox first (durable), then log, then the
+    /// registry. Should the outbox refuse it (full, or a write error), the exit is still
+    /// recorded in the registry, where the OMA's recovery reads it from the job status; should
+    /// both fail, the process stays registered and the next start reports it as died while
+    /// unwatched instead of losing it.
     pub(super) fn report_death(
         &self,
         p: ProcessIdentity,
@@ -269,6 +268,24 @@ impl Core {
         detector: DetectorKind,
     ) {
         let _ = self.detector.unwatch(p);
+        let claimed = self
+            .reporting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p);
+        if !claimed {
+            return;
+        }
+        self.report_claimed(p, exit, detector);
+        self.reporting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&p);
+    }
+
+    /// [`Core::report_death`] once this caller alone reports `p`; when it returns, the
+    /// registry no longer lists `p` as running (unless every write failed).
+    fn report_claimed(&self, p: ProcessIdentity, exit: ExitStatus, detector: DetectorKind) {
         let (kind, name) = if detector == DetectorKind::Registry {
             (ProcessEventKind::DiedWhileUnwatched, "died_while_unwatched")
         } else {
@@ -289,12 +306,12 @@ impl Core {
             return;
         };
         // A death while unwatched carries an exit status with every field unknown.
-        let event = match self.record(kind, &entry.job_id, p, Some(exit), detector) {
-            Ok(ev) => ev,
+        let event_id = match self.record(kind, &entry.job_id, p, Some(exit), detector) {
+            Ok(ev) => Some(ev.event_id),
             Err(e) => {
-                tracing::error!(event = "journal_error", error = %e, pid = p.pid,
-                    "cannot journal a death; it will be reported after the next restart");
-                return;
+                tracing::error!(event = "outbox_error", error = %e, pid = p.pid, job_id = %entry.job_id,
+                    "cannot queue a death for the OMA; the job status keeps it for the OMA's recovery");
+                None
             }
         };
         death(
@@ -303,7 +320,7 @@ impl Core {
             p,
             Some(&exit),
             detector,
-            Some(event.event_id),
+            event_id,
         );
         if let Err(e) = self.registry.record_exit(p, exit, detector) {
             tracing::error!(event = "registry_error", error = %e, pid = p.pid, "cannot record a death in the registry");
@@ -325,7 +342,8 @@ impl Core {
         }
     }
 
-    /// Journals an event (durably) and hands it to the outbox, when there is one.
+    /// Builds an event with a fresh id (UUID v7: ids sort by time) and writes it durably to
+    /// the outbox: one fsync, the only copy until the OMA acknowledges it.
     fn record(
         &self,
         kind: ProcessEventKind,
@@ -333,14 +351,17 @@ impl Core {
         p: ProcessIdentity,
         exit: Option<ExitStatus>,
         detector: DetectorKind,
-    ) -> Result<api::ProcessEvent, JournalError> {
-        let event = self.journal.record(kind, job_id, p, exit, detector)?;
-        if let Some(outbox) = &self.outbox
-            && let Err(e) = outbox.append(event.clone())
-        {
-            tracing::error!(event = "outbox_error", error = %e, event_id = %event.event_id,
-                "cannot queue an event for the OMA; it stays in the local journal");
-        }
+    ) -> Result<api::ProcessEvent, OutboxError> {
+        let event = api::ProcessEvent {
+            event_id: Uuid::now_v7(),
+            kind,
+            job_id: job_id.to_owned(),
+            process: p,
+            exit,
+            observed_at: Utc::now(),
+            detector,
+        };
+        self.outbox.append(event.clone())?;
         Ok(event)
     }
 }

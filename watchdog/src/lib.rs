@@ -4,7 +4,6 @@ pub mod config;
 pub mod daemon;
 pub mod detector;
 pub mod http;
-pub mod journal;
 pub mod launcher;
 pub mod logging;
 pub mod outbox;

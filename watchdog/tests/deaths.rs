@@ -210,8 +210,8 @@ fn non_matching_storm(detector: &str) {
         "events about non-matching processes: {storm_lines:?}"
     );
     // Read the journal now: `death` ends the case and removes its directory.
-    let path = state.join(vma_watchdog::journal::FILE_NAME);
-    let events = vma_watchdog::journal::read_events(&path).unwrap();
+    let path = state.join(vma_watchdog::outbox::DIR_NAME);
+    let events = vma_watchdog::outbox::read_pending(&path).unwrap();
     assert!(events.iter().any(|e| e.process.pid == s.pid), "{events:?}");
     assert!(events.iter().all(|e| !pids.contains(&e.process.pid)));
     let line = case.death(s, "job-after-storm");

@@ -296,7 +296,7 @@ async fn a_status_handed_over_by_the_launcher_is_recorded_once() {
     running.await.unwrap();
 }
 
-/// With an outbox attached, every journaled event is queued for the OMA with the same id.
+/// Every recorded event is in the outbox (the daemon's one durable copy), in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journaled_events_are_queued_in_the_outbox() {
     if !privileged("journaled_events_are_queued_in_the_outbox") {
@@ -304,18 +304,12 @@ async fn journaled_events_are_queued_in_the_outbox() {
     }
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let outbox_dir = dir.path().join("outbox");
-    std::fs::create_dir_all(&outbox_dir).unwrap();
-    let outbox = std::sync::Arc::new(
-        vma_watchdog::outbox::Outbox::open(&outbox_dir, Default::default()).unwrap(),
-    );
     let args = ["vma-watchdog", "--detector", "auto", "--state-dir"];
     let cli = Cli::try_parse_from(args.iter().copied().chain([state.to_str().unwrap()]));
     let config = Config::load(cli.unwrap()).unwrap();
-    let daemon = Daemon::start_with_outbox(config, Some(outbox.clone()))
-        .await
-        .unwrap();
+    let daemon = Daemon::start(config).await.unwrap();
     let tracker = daemon.tracker();
+    let outbox = tracker.outbox().clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(daemon.run(async {
         let _ = stopped.await;
@@ -349,7 +343,7 @@ async fn journaled_events_are_queued_in_the_outbox() {
         .collect();
     assert_eq!(
         queued, journal,
-        "the outbox holds exactly the journaled events"
+        "the file on disk holds exactly the queued events"
     );
     assert_eq!(queued.len(), 2);
     assert_eq!(queued[1].exit.and_then(|e| e.signal), Some(9));

@@ -5,7 +5,7 @@ use std::io;
 use api::{ExitStatus, FoundBy, ProcessIdentity, VmaJobStatus};
 
 use super::{TrackError, Tracker};
-use crate::http::{JobsView, RegisterError};
+use crate::http::{JobsHealth, JobsView, RegisterError};
 
 impl JobsView for Tracker {
     fn job(&self, job_id: &str) -> Option<VmaJobStatus> {
@@ -37,5 +37,13 @@ impl JobsView for Tracker {
 
     fn launched_child_exited(&self, _job_id: &str, process: ProcessIdentity, exit: ExitStatus) {
         self.child_exited(process, exit);
+    }
+
+    fn health(&self) -> JobsHealth {
+        JobsHealth {
+            detector: Some(self.detector_kind()),
+            running: self.registry().running().len(),
+            jobs: self.registry().jobs().len(),
+        }
     }
 }

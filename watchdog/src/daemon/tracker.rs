@@ -9,11 +9,11 @@ use std::sync::Arc;
 use api::{ExitStatus, FoundBy, ProcessIdentity, VmaJobStatus};
 
 use super::Core;
-use crate::journal::Journal;
+use crate::outbox::Outbox;
 use crate::procfs;
 use crate::registry::{Registry, RegistryError};
 
-/// Shared handle on the daemon's state: the registry, the journal and the detector.
+/// Shared handle on the daemon's state: the registry, the outbox and the detector.
 #[derive(Debug, Clone)]
 pub struct Tracker(pub(super) Arc<Core>);
 
@@ -23,9 +23,14 @@ impl Tracker {
         &self.0.registry
     }
 
-    /// The journal (the outbox reads the file at `journal().path()`).
-    pub fn journal(&self) -> &Arc<Journal> {
-        &self.0.journal
+    /// The outbox: every event the daemon recorded and the OMA has not acknowledged yet.
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.0.outbox
+    }
+
+    /// The detector that runs.
+    pub fn detector_kind(&self) -> api::Detector {
+        self.0.detector.kind()
     }
 
     /// Registers `process` as running `job_id` (started by the launcher, or adopted through

@@ -195,10 +195,16 @@ pub async fn track_job(
     }
 }
 
-/// `GET /health`: liveness, plus the outbox's counters.
+/// `GET /health`: liveness, the detector, the registry's size and the outbox's counters.
 pub async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
     let outbox = state.outbox.as_ref().map(|o| o.stats());
-    Json(serde_json::json!({ "status": "ok", "outbox": outbox }))
+    let jobs = state.jobs.health();
+    Json(serde_json::json!({
+        "status": "ok",
+        "detector": jobs.detector,
+        "registry": { "running": jobs.running, "jobs": jobs.jobs },
+        "outbox": outbox,
+    }))
 }
 
 /// Any other path.

@@ -57,6 +57,30 @@ pub trait JobsView: Send + Sync + 'static {
     fn launched_child_exited(&self, job_id: &str, process: ProcessIdentity, exit: ExitStatus) {
         let _ = (job_id, process, exit);
     }
+    /// What `/health` shows about processes. By default counted from [`JobsView::jobs`].
+    fn health(&self) -> JobsHealth {
+        let jobs = self.jobs();
+        let running = jobs
+            .iter()
+            .filter(|j| matches!(j.state, api::JobProcessState::Running { .. }))
+            .count();
+        JobsHealth {
+            detector: None,
+            running,
+            jobs: jobs.len(),
+        }
+    }
+}
+
+/// The jobs side of `/health`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct JobsHealth {
+    /// The detector that watches processes, when there is one.
+    pub detector: Option<api::Detector>,
+    /// Processes registered and running.
+    pub running: usize,
+    /// Jobs known (running or exited).
+    pub jobs: usize,
 }
 
 /// Why a process could not be registered.

@@ -12,7 +12,11 @@ mod store;
 use std::path::PathBuf;
 
 pub use delivery::{DeliveryConfig, run as run_delivery};
-pub use store::Outbox;
+pub use store::{Outbox, read_pending};
+
+/// Name of the outbox's directory inside the state directory. The outbox is also the
+/// daemon's journal: each event is written (fsynced) there once, and nowhere else.
+pub const DIR_NAME: &str = "outbox";
 
 /// Bounds of the outbox on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -136,8 +136,8 @@ impl Outbox {
     ///
     /// When the outbox is full the new event is refused with [`OutboxError::Full`] rather
     /// than dropping the oldest: the oldest events are deaths nobody else has recorded, while
-    /// the caller still holds the refused one, logs it (and it remains in the daemon's own
-    /// journal and in the job status the OMA's recovery polls). Dropping silently is never
+    /// the caller still holds the refused one, logs it (and the death remains in the
+    /// registry, in the job status the OMA's recovery polls). Dropping silently is never
     /// an option.
     pub fn append(&self, event: ProcessEvent) -> Result<(), OutboxError> {
         let stored = StoredEvent {
@@ -326,6 +326,23 @@ fn line_len(stored: &StoredEvent) -> Result<u64, OutboxError> {
             event_id: stored.event.event_id,
             source,
         })
+}
+
+/// The events of the outbox in `dir` not yet acknowledged, oldest first, read without
+/// changing anything (for tests and inspection tools; the daemon may be running).
+pub fn read_pending(dir: &Path) -> Result<Vec<ProcessEvent>, OutboxError> {
+    let open_err = |path: PathBuf| move |source| OutboxError::Open { path, source };
+    let events_path = dir.join(EVENTS_FILE);
+    let acks_path = dir.join(ACKS_FILE);
+    let (events, _) =
+        disk::read_json_lines::<StoredEvent>(&events_path).map_err(open_err(events_path))?;
+    let (acked, _) = disk::read_json_lines::<Uuid>(&acks_path).map_err(open_err(acks_path))?;
+    let acked: HashSet<Uuid> = acked.into_iter().collect();
+    Ok(events
+        .into_iter()
+        .map(|s| s.event)
+        .filter(|e| !acked.contains(&e.event_id))
+        .collect())
 }
 
 fn log_damage(path: &Path, damage: &disk::LineDamage) {

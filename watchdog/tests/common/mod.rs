@@ -81,6 +81,17 @@ pub struct Watchdog {
 impl Watchdog {
     /// Starts the watchdog on `state_dir` with `--detector detector` and waits until it is ready.
     pub fn start(state_dir: &Path, detector: &str) -> Self {
+        // Tests run in parallel: each watchdog takes a free port of its own.
+        Self::start_with(state_dir, detector, &["--listen", "127.0.0.1:0"], &[])
+    }
+
+    /// [`Watchdog::start`] with more arguments and environment variables.
+    pub fn start_with(
+        state_dir: &Path,
+        detector: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_vma-watchdog"))
             .args([
                 "--log-format",
@@ -90,6 +101,8 @@ impl Watchdog {
                 "--detector",
                 detector,
             ])
+            .args(extra)
+            .envs(env.iter().copied())
             .arg("--state-dir")
             .arg(state_dir)
             .stdin(Stdio::null())
@@ -137,6 +150,25 @@ impl Watchdog {
             );
             log = self.log.1.wait_timeout(log, deadline - now).unwrap().0;
         }
+    }
+
+    /// The address of the REST API (its first `api_listening` line).
+    pub fn api_addr(&self) -> std::net::SocketAddr {
+        let line = self.wait_for("api_listening", |v| v["event"] == "api_listening");
+        line["addr"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and waits until it is gone.
+    pub fn kill9(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(100));
+        self.raw()
     }
 
     /// Waits for the event `event` about `pid`.
@@ -350,10 +382,11 @@ pub fn assert_exit(line: &Value, code: Option<i32>, signal: Option<i32>, core: O
     );
 }
 
-/// The journal's events about `pid`.
+/// The recorded events about `pid`: the outbox is the daemon's journal, and without an OMA
+/// nothing is ever removed from it.
 pub fn journal_for(state: &Path, pid: u32) -> Vec<api::ProcessEvent> {
-    let path = state.join(vma_watchdog::journal::FILE_NAME);
-    vma_watchdog::journal::read_events(&path)
+    let dir = state.join(vma_watchdog::outbox::DIR_NAME);
+    vma_watchdog::outbox::read_pending(&dir)
         .unwrap()
         .into_iter()
         .filter(|e| e.process.pid == pid)

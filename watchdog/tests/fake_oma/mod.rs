@@ -1,0 +1,140 @@
+//! A tiny real OMA for tests and benchmarks: an axum server on a real socket that checks the
+//! VMA's token, records every event with the instant it arrived, and acknowledges them all.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use api::{EventBatch, EventBatchAck, ProcessEvent};
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+
+#[derive(Clone)]
+struct Shared {
+    token: String,
+    vma_id: String,
+    received: Arc<Mutex<Vec<(ProcessEvent, Instant)>>>,
+    batches: Arc<Mutex<usize>>,
+}
+
+/// A running fake OMA.
+pub struct FakeOma {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shared: Shared,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+async fn intake(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Json(batch): Json<EventBatch>,
+) -> Result<Json<EventBatchAck>, StatusCode> {
+    let now = Instant::now();
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if auth != Some(&format!("Bearer {}", s.token)) || batch.vma_id != s.vma_id {
+        return Err(StatusCode::UNAUTHORIZED);
+    }
+    let ids = batch.events.iter().map(|e| e.event_id).collect::<Vec<_>>();
+    *s.batches.lock().unwrap() += 1;
+    s.received
+        .lock()
+        .unwrap()
+        .extend(batch.events.into_iter().map(|e| (e, now)));
+    Ok(Json(EventBatchAck {
+        applied: ids.len() as u32,
+        acknowledged: ids,
+    }))
+}
+
+impl FakeOma {
+    /// Serves on `addr` (`127.0.0.1:0` for any free port), expecting `token` from `vma_id`.
+    pub async fn start(addr: SocketAddr, token: &str, vma_id: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Shared {
+            token: token.to_owned(),
+            vma_id: vma_id.to_owned(),
+            received: Arc::default(),
+            batches: Arc::default(),
+        };
+        let app = axum::Router::new()
+            .route("/api/v1/watchdog/events", axum::routing::post(intake))
+            .with_state(shared.clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self {
+            addr,
+            shared,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Its base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every event received so far, with its arrival time, in order.
+    pub fn received(&self) -> Vec<(ProcessEvent, Instant)> {
+        self.shared.received.lock().unwrap().clone()
+    }
+
+    /// Events received about `job_id`.
+    pub fn events_of(&self, job_id: &str) -> Vec<ProcessEvent> {
+        self.received()
+            .into_iter()
+            .map(|(e, _)| e)
+            .filter(|e| e.job_id == job_id)
+            .collect()
+    }
+
+    /// Waits up to `timeout` for an event matching `pred`; returns it and when it arrived.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&ProcessEvent) -> bool,
+    ) -> Option<(ProcessEvent, Instant)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(hit) = self.received().into_iter().find(|(e, _)| pred(e)) {
+                return Some(hit);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Stops serving and closes the listener.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// A port free right now on 127.0.0.1 (for a server that must come up later on a known
+/// address, or a watchdog that must keep its address across a restart).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
