@@ -139,9 +139,11 @@ impl Recovery {
             .unwrap_or(false)
     }
 
-    /// Asks every active job's VMA and decides, changing nothing.
+    /// Asks every active job's VMA and decides, changing nothing. The records returned are
+    /// partial (only the columns the decision reads); [`Recovery::run`] re-reads each job in
+    /// full inside the transaction that applies its decision.
     pub async fn plan(&self) -> Result<Vec<(JobRecord, Decision)>, StoreError> {
-        let mut jobs = self.store.active_jobs().await?;
+        let mut jobs = self.store.active_jobs_for_decision().await?;
         jobs.retain(|rec| !self.is_starting(&rec.job.id));
         let vmas: Arc<HashMap<String, String>> = Arc::new(
             self.store
