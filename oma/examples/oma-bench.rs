@@ -200,14 +200,17 @@ async fn bench_scan(dir: &std::path::Path, vma_url: &str, max_jobs: i64) -> anyh
     store
         .upsert_vma("vma-1", vma_url, &hash_token(VMA_TOKEN))
         .await?;
-    let plan: Vec<String> =
-        sqlx::query("EXPLAIN QUERY PLAN SELECT id FROM replication_jobs WHERE active = 1")
-            .fetch_all(store.pool())
-            .await?
-            .iter()
-            .filter_map(|r| r.try_get::<String, _>("detail").ok())
-            .collect();
-    println!("active-set query plan: {}", plan.join("; "));
+    let plan: Vec<String> = sqlx::query(&format!(
+        "EXPLAIN QUERY PLAN SELECT {} FROM replication_jobs WHERE active = 1",
+        "id, vma_id, status, created_at, started_at, last_progress_at, progress_status, \
+             process_pid, process_start_time, attempt"
+    ))
+    .fetch_all(store.pool())
+    .await?
+    .iter()
+    .filter_map(|r| r.try_get::<String, _>("detail").ok())
+    .collect();
+    println!("recovery's active-set query plan: {}", plan.join("; "));
     let (recovery, _) = engines(&store);
     let mut have = 0;
     for total in [10_000i64, 100_000, 1_000_000]

@@ -9,7 +9,7 @@ use common::vma::{Answer, StandInVma, StartMode, pid};
 use common::{OPERATOR, VMA1_TOKEN, dead_url, settings, start_server, test_dbs};
 use oma::auth::hash_token;
 use oma::model::{ContextStatus, FailureClass, Job, JobStatus};
-use oma::recovery::{Action, Trigger};
+use oma::recovery::{Action, RecoveryError, Trigger};
 use oma::server::RunningServer;
 use oma::store::{NewJob, Store};
 use reqwest::StatusCode;
@@ -46,6 +46,18 @@ fn body(id: &str) -> serde_json::Value {
     json!({"id": id, "vm_context_id": format!("ctx-{id}"), "vm_name": "web01", "vma_id": "vma-1",
            "params": {"vm_path": "/DC/vm/web01", "nbd_export_name": "web01-disk0",
                       "credentials": "vcenter-main"}})
+}
+
+/// One real recovery run, once the startup run (still going on a slow machine) has finished.
+async fn recover(server: &RunningServer) -> oma::recovery::RunReport {
+    common::eventually(10, "a recovery run", || async {
+        match server.state.recovery.run(Trigger::Operator, false).await {
+            Ok(report) => Some(report),
+            Err(RecoveryError::Busy) => None,
+            Err(e) => panic!("recovery failed: {e}"),
+        }
+    })
+    .await
 }
 
 fn actions(audit: &[oma::model::AuditEntry]) -> Vec<&str> {
@@ -214,12 +226,7 @@ async fn an_unreachable_vma_leaves_the_job_pending_for_recovery() {
         assert_eq!(audit[1].evidence["vma_answer"]["answer"], "unreachable");
 
         // Recovery by its normal rules: still unreachable and young → wait.
-        let report = server
-            .state
-            .recovery
-            .run(Trigger::Operator, false)
-            .await
-            .unwrap();
+        let report = recover(&server).await;
         assert_eq!(report.decisions[0].decision.action, Action::Wait);
         assert_eq!(
             store.get_job("job-4").await.unwrap().job.status,
@@ -228,12 +235,7 @@ async fn an_unreachable_vma_leaves_the_job_pending_for_recovery() {
         // The VMA is back and has never heard of the job → job_lost, context released.
         let vma = StandInVma::start().await;
         register(store, &vma.url).await;
-        server
-            .state
-            .recovery
-            .run(Trigger::Operator, false)
-            .await
-            .unwrap();
+        recover(&server).await;
         let job = store.get_job("job-4").await.unwrap().job;
         assert_eq!(job.status, JobStatus::Failed, "{}", db.backend);
         assert_eq!(job.failure_class, Some(FailureClass::JobLost));

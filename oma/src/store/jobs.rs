@@ -194,7 +194,7 @@ impl Store {
     }
 
     /// Every job in an active state. The literal `active = 1` matches the partial index
-    /// `replication_jobs_active`, so this reads the active set, not the whole table.
+    /// `replication_jobs_active_decision`, so this reads the active set, not the whole table.
     pub async fn active_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {JOB_COLUMNS} FROM replication_jobs WHERE active = 1"
@@ -206,7 +206,7 @@ impl Store {
 
     /// Every active job as recovery's decision needs it: a partial record with only the
     /// columns the decision reads (see `rows::decision_record_from_row`), through the same
-    /// partial index as [`Store::active_jobs`].
+    /// partial index as [`Store::active_jobs`], which covers these columns: an index-only scan.
     pub async fn active_jobs_for_decision(&self) -> Result<Vec<JobRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {DECISION_COLUMNS} FROM replication_jobs WHERE active = 1"
