@@ -186,20 +186,36 @@ impl Oma {
         Ok(())
     }
 
-    /// `POST /api/v1/jobs`: creates job `job_id` for VM context `context` on `vma_id`.
+    /// `POST /api/v1/jobs`: creates job `job_id` for VM context `context` on `vma_id`, which
+    /// the OMA starts on the VMA at once. 201 when the VMA started it, 202 when the VMA could
+    /// not be reached (the job stays pending for recovery); anything else is an error.
     pub fn create_job(&self, job_id: &str, context: &str, vma_id: &str) -> Result<Job> {
-        self.client.call(
+        let body = json!({
+            "id": job_id,
+            "vm_context_id": context,
+            "vm_name": format!("vm-{context}"),
+            "vma_id": vma_id,
+            "sync_type": "full",
+        });
+        let bytes = serde_json::to_vec(&body).map_err(|source| HarnessError::Parse {
+            what: "encoding a job".into(),
+            source,
+        })?;
+        let what = format!("POST /api/v1/jobs ({job_id})");
+        let a = self.client.raw(
             Method::POST,
             "/api/v1/jobs",
-            Some(&json!({
-                "id": job_id,
-                "vm_context_id": context,
-                "vm_name": format!("vm-{context}"),
-                "vma_id": vma_id,
-                "sync_type": "full",
-            })),
-            201,
-        )
+            Some(&self.operator_token),
+            Some(("application/json", bytes)),
+        )?;
+        if a.status != 201 && a.status != 202 {
+            return Err(HarnessError::Status {
+                what,
+                status: a.status,
+                body: a.body,
+            });
+        }
+        serde_json::from_str(&a.body).map_err(|source| HarnessError::Parse { what, source })
     }
 
     /// `GET /api/v1/jobs/{id}`.

@@ -71,11 +71,12 @@ if [ -f "$b.cgroup" ]; then echo $$ > "$(cat "$b.cgroup")" || exit 97; fi
 args=""
 if [ -f "$b.args" ]; then args="$(cat "$b.args")"; fi
 export MIGRATEKIT_JOB_ID="$job" MIGRATEKIT_PROGRESS_JOB_ID="$job"
-export MIGRATEKIT_PROGRESS_URL="{progress_url}"
+export MIGRATEKIT_STANDIN_PROGRESS_URL="{progress_url}"
 # shellcheck disable=SC2086
 exec {mk} migrate --vmware-endpoint vcenter.example --vmware-username admin \
   --vmware-password {secret} --vmware-path /dc/vm/$job --nbd-export-name $job \
-  --job-id "$job" $args
+  --job-id "$job" --standin-total-bytes 107374182400 --standin-rate 104857600 \
+  --standin-progress-interval-ms 100 $args
 "#,
         dir = dir.display(),
         mk = migratekit.display(),
@@ -293,6 +294,9 @@ fn wiring_args(w: &WiringArgs) -> Vec<OsString> {
     flag("--launch-arg", "{job_id}".into());
     flag("--launch-log-dir", w.log_dir.clone().into());
     flag("--detector", w.detector.clone().into());
+    // Redeliver within a second once the OMA is back, so tests do not wait out 30 s.
+    flag("--oma-max-backoff-ms", "1000".into());
+    args.push("--launch-no-systemd".into());
     flag("--log-format", "json".into());
     args
 }
