@@ -296,7 +296,7 @@ fn wiring_args(w: &WiringArgs) -> Vec<OsString> {
     flag("--detector", w.detector.clone().into());
     // Redeliver within a second once the OMA is back, so tests do not wait out 30 s.
     flag("--oma-max-backoff-ms", "1000".into());
-    args.push("--launch-no-systemd".into());
     flag("--log-format", "json".into());
+    args.push("--launch-no-systemd".into());
     args
 }
