@@ -89,7 +89,7 @@ fn three_deaths_while_the_oma_is_down_are_applied_once_each_after_it_returns() {
     sys.oma.stop().unwrap();
     for (p, sig) in processes
         .iter()
-        .zip([libc::SIGKILL, libc::SIGTERM, libc::SIGSEGV])
+        .zip([libc::SIGKILL, libc::SIGTERM, libc::SIGINT])
     {
         procs::kill_process(*p, sig).unwrap();
         procs::wait_gone(*p, PATIENCE).unwrap();
