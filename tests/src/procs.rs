@@ -39,7 +39,8 @@ pub fn comm(pid: u32) -> Option<String> {
         .map(|s| s.trim_end().to_owned())
 }
 
-/// True while `process` (same pid and start time) exists and is not a zombie.
+/// True while `process` (same pid and start time) exists and has a live thread. A zombie
+/// leader whose other threads still run (the leader called `pthread_exit`) is alive.
 pub fn is_alive(process: ProcessIdentity) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", process.pid)) else {
         return false;
@@ -50,7 +51,63 @@ pub fn is_alive(process: ProcessIdentity) -> bool {
     let mut fields = rest.split_whitespace();
     let state = fields.next().unwrap_or("X");
     let start: Option<u64> = fields.nth(18).and_then(|s| s.parse().ok());
-    start == Some(process.start_time) && state != "Z" && state != "X"
+    if start != Some(process.start_time) {
+        return false;
+    }
+    if state != "Z" && state != "X" {
+        return true;
+    }
+    std::fs::read_dir(format!("/proc/{}/task", process.pid))
+        .map(|d| d.count() > 1)
+        .unwrap_or(false)
+}
+
+/// Makes this process the reaper of orphaned migratekit processes and reaps them.
+///
+/// When the harness SIGKILLs a watchdog, the migratekit processes it launched are orphaned.
+/// On a real VMA, init reaps them when they die; in this sandbox pid 1 does not, and a zombie
+/// keeps its pid forever (which defeats the pid-reuse scenario and leaks). So the harness
+/// declares itself a child subreaper, and a thread reaps exactly those zombies among its
+/// children that are migratekit (never the daemons it waits for itself).
+pub fn reap_orphans() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes plain integers.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        std::thread::spawn(|| {
+            let me = std::process::id().to_string();
+            loop {
+                std::thread::sleep(Duration::from_millis(20));
+                let Ok(dir) = std::fs::read_dir("/proc") else {
+                    continue;
+                };
+                for entry in dir.flatten() {
+                    let Some(pid) = entry
+                        .file_name()
+                        .to_str()
+                        .and_then(|s| s.parse::<i32>().ok())
+                    else {
+                        continue;
+                    };
+                    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                        continue;
+                    };
+                    let Some(close) = stat.rfind(')') else {
+                        continue;
+                    };
+                    let name = stat.get(stat.find('(').map_or(0, |i| i + 1)..close);
+                    let mut f = stat[close + 1..].split_whitespace();
+                    let (state, ppid) = (f.next(), f.next());
+                    if state == Some("Z") && ppid == Some(me.as_str()) && name == Some("migratekit")
+                    {
+                        let mut status = 0;
+                        // SAFETY: waitpid on a specific pid with a valid status pointer.
+                        unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+                    }
+                }
+            }
+        });
+    });
 }
 
 /// Sends `sig` to `process` if it is still the same process (pid and start time).

@@ -55,6 +55,7 @@ pub struct System {
 impl System {
     /// Starts both daemons and registers the VMA.
     pub fn start(options: &SystemOptions) -> Result<Self> {
+        crate::procs::reap_orphans();
         let net = if options.partitioned {
             Some(NetPair::create()?)
         } else {
@@ -100,15 +101,23 @@ impl System {
     }
 
     /// Creates job `job_id` (VM context `ctx-<job_id>`) with the stand-in told `standin_args`,
-    /// and waits for its process.
+    /// and returns its process: as the OMA recorded it from the watchdog's start answer, or
+    /// else as found in `/proc`.
     pub fn start_job(&self, job_id: &str, standin_args: &str) -> Result<ProcessIdentity> {
         self.watchdog.set_behaviour(job_id, standin_args)?;
         self.jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(job_id.to_owned());
-        self.oma
+        let job = self
+            .oma
             .create_job(job_id, &format!("ctx-{job_id}"), "vma-1")?;
+        if let (Some(pid), Some(start)) = (job.pid, job.process_start_time) {
+            return Ok(ProcessIdentity {
+                pid: pid as u32,
+                start_time: start as u64,
+            });
+        }
         crate::procs::wait_migratekit(job_id, PATIENCE)
     }
 
