@@ -137,6 +137,18 @@ impl System {
         process: ProcessIdentity,
         sig: i32,
     ) -> Result<(Job, Duration)> {
+        self.kill_and_measure(job_id, process, sig)
+            .map(|(job, total, _)| (job, total))
+    }
+
+    /// Like [`System::kill_and_wait`], also returning the detection part (kill to the
+    /// watchdog's `observed_at`) when the transition's evidence carries it.
+    pub fn kill_and_measure(
+        &self,
+        job_id: &str,
+        process: ProcessIdentity,
+        sig: i32,
+    ) -> Result<(Job, Duration, Option<Duration>)> {
         let before = SystemTime::now();
         crate::procs::kill_process(process, sig)?;
         let job = self.oma.wait_final(job_id, PATIENCE)?;
@@ -146,7 +158,7 @@ impl System {
             status: 0,
             body: format!("{audit:?}"),
         })?;
-        Ok((job, latency))
+        Ok((job, latency, detect_latency(&audit, before)))
     }
 
     /// Job ids started through [`System::start_job`].
@@ -172,6 +184,17 @@ pub fn commit_latency(audit: &[AuditEntry], since: SystemTime) -> Option<Duratio
         at.duration_since(SystemTime::UNIX_EPOCH + Duration::from_millis(since_ms))
             .unwrap_or_default(),
     )
+}
+
+/// Time from `since` to the watchdog's `observed_at` of the death that made the job final
+/// (from the transition's evidence): the detection part of [`commit_latency`].
+pub fn detect_latency(audit: &[AuditEntry], since: SystemTime) -> Option<Duration> {
+    let entry = final_transitions(audit).into_iter().next()?;
+    let observed = json_find(&entry.evidence, "observed_at")?.as_str()?;
+    let observed: chrono::DateTime<chrono::Utc> = observed.parse().ok()?;
+    let observed = SystemTime::UNIX_EPOCH
+        + Duration::from_nanos(u64::try_from(observed.timestamp_nanos_opt()?).ok()?);
+    Some(observed.duration_since(since).unwrap_or_default())
 }
 
 /// The audit entries that record a final transition of the job.
