@@ -65,6 +65,11 @@ impl JsonClient {
             request = request.bearer_auth(token);
         }
         if let Some((content_type, bytes)) = body {
+            // A server refuses an oversized body (413) before reading it and then drops the
+            // connection; it must not go back into the pool, or the next request fails on it.
+            if bytes.len() > 64 << 10 {
+                request = request.header("connection", "close");
+            }
             request = request.header("content-type", content_type).body(bytes);
         }
         let response = request.send().map_err(|source| HarnessError::Http {

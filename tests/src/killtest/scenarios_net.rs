@@ -76,7 +76,11 @@ pub fn bad_input(_run: usize) -> RunOutcome {
     let sys = system()?;
     let p = started(&sys, "victim", "")?;
     let json = |b: &[u8]| Some(("application/json", b.to_vec()));
-    let big = vec![b'x'; 4 << 20];
+    // Just over each server's limit (the OMA's 1 MiB, the watchdog's 64 KiB): a server stops
+    // reading at its limit, and what remains must fit the socket buffers so that the client
+    // reads the 413 instead of failing on a reset while still sending.
+    let oma_big = vec![b'x'; oma::BODY_LIMIT + (64 << 10)];
+    let wd_big = vec![b'x'; 128 << 10];
     let op = Some(sys.oma.operator_token.as_str());
     let oma_cases: Vec<Case<'_>> = vec![
         (
@@ -100,7 +104,7 @@ pub fn bad_input(_run: usize) -> RunOutcome {
             Method::POST,
             "/api/v1/jobs",
             op,
-            Some(("application/json", big.clone())),
+            Some(("application/json", oma_big)),
             &[413],
         ),
         ("no token", Method::GET, "/api/v1/jobs", None, None, &[401]),
@@ -177,7 +181,7 @@ pub fn bad_input(_run: usize) -> RunOutcome {
             Method::POST,
             "/api/v1/progress/victim/update",
             None,
-            Some(("application/json", big)),
+            Some(("application/json", wd_big)),
             &[413],
         ),
         (
