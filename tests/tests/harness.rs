@@ -49,8 +49,7 @@ fn a_namespaced_oma_is_reached_over_the_veth_pair_and_cut_off() {
     net.restore().unwrap();
     oma.client().wait_healthy(Duration::from_secs(10)).unwrap();
     // The root namespace cannot reach it at all.
-    let outside =
-        system_tests::http::JsonClient::new(system_tests::http::client(), oma.url.clone(), None);
+    let outside = system_tests::http::JsonClient::new(system_tests::http::client(), oma.url, None);
     assert!(outside.wait_healthy(Duration::from_millis(300)).is_err());
 }
 
