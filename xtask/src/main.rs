@@ -6,6 +6,7 @@ mod bench;
 mod build_ebpf;
 mod paths;
 mod postgres;
+mod run;
 mod setup;
 mod test;
 
@@ -30,6 +31,8 @@ enum Command {
         #[command(subcommand)]
         which: bench::Which,
     },
+    /// The README's run command: OMA (SQLite) + watchdog on this machine with a demo job.
+    Run(run::RunArgs),
     /// The README's test command and what CI runs: set-up, eBPF build, formatting, lints, all tests.
     Test(test::TestArgs),
 }
@@ -41,5 +44,6 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf => build_ebpf::run(),
         Command::Bench { which } => bench::run(which),
         Command::Test(args) => test::run(&args),
+        Command::Run(args) => run::run(&args),
     }
 }
