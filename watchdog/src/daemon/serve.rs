@@ -73,9 +73,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!(event = "api_token_missing", "no API token configured (--api-token-file, --api-token or VMA_WATCHDOG_API_TOKEN): the job API refuses every call; only /health and progress updates from this host are served");
         crate::config::unguessable_token()
     });
+    // The template's arguments are not logged: an administrator may have written a secret
+    // into one of them instead of using a credentials entry.
     tracing::info!(event = "launcher_configured", program = %config.launcher.program.display(),
-        args = ?config.launcher.args, credentials = ?config.launcher.credentials.keys().collect::<Vec<_>>(),
-        "migratekit is started from this template");
+        template_args = config.launcher.args.len(),
+        credentials = ?config.launcher.credentials.keys().collect::<Vec<_>>(),
+        "migratekit is started from the configured template");
     let state = AppState {
         progress: Arc::new(progress),
         jobs: Arc::new(tracker.clone()),
