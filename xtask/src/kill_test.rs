@@ -2,7 +2,8 @@
 //! runner of the `system-tests` crate, then runs it. The scenarios themselves live in
 //! `tests/src/killtest/`, next to the harness the end-to-end tests share.
 //!
-//! `cargo xtask kill-test --bench 200` runs the kill-to-commit latency benchmark instead.
+//! `cargo xtask kill-test --bench 200 [--release]` runs the kill-to-commit latency benchmark
+//! instead.
 
 use std::process::Command;
 
@@ -28,6 +29,9 @@ pub struct KillTestArgs {
     /// List the scenarios and what each proves.
     #[arg(long)]
     list: bool,
+    /// Build and run everything optimized (for benchmark figures).
+    #[arg(long)]
+    release: bool,
 }
 
 /// Builds what the runner needs and runs it; fails when a scenario fails.
@@ -40,10 +44,12 @@ pub fn run(args: &KillTestArgs) -> Result<()> {
         Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
             .current_dir(&root)
             .args(["build", "-p", "oma", "-p", "vma-watchdog", "-p"])
-            .args(["migratekit-standin", "-p", "system-tests", "--bins"]),
+            .args(["migratekit-standin", "-p", "system-tests", "--bins"])
+            .args(args.release.then_some("--release")),
     )
     .context("building oma, vma-watchdog, the stand-in migratekit and the kill-test runner")?;
-    let mut runner = Command::new(root.join("target").join("debug").join("kill-test"));
+    let profile = if args.release { "release" } else { "debug" };
+    let mut runner = Command::new(root.join("target").join(profile).join("kill-test"));
     runner
         .current_dir(&root)
         .args(["--runs", &args.runs.to_string()]);
