@@ -33,16 +33,24 @@ pub(crate) fn expect_final(
         .oma
         .wait_final(job, PATIENCE)
         .map_err(fail(&format!("job {job} reaching a final state")))?;
-    check(j.status == status && j.failure_class == class, || {
-        format!(
-            "job {job}: expected {status:?}/{class:?}, got {:?}/{:?}",
-            j.status, j.failure_class
-        )
-    })?;
     let audit = sys
         .oma
         .audit(job)
         .map_err(fail("reading the audit trail"))?;
+    check(j.status == status && j.failure_class == class, || {
+        let evidence = final_transitions(&audit).first().map(|a| {
+            let actor = a.actor;
+            let detector = json_find(&a.evidence, "detector").cloned();
+            let exit = json_find(&a.evidence, "exit").cloned();
+            format!(" (by {actor:?}, detector {detector:?}, exit {exit:?})")
+        });
+        format!(
+            "job {job}: expected {status:?}/{class:?}, got {:?}/{:?}{}",
+            j.status,
+            j.failure_class,
+            evidence.unwrap_or_default()
+        )
+    })?;
     let n = final_transitions(&audit).len();
     check(n == 1, || {
         format!("job {job}: {n} final transitions, expected 1")
