@@ -22,7 +22,10 @@ pub struct Daemon {
 
 impl Daemon {
     /// Describes a daemon; nothing runs until [`Daemon::start`]. With `netns`, it runs
-    /// through `ip netns exec <ns>` (which execs it, so the pid is the daemon's own).
+    /// through `nsenter --net=/run/netns/<ns>`, which enters only the network namespace and
+    /// execs it (so the pid is the daemon's own). Not `ip netns exec`: that also gives the
+    /// process a mount namespace with a fresh /sys, without /sys/kernel/btf or tracefs, so the
+    /// watchdog would silently fall back from eBPF to procfs.
     pub fn new(
         name: impl Into<String>,
         program: impl Into<PathBuf>,
@@ -55,8 +58,10 @@ impl Daemon {
             .map_err(|e| HarnessError::io("duplicating a log file handle", e))?;
         let mut command = match &self.netns {
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&self.program);
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(&self.program);
                 c
             }
             None => Command::new(&self.program),

@@ -48,6 +48,15 @@ impl fmt::Display for BenchFigures {
 /// Starts one system and measures `kills` SIGKILLs, one job at a time.
 pub fn kill_to_commit(kills: usize) -> crate::Result<BenchFigures> {
     let sys = System::start(&SystemOptions::default())?;
+    // The detector that actually runs, as the watchdog's /health reports it.
+    let detector = sys
+        .watchdog
+        .client()
+        .raw(reqwest::Method::GET, "/health", None, None)
+        .ok()
+        .and_then(|a| serde_json::from_str::<serde_json::Value>(&a.body).ok())
+        .and_then(|v| crate::system::json_find(&v, "detector").cloned())
+        .map_or_else(|| "unknown".to_owned(), |d| d.to_string());
     let mut ms = Vec::with_capacity(kills);
     let mut detect_ms = Vec::with_capacity(kills);
     for i in 0..kills {
@@ -72,6 +81,6 @@ pub fn kill_to_commit(kills: usize) -> crate::Result<BenchFigures> {
         max_ms: ms.iter().copied().fold(0.0, f64::max),
         detect_p50_ms: percentile(&detect_ms, 50.0).unwrap_or_default(),
         detect_p99_ms: percentile(&detect_ms, 99.0).unwrap_or_default(),
-        detector: "auto".into(),
+        detector,
     })
 }
