@@ -324,7 +324,8 @@ pub fn pid_reuse(_run: usize) -> RunOutcome {
         let job = sys.oma.job("reused").map_err(fail("reading the job"))?;
         check(job.process_start_time == Some(p.start_time as i64), || {
             "the OMA's job changed process".into()
-        })
+        })?;
+        expect_none_active(&sys)
     })();
     let _ = impostor.kill();
     let _ = impostor.wait();
