@@ -29,6 +29,20 @@ pub enum ApiError {
     /// A recovery run is in progress.
     #[error("a recovery run is already in progress; retry when it has finished")]
     RecoveryBusy,
+    /// The VMA refused to start a job; the job is recorded as failed.
+    #[error(
+        "the VMA refused to start job {job_id} ({detail}); the job is failed (start_refused) and \
+         its VM context released; fix the parameters or the VMA's configuration and create a new job"
+    )]
+    StartRefused {
+        /// The job.
+        job_id: String,
+        /// The VMA's answer.
+        detail: String,
+    },
+    /// Something inside the OMA failed; the message says where to look.
+    #[error("{0}")]
+    Internal(String),
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -53,6 +67,8 @@ impl ApiError {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_body", message),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", message),
             Self::RecoveryBusy => (StatusCode::CONFLICT, "recovery_in_progress", message),
+            Self::StartRefused { .. } => (StatusCode::BAD_GATEWAY, "start_refused", message),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message),
             Self::Store(e) => match e {
                 S::UnknownJob(_) => (StatusCode::NOT_FOUND, "unknown_job", message),
                 S::UnknownContext(_) => (StatusCode::NOT_FOUND, "unknown_vm_context", message),

@@ -13,6 +13,7 @@ pub mod poller;
 pub mod recovery;
 pub mod routes;
 pub mod server;
+pub mod start;
 pub mod store;
 pub mod vma_client;
 
@@ -38,8 +39,8 @@ pub struct AppState {
     pub recovery: Arc<Recovery>,
     /// The progress poller (for its health).
     pub poller: Arc<Poller>,
-    /// Client of the VMAs' watchdog APIs: the seam through which job creation will start
-    /// migratekit on the VMA (`VmaClient::start_job`, next issue).
+    /// Client of the VMAs' watchdog APIs, through which job creation starts migratekit on
+    /// the VMA (`VmaClient::start_job`).
     pub vma_client: vma_client::VmaClient,
 }
 

@@ -125,6 +125,8 @@ string_enum!(
         Stalled => "stalled",
         /// Failed by startup recovery for a reason not covered above.
         StartupRecovery => "startup_recovery",
+        /// The VMA refused to start migratekit (4xx to the start request): nothing ran.
+        StartRefused => "start_refused",
     }
 );
 
@@ -234,7 +236,9 @@ pub struct AuditEntry {
     /// Who made it.
     pub actor: Actor,
     /// What the entry records: `created`, `transition`, `process_recorded`, `stale_attempt`,
-    /// `ignored_final`, `stalled`, `unstalled`, `recovery_keep`, `recovery_wait`.
+    /// `ignored_final`, `stalled`, `unstalled`, `recovery_keep`, `recovery_wait`, and for the
+    /// start request `started`, `start_refused`, `start_unreachable`, `start_conflict`,
+    /// `start_after_final`.
     pub action: String,
     /// The failure class set by this entry, if any.
     pub failure_class: Option<FailureClass>,

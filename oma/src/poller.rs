@@ -117,7 +117,7 @@ impl Poller {
     /// already being polled. Polls run detached, so a VMA that hangs until the timeout delays
     /// only its own jobs (bounded by its own semaphore), never another VMA's.
     pub async fn cycle(self: &Arc<Self>) -> Result<(), crate::store::StoreError> {
-        let active = self.store.active_jobs().await?;
+        let active = self.store.active_job_ids().await?;
         let vmas: HashMap<String, String> = self
             .store
             .list_vmas()
@@ -126,15 +126,15 @@ impl Poller {
             .map(|v| (v.id, v.base_url))
             .collect();
         let now = Instant::now();
-        let due: Vec<JobRecord> = {
+        let due: Vec<(String, String)> = {
             let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
             let ids: std::collections::HashSet<&str> =
-                active.iter().map(|r| r.job.id.as_str()).collect();
+                active.iter().map(|(id, _)| id.as_str()).collect();
             jobs.retain(|id, _| ids.contains(id.as_str()));
             active
                 .into_iter()
-                .filter(|r| {
-                    let entry = jobs.entry(r.job.id.clone()).or_insert(JobPoll {
+                .filter(|(id, _)| {
+                    let entry = jobs.entry(id.clone()).or_insert(JobPoll {
                         next_at: now,
                         failures: 0,
                         in_flight: false,
@@ -146,16 +146,16 @@ impl Poller {
                 .collect()
         };
         let stall_ms = i64::try_from(self.config.stall_threshold.as_millis()).unwrap_or(i64::MAX);
-        for rec in due {
-            let Some(url) = vmas.get(&rec.job.vma_id).cloned() else {
-                let error = format!("no VMA is registered under id {}", rec.job.vma_id);
-                self.finish(&rec.job.id, Err(error));
+        for (job_id, vma_id) in due {
+            let Some(url) = vmas.get(&vma_id).cloned() else {
+                let error = format!("no VMA is registered under id {vma_id}");
+                self.finish(&job_id, Err(error));
                 continue;
             };
             let permits = {
                 let mut per_vma = self.per_vma.lock().unwrap_or_else(|e| e.into_inner());
                 per_vma
-                    .entry(rec.job.vma_id.clone())
+                    .entry(vma_id.clone())
                     .or_insert_with(|| {
                         Arc::new(Semaphore::new(self.config.per_vma_concurrency.max(1)))
                     })
@@ -164,10 +164,10 @@ impl Poller {
             let poller = self.clone();
             tokio::spawn(async move {
                 let _permit = permits.acquire_owned().await;
-                let result = match poller.client.progress(&url, &rec.job.id).await {
+                let result = match poller.client.progress(&url, &job_id).await {
                     Ok(Some(progress)) => poller
                         .store
-                        .mutate_job(&rec.job.id, |cur, now| {
+                        .mutate_job(&job_id, |cur, now| {
                             Ok(progress_change(cur, &progress, now, stall_ms))
                         })
                         .await
@@ -176,7 +176,7 @@ impl Poller {
                     Ok(None) => Ok(()),
                     Err(e) => Err(e.to_string()),
                 };
-                poller.finish(&rec.job.id, result);
+                poller.finish(&job_id, result);
             });
         }
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,7 +1,7 @@
 //! The OMA's client of a VMA's watchdog API: job status for recovery, progress for the
-//! poller, and (next issue) starting a job.
+//! poller, and starting a job's migratekit process.
 
-use api::{ErrorBody, JobProcessState, StoredProgress, VmaJobStatus};
+use api::{ErrorBody, JobProcessState, StartJobRequest, StoredProgress, VmaJobStatus};
 use reqwest::StatusCode;
 use serde::Serialize;
 use std::time::Duration;
@@ -141,14 +141,14 @@ impl VmaClient {
         }
     }
 
-    /// `POST {vma}/api/v1/jobs/{job_id}/start` with the job's parameters. The seam the next
-    /// issue wires into job creation; nothing calls it yet.
+    /// `POST {vma}/api/v1/jobs/{job_id}/start` with the job's parameters (never a command
+    /// line: the VMA fills its own template with them).
     pub async fn start_job(
         &self,
         base_url: &str,
         job_id: &str,
-        params: &serde_json::Value,
-    ) -> Result<(), VmaError> {
+        params: &StartJobRequest,
+    ) -> StartAnswer {
         let url = format!(
             "{}/api/v1/jobs/{job_id}/start",
             base_url.trim_end_matches('/')
@@ -157,11 +157,76 @@ impl VmaClient {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        let response = request.send().await.map_err(|e| e.without_url())?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(Self::error_detail(response).await)
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return StartAnswer::Unreachable {
+                    reason: VmaError::Request(e.without_url()).to_string(),
+                };
+            }
+        };
+        let status = response.status();
+        if status.is_success() {
+            return match response.json::<VmaJobStatus>().await {
+                Ok(answer) if answer.job_id == job_id => StartAnswer::Started {
+                    state: answer.state,
+                },
+                Ok(answer) => StartAnswer::Unreachable {
+                    reason: format!("the VMA answered about job {} instead", answer.job_id),
+                },
+                Err(e) => StartAnswer::Unreachable {
+                    reason: format!("the VMA's start answer did not parse: {}", e.without_url()),
+                },
+            };
+        }
+        let body = response.json::<ErrorBody>().await.ok();
+        let (error, message) = body
+            .map(|b| (b.error, b.message))
+            .unwrap_or_else(|| ("no_error_body".into(), "no error body".into()));
+        match status {
+            StatusCode::CONFLICT if error == "job_running" => {
+                StartAnswer::AlreadyRunning { message }
+            }
+            // A 4xx is the VMA's considered refusal: nothing was started. A 5xx (or a proxy's
+            // error page) leaves it open whether the process runs, so it counts as no answer.
+            s if s.is_client_error() => StartAnswer::Refused {
+                status: s.as_u16(),
+                error,
+                message,
+            },
+            s => StartAnswer::Unreachable {
+                reason: format!("the VMA answered HTTP {}: {error}: {message}", s.as_u16()),
+            },
         }
     }
+}
+
+/// What a VMA answered to a start request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum StartAnswer {
+    /// 201: the process was launched and registered (it may already have exited).
+    Started {
+        /// Its state, with the process identity.
+        state: JobProcessState,
+    },
+    /// 409 `job_running`: a process already runs this job on the VMA.
+    AlreadyRunning {
+        /// The VMA's message (names the pid).
+        message: String,
+    },
+    /// Any other 4xx: the VMA refused and started nothing.
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The VMA's error code (`invalid_parameters`, `invalid_job_id`, `unauthorized`, ...).
+        error: String,
+        /// The VMA's message.
+        message: String,
+    },
+    /// No usable answer (connection refused, timeout, 5xx): the process may or may not run.
+    Unreachable {
+        /// What went wrong.
+        reason: String,
+    },
 }

@@ -115,8 +115,8 @@ async fn jobs_contexts_and_watchdog_events_over_http() {
         .await;
 
         // Create a job; 400 names unknown fields and malformed bodies.
-        let body =
-            json!({"id": "job-1", "vm_context_id": "ctx-1", "vm_name": "web01", "vma_id": "vma-1"});
+        let body = json!({"id": "job-1", "vm_context_id": "ctx-1", "vm_name": "web01", "vma_id": "vma-1",
+                   "start": false});
         let resp = c
             .send(M::POST, "/api/v1/jobs", Some(OPERATOR), Some(body.clone()))
             .await;
@@ -174,7 +174,7 @@ async fn jobs_contexts_and_watchdog_events_over_http() {
                 M::POST,
                 "/api/v1/jobs",
                 Some(OPERATOR),
-                Some(json!({"id": "job-2", "vm_context_id": "ctx-1", "vma_id": "vma-1"})),
+                Some(json!({"id": "job-2", "vm_context_id": "ctx-1", "vma_id": "vma-1", "start": false})),
             )
             .await,
             StatusCode::CONFLICT,
@@ -304,7 +304,8 @@ async fn jobs_contexts_and_watchdog_events_over_http() {
         )
         .await;
         assert!(e.message.contains("failed"), "{}", e.message);
-        let body = json!({"id": "job-3", "vm_context_id": "ctx-1", "vma_id": "vma-1"});
+        let body =
+            json!({"id": "job-3", "vm_context_id": "ctx-1", "vma_id": "vma-1", "start": false});
         assert_eq!(
             c.send(M::POST, "/api/v1/jobs", Some(OPERATOR), Some(body))
                 .await

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::vma::StandInVma;
+use common::vma::{StandInVma, StartMode, pid};
 use common::{OPERATOR, VMA1_TOKEN, dead_url, settings, start_server, test_dbs};
 use oma::auth::hash_token;
 use oma::store::NewJob;
@@ -116,5 +116,143 @@ async fn scan_recover_and_status_against_a_running_server() {
         );
         assert!(!err.contains(OPERATOR) && !err.contains(VMA1_TOKEN));
     }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn register_a_vma_create_jobs_and_list_them() {
+    let db = test_dbs().await.remove(0);
+    let vma = StandInVma::start().await;
+    vma.set_start(StartMode::Run(pid(4242, 777)));
+    let server = start_server(settings(&db)).await;
+    let url = format!("http://{}", server.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("vma.token");
+    std::fs::write(&token_file, format!("{VMA1_TOKEN}\n")).unwrap();
+    let token_path = token_file.display().to_string();
+
+    let out = cli(
+        &url,
+        Some(OPERATOR),
+        &[
+            "register-vma",
+            "vma-1",
+            "--base-url",
+            &vma.url,
+            "--vma-token-file",
+            &token_path,
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains(VMA1_TOKEN));
+
+    // create: started on the VMA with the given parameters.
+    let out = cli(
+        &url,
+        Some(OPERATOR),
+        &[
+            "create",
+            "--id",
+            "demo-1",
+            "--vm-context",
+            "ctx-demo",
+            "--vm-name",
+            "web01",
+            "--vma",
+            "vma-1",
+            "--vm-path",
+            "/DC/vm/web01",
+            "--param",
+            "disk=2000",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (job["status"].as_str(), job["pid"].as_i64()),
+        (Some("replicating"), Some(4242))
+    );
+    let (_, _, request) = &vma.starts()[0];
+    assert_eq!(request.vm_path.as_deref(), Some("/DC/vm/web01"));
+    assert_eq!(
+        request.parameters.get("disk").map(String::as_str),
+        Some("2000")
+    );
+
+    // create refused by the VMA: non-zero exit, one line naming the job.
+    vma.set_start(StartMode::Refuse);
+    let out = cli(
+        &url,
+        Some(OPERATOR),
+        &[
+            "create",
+            "--id",
+            "demo-2",
+            "--vm-context",
+            "ctx-2",
+            "--vm-name",
+            "db01",
+            "--vma",
+            "vma-1",
+        ],
+    )
+    .await;
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("demo-2") && err.contains("502") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+
+    // --no-start only records it.
+    let out = cli(
+        &url,
+        Some(OPERATOR),
+        &[
+            "create",
+            "--id",
+            "demo-3",
+            "--vm-context",
+            "ctx-3",
+            "--vm-name",
+            "app01",
+            "--vma",
+            "vma-1",
+            "--no-start",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("demo-3 on vma-1 (ctx-3): pending"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // jobs: a table and JSON, filtered.
+    let out = cli(&url, Some(OPERATOR), &["jobs"]).await;
+    let table = text(&out.stdout);
+    assert!(
+        table.starts_with("JOB") && table.lines().count() == 4,
+        "{table}"
+    );
+    assert!(
+        table.contains("start_refused") && table.contains("4242"),
+        "{table}"
+    );
+    let out = cli(
+        &url,
+        Some(OPERATOR),
+        &["jobs", "--status", "replicating", "--json"],
+    )
+    .await;
+    let jobs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0]["id"], "demo-1");
+    let out = cli(&url, Some(OPERATOR), &["jobs", "--status", "sleeping"]).await;
+    assert!(!out.status.success());
     server.shutdown().await;
 }

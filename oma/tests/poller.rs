@@ -166,6 +166,13 @@ async fn polling_resumes_after_the_server_restarts() {
         let server = start_server(settings(&db)).await;
         let store = server.state.store.clone();
         eventually(10, "progress after restart", || bytes(&store, "long", 600)).await;
+        // The poller may record progress before startup recovery has committed: wait for
+        // the run, not for a guess at how long it takes.
+        eventually(10, "startup recovery", || async {
+            let runs = store.recent_runs(5).await.unwrap();
+            runs.iter().any(|r| r.trigger == "startup").then_some(())
+        })
+        .await;
         let job = store.get_job("long").await.unwrap().job;
         assert_eq!(job.status, JobStatus::Replicating, "{}", db.backend);
         assert_eq!((job.pid, job.process_start_time), (Some(77), Some(7700)));

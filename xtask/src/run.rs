@@ -163,16 +163,15 @@ pub fn run(args: &RunArgs) -> Result<()> {
     )?;
     wait_healthy(&watchdog, VMA_ADDR)?;
 
-    let cli = |what: &str| {
+    let cli = || {
         let mut cmd = Command::new(bin.join("job-recovery"));
         cmd.args(["--oma-url", &format!("http://{OMA_ADDR}")])
             .arg("--token-file")
             .arg(&operator);
-        println!("run: job-recovery {what}");
         cmd
     };
     setup::status(
-        cli("register-vma")
+        cli()
             .args(["register-vma", VMA_ID])
             .args(["--base-url", &format!("http://{VMA_ADDR}")])
             .arg("--vma-token-file")
@@ -180,7 +179,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     )
     .context("registering the local VMA with the OMA")?;
     let created = setup::output(
-        cli("create")
+        cli()
             .args(["--json", "create"])
             .args([
                 "--vm-context",
@@ -205,7 +204,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     );
 
     let final_status = follow_job(&cli, &job_id)?;
-    let _ = setup::status(cli("status").arg("status"));
+    let _ = setup::status(cli().arg("status"));
     if args.exit_when_done {
         drop(watchdog);
         drop(oma);
@@ -229,10 +228,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
 }
 
 /// Prints the job's progress every 2 s until it leaves the active states (or Ctrl-C).
-fn follow_job(cli: &dyn Fn(&str) -> Command, job_id: &str) -> Result<Option<String>> {
+fn follow_job(cli: &dyn Fn() -> Command, job_id: &str) -> Result<Option<String>> {
     const FINAL: [&str; 3] = ["completed", "failed", "cancelled"];
     while !INTERRUPTED.load(Ordering::SeqCst) {
-        let out = setup::output(cli("jobs").args(["--json", "jobs"]))?;
+        let out = setup::output(cli().args(["--json", "jobs"]))?;
         let jobs: serde_json::Value = serde_json::from_str(&out).context("reading the job list")?;
         let job = jobs
             .as_array()

@@ -10,8 +10,8 @@ use crate::model::{Actor, now_ms};
 use crate::store::{AuditDraft, JobChange, JobRecord, RecoveryRunRecord, Store, StoreError};
 use crate::vma_client::{VmaAnswer, VmaClient};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
@@ -89,6 +89,24 @@ pub struct Recovery {
     client: VmaClient,
     config: RecoveryConfig,
     lock: Mutex<()>,
+    starting: Arc<StdMutex<HashSet<String>>>,
+}
+
+/// Marks a job whose start request to its VMA is in flight; recovery leaves the job alone
+/// until the guard drops (after the VMA's answer is recorded). Without it, a run that asked the
+/// VMA a moment before the start arrived there would fail the new job as `job_lost`.
+#[derive(Debug)]
+pub struct StartGuard {
+    starting: Arc<StdMutex<HashSet<String>>>,
+    job_id: String,
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.starting.lock() {
+            set.remove(&self.job_id);
+        }
+    }
 }
 
 impl Recovery {
@@ -99,12 +117,34 @@ impl Recovery {
             client,
             config,
             lock: Mutex::new(()),
+            starting: Arc::default(),
         }
     }
 
-    /// Asks every active job's VMA and decides, changing nothing.
+    /// Marks `job_id` as being started on its VMA until the guard drops.
+    pub fn start_guard(&self, job_id: &str) -> StartGuard {
+        if let Ok(mut set) = self.starting.lock() {
+            set.insert(job_id.to_owned());
+        }
+        StartGuard {
+            starting: self.starting.clone(),
+            job_id: job_id.to_owned(),
+        }
+    }
+
+    fn is_starting(&self, job_id: &str) -> bool {
+        self.starting
+            .lock()
+            .map(|set| set.contains(job_id))
+            .unwrap_or(false)
+    }
+
+    /// Asks every active job's VMA and decides, changing nothing. The records returned are
+    /// partial (only the columns the decision reads); [`Recovery::run`] re-reads each job in
+    /// full inside the transaction that applies its decision.
     pub async fn plan(&self) -> Result<Vec<(JobRecord, Decision)>, StoreError> {
-        let jobs = self.store.active_jobs().await?;
+        let mut jobs = self.store.active_jobs_for_decision().await?;
+        jobs.retain(|rec| !self.is_starting(&rec.job.id));
         let vmas: Arc<HashMap<String, String>> = Arc::new(
             self.store
                 .list_vmas()
@@ -212,6 +252,9 @@ impl Recovery {
         decision: &Decision,
         actor: Actor,
     ) -> Result<bool, StoreError> {
+        if self.is_starting(&decision.job_id) {
+            return Ok(false);
+        }
         let mut superseded = false;
         self.store
             .mutate_job(&decision.job_id, |current, now| {

@@ -3,7 +3,9 @@
 use crate::AppState;
 use crate::error::{ApiError, ApiJson, ApiQuery};
 use crate::model::{Actor, AuditEntry, Job, JobStatus, from_ms};
+use crate::start::{self, StartOutcome};
 use crate::store::{AuditDraft, JobChange, JobFilter, NewJob, StoreError};
+use api::StartJobRequest;
 use axum::Json;
 use axum::Router;
 use axum::extract::{Path, State};
@@ -30,21 +32,81 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
 }
 
-/// Records a new job (status `pending`) holding its VM context.
-#[utoipa::path(post, path = "/api/v1/jobs", request_body = NewJob, tag = "jobs",
+/// Body of `POST /api/v1/jobs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJobRequest {
+    /// Job id; generated (UUID v7) when absent. Also migratekit's `--job-id`, so when the
+    /// job is started it must be 1 to 128 letters, digits, '.', '_' or '-', starting with a
+    /// letter or digit (the watchdog's rule).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The VM context to replicate; created when it does not exist yet.
+    pub vm_context_id: String,
+    /// VM name; required when the context is new.
+    #[serde(default)]
+    pub vm_name: Option<String>,
+    /// The registered VMA that runs the job.
+    pub vma_id: String,
+    /// `full` or `incremental`.
+    #[serde(default)]
+    pub sync_type: Option<String>,
+    /// Ask the VMA to start migratekit now (default). `false` only records the job, for
+    /// tests and for migrating jobs whose process already runs (adopt it on the VMA with its
+    /// track endpoint; recovery then records the process).
+    #[serde(default = "yes")]
+    pub start: bool,
+    /// Parameters for the VMA's migratekit command template.
+    #[serde(default)]
+    pub params: StartJobRequest,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl CreateJobRequest {
+    fn new_job(&self, id: String) -> NewJob {
+        NewJob {
+            id: Some(id),
+            vm_context_id: self.vm_context_id.clone(),
+            vm_name: self.vm_name.clone(),
+            vma_id: self.vma_id.clone(),
+            sync_type: self.sync_type.clone(),
+        }
+    }
+}
+
+/// The watchdog's rule for job ids (they become file and unit names on the VMA).
+pub fn valid_vma_job_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Records a new job (`pending`, holding its VM context) and, unless `start` is false, asks
+/// its VMA to start migratekit and records the answer (see `oma::start` for the transaction
+/// shape). 201: recorded (and started: `replicating` with the process identity); 202: the VMA
+/// gave no answer, the job stays `pending` and recovery resolves it; 502: the VMA refused,
+/// the job is `failed` (`start_refused`) and its VM context released.
+#[utoipa::path(post, path = "/api/v1/jobs", request_body = CreateJobRequest, tag = "jobs",
     security(("bearer" = [])),
-    responses((status = 201, body = Job), (status = 400, body = api::ErrorBody),
-        (status = 409, description = "job id taken or VM context busy", body = api::ErrorBody)))]
+    responses((status = 201, body = Job), (status = 202, description = "VMA unreachable; job pending", body = Job),
+        (status = 400, body = api::ErrorBody),
+        (status = 409, description = "job id taken or VM context busy", body = api::ErrorBody),
+        (status = 502, description = "the VMA refused to start the job; it is failed", body = api::ErrorBody)))]
 pub async fn create_job(
     State(state): State<AppState>,
-    ApiJson(new): ApiJson<NewJob>,
+    ApiJson(request): ApiJson<CreateJobRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
-    if new.vm_context_id.trim().is_empty() {
+    if request.vm_context_id.trim().is_empty() {
         return Err(ApiError::BadRequest(
             "field `vm_context_id` must not be empty".into(),
         ));
     }
-    if new
+    if request
         .id
         .as_deref()
         .is_some_and(|id| id.trim().is_empty() || id.contains('/'))
@@ -53,9 +115,56 @@ pub async fn create_job(
             "field `id` must be non-empty and contain no '/'".into(),
         ));
     }
-    let rec = state.store.create_job(&new).await?;
-    tracing::info!(job_id = %rec.job.id, vma_id = %rec.job.vma_id, "job created");
-    Ok((StatusCode::CREATED, Json(rec.job)))
+    let id = request
+        .id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    if request.start && !valid_vma_job_id(&id) {
+        return Err(ApiError::BadRequest(
+            "field `id` of a job to start must be 1 to 128 letters, digits, '.', '_' or '-', \
+             starting with a letter or digit"
+                .into(),
+        ));
+    }
+    // Taken before the job exists, so no recovery run can see it before the guard.
+    let guard = request.start.then(|| state.recovery.start_guard(&id));
+    let rec = state.store.create_job(&request.new_job(id.clone())).await?;
+    tracing::info!(job_id = %rec.job.id, vma_id = %rec.job.vma_id, start = request.start, "job created");
+    let Some(guard) = guard else {
+        return Ok((StatusCode::CREATED, Json(rec.job)));
+    };
+    // Its own task: a client hanging up must not cancel the start between the VMA's answer
+    // and the transaction that records it.
+    let task_state = state.clone();
+    let outcome = tokio::spawn(async move {
+        let outcome =
+            start::start_and_record(&task_state, &id, &request.vma_id, &request.params).await;
+        drop(guard);
+        outcome
+    })
+    .await
+    .map_err(|e| {
+        ApiError::Internal(format!(
+            "the start task failed ({e}); see the job's audit trail"
+        ))
+    })??;
+    Ok(match outcome {
+        StartOutcome::Recorded(rec) => {
+            tracing::info!(job_id = %rec.job.id, status = %rec.job.status, pid = ?rec.job.pid, "job started on its VMA");
+            (StatusCode::CREATED, Json(rec.job))
+        }
+        StartOutcome::NoAnswer(rec) => {
+            tracing::warn!(job_id = %rec.job.id, "the VMA gave no answer to the start request; the job stays pending for recovery");
+            (StatusCode::ACCEPTED, Json(rec.job))
+        }
+        StartOutcome::Refused { job, detail } => {
+            tracing::warn!(job_id = %job.job.id, %detail, "the VMA refused to start the job");
+            return Err(ApiError::StartRefused {
+                job_id: job.job.id,
+                detail,
+            });
+        }
+    })
 }
 
 /// Lists jobs, newest first, with optional filters.

@@ -2,7 +2,8 @@
 
 use super::change::{AuditDraft, JobChange, commit_change, insert_audits};
 use super::rows::{
-    CONTEXT_COLUMNS, JOB_COLUMNS, JobRecord, audit_from_row, context_from_row, job_from_row,
+    CONTEXT_COLUMNS, DECISION_COLUMNS, JOB_COLUMNS, JobRecord, audit_from_row, context_from_row,
+    decision_record_from_row, job_from_row,
 };
 use super::{MAX_ATTEMPTS, Store, StoreError};
 use crate::model::{Actor, AuditEntry, ContextStatus, JobStatus, VmContext, now_ms};
@@ -193,7 +194,7 @@ impl Store {
     }
 
     /// Every job in an active state. The literal `active = 1` matches the partial index
-    /// `replication_jobs_active`, so this reads the active set, not the whole table.
+    /// `replication_jobs_active_decision`, so this reads the active set, not the whole table.
     pub async fn active_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {JOB_COLUMNS} FROM replication_jobs WHERE active = 1"
@@ -201,6 +202,29 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(job_from_row).collect()
+    }
+
+    /// Every active job as recovery's decision needs it: a partial record with only the
+    /// columns the decision reads (see `rows::decision_record_from_row`), through the same
+    /// partial index as [`Store::active_jobs`], which covers these columns: an index-only scan.
+    pub async fn active_jobs_for_decision(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DECISION_COLUMNS} FROM replication_jobs WHERE active = 1"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decision_record_from_row).collect()
+    }
+
+    /// `(job id, VMA id)` of every active job: all the poller's cycle needs (each poll
+    /// re-reads its job in the transaction that records the progress).
+    pub async fn active_job_ids(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query("SELECT id, vma_id FROM replication_jobs WHERE active = 1")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("id")?, row.try_get("vma_id")?)))
+            .collect()
     }
 
     /// The audit trail of one job, oldest first.

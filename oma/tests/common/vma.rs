@@ -1,15 +1,18 @@
 //! A minimal stand-in for a VMA's watchdog API, following the contract in `api/`:
 //! `GET /api/v1/jobs/{id}` (200 running/exited, 404 `unknown_job`) and
-//! `GET /api/v1/progress/{id}` (200 StoredProgress, 404 when none).
+//! `GET /api/v1/progress/{id}` (200 StoredProgress, 404 when none) and
+//! `POST /api/v1/jobs/{id}/start` (201 running with the process identity, 409 `job_running`,
+//! 400 `invalid_parameters`), which records the parameters it was sent.
 
 use api::{
     Detector, ErrorBody, ExitStatus, FoundBy, JobProcessState, ProcessIdentity, ProgressUpdate,
-    StoredProgress, VmaJobStatus,
+    StartJobRequest, StoredProgress, VmaJobStatus,
 };
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use std::collections::HashMap;
@@ -24,6 +27,15 @@ pub enum Answer {
     Broken,
 }
 
+/// How the stand-in answers a start request.
+#[derive(Debug, Clone)]
+pub enum StartMode {
+    /// 201 running as this process (and the job is known as running from then on).
+    Run(ProcessIdentity),
+    /// 400 `invalid_parameters`.
+    Refuse,
+}
+
 #[derive(Debug)]
 pub struct Inner {
     pub jobs: HashMap<String, Answer>,
@@ -31,6 +43,9 @@ pub struct Inner {
     pub progress_broken: bool,
     pub progress_calls: HashMap<String, u64>,
     pub delay_ms: u64,
+    pub start_mode: StartMode,
+    /// Every start request received: (job id, bearer token, body).
+    pub starts: Vec<(String, Option<String>, StartJobRequest)>,
     /// Fixed "since"/"exited_at" time, so repeated answers are identical.
     pub epoch: chrono::DateTime<Utc>,
 }
@@ -50,11 +65,14 @@ impl StandInVma {
             progress_broken: false,
             progress_calls: HashMap::new(),
             delay_ms: 0,
+            start_mode: StartMode::Refuse,
+            starts: Vec::new(),
             epoch: Utc::now(),
         }));
         let router = Router::new()
             .route("/api/v1/jobs/{id}", get(job))
             .route("/api/v1/progress/{id}", get(progress))
+            .route("/api/v1/jobs/{id}/start", post(start))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -97,6 +115,14 @@ impl StandInVma {
             .unwrap()
             .progress
             .insert(job.into(), stored);
+    }
+
+    pub fn set_start(&self, mode: StartMode) {
+        self.inner.lock().unwrap().start_mode = mode;
+    }
+
+    pub fn starts(&self) -> Vec<(String, Option<String>, StartJobRequest)> {
+        self.inner.lock().unwrap().starts.clone()
     }
 
     pub fn progress_calls(&self, job: &str) -> u64 {
@@ -160,6 +186,52 @@ async fn progress(State(inner): State<Arc<Mutex<Inner>>>, Path(id): Path<String>
                 message: format!("no progress for {id}"),
             };
             (StatusCode::NOT_FOUND, Json(body)).into_response()
+        }
+    }
+}
+
+async fn start(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(request): Json<StartJobRequest>,
+) -> Response {
+    let mut inner = inner.lock().unwrap();
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    inner.starts.push((id.clone(), token, request));
+    let error = |status, error: &str, message: String| {
+        let body = ErrorBody {
+            error: error.into(),
+            message,
+        };
+        (status, Json(body)).into_response()
+    };
+    if let Some(Answer::Running(running)) = inner.jobs.get(&id) {
+        let message = format!("job {id} already runs as pid {}", running.pid);
+        return error(StatusCode::CONFLICT, "job_running", message);
+    }
+    match inner.start_mode.clone() {
+        StartMode::Refuse => error(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameters",
+            "the template needs {vm_path}, which the request does not give".into(),
+        ),
+        StartMode::Run(process) => {
+            inner.jobs.insert(id.clone(), Answer::Running(process));
+            let state = JobProcessState::Running {
+                process,
+                since: inner.epoch,
+                found_by: FoundBy::Started,
+            };
+            (
+                StatusCode::CREATED,
+                Json(VmaJobStatus { job_id: id, state }),
+            )
+                .into_response()
         }
     }
 }

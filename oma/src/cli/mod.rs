@@ -1,13 +1,20 @@
-//! `job-recovery`: the operators' client of the OMA's recovery API.
+//! `job-recovery`: the operators' client of the OMA's REST API: recovery, jobs, VMAs.
 
+mod commands;
+mod tables;
+
+use crate::model::{Job, JobStatus};
 use crate::recovery::{Decision, RunReport};
 use crate::routes::recovery::RecoveryStatus;
 use api::ErrorBody;
 use clap::{Parser, Subcommand};
+pub use commands::{CreateArgs, JobsArgs, RegisterVmaArgs};
 use serde::de::DeserializeOwned;
 use std::time::Duration;
+use tables::{decisions_table, job_line, jobs_table, status_table};
 
-/// Drive the OMA's job recovery: see what would be recovered, recover, or show status.
+/// Drive the OMA: see what recovery would change, recover, show status, list and create jobs,
+/// register VMAs.
 #[derive(Debug, Parser)]
 #[command(name = "job-recovery", version, about)]
 pub struct CliArgs {
@@ -46,6 +53,12 @@ pub enum Command {
     },
     /// Jobs per status, the latest recovery runs and the poller's health.
     Status,
+    /// List jobs (newest first) with status and progress.
+    Jobs(JobsArgs),
+    /// Create a job and start migratekit for it on its VMA (unless --no-start).
+    Create(CreateArgs),
+    /// Register a VMA (or replace its URL and event token).
+    RegisterVma(RegisterVmaArgs),
 }
 
 /// Why a command failed, in one line.
@@ -79,6 +92,9 @@ pub enum CliError {
         /// The OMA's message.
         message: String,
     },
+    /// A command-line value is unusable.
+    #[error("{0}")]
+    BadArgument(String),
     /// The answer did not parse.
     #[error("the OMA's answer did not parse ({0}); are client and server the same version?")]
     Decode(String),
@@ -89,6 +105,17 @@ async fn call<T: DeserializeOwned>(
     token: &str,
     request: reqwest::RequestBuilder,
 ) -> Result<T, CliError> {
+    call_with_status(args, token, request)
+        .await
+        .map(|(_, body)| body)
+}
+
+/// Like [`call`], also returning the success status (the job creation tells 201 from 202).
+async fn call_with_status<T: DeserializeOwned>(
+    args: &CliArgs,
+    token: &str,
+    request: reqwest::RequestBuilder,
+) -> Result<(u16, T), CliError> {
     let response = request
         .bearer_auth(token)
         .send()
@@ -98,9 +125,10 @@ async fn call<T: DeserializeOwned>(
             reason: e.without_url().to_string(),
         })?;
     match response.status().as_u16() {
-        200 => response
+        status @ 200..=299 => response
             .json()
             .await
+            .map(|body| (status, body))
             .map_err(|e| CliError::Decode(e.without_url().to_string())),
         401 => Err(CliError::Unauthorized),
         403 => Err(CliError::Forbidden),
@@ -188,6 +216,55 @@ pub async fn run(args: &CliArgs) -> Result<String, CliError> {
                 status_table(&status)
             }
         }
+        Command::Jobs(filter) => {
+            let jobs: Vec<Job> = call(
+                args,
+                &token,
+                http.get(format!("{base}/api/v1/jobs"))
+                    .query(&filter.query()),
+            )
+            .await?;
+            if args.json {
+                json(&jobs)
+            } else {
+                jobs_table(&jobs)
+            }
+        }
+        Command::Create(create) => {
+            let body = create.body().map_err(CliError::BadArgument)?;
+            let (status, job): (u16, Job) = call_with_status(
+                args,
+                &token,
+                http.post(format!("{base}/api/v1/jobs")).json(&body),
+            )
+            .await?;
+            if args.json {
+                json(&job)
+            } else if status == 202 && job.status == JobStatus::Pending {
+                format!(
+                    "{}the VMA did not answer the start request; the job stays pending and \
+                     recovery adopts its process or fails it (see `job-recovery jobs`)\n",
+                    job_line(&job)
+                )
+            } else {
+                job_line(&job)
+            }
+        }
+        Command::RegisterVma(vma) => {
+            let body = vma.body().map_err(CliError::BadArgument)?;
+            let registered: serde_json::Value = call(
+                args,
+                &token,
+                http.put(format!("{base}/api/v1/vmas/{}", vma.id))
+                    .json(&body),
+            )
+            .await?;
+            if args.json {
+                json(&registered)
+            } else {
+                format!("VMA {} registered at {}\n", vma.id, vma.base_url)
+            }
+        }
     })
 }
 
@@ -201,69 +278,4 @@ mod erased {
             serde_json::to_string_pretty(self).unwrap_or_default()
         }
     }
-}
-
-fn decisions_table<'a>(rows: impl Iterator<Item = (&'a Decision, Option<bool>)>) -> String {
-    let mut out = format!(
-        "{:<38} {:<12} {:<14} {:<9} {:<10} {:<24} {}\n",
-        "JOB", "VMA", "STATUS", "ACTION", "TO", "CLASS", "APPLIED"
-    );
-    let mut n = 0;
-    for (d, applied) in rows {
-        n += 1;
-        let action = serde_json::to_value(d.action)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned));
-        out.push_str(&format!(
-            "{:<38} {:<12} {:<14} {:<9} {:<10} {:<24} {}\n",
-            d.job_id,
-            d.vma_id,
-            d.from_status.as_str(),
-            action.unwrap_or_default(),
-            d.to_status.as_str(),
-            d.failure_class.map(|c| c.as_str()).unwrap_or("-"),
-            applied.map(|a| if a { "yes" } else { "no" }).unwrap_or("-"),
-        ));
-    }
-    if n == 0 {
-        out.push_str("(no jobs)\n");
-    }
-    out
-}
-
-fn status_table(status: &RecoveryStatus) -> String {
-    let mut out = format!("active jobs: {}\n", status.active_jobs);
-    for (s, n) in &status.jobs_by_status {
-        out.push_str(&format!("  {s:<16} {n}\n"));
-    }
-    out.push_str("last recovery runs:\n");
-    for run in &status.last_runs {
-        let at = crate::model::from_ms(run.started_at_ms).to_rfc3339();
-        out.push_str(&format!(
-            "  {at} {:<9} {} examined {} kept {} finalized {} waiting {} superseded {}\n",
-            run.trigger,
-            if run.dry_run { "dry " } else { "real" },
-            run.examined,
-            run.kept,
-            run.finalized,
-            run.waiting,
-            run.superseded
-        ));
-    }
-    let p = &status.poller;
-    out.push_str(&format!(
-        "poller: cycles {} tracked {} backing off {} polls ok {} failed {} last cycle {}\n",
-        p.cycles,
-        p.jobs_tracked,
-        p.jobs_backing_off,
-        p.polls_ok,
-        p.polls_failed,
-        p.last_cycle_at
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_else(|| "never".into())
-    ));
-    if let Some(e) = &p.last_error {
-        out.push_str(&format!("poller last error: {e}\n"));
-    }
-    out
 }

@@ -1,0 +1,46 @@
+//! Fixtures shared by the store and event-intake suites.
+
+use super::{TestDb, dead_url, store_with_vmas};
+use api::{Detector, ExitStatus, ProcessEvent, ProcessEventKind};
+use oma::store::{NewJob, Store};
+
+pub fn new_job(id: &str, ctx: &str, vma: &str) -> NewJob {
+    NewJob {
+        id: Some(id.into()),
+        vm_context_id: ctx.into(),
+        vm_name: Some(format!("vm-{ctx}")),
+        vma_id: vma.into(),
+        sync_type: Some("full".into()),
+    }
+}
+
+pub fn event(
+    job: &str,
+    kind: ProcessEventKind,
+    p: api::ProcessIdentity,
+    exit: Option<ExitStatus>,
+) -> ProcessEvent {
+    ProcessEvent {
+        event_id: uuid::Uuid::new_v4(),
+        kind,
+        job_id: job.into(),
+        process: p,
+        exit,
+        observed_at: chrono::Utc::now(),
+        detector: Detector::Ebpf,
+    }
+}
+
+pub fn code(c: i32) -> Option<ExitStatus> {
+    Some(ExitStatus {
+        code: Some(c),
+        signal: None,
+        core_dumped: false,
+        oom_killed: false,
+    })
+}
+
+/// A store with `vma-1` and `vma-2` registered at addresses where nothing listens.
+pub async fn setup(db: &TestDb) -> Store {
+    store_with_vmas(db, &dead_url().await, &dead_url().await).await
+}

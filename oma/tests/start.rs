@@ -1,0 +1,285 @@
+//! Creating a job starts migratekit on its VMA (a stand-in following the watchdog's start
+//! contract on 127.0.0.1:0), on SQLite and PostgreSQL: started, refused, unreachable (then
+//! recovery), already running, and the watchdog's duplicate `process_started` event.
+
+mod common;
+
+use api::{EventBatchAck, ProcessEventKind, StartJobRequest};
+use common::vma::{Answer, StandInVma, StartMode, pid};
+use common::{OPERATOR, VMA1_TOKEN, dead_url, settings, start_server, test_dbs};
+use oma::auth::hash_token;
+use oma::model::{ContextStatus, FailureClass, Job, JobStatus};
+use oma::recovery::{Action, RecoveryError, Trigger};
+use oma::server::RunningServer;
+use oma::store::{NewJob, Store};
+use reqwest::StatusCode;
+use serde_json::json;
+
+const OMA_TO_VMA: &str = "oma-to-vma-token-for-tests-01";
+
+async fn server(db: &common::TestDb, vma_url: &str) -> RunningServer {
+    let mut settings = settings(db);
+    settings.vma_api_token = Some(OMA_TO_VMA.into());
+    let server = start_server(settings).await;
+    register(&server.state.store, vma_url).await;
+    server
+}
+
+async fn register(store: &Store, vma_url: &str) {
+    store
+        .upsert_vma("vma-1", vma_url, &hash_token(VMA1_TOKEN))
+        .await
+        .unwrap();
+}
+
+async fn create(server: &RunningServer, body: serde_json::Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("http://{}/api/v1/jobs", server.addr))
+        .bearer_auth(OPERATOR)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn body(id: &str) -> serde_json::Value {
+    json!({"id": id, "vm_context_id": format!("ctx-{id}"), "vm_name": "web01", "vma_id": "vma-1",
+           "params": {"vm_path": "/DC/vm/web01", "nbd_export_name": "web01-disk0",
+                      "credentials": "vcenter-main"}})
+}
+
+/// One real recovery run, once the startup run (still going on a slow machine) has finished.
+async fn recover(server: &RunningServer) -> oma::recovery::RunReport {
+    common::eventually(10, "a recovery run", || async {
+        match server.state.recovery.run(Trigger::Operator, false).await {
+            Ok(report) => Some(report),
+            Err(RecoveryError::Busy) => None,
+            Err(e) => panic!("recovery failed: {e}"),
+        }
+    })
+    .await
+}
+
+fn actions(audit: &[oma::model::AuditEntry]) -> Vec<&str> {
+    audit.iter().map(|a| a.action.as_str()).collect()
+}
+
+fn started_event(job: &str, p: api::ProcessIdentity) -> api::ProcessEvent {
+    api::ProcessEvent {
+        event_id: uuid::Uuid::new_v4(),
+        kind: ProcessEventKind::ProcessStarted,
+        job_id: job.into(),
+        process: p,
+        exit: None,
+        observed_at: chrono::Utc::now(),
+        detector: api::Detector::Ebpf,
+    }
+}
+
+#[tokio::test]
+async fn a_started_job_records_its_process_and_the_watchdogs_start_event_changes_nothing() {
+    for db in test_dbs().await {
+        let vma = StandInVma::start().await;
+        vma.set_start(StartMode::Run(pid(4242, 777)));
+        let server = server(&db, &vma.url).await;
+        let store = &server.state.store;
+
+        let resp = create(&server, body("job-1")).await;
+        assert_eq!(resp.status(), StatusCode::CREATED, "{}", db.backend);
+        let job: Job = resp.json().await.unwrap();
+        assert_eq!(job.status, JobStatus::Replicating, "{}", db.backend);
+        assert_eq!((job.pid, job.process_start_time), (Some(4242), Some(777)));
+        assert_eq!(job.attempt, 1);
+        assert!(job.started_at.is_some());
+        // Parameters, never a command line; the OMA's own token for the VMA.
+        let starts = vma.starts();
+        assert_eq!(starts.len(), 1);
+        let (id, token, request) = &starts[0];
+        assert_eq!(id, "job-1");
+        assert_eq!(token.as_deref(), Some(OMA_TO_VMA));
+        let expected = StartJobRequest {
+            vm_path: Some("/DC/vm/web01".into()),
+            nbd_export_name: Some("web01-disk0".into()),
+            credentials: Some("vcenter-main".into()),
+            ..StartJobRequest::default()
+        };
+        assert_eq!(request, &expected);
+        let audit = store.audit("job-1").await.unwrap();
+        assert_eq!(actions(&audit), ["created", "started"], "{}", db.backend);
+        assert_eq!(audit[1].from_status, Some(JobStatus::Pending));
+        assert_eq!(audit[1].to_status, JobStatus::Replicating);
+        assert_eq!(audit[1].evidence["vma_answer"]["answer"], "started");
+        assert_eq!(
+            audit[1].evidence["vma_answer"]["state"]["process"]["pid"],
+            4242
+        );
+
+        // The watchdog's outbox delivers process_started for the same process: acknowledged,
+        // nothing applied, the job and its trail unchanged.
+        let before = store.get_job("job-1").await.unwrap();
+        let batch = json!({"vma_id": "vma-1", "events": [started_event("job-1", pid(4242, 777))]});
+        let ack: EventBatchAck = reqwest::Client::new()
+            .post(format!("http://{}/api/v1/watchdog/events", server.addr))
+            .bearer_auth(VMA1_TOKEN)
+            .json(&batch)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!((ack.acknowledged.len(), ack.applied), (1, 0));
+        assert_eq!(store.get_job("job-1").await.unwrap(), before);
+        assert_eq!(store.audit("job-1").await.unwrap().len(), 2);
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn the_event_first_then_the_start_answer_is_one_transition() {
+    for db in test_dbs().await {
+        let vma = StandInVma::start().await;
+        let server = server(&db, &vma.url).await;
+        let store = &server.state.store;
+        let new = NewJob {
+            id: Some("job-2".into()),
+            vm_context_id: "ctx-2".into(),
+            vm_name: Some("db01".into()),
+            vma_id: "vma-1".into(),
+            sync_type: None,
+        };
+        store.create_job(&new).await.unwrap();
+        let event = started_event("job-2", pid(5000, 900));
+        store
+            .apply_events("vma-1", &[event], oma::events::decide_event)
+            .await
+            .unwrap();
+        let after_event = store.get_job("job-2").await.unwrap();
+        assert_eq!(after_event.job.status, JobStatus::Replicating);
+        // The start answer for the same process arrives late: it changes nothing.
+        let answer = oma::vma_client::StartAnswer::Started {
+            state: api::JobProcessState::Running {
+                process: pid(5000, 900),
+                since: chrono::Utc::now(),
+                found_by: api::FoundBy::Started,
+            },
+        };
+        let rec = store
+            .mutate_job("job-2", |cur, now| {
+                Ok(oma::start::record_answer(cur, &answer, now))
+            })
+            .await
+            .unwrap();
+        assert_eq!(rec, after_event, "{}", db.backend);
+        let audit = store.audit("job-2").await.unwrap();
+        assert_eq!(actions(&audit), ["created", "process_recorded"]);
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_refused_start_fails_the_job_and_releases_its_context() {
+    for db in test_dbs().await {
+        let vma = StandInVma::start().await;
+        vma.set_start(StartMode::Refuse);
+        let server = server(&db, &vma.url).await;
+        let store = &server.state.store;
+        let resp = create(&server, body("job-3")).await;
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "{}", db.backend);
+        let e: api::ErrorBody = resp.json().await.unwrap();
+        assert_eq!(e.error, "start_refused");
+        assert!(
+            e.message.contains("job-3") && e.message.contains("invalid_parameters"),
+            "{}",
+            e.message
+        );
+        let job = store.get_job("job-3").await.unwrap().job;
+        assert_eq!(job.status, JobStatus::Failed);
+        assert_eq!(job.failure_class, Some(FailureClass::StartRefused));
+        assert!(job.error_message.unwrap().contains("refused"));
+        let ctx = store.get_context("ctx-job-3").await.unwrap();
+        assert_eq!(ctx.current_status, ContextStatus::ReadyForFailover);
+        assert_eq!((ctx.current_job_id, ctx.failed_jobs), (None, 1));
+        let audit = store.audit("job-3").await.unwrap();
+        assert_eq!(actions(&audit), ["created", "start_refused"]);
+        assert_eq!(audit[1].failure_class, Some(FailureClass::StartRefused));
+        assert_eq!(audit[1].evidence["vma_answer"]["status"], 400);
+        assert_eq!(
+            audit[1].evidence["vma_answer"]["error"],
+            "invalid_parameters"
+        );
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_vma_leaves_the_job_pending_for_recovery() {
+    for db in test_dbs().await {
+        let server = server(&db, &dead_url().await).await;
+        let store = &server.state.store;
+        let resp = create(&server, body("job-4")).await;
+        assert_eq!(resp.status(), StatusCode::ACCEPTED, "{}", db.backend);
+        let job: Job = resp.json().await.unwrap();
+        assert_eq!((job.status, job.pid), (JobStatus::Pending, None));
+        let audit = store.audit("job-4").await.unwrap();
+        assert_eq!(actions(&audit), ["created", "start_unreachable"]);
+        assert_eq!(audit[1].evidence["vma_answer"]["answer"], "unreachable");
+
+        // Recovery by its normal rules: still unreachable and young → wait.
+        let report = recover(&server).await;
+        assert_eq!(report.decisions[0].decision.action, Action::Wait);
+        assert_eq!(
+            store.get_job("job-4").await.unwrap().job.status,
+            JobStatus::Pending
+        );
+        // The VMA is back and has never heard of the job → job_lost, context released.
+        let vma = StandInVma::start().await;
+        register(store, &vma.url).await;
+        recover(&server).await;
+        let job = store.get_job("job-4").await.unwrap().job;
+        assert_eq!(job.status, JobStatus::Failed, "{}", db.backend);
+        assert_eq!(job.failure_class, Some(FailureClass::JobLost));
+        let ctx = store.get_context("ctx-job-4").await.unwrap();
+        assert_eq!(ctx.current_job_id, None);
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_job_already_running_on_the_vma_is_adopted() {
+    for db in test_dbs().await {
+        let vma = StandInVma::start().await;
+        vma.set("job-5", Answer::Running(pid(6000, 1234)));
+        let server = server(&db, &vma.url).await;
+        let resp = create(&server, body("job-5")).await;
+        assert_eq!(resp.status(), StatusCode::CREATED, "{}", db.backend);
+        let job: Job = resp.json().await.unwrap();
+        assert_eq!(job.status, JobStatus::Replicating);
+        assert_eq!((job.pid, job.process_start_time), (Some(6000), Some(1234)));
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn start_false_only_records_and_bad_ids_are_refused_before_anything_is_written() {
+    for db in test_dbs().await {
+        let vma = StandInVma::start().await;
+        vma.set_start(StartMode::Run(pid(1, 1)));
+        let server = server(&db, &vma.url).await;
+        let mut b = body("job-6");
+        b["start"] = json!(false);
+        let resp = create(&server, b).await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        let job: Job = resp.json().await.unwrap();
+        assert_eq!(job.status, JobStatus::Pending);
+        assert!(vma.starts().is_empty(), "no start request was sent");
+
+        let resp = create(&server, body("job 7")).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let e: api::ErrorBody = resp.json().await.unwrap();
+        assert!(e.message.contains("`id`"), "{}", e.message);
+        assert!(server.state.store.get_job("job 7").await.is_err());
+        assert!(vma.starts().is_empty());
+        server.shutdown().await;
+    }
+}
