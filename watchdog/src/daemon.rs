@@ -155,7 +155,7 @@ impl Core {
         }
     }
 
-    async fn handle(&self, event: DetectorEvent) {
+    async fn handle(self: &Arc<Self>, event: DetectorEvent) {
         match event {
             DetectorEvent::Started { process, comm } => {
                 if self.registry.get(process).is_some() || self.is_unjobbed(process) {
@@ -169,7 +169,16 @@ impl Core {
             }
             DetectorEvent::Exited { process, exit, .. } => {
                 let kind = self.detector.kind();
-                self.report_death(process, exit, kind);
+                // Reporting fsyncs (outbox, registry): on a blocking thread, so the runtime's
+                // workers stay free for the delivery that the append has just woken. Awaited
+                // before the next event, so events are still handled in order.
+                let core = Arc::clone(self);
+                let reported = tokio::task::spawn_blocking(move || {
+                    core.report_death(process, exit, kind);
+                });
+                if let Err(e) = reported.await {
+                    tracing::error!(event = "report_error", error = %e, pid = process.pid, "reporting a death failed");
+                }
             }
         }
     }
