@@ -34,6 +34,20 @@ pub struct KillTestArgs {
     release: bool,
 }
 
+impl KillTestArgs {
+    /// What `cargo xtask test` runs: every scenario, the default number of runs.
+    pub fn for_test_suite() -> Self {
+        Self {
+            runs: 2,
+            only: Vec::new(),
+            json: None,
+            bench: None,
+            list: false,
+            release: false,
+        }
+    }
+}
+
 /// Builds what the runner needs and runs it; fails when a scenario fails.
 pub fn run(args: &KillTestArgs) -> Result<()> {
     let root = paths::workspace_root();

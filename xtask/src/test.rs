@@ -2,14 +2,15 @@
 //!
 //! It first installs and starts what the tests need, so that a fresh machine needs nothing
 //! else: the eBPF toolchain and tracefs (`setup`), the eBPF object (`build-ebpf`), and a
-//! PostgreSQL server for the OMA's store tests.
+//! PostgreSQL server for the OMA's store tests. After the test suites it runs the kill tests
+//! (`cargo xtask kill-test`, see docs/RELIABILITY.md).
 
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::{build_ebpf, paths, postgres, setup};
+use crate::{build_ebpf, kill_test, paths, postgres, setup};
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
@@ -64,6 +65,13 @@ pub fn run(args: &TestArgs) -> Result<()> {
     .context("clippy found problems: fix them before committing")?;
     setup::status(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))
         .context("tests failed: the output above says which")?;
+    // The kill tests need root (signals to other users' processes, namespaces, cgroups, eBPF).
+    if root {
+        kill_test::run(&kill_test::KillTestArgs::for_test_suite())
+            .context("kill tests failed: the table above says which scenario")?;
+    } else {
+        eprintln!("test: SKIP kill tests: they need root (run `sudo -E cargo xtask test`)");
+    }
     println!("test: all checks passed");
     Ok(())
 }
