@@ -63,8 +63,30 @@ pub fn run(args: &TestArgs) -> Result<()> {
         "warnings",
     ]))
     .context("clippy found problems: fix them before committing")?;
-    setup::status(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))
-        .context("tests failed: the output above says which")?;
+    // The system tests and the watchdog's tests run the daemons and the stand-in as real
+    // processes: build every binary first, so they never test a stale one.
+    setup::status(cargo().args(["build", "--workspace", "--bins"]))
+        .context("building the binaries the tests run")?;
+    // nextest runs the privileged tests one at a time (.config/nextest.toml); without it,
+    // `cargo test` with one thread per binary keeps them apart too, only slower.
+    let nextest = cargo()
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let mut tests = cargo();
+    if nextest {
+        tests.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    } else {
+        eprintln!("test: cargo-nextest is not installed; running `cargo test` one test at a time");
+        tests.args([
+            "test",
+            "--workspace",
+            "--no-fail-fast",
+            "--",
+            "--test-threads=1",
+        ]);
+    }
+    setup::status(&mut tests).context("tests failed: the output above says which")?;
     // The kill tests need root (signals to other users' processes, namespaces, cgroups, eBPF).
     if root {
         kill_test::run(&kill_test::KillTestArgs::for_test_suite())
