@@ -39,6 +39,18 @@ pub struct RunArgs {
     keep_state: bool,
 }
 
+impl RunArgs {
+    /// What `cargo xtask test` runs to prove the README's run command: a short demo job, then
+    /// both daemons stopped, failing unless the job completed.
+    pub fn for_test_suite() -> Self {
+        Self {
+            demo_seconds: 5,
+            exit_when_done: true,
+            keep_state: false,
+        }
+    }
+}
+
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {

@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::{build_ebpf, kill_test, paths, postgres, setup};
+use crate::{build_ebpf, kill_test, paths, postgres, run as run_cmd, setup};
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
@@ -94,6 +94,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
     } else {
         eprintln!("test: SKIP kill tests: they need root (run `sudo -E cargo xtask test`)");
     }
+    // The README's run command, end to end: OMA + watchdog + a demo job that must complete.
+    run_cmd::run(&run_cmd::RunArgs::for_test_suite())
+        .context("the README's run command (`cargo xtask run`) failed; see target/demo/*.log")?;
     println!("test: all checks passed");
     Ok(())
 }
