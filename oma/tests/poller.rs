@@ -166,21 +166,25 @@ async fn polling_resumes_after_the_server_restarts() {
         let server = start_server(settings(&db)).await;
         let store = server.state.store.clone();
         eventually(10, "progress after restart", || bytes(&store, "long", 600)).await;
-        // The poller may record progress before startup recovery has committed: wait for
-        // the run, not for a guess at how long it takes.
-        eventually(10, "startup recovery", || async {
-            let runs = store.recent_runs(5).await.unwrap();
-            runs.iter().any(|r| r.trigger == "startup").then_some(())
+        // The poller may record progress before startup recovery has committed, and the first
+        // server's startup run is in the same database: wait for what the new server's startup
+        // recovery does (adopt the running process, then record its run), not for a guess at
+        // how long it takes.
+        eventually(10, "process adopted by startup recovery", || async {
+            let job = store.get_job("long").await.unwrap().job;
+            (job.pid.is_some()).then_some(())
         })
         .await;
         let job = store.get_job("long").await.unwrap().job;
         assert_eq!(job.status, JobStatus::Replicating, "{}", db.backend);
         assert_eq!((job.pid, job.process_start_time), (Some(77), Some(7700)));
-        let runs = store.recent_runs(5).await.unwrap();
-        assert!(
-            runs.iter().any(|r| r.trigger == "startup" && r.kept == 1),
-            "{runs:?}"
-        );
+        eventually(10, "startup run that kept the job", || async {
+            let runs = store.recent_runs(5).await.unwrap();
+            runs.iter()
+                .any(|r| r.trigger == "startup" && r.kept == 1)
+                .then_some(())
+        })
+        .await;
         server.shutdown().await;
     }
 }

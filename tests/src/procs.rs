@@ -186,9 +186,20 @@ pub fn wait_gone(process: ProcessIdentity, timeout: Duration) -> Result<()> {
 
 /// SIGKILLs every migratekit process of the given jobs: clean-up after a test.
 pub fn kill_all_of(job_ids: &[String]) {
-    for job in job_ids {
-        for p in migratekit_processes(job) {
-            let _ = kill_process(p, libc::SIGKILL);
+    // A start the watchdog was still carrying out can bring a process up just after a scan;
+    // scan again until two scans in a row find nothing (bounded), so no stand-in outlives its
+    // test and lands in the next test's /proc scan.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut quiet_scans = 0;
+    while quiet_scans < 2 && std::time::Instant::now() < deadline {
+        let found: Vec<_> = job_ids
+            .iter()
+            .flat_map(|job| migratekit_processes(job))
+            .collect();
+        for p in &found {
+            let _ = kill_process(*p, libc::SIGKILL);
         }
+        quiet_scans = if found.is_empty() { quiet_scans + 1 } else { 0 };
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
