@@ -213,6 +213,21 @@ mod tests {
     }
 
     #[test]
+    fn an_event_written_before_last_progress_existed_still_reads() {
+        let line = r#"{"event_id":"0190b6a0-0000-7000-8000-000000000001","kind":"process_exited",
+            "job_id":"j1","process":{"pid":1,"start_time":2},
+            "exit":{"code":0,"signal":null,"core_dumped":false,"oom_killed":false},
+            "observed_at":"2026-01-01T00:00:00Z","detector":"ebpf"}"#;
+        let event: ProcessEvent = serde_json::from_str(line).unwrap();
+        assert_eq!(event.last_progress, None);
+        let json = serde_json::to_value(&event).unwrap();
+        assert!(
+            json.get("last_progress").is_none(),
+            "absent, not null: {json}"
+        );
+    }
+
+    #[test]
     fn job_status_serializes_with_a_state_tag() {
         let status = VmaJobStatus {
             job_id: "job-1".into(),
