@@ -91,7 +91,8 @@ pub enum ProcessEventKind {
 /// One event about one migratekit process, as kept in the watchdog's outbox and delivered to
 /// the OMA. `event_id` is assigned once, when the event is first written to disk, so that a
 /// redelivery carries the same id and the OMA can apply it at most once.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+// Not `Eq`: `last_progress` holds a percentage as `f64`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessEvent {
     /// Unique id of this event; stable across redeliveries.
@@ -108,10 +109,18 @@ pub struct ProcessEvent {
     pub observed_at: DateTime<Utc>,
     /// What saw it.
     pub detector: Detector,
+    /// The latest progress migratekit had posted to the watchdog when the death was recorded
+    /// (`process_exited` and `died_while_unwatched` only; absent when it never posted, and in
+    /// events written before this field existed). The OMA's poller may not have fetched it
+    /// (it polls every few seconds), so the OMA applies it, when newer than what the job
+    /// holds, before it decides how the job ended: an `exit(0)` right after a `failed` report
+    /// is a failure, and a completed job shows its final figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress: Option<crate::StoredProgress>,
 }
 
 /// Body of `POST /api/v1/watchdog/events` on the OMA.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventBatch {
     /// The VMA that sends the batch; must match the token's VMA.
@@ -201,6 +210,21 @@ mod tests {
         let segv = ExitStatus::from_wait_status(0x80 | 11, false);
         assert_eq!((segv.signal, segv.core_dumped), (Some(11), true));
         assert!(ExitStatus::from_wait_status(0, false).is_success());
+    }
+
+    #[test]
+    fn an_event_written_before_last_progress_existed_still_reads() {
+        let line = r#"{"event_id":"0190b6a0-0000-7000-8000-000000000001","kind":"process_exited",
+            "job_id":"j1","process":{"pid":1,"start_time":2},
+            "exit":{"code":0,"signal":null,"core_dumped":false,"oom_killed":false},
+            "observed_at":"2026-01-01T00:00:00Z","detector":"ebpf"}"#;
+        let event: ProcessEvent = serde_json::from_str(line).unwrap();
+        assert_eq!(event.last_progress, None);
+        let json = serde_json::to_value(&event).unwrap();
+        assert!(
+            json.get("last_progress").is_none(),
+            "absent, not null: {json}"
+        );
     }
 
     #[test]

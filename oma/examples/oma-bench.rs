@@ -41,6 +41,7 @@ fn events_for(job: &str, n: u32) -> [ProcessEvent; 2] {
         exit,
         observed_at: chrono::Utc::now(),
         detector: Detector::Ebpf,
+        last_progress: None,
     };
     let killed = ExitStatus {
         code: None,

@@ -2,8 +2,9 @@
 //! recovery shares, so an exit means the same thing whichever path reports it.
 
 use crate::model::{Actor, FailureClass, JobStatus, from_ms};
+use crate::poller::apply_progress;
 use crate::store::{AuditDraft, IntakeOutcome, JobChange, JobRecord};
-use api::{ExitStatus, ProcessEvent, ProcessEventKind, ProcessIdentity};
+use api::{ExitStatus, ProcessEvent, ProcessEventKind, ProcessIdentity, StoredProgress};
 use serde_json::json;
 
 /// How a job ends, given how its process ended.
@@ -110,6 +111,16 @@ pub fn adopt(rec: &mut JobRecord, process: ProcessIdentity, now: i64) {
     }
 }
 
+/// Whether `progress` is later than what the job holds. The watchdog numbers each job's
+/// updates (`sequence`); the job keeps the number of the last one it applied, so a higher
+/// number is newer. (`received_at` is the VMA's clock and the job keeps no copy of it; the
+/// sequence alone orders updates from one watchdog.) Figures never move backwards: an older
+/// or equal report, say one the poller already applied, changes nothing.
+pub fn is_newer(rec: &JobRecord, progress: &StoredProgress) -> bool {
+    let sequence = i64::try_from(progress.sequence).unwrap_or(i64::MAX);
+    rec.progress_sequence.is_none_or(|held| sequence > held)
+}
+
 fn evidence(event: &ProcessEvent) -> serde_json::Value {
     json!({
         "event_id": event.event_id,
@@ -178,7 +189,19 @@ pub fn decide_event(rec: &JobRecord, event: &ProcessEvent, now: i64) -> IntakeOu
                 ProcessEventKind::ProcessExited => event.exit.as_ref(),
                 _ => None,
             };
-            let verdict = verdict_from_exit(exit, rec.progress_status.as_deref());
+            // migratekit's last word first, so the verdict and the final figures use it.
+            if let Some(progress) = &event.last_progress {
+                let newer = is_newer(rec, progress);
+                ev["last_progress"] = json!({
+                    "sequence": progress.sequence, "received_at": progress.received_at,
+                    "status": progress.update.status, "percent": progress.update.percent,
+                    "bytes_transferred": progress.update.bytes_transferred, "applied": newer,
+                });
+                if newer {
+                    apply_progress(&mut after, progress, now);
+                }
+            }
+            let verdict = verdict_from_exit(exit, after.progress_status.as_deref());
             adopt(&mut after, event.process, now);
             let attempt = after.job.attempt;
             after = finalize(&after, &verdict, now);

@@ -233,35 +233,13 @@ pub fn progress_change(
     let sequence = i64::try_from(progress.sequence).unwrap_or(i64::MAX);
     let mut after = cur.clone();
     let mut audit = Vec::new();
-    let bytes = i64::try_from(update.bytes_transferred).unwrap_or(i64::MAX);
     let evidence = json!({
         "sequence": progress.sequence, "bytes_transferred": update.bytes_transferred,
         "received_at": progress.received_at, "stage": update.stage, "status": update.status,
     });
     if cur.progress_sequence != Some(sequence) {
+        apply_progress(&mut after, progress, now);
         let j = &mut after.job;
-        if cur.bytes_moved_at.is_none() || j.bytes_transferred != bytes {
-            after.bytes_moved_at = Some(now);
-        }
-        j.bytes_transferred = bytes;
-        j.total_bytes = update.total_bytes.and_then(|t| i64::try_from(t).ok());
-        j.progress_percent = update.percent.unwrap_or_else(|| match j.total_bytes {
-            Some(total) if total > 0 => bytes as f64 * 100.0 / total as f64,
-            _ => j.progress_percent,
-        });
-        j.current_operation = Some(update.stage.clone());
-        j.throughput = i64::try_from(update.throughput_bps).unwrap_or(i64::MAX);
-        if let Some(sync) = update.sync_type {
-            j.sync_type = serde_json::to_value(sync)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned));
-        }
-        j.last_progress_at = Some(from_ms(now));
-        after.progress_sequence = Some(sequence);
-        after.progress_status = update
-            .status
-            .and_then(|s| serde_json::to_value(s).ok())
-            .and_then(|v| v.as_str().map(str::to_owned));
         if matches!(j.status, JobStatus::Pending | JobStatus::Initializing) {
             j.status = JobStatus::Replicating;
             j.started_at = j.started_at.or(Some(from_ms(now)));
@@ -331,6 +309,39 @@ pub fn progress_change(
     }
     after.job.updated_at = from_ms(now);
     Some(JobChange { after, audit })
+}
+
+/// Copies one progress report's figures onto `after` (bytes, total, percent, stage,
+/// throughput, sync type, sequence, migratekit's status), stamping `last_progress_at` and,
+/// when the bytes moved, `bytes_moved_at` with `now`. The status is left alone: callers
+/// decide what the report means for it.
+pub fn apply_progress(after: &mut JobRecord, progress: &StoredProgress, now: i64) {
+    let update = &progress.update;
+    let bytes = i64::try_from(update.bytes_transferred).unwrap_or(i64::MAX);
+    let moved = after.bytes_moved_at.is_none() || after.job.bytes_transferred != bytes;
+    if moved {
+        after.bytes_moved_at = Some(now);
+    }
+    let j = &mut after.job;
+    j.bytes_transferred = bytes;
+    j.total_bytes = update.total_bytes.and_then(|t| i64::try_from(t).ok());
+    j.progress_percent = update.percent.unwrap_or_else(|| match j.total_bytes {
+        Some(total) if total > 0 => bytes as f64 * 100.0 / total as f64,
+        _ => j.progress_percent,
+    });
+    j.current_operation = Some(update.stage.clone());
+    j.throughput = i64::try_from(update.throughput_bps).unwrap_or(i64::MAX);
+    if let Some(sync) = update.sync_type {
+        j.sync_type = serde_json::to_value(sync)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned));
+    }
+    j.last_progress_at = Some(from_ms(now));
+    after.progress_sequence = Some(i64::try_from(progress.sequence).unwrap_or(i64::MAX));
+    after.progress_status = update
+        .status
+        .and_then(|s| serde_json::to_value(s).ok())
+        .and_then(|v| v.as_str().map(str::to_owned));
 }
 
 fn draft(

@@ -55,6 +55,7 @@ impl ProcessEvent_ {
             exit: None,
             observed_at: chrono::Utc::now(),
             detector: api::Detector::Ebpf,
+            last_progress: None,
         }
     }
 }

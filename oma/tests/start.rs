@@ -73,6 +73,7 @@ fn started_event(job: &str, p: api::ProcessIdentity) -> api::ProcessEvent {
         exit: None,
         observed_at: chrono::Utc::now(),
         detector: api::Detector::Ebpf,
+        last_progress: None,
     }
 }
 

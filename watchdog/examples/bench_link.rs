@@ -157,6 +157,7 @@ fn fsync_cost(dir: &std::path::Path, n: usize) -> anyhow::Result<Vec<Duration>> 
             exit: None,
             observed_at: chrono::Utc::now(),
             detector: api::Detector::Procfs,
+            last_progress: None,
         };
         let start = Instant::now();
         outbox.append(event)?;

@@ -82,6 +82,7 @@ async fn main() {
             exit: Some(ExitStatus::from_wait_status(9, false)),
             observed_at: chrono::Utc::now(),
             detector: Detector::Ebpf,
+            last_progress: None,
         };
         let start = Instant::now();
         outbox.append_async(event).await.unwrap();

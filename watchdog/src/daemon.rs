@@ -19,6 +19,7 @@ use crate::detector::{Detector, DetectorEvent};
 use crate::logging::{death, detector_name, found_by_name};
 use crate::outbox::{Outbox, OutboxError};
 use crate::procfs::{self, FoundProcess};
+use crate::progress::{ProgressError, ProgressStore};
 use crate::registry::{Registry, RegistryError};
 
 mod jobs_view;
@@ -40,6 +41,9 @@ pub enum DaemonError {
     /// The outbox (the daemon's journal of events) cannot be opened.
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    /// The progress store cannot be opened.
+    #[error(transparent)]
+    Progress(#[from] ProgressError),
     /// No detector could be started.
     #[error(transparent)]
     Detector(#[from] DetectorStartError),
@@ -66,10 +70,14 @@ impl Daemon {
             config.outbox_limits,
         )?);
         legacy::import_journal(&config.state_dir, &outbox);
+        // Opened before reconciliation, so a death found at start carries the last progress
+        // too. Loading it reads one small file: fine to block the start for it.
+        let progress = Arc::new(ProgressStore::open(&config.state_dir)?);
         let started = start::detector(&config)?;
         let tracker = Tracker(Arc::new(Core {
             registry,
             outbox,
+            progress,
             detector: started.detector,
             unjobbed: Mutex::new(HashSet::new()),
             children: Mutex::new(HashMap::new()),
@@ -125,6 +133,8 @@ struct Core {
     registry: Arc<Registry>,
     /// Every event, durable before anything else happens to it, until the OMA acknowledges it.
     outbox: Arc<Outbox>,
+    /// Latest progress per job; a death event carries its job's, see [`Core::record`].
+    progress: Arc<ProgressStore>,
     detector: Arc<dyn Detector>,
     /// Matching processes that name no job: watched so their death is logged, not reported.
     unjobbed: Mutex<HashSet<ProcessIdentity>>,
@@ -361,6 +371,17 @@ impl Core {
         exit: Option<ExitStatus>,
         detector: DetectorKind,
     ) -> Result<api::ProcessEvent, OutboxError> {
+        // A death carries migratekit's last word: the OMA polls progress only every few
+        // seconds, so without it an `exit(0)` right after a `failed` report would read as a
+        // success, and a completed job would keep the figures of its last poll. migratekit's
+        // client waits for the answer to each update, and the answer comes after the update
+        // is stored, so every update posted before the exit is here by now.
+        let last_progress = match kind {
+            ProcessEventKind::ProcessStarted => None,
+            ProcessEventKind::ProcessExited | ProcessEventKind::DiedWhileUnwatched => {
+                self.progress.get(job_id)
+            }
+        };
         let event = api::ProcessEvent {
             event_id: Uuid::now_v7(),
             kind,
@@ -369,6 +390,7 @@ impl Core {
             exit,
             observed_at: Utc::now(),
             detector,
+            last_progress,
         };
         self.outbox.append(event.clone())?;
         Ok(event)

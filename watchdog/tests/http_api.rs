@@ -319,6 +319,7 @@ async fn health_needs_no_token_and_shows_the_outbox_counters() {
             exit: None,
             observed_at: chrono::Utc::now(),
             detector: api::Detector::Registry,
+            last_progress: None,
         })
         .unwrap();
     let health: serde_json::Value = reqwest::get(server.url("/health"))

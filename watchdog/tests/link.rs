@@ -335,3 +335,52 @@ async fn a_running_job_is_adopted_after_a_watchdog_sigkill_and_keeps_reporting()
     w.stop();
     oma.stop().await;
 }
+
+/// A job completes with the OMA up: its death event carries migratekit's last update (100 %
+/// `completed`, the same sequence the progress API shows), so the OMA needs no poll to know it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_death_carries_the_last_progress_migratekit_posted() {
+    if !privileged("a_death_carries_the_last_progress_migratekit_posted") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let oma_addr = format!("127.0.0.1:{}", free_port());
+    let oma = FakeOma::start(oma_addr.parse().unwrap(), OMA_TOKEN, VMA_ID).await;
+    let port = free_port();
+    let w = watchdog(
+        dir.path(),
+        port,
+        &format!("http://{oma_addr}"),
+        &["--standin-run-for", "1"],
+    );
+    let api = Api::new(port);
+    let job = "job-last-word";
+    api.start(job).await;
+    let (event, _) = oma
+        .wait_for(TIMEOUT, |e| {
+            e.job_id == job && e.kind == ProcessEventKind::ProcessExited
+        })
+        .await
+        .expect("the death is delivered");
+    assert_eq!(event.exit.and_then(|e| e.code), Some(0), "{event:?}");
+    let carried = event
+        .last_progress
+        .expect("the death carries the last progress");
+    assert_eq!(carried.update.status, Some(api::ProgressStatus::Completed));
+    assert_eq!(carried.update.percent, Some(100.0));
+    assert_eq!(carried.update.bytes_transferred, 1_000_000_000);
+    let shown: StoredProgress = api
+        .get(&format!("/api/v1/progress/{job}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(carried, shown, "the event holds the latest update");
+    let started = oma
+        .events_of(job)
+        .into_iter()
+        .find(|e| e.kind == ProcessEventKind::ProcessStarted);
+    assert!(started.is_some_and(|e| e.last_progress.is_none()));
+    w.stop();
+    oma.stop().await;
+}

@@ -32,6 +32,7 @@ fn event(n: u32) -> ProcessEvent {
         exit: Some(ExitStatus::from_wait_status(9, false)),
         observed_at: chrono::Utc::now(),
         detector: Detector::Ebpf,
+        last_progress: None,
     }
 }
 

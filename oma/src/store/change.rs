@@ -33,6 +33,38 @@ pub struct JobChange {
     pub audit: Vec<AuditDraft>,
 }
 
+/// Logs one `info` line per change of status among `drafts`, which the caller has just
+/// committed for `job_id` (entries that keep the status, such as `stalled`, are not
+/// transitions). Call it after the commit only: a line must never tell of a change that a
+/// rollback undid. The evidence is summarised to the exit code and signal, when it holds
+/// them: never a token, never a VMA's raw answer.
+pub(crate) fn log_transitions(job_id: &str, drafts: &[AuditDraft]) {
+    for d in drafts.iter().filter(|d| d.from != Some(d.to)) {
+        // Intake keeps the exit under `exit`; recovery and start under the VMA's answer.
+        let answer = &d.evidence["vma_answer"];
+        let exit = [
+            &d.evidence["exit"],
+            &answer["state"]["exit"],
+            &answer["exit"],
+        ]
+        .into_iter()
+        .find(|e| e.is_object());
+        let field = |name: &str| exit.and_then(|e| e[name].as_i64());
+        tracing::info!(
+            event = "job_transition",
+            job_id,
+            from = d.from.map_or("none", |s| s.as_str()),
+            to = d.to.as_str(),
+            failure_class = d.failure_class.map(|c| c.as_str()),
+            actor = d.actor.as_str(),
+            action = d.action,
+            exit_code = field("code"),
+            signal = field("signal"),
+            "job changed state"
+        );
+    }
+}
+
 /// Writes `change` over `before`. Returns `false` when another writer changed the job since
 /// it was read (the caller retries); nothing is written then.
 pub(crate) async fn commit_change(

@@ -1,6 +1,6 @@
 //! Jobs, VM contexts and VMAs: creation, reads, and the generic fenced job mutation.
 
-use super::change::{AuditDraft, JobChange, commit_change, insert_audits};
+use super::change::{AuditDraft, JobChange, commit_change, insert_audits, log_transitions};
 use super::rows::{
     CONTEXT_COLUMNS, DECISION_COLUMNS, JOB_COLUMNS, JobRecord, audit_from_row, context_from_row,
     decision_record_from_row, job_from_row,
@@ -149,6 +149,7 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::UnknownJob(id.clone()))?;
         tx.commit().await?;
+        log_transitions(&id, std::slice::from_ref(&draft));
         Ok(rec)
     }
 
@@ -257,6 +258,7 @@ impl Store {
             };
             if commit_change(&mut tx, &before, &change, now).await? {
                 tx.commit().await?;
+                log_transitions(id, &change.audit);
                 return Ok(change.after);
             }
         }

@@ -1,6 +1,6 @@
 //! VMAs, idempotent event intake and the record of recovery runs.
 
-use super::change::{AuditDraft, JobChange, insert_audits, write_row_change};
+use super::change::{AuditDraft, JobChange, insert_audits, log_transitions, write_row_change};
 use super::rows::JobRecord;
 use super::rows::{JOB_COLUMNS, job_from_row};
 use super::{MAX_ATTEMPTS, Store, StoreError};
@@ -228,6 +228,9 @@ impl Store {
                 }
             }
             tx.commit().await?;
+            for (job_id, draft) in &audit {
+                log_transitions(job_id, std::slice::from_ref(draft));
+            }
             return Ok((acknowledged, applied));
         }
         Err(StoreError::Contention("event batch".into()))

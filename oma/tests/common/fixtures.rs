@@ -28,6 +28,7 @@ pub fn event(
         exit,
         observed_at: chrono::Utc::now(),
         detector: Detector::Ebpf,
+        last_progress: None,
     }
 }
 

@@ -73,6 +73,7 @@ mod tests {
             exit: None,
             observed_at: chrono::Utc::now(),
             detector: Detector::Registry,
+            last_progress: None,
         }
     }
 

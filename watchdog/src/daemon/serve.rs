@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::http::{self, AppState, DEFAULT_BODY_LIMIT};
 use crate::launcher::Launcher;
 use crate::outbox::{DeliveryConfig, run_delivery};
-use crate::progress::{ProgressError, ProgressStore};
+use crate::progress::ProgressError;
 
 /// How long the tasks get to finish (requests in flight, a delivery attempt) after the
 /// shutdown signal before they are cut off.
@@ -66,8 +66,6 @@ pub enum ServeError {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     let daemon = Daemon::start(config.clone()).await?;
     let tracker = daemon.tracker();
-    // Loading the store reads one small file: fine to block the start for it.
-    let progress = ProgressStore::open(&config.state_dir)?;
     let listeners = bind(&config).await?;
     let token = config.api_token.clone().unwrap_or_else(|| {
         tracing::warn!(event = "api_token_missing", "no API token configured (--api-token-file, --api-token or VMA_WATCHDOG_API_TOKEN): the job API refuses every call; only /health and progress updates from this host are served");
@@ -80,7 +78,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         credentials = ?config.launcher.credentials.keys().collect::<Vec<_>>(),
         "migratekit is started from the configured template");
     let state = AppState {
-        progress: Arc::new(progress),
+        progress: Arc::clone(tracker.progress()),
         jobs: Arc::new(tracker.clone()),
         launcher: Arc::new(Launcher::new(config.launcher.clone())),
         token,

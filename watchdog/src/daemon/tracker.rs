@@ -23,6 +23,11 @@ impl Tracker {
         &self.0.registry
     }
 
+    /// Latest progress per job (the REST API's progress routes share it).
+    pub fn progress(&self) -> &Arc<crate::progress::ProgressStore> {
+        &self.0.progress
+    }
+
     /// The outbox: every event the daemon recorded and the OMA has not acknowledged yet.
     pub fn outbox(&self) -> &Arc<Outbox> {
         &self.0.outbox

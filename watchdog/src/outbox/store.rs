@@ -391,6 +391,7 @@ mod tests {
             exit: None,
             observed_at: Utc::now(),
             detector: Detector::Registry,
+            last_progress: None,
         }
     }
 

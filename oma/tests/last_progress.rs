@@ -1,0 +1,156 @@
+//! A death event's `last_progress` (migratekit's last word, which the poller may never have
+//! fetched) decides the verdict and the final figures; an older report moves nothing back.
+//! On SQLite and PostgreSQL alike.
+
+mod common;
+
+use api::{ProcessEventKind, ProgressStatus, ProgressUpdate, StoredProgress};
+use common::fixtures::{code, event, new_job, setup};
+use common::test_dbs;
+use common::vma::pid;
+use oma::events::decide_event;
+use oma::model::{FailureClass, JobStatus};
+use oma::poller::progress_change;
+use oma::store::Store;
+
+const TOTAL: u64 = 10_000;
+
+fn progress(job: &str, sequence: u64, bytes: u64, status: ProgressStatus) -> StoredProgress {
+    StoredProgress {
+        job_id: job.into(),
+        update: ProgressUpdate {
+            stage: "Transfer".into(),
+            status: Some(status),
+            bytes_transferred: bytes,
+            total_bytes: Some(TOTAL),
+            throughput_bps: 100,
+            percent: Some(bytes as f64 * 100.0 / TOTAL as f64),
+            disk_id: None,
+            sync_type: None,
+            error_message: (status == ProgressStatus::Failed).then(|| "disk full".into()),
+        },
+        received_at: chrono::Utc::now(),
+        sequence,
+    }
+}
+
+/// Creates `job` with a started process and the poller's view of progress `sequence` at
+/// `bytes` (81 %), as a job looks after its last poll.
+async fn polled_job(store: &Store, job: &str, ctx: &str, sequence: u64, bytes: u64) {
+    store.create_job(&new_job(job, ctx, "vma-1")).await.unwrap();
+    let started = [event(
+        job,
+        ProcessEventKind::ProcessStarted,
+        pid(100, 5000),
+        None,
+    )];
+    store
+        .apply_events("vma-1", &started, decide_event)
+        .await
+        .unwrap();
+    let polled = progress(job, sequence, bytes, ProgressStatus::InProgress);
+    store
+        .mutate_job(job, |cur, now| {
+            Ok(progress_change(cur, &polled, now, i64::MAX))
+        })
+        .await
+        .unwrap();
+}
+
+async fn exit_with(store: &Store, job: &str, last: StoredProgress) {
+    let mut ev = event(
+        job,
+        ProcessEventKind::ProcessExited,
+        pid(100, 5000),
+        code(0),
+    );
+    ev.last_progress = Some(last);
+    let (_, applied) = store
+        .apply_events("vma-1", &[ev], decide_event)
+        .await
+        .unwrap();
+    assert_eq!(applied, 1);
+}
+
+#[tokio::test]
+async fn exit_zero_after_a_failed_report_the_poller_missed_is_a_failure() {
+    for db in test_dbs().await {
+        let store = setup(&db).await;
+        polled_job(&store, "j1", "ctx-1", 4, 8_100).await;
+        exit_with(
+            &store,
+            "j1",
+            progress("j1", 5, 8_200, ProgressStatus::Failed),
+        )
+        .await;
+        let job = store.get_job("j1").await.unwrap().job;
+        assert_eq!(job.status, JobStatus::Failed, "{}", db.backend);
+        assert_eq!(
+            job.failure_class,
+            Some(FailureClass::VmaReportedFailure),
+            "{}",
+            db.backend
+        );
+        assert_eq!(job.bytes_transferred, 8_200, "{}", db.backend);
+        let audit = store.audit("j1").await.unwrap();
+        let last = audit.last().unwrap();
+        assert_eq!(
+            last.evidence["last_progress"]["applied"], true,
+            "{audit:#?}"
+        );
+        assert_eq!(last.evidence["last_progress"]["sequence"], 5);
+    }
+}
+
+#[tokio::test]
+async fn exit_zero_after_the_final_report_records_completed_with_its_figures() {
+    for db in test_dbs().await {
+        let store = setup(&db).await;
+        polled_job(&store, "j1", "ctx-1", 7, 8_100).await;
+        exit_with(
+            &store,
+            "j1",
+            progress("j1", 9, TOTAL, ProgressStatus::Completed),
+        )
+        .await;
+        let rec = store.get_job("j1").await.unwrap();
+        let job = rec.job;
+        assert_eq!(job.status, JobStatus::Completed, "{}", db.backend);
+        assert_eq!(job.failure_class, None);
+        assert_eq!(job.progress_percent, 100.0, "{}", db.backend);
+        assert_eq!(
+            (job.bytes_transferred, job.total_bytes),
+            (TOTAL as i64, Some(TOTAL as i64)),
+            "{}",
+            db.backend
+        );
+        assert_eq!(rec.progress_sequence, Some(9));
+        assert_eq!(rec.progress_status.as_deref(), Some("completed"));
+    }
+}
+
+#[tokio::test]
+async fn an_older_last_progress_moves_no_figure_back() {
+    for db in test_dbs().await {
+        let store = setup(&db).await;
+        polled_job(&store, "j1", "ctx-1", 7, 8_100).await;
+        // Sequence 6 says `failed` at fewer bytes, but the job already holds 7: ignored.
+        exit_with(
+            &store,
+            "j1",
+            progress("j1", 6, 5_000, ProgressStatus::Failed),
+        )
+        .await;
+        let rec = store.get_job("j1").await.unwrap();
+        assert_eq!(rec.job.status, JobStatus::Completed, "{}", db.backend);
+        assert_eq!(rec.job.bytes_transferred, 8_100, "{}", db.backend);
+        assert_eq!(rec.job.progress_percent, 81.0, "{}", db.backend);
+        assert_eq!(rec.progress_sequence, Some(7), "{}", db.backend);
+        let audit = store.audit("j1").await.unwrap();
+        assert_eq!(
+            audit.last().unwrap().evidence["last_progress"]["applied"],
+            false,
+            "{audit:#?}"
+        );
+    }
+}
