@@ -48,6 +48,8 @@ mkdir -p "$(dirname "$HOST_PROFILE_DIR")"
 ln -sfn /vm/bin "$HOST_PROFILE_DIR"
 export SYSTEM_TESTS_BIN_DIR=/vm/bin
 
+# A fresh line: the firmware's last output on the console has no newline.
+echo
 echo "VMTEST:kernel:$(uname -r)"
 echo "VMTEST:cpus:$(nproc)"
 FORMAT=/sys/kernel/tracing/events/sched/sched_process_exit/format
@@ -79,9 +81,11 @@ step_watchdog() {
     done
     kill -TERM "$pid" 2>/dev/null
     wait "$pid"
+    # Without colours (tracing writes ANSI escapes), so the host gets plain text.
+    sed -i 's/\x1b\[[0-9;]*m//g' "$log"
     sed 's/^/vm-watchdog| /' "$log"
     local line
-    line=$(grep -o 'deaths decided by.*' "$log" | head -n1)
+    line=$(grep -o 'deaths decided by [^=]*' "$log" | head -n1 | sed 's/ [a-z_]*$//')
     if [ -n "$line" ]; then
         echo "VMTEST:exit_mode:${line#deaths decided by }"
         return 0

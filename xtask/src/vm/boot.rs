@@ -26,12 +26,14 @@ pub struct Boot<'a> {
 pub struct Outcome {
     /// `(key, value)` of every `VMTEST:key:value` line, in order.
     pub markers: Vec<(String, String)>,
-    /// libtest's `test <name> ... ok|FAILED` lines of the detector tests: `(name, passed)`.
-    pub tests: Vec<(String, bool)>,
+    /// The detector tests' verdicts, from libtest's `test <name> ... ok|FAILED` lines.
+    pub tests: Vec<TestVerdict>,
     /// libtest's summary line(s), `test result: ...`.
     pub test_results: Vec<String>,
     /// `SKIP: ...` lines of any test (a skip inside the VM proves nothing).
     pub skips: Vec<String>,
+    /// The kill-test runner's results table (its markdown lines).
+    pub kill_test_table: Vec<String>,
     /// The kill-test runner's JSON report, when it wrote one.
     pub report_json: Option<String>,
     /// The guest reached its power-off line.
@@ -39,6 +41,18 @@ pub struct Outcome {
     /// Killed at the time budget.
     pub timed_out: bool,
     pub elapsed: Duration,
+    /// Parser state: the test whose verdict is still to come (with `--nocapture` its output
+    /// sits between `test <name> ... ` and `ok`/`FAILED`), and where it panicked.
+    pending: Option<TestVerdict>,
+}
+
+/// One detector test.
+#[derive(Debug, Clone, Default)]
+pub struct TestVerdict {
+    pub name: String,
+    pub passed: bool,
+    /// `panicked at <file:line>: <message>`, for a failed test.
+    pub why: Option<String>,
 }
 
 impl Outcome {
@@ -51,6 +65,8 @@ impl Outcome {
     }
 
     fn take(&mut self, line: &str, json: &mut Option<String>) {
+        // The first marker can share a line with the firmware's last, unterminated output.
+        let line = line.find("VMTEST:").map_or(line, |at| &line[at..]);
         if let Some(buf) = json.as_mut() {
             if line == "VMTEST:report-json-end" {
                 self.report_json = json.take();
@@ -73,14 +89,36 @@ impl Outcome {
             return;
         }
         let body = line.strip_prefix("vm-detector| ").unwrap_or(line);
-        if let Some(test) = body.strip_prefix("test ")
+        let verdict = if let Some(test) = body.strip_prefix("test ")
             && let Some((name, verdict)) = test.rsplit_once(" ... ")
         {
-            match verdict.trim() {
-                "ok" => self.tests.push((name.to_owned(), true)),
-                "FAILED" => self.tests.push((name.to_owned(), false)),
-                _ => {}
+            self.pending = Some(TestVerdict {
+                name: name.to_owned(),
+                ..TestVerdict::default()
+            });
+            verdict.trim()
+        } else {
+            body.trim()
+        };
+        if let Some(test) = self.pending.as_mut() {
+            if let Some(why) = test.why.as_mut().filter(|w| w.ends_with(':')) {
+                // The line after `panicked at <file:line>:` is the panic message.
+                why.push(' ');
+                why.push_str(body.trim());
+            } else if let Some(at) = body.find("panicked at ") {
+                test.why = Some(body[at..].to_owned());
             }
+        }
+        if matches!(verdict, "ok" | "FAILED")
+            && let Some(mut test) = self.pending.take()
+        {
+            test.passed = verdict == "ok";
+            self.tests.push(test);
+        }
+        if let Some(row) = line.strip_prefix("vm-kill-test| ")
+            && row.starts_with('|')
+        {
+            self.kill_test_table.push(row.to_owned());
         }
         if body.starts_with("test result:") {
             self.test_results.push(body.to_owned());

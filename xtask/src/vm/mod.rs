@@ -186,23 +186,18 @@ fn summarize(outcome: &boot::Outcome) -> (String, usize) {
             let _ = writeln!(s, "step {step:<40} {verdict}");
         }
     }
-    let passed = outcome.tests.iter().filter(|(_, ok)| *ok).count();
-    let failed: Vec<&str> = outcome
-        .tests
-        .iter()
-        .filter(|(_, ok)| !*ok)
-        .map(|(n, _)| n.as_str())
-        .collect();
+    let passed = outcome.tests.iter().filter(|t| t.passed).count();
+    let failed: Vec<_> = outcome.tests.iter().filter(|t| !t.passed).collect();
     let _ = writeln!(
         s,
-        "detector tests:       {passed} passed, {} failed{}",
-        failed.len(),
-        if failed.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", failed.join(", "))
-        }
+        "detector tests:       {passed} passed, {} failed",
+        failed.len()
     );
+    for test in &outcome.tests {
+        let verdict = if test.passed { "ok" } else { "FAILED" };
+        let why = test.why.as_deref().filter(|_| !test.passed).unwrap_or("");
+        let _ = writeln!(s, "  {verdict:<6} {} {why}", test.name);
+    }
     for line in &outcome.test_results {
         let _ = writeln!(s, "  {line}");
     }
@@ -220,6 +215,10 @@ fn summarize(outcome: &boot::Outcome) -> (String, usize) {
         for skip in &outcome.skips {
             let _ = writeln!(s, "  {skip}");
         }
+    }
+    let _ = writeln!(s, "kill-test scenarios:");
+    for row in &outcome.kill_test_table {
+        let _ = writeln!(s, "  {row}");
     }
     let _ = writeln!(
         s,
