@@ -32,6 +32,10 @@ pub struct KillTestArgs {
     /// Build and run everything optimized (for benchmark figures).
     #[arg(long)]
     release: bool,
+    /// Run the eBPF detector's tests and scenarios (default 3,5) in a qemu VM on Debian 12's
+    /// 6.1 kernel (no `group_dead`; see docs/RELIABILITY.md).
+    #[arg(long, conflicts_with_all = ["bench", "list", "json"])]
+    vm: bool,
 }
 
 impl KillTestArgs {
@@ -44,12 +48,21 @@ impl KillTestArgs {
             bench: None,
             list: false,
             release: false,
+            vm: false,
         }
     }
 }
 
 /// Builds what the runner needs and runs it; fails when a scenario fails.
 pub fn run(args: &KillTestArgs) -> Result<()> {
+    if args.vm {
+        let (runs, only, release) = (args.runs, args.only.clone(), args.release);
+        return crate::vm::run(&crate::vm::VmArgs {
+            runs,
+            only,
+            release,
+        });
+    }
     let root = paths::workspace_root();
     if !paths::ebpf_object().exists() {
         build_ebpf::run().context("building the eBPF object the watchdog embeds")?;

@@ -10,6 +10,7 @@ mod postgres;
 mod run;
 mod setup;
 mod test;
+mod vm;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -1,0 +1,253 @@
+//! `cargo xtask kill-test --vm`: the eBPF-dependent checks on another kernel, Debian 12's 6.1
+//! cloud kernel, whose `sched_process_exit` tracepoint has no `group_dead` field, so the
+//! watchdog must decide deaths by `signal->live` (docs/EBPF.md).
+//!
+//! Everything comes from Debian's packages and is cached under `target/vm/` (see [`assets`]).
+//! Each run builds the binaries, packs them onto a payload disk, boots qemu without KVM (TCG),
+//! and the guest (`tests/vm/guest-init.sh`) runs: the daemon until it logs its death path,
+//! the detector's privileged tests (both paths), and kill-test scenarios (default 3 and 5).
+//! The host parses the serial console and fails when any step failed, skipped or timed out.
+//! Results: `target/vm/serial.log`, `target/vm/summary.txt`, `target/vm/kill-test-report.json`.
+
+mod assets;
+mod boot;
+mod image;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{build_ebpf, paths, setup};
+
+/// Scenarios run in the VM when `--only` is not given: the deaths of migratekit (every kind,
+/// OOM included) and the thread cases, the two that depend most on the exit path. The others
+/// exercise the OMA and the network more than the kernel and take long under emulation.
+const DEFAULT_SCENARIOS: &str = "3,5";
+
+/// What `kill-test --vm` was asked for.
+#[derive(Debug)]
+pub struct VmArgs {
+    pub runs: usize,
+    pub only: Vec<u8>,
+    pub release: bool,
+}
+
+/// Builds, boots, reports; fails when anything in the guest failed.
+pub fn run(args: &VmArgs) -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "kill-test --vm needs root (apt-get, debootstrap, mkfs.ext4 -d with root-owned files)"
+        );
+    }
+    let root = paths::workspace_root();
+    let vm_dir = root.join("target").join("vm");
+    let scripts = root.join("tests").join("vm");
+    std::fs::create_dir_all(&vm_dir).with_context(|| format!("creating {}", vm_dir.display()))?;
+
+    assets::ensure_host_tools()?;
+    let kernel = assets::ensure_kernel(&vm_dir.join("kernel"))?;
+    let busybox = assets::ensure_busybox(&vm_dir.join("busybox"))?;
+    let rootfs = assets::ensure_rootfs_image(&vm_dir)?;
+    println!(
+        "vm: kernel {} ({})",
+        kernel.version,
+        kernel.vmlinuz.display()
+    );
+
+    let profile = if args.release { "release" } else { "debug" };
+    let profile_dir = root.join("target").join(profile);
+    let detector_test = build(&root, args.release)?;
+    let names = [
+        "vma-watchdog",
+        "migratekit",
+        "ebpf-test-child",
+        "oma",
+        "kill-test",
+    ];
+    let mut binaries: Vec<PathBuf> = names.iter().map(|b| profile_dir.join(b)).collect();
+    binaries.push(detector_test.clone());
+    let only = if args.only.is_empty() {
+        DEFAULT_SCENARIOS.to_owned()
+    } else {
+        let only: Vec<String> = args.only.iter().map(u8::to_string).collect();
+        only.join(",")
+    };
+    let plan = image::GuestPlan {
+        host_profile_dir: profile_dir,
+        detector_test: file_name(&detector_test)?,
+        kill_test_runs: args.runs,
+        // About 4 times what each step took in the VM here (the detector tests 65-100 s, a
+        // scenario run 30-60 s), so a slow host still finishes and a hang ends in minutes.
+        watchdog_timeout_s: 120,
+        detector_timeout_s: 300,
+        kill_test_timeout_s: 90 + 90 * (args.runs * only.split(',').count()) as u64,
+        kill_test_only: only,
+    };
+    let payload = image::payload(&vm_dir, &scripts, &kernel, &binaries, &plan)?;
+    let initramfs = image::initramfs(&vm_dir, &scripts, &busybox, &kernel)?;
+
+    println!(
+        "vm: booting (TCG, 2 CPUs, 2 GiB; at most {} s); serial output follows",
+        plan.budget_s()
+    );
+    let outcome = boot::run(&boot::Boot {
+        vmlinuz: &kernel.vmlinuz,
+        initramfs: &initramfs,
+        rootfs: &rootfs,
+        payload: &payload,
+        serial_log: vm_dir.join("serial.log"),
+        budget: Duration::from_secs(plan.budget_s()),
+    })?;
+    if let Some(json) = &outcome.report_json {
+        let path = vm_dir.join("kill-test-report.json");
+        std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let (summary, failures) = summarize(&outcome);
+    println!("{summary}");
+    let path = vm_dir.join("summary.txt");
+    std::fs::write(&path, &summary).with_context(|| format!("writing {}", path.display()))?;
+    if failures > 0 {
+        bail!(
+            "kill-test --vm: {failures} problem(s) on the 6.1 kernel (summary above; full console in {})",
+            vm_dir.join("serial.log").display()
+        );
+    }
+    Ok(())
+}
+
+fn file_name(path: &Path) -> Result<String> {
+    Ok(path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// Builds the eBPF object (if missing), the daemons, the stand-in, the runner and the
+/// detector test binary; returns the latter's path (from cargo's JSON messages).
+fn build(root: &Path, release: bool) -> Result<PathBuf> {
+    if !paths::ebpf_object().exists() {
+        build_ebpf::run().context("building the eBPF object the watchdog embeds")?;
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    setup::status(
+        Command::new(&cargo)
+            .current_dir(root)
+            .args(["build", "-p", "oma", "-p", "vma-watchdog", "-p"])
+            .args(["migratekit-standin", "-p", "system-tests", "--bins"])
+            .args(release.then_some("--release")),
+    )
+    .context("building oma, vma-watchdog, the stand-in migratekit and the kill-test runner")?;
+    let messages = setup::output(
+        Command::new(&cargo)
+            .current_dir(root)
+            .args([
+                "test",
+                "-p",
+                "vma-watchdog",
+                "--test",
+                "ebpf_detector",
+                "--no-run",
+            ])
+            .args(["--message-format=json"])
+            .args(release.then_some("--release")),
+    )
+    .context("building the eBPF detector's tests")?;
+    messages
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["target"]["name"] == "ebpf_detector")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo built no ebpf_detector test executable")
+}
+
+/// The report printed at the end and kept in `target/vm/summary.txt`, and its problem count.
+fn summarize(outcome: &boot::Outcome) -> (String, usize) {
+    let mut s =
+        String::from("\n== kill-test --vm: Debian 12 6.1 cloud kernel under qemu (TCG) ==\n");
+    let mut problems = 0;
+    let show = |key: &str| outcome.marker(key).unwrap_or("(not reported)").to_owned();
+    let _ = writeln!(s, "kernel:               {}", show("kernel"));
+    let _ = writeln!(s, "group_dead field:     {}", show("group_dead"));
+    let _ = writeln!(s, "BTF:                  {}", show("btf"));
+    let _ = writeln!(s, "watchdog death path:  {}", show("exit_mode"));
+    for (key, value) in &outcome.markers {
+        if key == "fatal" {
+            problems += 1;
+            let _ = writeln!(s, "FATAL:                {value}");
+        }
+        if key == "step" {
+            let step = value;
+            let failed = !step.contains(":rc=0:");
+            problems += usize::from(failed);
+            let verdict = if failed { "FAILED" } else { "ok" };
+            let _ = writeln!(s, "step {step:<40} {verdict}");
+        }
+    }
+    let passed = outcome.tests.iter().filter(|t| t.passed).count();
+    let failed: Vec<_> = outcome.tests.iter().filter(|t| !t.passed).collect();
+    let _ = writeln!(
+        s,
+        "detector tests:       {passed} passed, {} failed",
+        failed.len()
+    );
+    for test in &outcome.tests {
+        let verdict = if test.passed { "ok" } else { "FAILED" };
+        let why = test.why.as_deref().filter(|_| !test.passed).unwrap_or("");
+        let _ = writeln!(s, "  {verdict:<6} {} {why}", test.name);
+    }
+    for line in &outcome.test_results {
+        let _ = writeln!(s, "  {line}");
+    }
+    if outcome.tests.is_empty() {
+        problems += 1;
+        let _ = writeln!(s, "  no detector test ran");
+    }
+    problems += failed.len();
+    // Not counted as problems: a detector test for the group_dead path may rightly skip on a
+    // kernel without that field. A missing BTF or tracefs fails the watchdog step instead.
+    if !outcome.skips.is_empty() {
+        let _ = writeln!(s, "skipped:              {}", outcome.skips.len());
+        for skip in &outcome.skips {
+            let _ = writeln!(s, "  {skip}");
+        }
+    }
+    let _ = writeln!(s, "kill-test scenarios:");
+    for row in &outcome.kill_test_table {
+        let _ = writeln!(s, "  {row}");
+    }
+    let _ = writeln!(
+        s,
+        "kill-test report:     {}",
+        if outcome.report_json.is_some() {
+            "target/vm/kill-test-report.json"
+        } else {
+            "none"
+        }
+    );
+    if outcome.timed_out {
+        problems += 1;
+        let _ = writeln!(s, "TIMED OUT: the VM was killed at its time budget");
+    } else if !outcome.done {
+        problems += 1;
+        let _ = writeln!(
+            s,
+            "the guest stopped before its last step (see the console above)"
+        );
+    }
+    let _ = writeln!(
+        s,
+        "elapsed:              {:.0} s",
+        outcome.elapsed.as_secs_f64()
+    );
+    let _ = writeln!(
+        s,
+        "verdict:              {}",
+        if problems == 0 { "PASS" } else { "FAIL" }
+    );
+    (s, problems)
+}
