@@ -271,10 +271,24 @@ pub fn threads(_run: usize) -> RunOutcome {
     Ok(latencies)
 }
 
+/// Attempts at landing a new process on a given pid before giving up.
+const TRIES: usize = 300;
+
 /// Makes the next process land on `pid` (root: `/proc/sys/kernel/ns_last_pid`), retrying a
 /// few times since other processes on the machine fork too. Returns the new process.
 fn occupy_pid(pid: u32) -> Result<std::process::Child, String> {
-    for _ in 0..50 {
+    // The pid is free only once the dead process has been reaped (the harness's subreaper
+    // does it) and no thread of another process holds it: wait for that first.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "pid {pid} is still in use 5 s after its process died"
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for _ in 0..TRIES {
         std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
             .map_err(fail("writing /proc/sys/kernel/ns_last_pid"))?;
         let mut child = std::process::Command::new("sleep")
@@ -288,7 +302,7 @@ fn occupy_pid(pid: u32) -> Result<std::process::Child, String> {
         let _ = child.wait();
     }
     Err(format!(
-        "could not get pid {pid} for a new process in 50 tries"
+        "could not get pid {pid} for a new process in {TRIES} tries"
     ))
 }
 

