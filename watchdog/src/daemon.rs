@@ -276,6 +276,7 @@ impl Core {
         exit: ExitStatus,
         detector: DetectorKind,
     ) {
+        let received_us = crate::clock::monotonic_us();
         let _ = self.detector.unwatch(p);
         let claimed = self
             .reporting
@@ -285,7 +286,7 @@ impl Core {
         if !claimed {
             return;
         }
-        self.report_claimed(p, exit, detector);
+        self.report_claimed(p, exit, detector, received_us);
         self.reporting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -294,7 +295,13 @@ impl Core {
 
     /// [`Core::report_death`] once this caller alone reports `p`; when it returns, the
     /// registry no longer lists `p` as running (unless every write failed).
-    fn report_claimed(&self, p: ProcessIdentity, exit: ExitStatus, detector: DetectorKind) {
+    fn report_claimed(
+        &self,
+        p: ProcessIdentity,
+        exit: ExitStatus,
+        detector: DetectorKind,
+        received_us: u64,
+    ) {
         let (kind, name) = if detector == DetectorKind::Registry {
             (ProcessEventKind::DiedWhileUnwatched, "died_while_unwatched")
         } else {
@@ -315,7 +322,9 @@ impl Core {
             return;
         };
         // A death while unwatched carries an exit status with every field unknown.
-        let event_id = match self.record(kind, &entry.job_id, p, Some(exit), detector) {
+        let recorded = self.record(kind, &entry.job_id, p, Some(exit), detector);
+        let appended_us = crate::clock::monotonic_us();
+        let event_id = match recorded {
             Ok(ev) => Some(ev.event_id),
             Err(e) => {
                 tracing::error!(event = "outbox_error", error = %e, pid = p.pid, job_id = %entry.job_id,
@@ -334,6 +343,11 @@ impl Core {
         if let Err(e) = self.registry.record_exit(p, exit, detector) {
             tracing::error!(event = "registry_error", error = %e, pid = p.pid, "cannot record a death in the registry");
         }
+        // Where the time of a death goes, on the monotonic clock (for `bench_link`).
+        tracing::debug!(target: crate::clock::LATENCY_TARGET, event = "death_timing",
+            job_id = %entry.job_id, event_id = event_id.map(|id| id.to_string()),
+            thread = std::thread::current().name(), received_us, appended_us,
+            registry_us = crate::clock::monotonic_us(), "death recorded");
         self.reap(p);
     }
 
