@@ -7,7 +7,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use api::{Detector as DetectorKind, ExitStatus, FoundBy, ProcessEventKind, ProcessIdentity};
 use chrono::Utc;
@@ -74,6 +75,7 @@ impl Daemon {
             unjobbed: Mutex::new(HashSet::new()),
             children: Mutex::new(HashMap::new()),
             reporting: Mutex::new(HashSet::new()),
+            claimed: Condvar::new(),
         }));
         let names = config.match_names.clone();
         let found = tokio::task::spawn_blocking(move || procfs::scan(&names))
@@ -133,6 +135,9 @@ struct Core {
     /// Deaths being reported right now. The launcher's reaper and the detector can report the
     /// same death at the same moment; the first to claim it reports it, the other drops it.
     reporting: Mutex<HashSet<ProcessIdentity>>,
+    /// Signalled whenever a death is claimed in `reporting` or its report is done, for a
+    /// launcher that waits for the detector's richer report ([`Core::await_report`]).
+    claimed: Condvar,
 }
 
 impl Core {
@@ -286,11 +291,26 @@ impl Core {
         if !claimed {
             return;
         }
+        self.claimed.notify_all();
         self.report_claimed(p, exit, detector, received_us);
         self.reporting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&p);
+        self.claimed.notify_all();
+    }
+
+    /// Waits at most `limit` until someone else (the detector) has claimed the death of `p`
+    /// or recorded it. Returns whether that happened.
+    pub(super) fn await_report(&self, p: ProcessIdentity, limit: Duration) -> bool {
+        let reporting = self.reporting.lock().unwrap_or_else(|e| e.into_inner());
+        let (_reporting, wait) = self
+            .claimed
+            .wait_timeout_while(reporting, limit, |claimed| {
+                !claimed.contains(&p) && self.registry.get(p).is_some()
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        !wait.timed_out()
     }
 
     /// [`Core::report_death`] once this caller alone reports `p`; when it returns, the
