@@ -12,8 +12,10 @@
 #[path = "../tests/fake_oma/mod.rs"]
 mod fake_oma;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -42,7 +44,15 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let fsync = fsync_cost(dir.path(), 200)?;
 
-    let oma = FakeOma::start("127.0.0.1:0".parse()?, OMA_TOKEN, "bench-vma").await;
+    // The fake OMA commits each batch with one fdatasync on the same disk, as the real one
+    // does, so the watchdog's own fsyncs around a death compete with it as they do in use.
+    let oma = FakeOma::start_durable(
+        "127.0.0.1:0".parse()?,
+        OMA_TOKEN,
+        "bench-vma",
+        &dir.path().join("oma-commits"),
+    )
+    .await;
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut child = Command::new(&watchdog)
@@ -71,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         .arg(&standin)
         .arg("--state-dir")
         .arg(dir.path().join("state"))
+        .env("RUST_LOG", "info,vma_watchdog::latency=debug")
         .env(
             "MIGRATEKIT_STANDIN_PROGRESS_URL",
             format!("http://{listen}"),
@@ -80,10 +91,14 @@ async fn main() -> anyhow::Result<()> {
         .context("start vma-watchdog")?;
     let (tx, rx) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().context("watchdog stderr")?;
+    let timings = Timings::default();
+    let seen = timings.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("\"detector_selected\"") || line.contains("\"api_listening\"") {
                 let _ = tx.send(line);
+            } else if line.contains("_timing\"") {
+                seen.add(&line);
             }
         }
     });
@@ -98,6 +113,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let http = reqwest::Client::new();
     let mut latencies = Vec::with_capacity(rounds);
+    let mut commits = Vec::with_capacity(rounds);
+    let mut kills = Vec::with_capacity(rounds);
     for i in 0..rounds {
         let job = format!("bench-{i}");
         let r = http
@@ -113,15 +130,25 @@ async fn main() -> anyhow::Result<()> {
             bail!("{job} is not running after its start");
         };
         let killed = Instant::now();
+        let killed_us = vma_watchdog::clock::monotonic_us();
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(process.pid as i32, libc::SIGKILL) };
-        let (_, at) = oma
+        let (event, at) = oma
             .wait_for(Duration::from_secs(20), |e| {
                 e.job_id == job && e.kind == ProcessEventKind::ProcessExited
             })
             .await
             .with_context(|| format!("the death of {job} never reached the OMA"))?;
         latencies.push(at - killed);
+        let committed = loop {
+            match oma.committed_at(event.event_id) {
+                Some(c) => break c,
+                None => tokio::time::sleep(Duration::from_micros(200)).await,
+            }
+        };
+        commits.push(committed - killed);
+        let received_us = killed_us + (at - killed).as_micros() as u64;
+        kills.push((event.event_id.to_string(), killed_us, received_us));
     }
     // SAFETY: as above.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -136,9 +163,106 @@ async fn main() -> anyhow::Result<()> {
         "kill -> OMA receipt over {rounds} kills ({detector} detector, one outbox fsync each):"
     );
     print_stats(&mut latencies);
+    println!("kill -> OMA commit (the fake OMA's fdatasync of the batch):");
+    print_stats(&mut commits);
     println!("outbox append (write + fdatasync) on the same filesystem, 200 appends:");
     print_stats(&mut fsync.clone());
+    // Give the last timing lines time to arrive from the pipe.
+    std::thread::sleep(Duration::from_millis(200));
+    timings.print_split(&kills);
     Ok(())
+}
+
+/// The watchdog's `death_timing` and `delivery_timing` lines (monotonic microseconds), by
+/// event id, to split each kill's latency into its steps.
+#[derive(Clone, Default)]
+struct Timings(Arc<Mutex<HashMap<String, serde_json::Value>>>);
+
+impl Timings {
+    fn add(&self, line: &str) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            return;
+        };
+        let key = match v["event"].as_str() {
+            Some("death_timing") => v["event_id"].as_str().map(|id| format!("death {id}")),
+            Some("delivery_timing") => v["first_event_id"]
+                .as_str()
+                .map(|id| format!("delivery {id}")),
+            _ => None,
+        };
+        if let Some(key) = key {
+            self.0.lock().unwrap().insert(key, v);
+        }
+    }
+
+    /// Prints p50/p99 of each step: kill to the daemon's report (detection and wake-up),
+    /// the outbox append (fsync), the registry write after it, the append to the delivery's
+    /// POST (wake-up), the POST to the OMA's receipt, and the POST to the recorded ack.
+    fn print_split(&self, kills: &[(String, u64, u64)]) {
+        let map = self.0.lock().unwrap();
+        let mut steps: Vec<(&str, Vec<Duration>)> = [
+            "kill -> report starts (detection)",
+            "report -> outbox append returns (fsync)",
+            "append -> registry written (after the append)",
+            "append -> delivery POST starts (wake-up)",
+            "POST -> OMA receipt",
+            "POST -> ack recorded (ack fsync)",
+        ]
+        .into_iter()
+        .map(|name| (name, Vec::new()))
+        .collect();
+        let mut reporters: HashMap<String, usize> = HashMap::new();
+        let us = |v: &serde_json::Value, k: &str| v[k].as_u64();
+        let gap = |a: u64, b: u64| Duration::from_micros(b.saturating_sub(a));
+        for (id, killed, received) in kills {
+            let (Some(d), Some(p)) = (
+                map.get(&format!("death {id}")),
+                map.get(&format!("delivery {id}")),
+            ) else {
+                continue;
+            };
+            let thread = d["thread"].as_str().unwrap_or("?");
+            let who = if thread.starts_with("reap-") {
+                "launcher reaper"
+            } else {
+                "detector"
+            };
+            *reporters.entry(who.to_owned()).or_default() += 1;
+            let (Some(r), Some(a), Some(g), Some(post), Some(ack)) = (
+                us(d, "received_us"),
+                us(d, "appended_us"),
+                us(d, "registry_us"),
+                us(p, "post_us"),
+                us(p, "acked_us"),
+            ) else {
+                continue;
+            };
+            for (i, (from, to)) in [
+                (*killed, r),
+                (r, a),
+                (a, g),
+                (a, post),
+                (post, *received),
+                (post, ack),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                steps[i].1.push(gap(from, to));
+            }
+        }
+        println!(
+            "split per kill ({} with timing lines; reported by {reporters:?}):",
+            steps[0].1.len()
+        );
+        for (name, mut samples) in steps {
+            if samples.is_empty() {
+                continue;
+            }
+            print!("{name:<48}");
+            print_stats(&mut samples);
+        }
+    }
 }
 
 /// Times `n` appends to a fresh outbox: the one durable write each death costs.

@@ -7,7 +7,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use api::{Detector as DetectorKind, ExitStatus, FoundBy, ProcessEventKind, ProcessIdentity};
 use chrono::Utc;
@@ -82,6 +83,7 @@ impl Daemon {
             unjobbed: Mutex::new(HashSet::new()),
             children: Mutex::new(HashMap::new()),
             reporting: Mutex::new(HashSet::new()),
+            claimed: Condvar::new(),
         }));
         let names = config.match_names.clone();
         let found = tokio::task::spawn_blocking(move || procfs::scan(&names))
@@ -143,6 +145,9 @@ struct Core {
     /// Deaths being reported right now. The launcher's reaper and the detector can report the
     /// same death at the same moment; the first to claim it reports it, the other drops it.
     reporting: Mutex<HashSet<ProcessIdentity>>,
+    /// Signalled whenever a death is claimed in `reporting` or its report is done, for a
+    /// launcher that waits for the detector's richer report ([`Core::await_report`]).
+    claimed: Condvar,
 }
 
 impl Core {
@@ -286,6 +291,7 @@ impl Core {
         exit: ExitStatus,
         detector: DetectorKind,
     ) {
+        let received_us = crate::clock::monotonic_us();
         let _ = self.detector.unwatch(p);
         let claimed = self
             .reporting
@@ -295,16 +301,37 @@ impl Core {
         if !claimed {
             return;
         }
-        self.report_claimed(p, exit, detector);
+        self.claimed.notify_all();
+        self.report_claimed(p, exit, detector, received_us);
         self.reporting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&p);
+        self.claimed.notify_all();
+    }
+
+    /// Waits at most `limit` until someone else (the detector) has claimed the death of `p`
+    /// or recorded it. Returns whether that happened.
+    pub(super) fn await_report(&self, p: ProcessIdentity, limit: Duration) -> bool {
+        let reporting = self.reporting.lock().unwrap_or_else(|e| e.into_inner());
+        let (_reporting, wait) = self
+            .claimed
+            .wait_timeout_while(reporting, limit, |claimed| {
+                !claimed.contains(&p) && self.registry.get(p).is_some()
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        !wait.timed_out()
     }
 
     /// [`Core::report_death`] once this caller alone reports `p`; when it returns, the
     /// registry no longer lists `p` as running (unless every write failed).
-    fn report_claimed(&self, p: ProcessIdentity, exit: ExitStatus, detector: DetectorKind) {
+    fn report_claimed(
+        &self,
+        p: ProcessIdentity,
+        exit: ExitStatus,
+        detector: DetectorKind,
+        received_us: u64,
+    ) {
         let (kind, name) = if detector == DetectorKind::Registry {
             (ProcessEventKind::DiedWhileUnwatched, "died_while_unwatched")
         } else {
@@ -325,7 +352,9 @@ impl Core {
             return;
         };
         // A death while unwatched carries an exit status with every field unknown.
-        let event_id = match self.record(kind, &entry.job_id, p, Some(exit), detector) {
+        let recorded = self.record(kind, &entry.job_id, p, Some(exit), detector);
+        let appended_us = crate::clock::monotonic_us();
+        let event_id = match recorded {
             Ok(ev) => Some(ev.event_id),
             Err(e) => {
                 tracing::error!(event = "outbox_error", error = %e, pid = p.pid, job_id = %entry.job_id,
@@ -344,6 +373,11 @@ impl Core {
         if let Err(e) = self.registry.record_exit(p, exit, detector) {
             tracing::error!(event = "registry_error", error = %e, pid = p.pid, "cannot record a death in the registry");
         }
+        // Where the time of a death goes, on the monotonic clock (for `bench_link`).
+        tracing::debug!(target: crate::clock::LATENCY_TARGET, event = "death_timing",
+            job_id = %entry.job_id, event_id = event_id.map(|id| id.to_string()),
+            thread = std::thread::current().name(), received_us, appended_us,
+            registry_us = crate::clock::monotonic_us(), "death recorded");
         self.reap(p);
     }
 

@@ -1,5 +1,6 @@
 //! `vma-watchdog`: sees every migratekit death on the VMA and reports it.
 
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod detector;

@@ -5,6 +5,7 @@
 //! thread (`spawn_blocking`) in async code.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use api::{ExitStatus, FoundBy, ProcessIdentity, VmaJobStatus};
 
@@ -122,11 +123,33 @@ impl Tracker {
     /// A child the caller started has exited with `exit` (from its own `waitid`): records the
     /// death with this exact status now, before the caller reaps it. The detector's own report
     /// of the same death is then recognised and dropped.
+    ///
+    /// With the eBPF detector, a SIGKILL is first left to the detector for up to
+    /// [`DETECTOR_GRACE`]: its report of the same death also says whether the OOM killer sent
+    /// the signal (`signal->oom_mm`), which `waitid` cannot tell, and it arrives within
+    /// milliseconds. Any other end is told as exactly by `waitid` as by the detector.
     pub fn child_exited(&self, process: ProcessIdentity, exit: ExitStatus) {
         let kind = self.0.detector.kind();
+        let may_be_oom = exit.signal == Some(libc::SIGKILL) && !exit.oom_killed;
+        if kind == api::Detector::Ebpf
+            && may_be_oom
+            && !self.0.await_report(process, DETECTOR_GRACE)
+        {
+            tracing::warn!(
+                event = "detector_report_missing",
+                pid = process.pid,
+                grace_ms = DETECTOR_GRACE.as_millis() as u64,
+                "the eBPF detector did not report a SIGKILLed child in time; reporting the launcher's status, which cannot tell an OOM kill"
+            );
+        }
         self.0.report_death(process, exit, kind);
     }
 }
+
+/// How long the launcher's reaper leaves a SIGKILL to the eBPF detector's report (which
+/// knows whether it was the OOM killer) before reporting its own status. Only a lost event
+/// (a full ring buffer) ever waits this long.
+pub const DETECTOR_GRACE: Duration = Duration::from_secs(1);
 
 /// Why a process could not be tracked.
 #[derive(Debug, thiserror::Error)]

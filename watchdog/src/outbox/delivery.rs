@@ -128,6 +128,8 @@ async fn attempt(
         vma_id: config.vma_id.clone(),
         events,
     };
+    let post_us = crate::clock::monotonic_us();
+    let first = sent.first().map(Uuid::to_string);
     let response = client
         .post(url)
         .bearer_auth(config.token.expose())
@@ -144,6 +146,9 @@ async fn attempt(
     let removed = tokio::task::spawn_blocking(move || outbox.acknowledge(&ids))
         .await
         .map_err(|_| AttemptError::Join)??;
+    tracing::debug!(target: crate::clock::LATENCY_TARGET, event = "delivery_timing",
+        first_event_id = first, events = sent.len(), post_us,
+        acked_us = crate::clock::monotonic_us(), "batch delivered");
     if removed == 0 {
         return Err(AttemptError::NothingAcknowledged(sent.len()));
     }

@@ -17,6 +17,10 @@ struct Shared {
     vma_id: String,
     received: Arc<Mutex<Vec<(ProcessEvent, Instant)>>>,
     batches: Arc<Mutex<usize>>,
+    /// When set, each batch is appended to this file and `fdatasync`ed before it is
+    /// acknowledged, as the real OMA commits its transaction, and the instant recorded.
+    commit_log: Option<Arc<Mutex<std::fs::File>>>,
+    committed: Arc<Mutex<Vec<(uuid::Uuid, Instant)>>>,
 }
 
 /// A running fake OMA.
@@ -44,6 +48,23 @@ async fn intake(
         .lock()
         .unwrap()
         .extend(batch.events.into_iter().map(|e| (e, now)));
+    if let Some(log) = s.commit_log.clone() {
+        let line = format!("{ids:?}\n");
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut f = log.lock().unwrap();
+            f.write_all(line.as_bytes())?;
+            f.sync_data()
+        })
+        .await
+        .unwrap()
+        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+        let done = Instant::now();
+        s.committed
+            .lock()
+            .unwrap()
+            .extend(ids.iter().map(|id| (*id, done)));
+    }
     Ok(Json(EventBatchAck {
         applied: ids.len() as u32,
         acknowledged: ids,
@@ -53,6 +74,27 @@ async fn intake(
 impl FakeOma {
     /// Serves on `addr` (`127.0.0.1:0` for any free port), expecting `token` from `vma_id`.
     pub async fn start(addr: SocketAddr, token: &str, vma_id: &str) -> Self {
+        Self::start_with(addr, token, vma_id, None).await
+    }
+
+    /// [`FakeOma::start`] that makes each batch durable in `commit_file` (one `fdatasync`,
+    /// the cost of the real OMA's commit) before acknowledging it; see [`FakeOma::committed_at`].
+    pub async fn start_durable(
+        addr: SocketAddr,
+        token: &str,
+        vma_id: &str,
+        commit_file: &std::path::Path,
+    ) -> Self {
+        let file = std::fs::File::create(commit_file).unwrap();
+        Self::start_with(addr, token, vma_id, Some(file)).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        token: &str,
+        vma_id: &str,
+        commit_log: Option<std::fs::File>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Shared {
@@ -60,6 +102,8 @@ impl FakeOma {
             vma_id: vma_id.to_owned(),
             received: Arc::default(),
             batches: Arc::default(),
+            commit_log: commit_log.map(|f| Arc::new(Mutex::new(f))),
+            committed: Arc::default(),
         };
         let app = axum::Router::new()
             .route("/api/v1/watchdog/events", axum::routing::post(intake))
@@ -84,6 +128,15 @@ impl FakeOma {
     /// Its base URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// When the event was made durable (only with [`FakeOma::start_durable`]).
+    pub fn committed_at(&self, event_id: uuid::Uuid) -> Option<Instant> {
+        let committed = self.shared.committed.lock().unwrap();
+        committed
+            .iter()
+            .find(|(id, _)| *id == event_id)
+            .map(|(_, at)| *at)
     }
 
     /// Every event received so far, with its arrival time, in order.
