@@ -130,6 +130,15 @@ impl Daemon {
         &self.log
     }
 
+    /// `e` with the end of this daemon's log appended, so a failure explains itself.
+    pub fn error_with_log(&self, label: &str, e: &HarnessError) -> HarnessError {
+        HarnessError::Status {
+            what: format!("{e}; {label} log tail"),
+            status: 0,
+            body: self.log_tail(30),
+        }
+    }
+
     /// The last `lines` lines of the log, for failure messages.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

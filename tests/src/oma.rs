@@ -143,11 +143,7 @@ impl Oma {
 
     /// Appends the end of the OMA's log to an error, so a failure explains itself.
     pub fn with_log(&self, e: &HarnessError) -> HarnessError {
-        HarnessError::Status {
-            what: format!("{e}; oma log tail"),
-            status: 0,
-            body: self.daemon.log_tail(30),
-        }
+        self.daemon.error_with_log("oma", e)
     }
 
     /// SIGKILL (a crash).

@@ -153,11 +153,7 @@ impl Watchdog {
         self.daemon.start()?;
         self.client
             .wait_healthy(Duration::from_secs(30))
-            .map_err(|e| HarnessError::Status {
-                what: format!("{e}; watchdog log tail"),
-                status: 0,
-                body: self.daemon.log_tail(30),
-            })
+            .map_err(|e| self.daemon.error_with_log("watchdog", &e))
     }
 
     /// SIGKILL (a crash).
