@@ -161,6 +161,30 @@ impl Oma {
         &mut self.daemon
     }
 
+    /// When the OMA logged that `job_id` became final: the line is written right after the
+    /// transaction committed, so this is the commit's time (wall clock, microseconds), where
+    /// the audit entry's own time (milliseconds) is taken inside the transaction, before it.
+    /// Waits up to a second for the line to reach the log file.
+    pub fn final_commit_logged_at(&self, job_id: &str) -> Option<std::time::SystemTime> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            let log = std::fs::read_to_string(self.daemon.log_path()).unwrap_or_default();
+            let found = log.lines().rev().find_map(|line| {
+                let v: Value = serde_json::from_str(line).ok()?;
+                let f = &v["fields"];
+                let to: JobStatus = serde_json::from_value(f["to"].clone()).ok()?;
+                let wanted =
+                    f["event"] == "job_transition" && f["job_id"] == job_id && to.is_final();
+                let at: chrono::DateTime<chrono::Utc> = v["timestamp"].as_str()?.parse().ok()?;
+                wanted.then(|| std::time::SystemTime::from(at))
+            });
+            if found.is_some() || std::time::Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The temporary directory (database, log, token files).
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()

@@ -153,11 +153,19 @@ impl System {
         crate::procs::kill_process(process, sig)?;
         let job = self.oma.wait_final(job_id, PATIENCE)?;
         let audit = self.oma.audit(job_id)?;
-        let latency = commit_latency(&audit, before).ok_or_else(|| HarnessError::Status {
-            what: format!("job {job_id} has no transition to a final state in its audit trail"),
-            status: 0,
-            body: format!("{audit:?}"),
-        })?;
+        // The commit's own log line when there is one (microseconds, after the commit);
+        // otherwise the audit entry's time (milliseconds, inside the transaction).
+        let logged = self
+            .oma
+            .final_commit_logged_at(job_id)
+            .map(|at| at.duration_since(before).unwrap_or_default());
+        let latency = logged
+            .or_else(|| commit_latency(&audit, before))
+            .ok_or_else(|| HarnessError::Status {
+                what: format!("job {job_id} has no transition to a final state in its audit trail"),
+                status: 0,
+                body: format!("{audit:?}"),
+            })?;
         Ok((job, latency, detect_latency(&audit, before)))
     }
 

@@ -196,17 +196,18 @@ impl Timings {
     }
 
     /// Prints p50/p99 of each step: kill to the daemon's report (detection and wake-up),
-    /// the outbox append (fsync), the registry write after it, the append to the delivery's
-    /// POST (wake-up), the POST to the OMA's receipt, and the POST to the recorded ack.
+    /// the registry's record in memory, the outbox append (fsync), the append to the
+    /// delivery's POST (wake-up), the POST to the OMA's receipt, and the POST to the recorded
+    /// ack (which writes the registry's file first).
     fn print_split(&self, kills: &[(String, u64, u64)]) {
         let map = self.0.lock().unwrap();
         let mut steps: Vec<(&str, Vec<Duration>)> = [
             "kill -> report starts (detection)",
-            "report -> outbox append returns (fsync)",
-            "append -> registry written (after the append)",
+            "report -> registry recorded (memory)",
+            "registry -> outbox append returns (fsync)",
             "append -> delivery POST starts (wake-up)",
             "POST -> OMA receipt",
-            "POST -> ack recorded (ack fsync)",
+            "POST -> ack recorded (registry + ack fsyncs)",
         ]
         .into_iter()
         .map(|name| (name, Vec::new()))
@@ -239,8 +240,8 @@ impl Timings {
             };
             for (i, (from, to)) in [
                 (*killed, r),
-                (r, a),
-                (a, g),
+                (r, g),
+                (g, a),
                 (a, post),
                 (post, *received),
                 (post, ack),

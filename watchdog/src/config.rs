@@ -52,6 +52,10 @@ pub struct Cli {
     /// How often the procfs detector scans /proc for new processes, in milliseconds.
     #[arg(long, default_value_t = 500, hide = true)]
     pub scan_interval_ms: u64,
+    /// How long after a death the registry's file is rewritten, in milliseconds (the death is
+    /// durable in the outbox at once; see docs/WATCHDOG.md). Longer values write bursts once.
+    #[arg(long, default_value_t = crate::registry::FLUSH_DELAY.as_millis() as u64, hide = true)]
+    pub registry_flush_ms: u64,
     /// Address of the REST API; repeatable. Default 127.0.0.1:8081, plus [::1]:8081 when the
     /// host has IPv6 loopback (migratekit posts to http://localhost:8081).
     #[arg(long)]
@@ -128,6 +132,8 @@ pub struct Config {
     pub detector: DetectorChoice,
     /// Scan interval of the procfs detector.
     pub scan_interval: Duration,
+    /// Delay of the registry's writer after a death.
+    pub registry_flush_delay: Duration,
     /// Addresses the API must listen on.
     pub listen: Vec<SocketAddr>,
     /// Addresses it listens on when it can ([::1] with the default address).
@@ -237,6 +243,7 @@ impl Config {
             log_format: cli.log_format,
             detector: cli.detector,
             scan_interval: Duration::from_millis(cli.scan_interval_ms),
+            registry_flush_delay: Duration::from_millis(cli.registry_flush_ms),
             listen,
             listen_if_available,
             api_token,

@@ -48,6 +48,11 @@ pub enum DaemonError {
     /// No detector could be started.
     #[error(transparent)]
     Detector(#[from] DetectorStartError),
+    /// The thread that writes the registry could not be started.
+    #[error(
+        "cannot start the registry's writer thread: {0}; check the process and memory limits of the watchdog's service"
+    )]
+    Flusher(#[source] std::io::Error),
     /// The initial scan of `/proc` failed.
     #[error("cannot scan /proc for running processes: {0}; the watchdog needs procfs at /proc")]
     Scan(#[source] std::io::Error),
@@ -71,6 +76,12 @@ impl Daemon {
             config.outbox_limits,
         )?);
         legacy::import_journal(&config.state_dir, &outbox);
+        // Deaths reach the registry's file a moment after they happen; the outbox forgets an
+        // acknowledged death only once the file holds it (see `crate::registry`).
+        registry
+            .spawn_flusher(config.registry_flush_delay)
+            .map_err(DaemonError::Flusher)?;
+        let _ = outbox.set_ack_barrier(Arc::clone(&registry) as _);
         // Opened before reconciliation, so a death found at start carries the last progress
         // too. Loading it reads one small file: fine to block the start for it.
         let progress = Arc::new(ProgressStore::open(&config.state_dir)?);
@@ -127,6 +138,12 @@ impl Daemon {
                 },
             }
         }
+        let registry = Arc::clone(&self.tracker.0.registry);
+        let flushed = tokio::task::spawn_blocking(move || registry.flush()).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::error!(event = "registry_error", error = %e,
+                "cannot write the registry at shutdown; deaths it misses are still in the outbox and recognised at the next start");
+        }
     }
 }
 
@@ -159,7 +176,18 @@ impl Core {
             if alive && self.watch(p) {
                 tracing::info!(event = "process_adopted", job_id = %entry.job_id, pid = p.pid,
                     start_time = p.start_time, "adopted a process that was running before this start");
-            } else if !alive {
+            } else if alive {
+                // `watch` found it a zombie and reported its death, or logged why it cannot
+                // watch it.
+            } else if let Some(queued) = self.outbox.pending_death(p) {
+                // Died before the last stop, which came before the registry's file caught up
+                // with the outbox: the death is queued for the OMA already, not news.
+                self.registry
+                    .record_exit(p, queued.exit.unwrap_or_default(), queued.detector);
+                tracing::info!(event = "death_already_queued", job_id = %entry.job_id, pid = p.pid,
+                    start_time = p.start_time, event_id = %queued.event_id,
+                    "a death recorded before this start is still queued for the OMA; not reported again");
+            } else {
                 self.report_death(p, ExitStatus::default(), DetectorKind::Registry);
             }
         }
@@ -280,11 +308,13 @@ impl Core {
         }
     }
 
-    /// Reports the death of `p` at most once: outbox first (durable), then log, then the
-    /// registry. Should the outbox refuse it (full, or a write error), the exit is still
-    /// recorded in the registry, where the OMA's recovery reads it from the job status; should
-    /// both fail, the process stays registered and the next start reports it as died while
-    /// unwatched instead of losing it.
+    /// Reports the death of `p` at most once: the registry in memory first (so that the job
+    /// status tells it at once, and the outbox cannot forget the event before the registry
+    /// has written it, see [`crate::registry`]), then the outbox (durable: the OMA is told
+    /// from there), then the log. Should the outbox refuse it (full, or a write error), the
+    /// exit stays recorded in the registry, where the OMA's recovery reads it from the job
+    /// status; should the registry's write fail too, the file keeps the process as running
+    /// and the next start reports it as died while unwatched instead of losing it.
     pub(super) fn report_death(
         &self,
         p: ProcessIdentity,
@@ -324,7 +354,7 @@ impl Core {
     }
 
     /// [`Core::report_death`] once this caller alone reports `p`; when it returns, the
-    /// registry no longer lists `p` as running (unless every write failed).
+    /// registry no longer lists `p` as running.
     fn report_claimed(
         &self,
         p: ProcessIdentity,
@@ -337,7 +367,7 @@ impl Core {
         } else {
             (ProcessEventKind::ProcessExited, "process_exited")
         };
-        let Some(entry) = self.registry.get(p) else {
+        let Some(entry) = self.registry.record_exit(p, exit, detector) else {
             let was_unjobbed = self
                 .unjobbed
                 .lock()
@@ -351,6 +381,7 @@ impl Core {
             }
             return;
         };
+        let registry_us = crate::clock::monotonic_us();
         // A death while unwatched carries an exit status with every field unknown.
         let recorded = self.record(kind, &entry.job_id, p, Some(exit), detector);
         let appended_us = crate::clock::monotonic_us();
@@ -370,14 +401,11 @@ impl Core {
             detector,
             event_id,
         );
-        if let Err(e) = self.registry.record_exit(p, exit, detector) {
-            tracing::error!(event = "registry_error", error = %e, pid = p.pid, "cannot record a death in the registry");
-        }
         // Where the time of a death goes, on the monotonic clock (for `bench_link`).
         tracing::debug!(target: crate::clock::LATENCY_TARGET, event = "death_timing",
             job_id = %entry.job_id, event_id = event_id.map(|id| id.to_string()),
-            thread = std::thread::current().name(), received_us, appended_us,
-            registry_us = crate::clock::monotonic_us(), "death recorded");
+            thread = std::thread::current().name(), received_us, registry_us, appended_us,
+            "death recorded");
         self.reap(p);
     }
 

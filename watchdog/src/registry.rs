@@ -5,12 +5,20 @@
 //! replaced atomically (temporary file, fsync, rename, fsync of the directory), so a crash
 //! leaves either the old or the new registry, never half of one. It holds job ids, pids, start
 //! times and dates only: nothing from a command line but the job id.
+//!
+//! A registration is on disk before [`Registry::register`] returns. A death is not: it changes
+//! memory at once and reaches the disk a moment later ([`Registry::spawn_flusher`]), or at the
+//! next [`Registry::flush`]. Writing the file costs two fsyncs and a rename (tens of
+//! milliseconds on a busy disk), and on the path of a death it would delay the OMA's commit
+//! of that death, which shares the disk on a one-box install. The death itself is already
+//! durable in the outbox; the daemon flushes the registry before the outbox forgets an
+//! acknowledged event, and at start it takes a death still queued in the outbox for recorded.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use api::{Detector, ExitStatus, FoundBy, JobProcessState, ProcessIdentity, VmaJobStatus};
 use chrono::{DateTime, Utc};
@@ -108,14 +116,39 @@ struct OnDisk {
 struct State {
     processes: BTreeMap<(u32, u64), Entry>,
     last_exits: BTreeMap<String, LastExit>,
+    /// Counts changes in memory; `written` is the count the file on disk holds.
+    generation: u64,
+    written: u64,
 }
 
-/// The registry, shared by the daemon and the REST API. Every change is on disk before the
-/// method that made it returns.
+impl State {
+    fn changed(&mut self) {
+        self.generation += 1;
+    }
+
+    fn dirty(&self) -> bool {
+        self.written != self.generation
+    }
+}
+
+/// The registry, shared by the daemon and the REST API. Registrations are on disk when
+/// [`Registry::register`] returns; deaths shortly after [`Registry::record_exit`] (see the
+/// module's documentation).
 #[derive(Debug)]
 pub struct Registry {
     dir: PathBuf,
     state: Mutex<State>,
+    /// Signalled on every change, for the flusher.
+    changed: Condvar,
+    /// Held while the file is written, so that writes happen one at a time, each with a
+    /// snapshot taken under it: a later write never carries older state.
+    writer: Mutex<()>,
+}
+
+/// What to undo in memory when a registration could not be written.
+enum Undo {
+    Remove,
+    Restore(Entry),
 }
 
 fn key(p: ProcessIdentity) -> (u32, u64) {
@@ -152,10 +185,14 @@ impl Registry {
                 .map(|e| (key(e.process), e))
                 .collect(),
             last_exits: disk.last_exits,
+            generation: 0,
+            written: 0,
         };
         Ok(Self {
             dir: state_dir.to_owned(),
             state: Mutex::new(state),
+            changed: Condvar::new(),
+            writer: Mutex::new(()),
         })
     }
 
@@ -170,83 +207,119 @@ impl Registry {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a running process of `job_id`. Returns `false` when the process was already
-    /// registered, or has already died as this job's process: that changes nothing, except that an explicit registration (`Started`,
-    /// `Tracked`) overrides what a scan or exec event recorded first (the detector often sees
-    /// a process the watchdog started before the starter gets to register it).
+    /// Records a running process of `job_id`, on disk before returning. Returns `false` when
+    /// the process was already registered, or has already died as this job's process: that
+    /// changes nothing, except that an explicit registration (`Started`, `Tracked`) overrides
+    /// what a scan or exec event recorded first (the detector often sees a process the
+    /// watchdog started before the starter gets to register it).
     pub fn register(
         &self,
         process: ProcessIdentity,
         job_id: &str,
         found_by: FoundBy,
     ) -> Result<bool, RegistryError> {
-        let mut state = self.lock();
-        if let Some(existing) = state.processes.get_mut(&key(process)) {
-            let explicit = |f: FoundBy| matches!(f, FoundBy::Started | FoundBy::Tracked);
-            if explicit(found_by) && !explicit(existing.found_by) {
+        let explicit = |f: FoundBy| matches!(f, FoundBy::Started | FoundBy::Tracked);
+        let undo = {
+            let mut state = self.lock();
+            if let Some(existing) = state.processes.get_mut(&key(process)) {
+                if !explicit(found_by) || explicit(existing.found_by) {
+                    return Ok(false);
+                }
                 let before = existing.clone();
                 existing.found_by = found_by;
                 existing.job_id = job_id.to_owned();
-                if let Err(e) = self.save(&state) {
-                    state.processes.insert(key(process), before);
-                    return Err(e);
+                Undo::Restore(before)
+            } else if state
+                .last_exits
+                .get(job_id)
+                .is_some_and(|x| x.process == process)
+            {
+                // Its death has been recorded already: registering it again would report it
+                // twice.
+                return Ok(false);
+            } else {
+                let entry = Entry {
+                    process,
+                    job_id: job_id.to_owned(),
+                    first_seen: Utc::now(),
+                    found_by,
+                };
+                state.processes.insert(key(process), entry);
+                Undo::Remove
+            }
+        };
+        self.lock().changed();
+        self.changed.notify_all();
+        if let Err(e) = self.flush() {
+            // Memory never claims a registration the disk does not hold. Should the process
+            // have died meanwhile, its recorded death stays.
+            let mut state = self.lock();
+            match undo {
+                Undo::Remove => {
+                    state.processes.remove(&key(process));
+                }
+                Undo::Restore(before) => {
+                    if let Some(entry) = state.processes.get_mut(&key(process)) {
+                        *entry = before;
+                    }
                 }
             }
-            return Ok(false);
-        }
-        // Its death has been recorded already: registering it again would report it twice.
-        if state
-            .last_exits
-            .get(job_id)
-            .is_some_and(|x| x.process == process)
-        {
-            return Ok(false);
-        }
-        let entry = Entry {
-            process,
-            job_id: job_id.to_owned(),
-            first_seen: Utc::now(),
-            found_by,
-        };
-        state.processes.insert(key(process), entry);
-        if let Err(e) = self.save(&state) {
-            state.processes.remove(&key(process));
+            state.changed();
             return Err(e);
         }
-        Ok(true)
+        Ok(matches!(undo, Undo::Remove))
     }
 
-    /// Records that `process` ended and forgets it as running. Returns its entry, or `None`
-    /// (changing nothing) when it was not registered, so a death is reported at most once.
+    /// Records that `process` ended and forgets it as running, in memory at once; the file
+    /// follows (see the module's documentation). Returns its entry, or `None` (changing
+    /// nothing) when it was not registered, so a death is recorded at most once.
     pub fn record_exit(
         &self,
         process: ProcessIdentity,
         exit: ExitStatus,
         detector: Detector,
-    ) -> Result<Option<Entry>, RegistryError> {
+    ) -> Option<Entry> {
         let mut state = self.lock();
-        let Some(entry) = state.processes.remove(&key(process)) else {
-            return Ok(None);
-        };
+        let entry = state.processes.remove(&key(process))?;
         let last = LastExit {
             process,
             exit,
             exited_at: Utc::now(),
             detector,
         };
-        let previous = state.last_exits.insert(entry.job_id.clone(), last);
-        let pruned = prune(&mut state.last_exits);
-        if let Err(e) = self.save(&state) {
-            state.last_exits.extend(pruned);
-            // Put everything back so memory never claims what the disk does not hold.
-            match previous {
-                Some(p) => state.last_exits.insert(entry.job_id.clone(), p),
-                None => state.last_exits.remove(&entry.job_id),
-            };
-            state.processes.insert(key(process), entry);
-            return Err(e);
-        }
-        Ok(Some(entry))
+        state.last_exits.insert(entry.job_id.clone(), last);
+        prune(&mut state.last_exits);
+        state.changed();
+        drop(state);
+        self.changed.notify_all();
+        Some(entry)
+    }
+
+    /// Writes every change made so far to disk (nothing when there is none), and returns once
+    /// it is durable.
+    pub fn flush(&self) -> Result<(), RegistryError> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let (generation, bytes) = {
+            let state = self.lock();
+            if !state.dirty() {
+                return Ok(());
+            }
+            (state.generation, encode(&state))
+        };
+        bytes
+            .and_then(|bytes| disk::replace(&self.dir, &bytes))
+            .map_err(|source| RegistryError::Write {
+                path: self.path(),
+                source,
+            })?;
+        let mut state = self.lock();
+        state.written = state.written.max(generation);
+        Ok(())
+    }
+
+    /// Whether changes are waiting to be written.
+    pub fn is_dirty(&self) -> bool {
+        self.lock().dirty()
     }
 
     /// The registered process with this identity, if any.
@@ -287,30 +360,6 @@ impl Registry {
             .filter_map(|id| status_of(&state, id))
             .collect()
     }
-
-    /// Writes the whole registry to a temporary file, syncs it, renames it over the old one
-    /// and syncs the directory, so the rename itself survives a power cut.
-    fn save(&self, state: &State) -> Result<(), RegistryError> {
-        let path = self.path();
-        let disk = OnDisk {
-            version: FORMAT_VERSION,
-            processes: state.processes.values().cloned().collect(),
-            last_exits: state.last_exits.clone(),
-        };
-        let write = || -> io::Result<()> {
-            let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
-            let mut f = fs::File::create(&tmp)?;
-            serde_json::to_writer_pretty(&mut f, &disk).map_err(io::Error::other)?;
-            f.write_all(b"\n")?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            fs::File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(|source| RegistryError::Write {
-            path: path.clone(),
-            source,
-        })
-    }
 }
 
 /// Removes the oldest last exits beyond [`MAX_LAST_EXITS`] and returns them.
@@ -328,6 +377,24 @@ fn prune(exits: &mut BTreeMap<String, LastExit>) -> Vec<(String, LastExit)> {
     old.into_iter()
         .filter_map(|k| exits.remove_entry(&k))
         .collect()
+}
+
+/// The registry as its file holds it: pretty JSON, so an operator can read it.
+fn encode(state: &State) -> io::Result<Vec<u8>> {
+    #[derive(Serialize)]
+    struct Borrowed<'a> {
+        version: u32,
+        processes: Vec<&'a Entry>,
+        last_exits: &'a BTreeMap<String, LastExit>,
+    }
+    let disk = Borrowed {
+        version: FORMAT_VERSION,
+        processes: state.processes.values().collect(),
+        last_exits: &state.last_exits,
+    };
+    let mut bytes = serde_json::to_vec_pretty(&disk).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    Ok(bytes)
 }
 
 fn status_of(state: &State, job_id: &str) -> Option<VmaJobStatus> {
@@ -355,6 +422,10 @@ fn status_of(state: &State, job_id: &str) -> Option<VmaJobStatus> {
         state,
     })
 }
+
+mod disk;
+
+pub use disk::FLUSH_DELAY;
 
 #[cfg(test)]
 mod tests;

@@ -245,6 +245,55 @@ fn job_from_environment(detector: &str) {
     assert_secret_absent(&secret, &state, &[&log]);
 }
 
+/// The watchdog is SIGKILLed after reporting a death but before its registry's file caught up
+/// (held back with a long flush delay): the file still lists the process as running, yet the
+/// next start finds the death queued in the outbox and does not report it a second time.
+fn crash_before_the_registry_is_written(detector: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let secret = secret();
+    let slow = ["--listen", "127.0.0.1:0", "--registry-flush-ms", "600000"];
+    let w = Watchdog::start_with(&state, detector, &slow, &[]);
+    let s = Standin::start(dir.path(), "job-crash", &secret, &[]);
+    w.wait_event("process_started", s.pid);
+    let pid = s.pid;
+    s.kill(libc::SIGKILL);
+    let exited = w.wait_event("process_exited", pid);
+    s.reap();
+    let log1 = w.kill9();
+    let on_disk = Registry::open(&state).unwrap();
+    assert!(
+        on_disk.running().iter().any(|e| e.process.pid == pid),
+        "the registry's file should still list the dead process: {:?}",
+        on_disk.running()
+    );
+    drop(on_disk);
+
+    let w = Watchdog::start(&state, detector);
+    let queued = w.wait_event("death_already_queued", pid);
+    assert_eq!(queued["event_id"], exited["event_id"]);
+    let log2 = w.stop();
+    let kinds: Vec<_> = journal_for(&state, pid).iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            ProcessEventKind::ProcessStarted,
+            ProcessEventKind::ProcessExited
+        ],
+        "reported exactly once"
+    );
+    // The clean stop wrote the file: a third start has nothing to say about the process.
+    let on_disk = Registry::open(&state).unwrap();
+    assert!(on_disk.running().is_empty());
+    let recorded = on_disk.exit_of(ProcessIdentity {
+        pid,
+        start_time: exited["start_time"].as_u64().unwrap(),
+    });
+    assert_eq!(recorded.and_then(|x| x.exit.signal), Some(9));
+    assert!(!log2.contains("died_while_unwatched"), "{log2}");
+    assert_secret_absent(&secret, &state, &[&log1, &log2]);
+}
+
 macro_rules! both_detectors {
     ($($case:ident),* $(,)?) => {
         mod procfs {
@@ -266,4 +315,10 @@ macro_rules! both_detectors {
     };
 }
 
-both_detectors!(started_before, downtime, pid_reuse, job_from_environment);
+both_detectors!(
+    started_before,
+    downtime,
+    pid_reuse,
+    job_from_environment,
+    crash_before_the_registry_is_written
+);

@@ -1,5 +1,6 @@
 //! Kill-to-commit benchmark: SIGKILL a running migratekit, time until the OMA has committed
-//! the job's transition to `failed` (the audit entry's timestamp, millisecond resolution).
+//! the job's transition to `failed` (the time of the OMA's log line written right after the
+//! commit, microsecond resolution, same clock as the kill).
 
 use std::fmt;
 use std::time::Duration;
@@ -31,9 +32,8 @@ impl fmt::Display for BenchFigures {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "kill-to-commit over {} SIGKILLs (detector {}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
-             (OMA timestamps have 1 ms resolution); of which kill to the watchdog's observation: \
-             p50 {:.2} ms, p99 {:.2} ms",
+            "kill-to-commit over {} SIGKILLs (detector {}): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
+             of which kill to the watchdog's observation: p50 {:.2} ms, p99 {:.2} ms",
             self.kills,
             self.detector,
             self.p50_ms,

@@ -18,6 +18,24 @@ pub use store::{Outbox, read_pending};
 /// daemon's journal: each event is written (fsynced) there once, and nowhere else.
 pub const DIR_NAME: &str = "outbox";
 
+/// What else must be durable before the outbox forgets events the OMA has acknowledged.
+///
+/// The daemon's registry records each death in memory and writes it a moment later, while
+/// the outbox already holds the event on disk. At start the daemon takes a death still queued
+/// in the outbox for recorded; so the outbox may forget an event only once the registry has
+/// written what it knows, or a crash in between would report that death twice.
+pub trait AckBarrier: Send + Sync + std::fmt::Debug {
+    /// Makes the other records durable; an error keeps the events queued (they are sent
+    /// again, and the OMA acknowledges them again without applying them twice).
+    fn before_forgetting(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+}
+
+impl AckBarrier for crate::registry::Registry {
+    fn before_forgetting(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.flush()?)
+    }
+}
+
 /// Bounds of the outbox on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutboxLimits {
@@ -98,6 +116,11 @@ pub enum OutboxError {
         /// Bound on bytes.
         max_bytes: u64,
     },
+    /// What must be durable before acknowledged events are forgotten could not be written.
+    #[error(
+        "acknowledged events are kept in the outbox (and will be sent again) because the records they depend on could not be written first: {0}"
+    )]
+    Barrier(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// An event could not be encoded as JSON.
     #[error("cannot encode event {event_id} for the outbox: {source}")]
     Encode {

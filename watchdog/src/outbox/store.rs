@@ -14,7 +14,7 @@ use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use api::ProcessEvent;
 use chrono::{DateTime, Utc};
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::disk;
-use super::{OutboxError, OutboxLimits, OutboxStats};
+use super::{AckBarrier, OutboxError, OutboxLimits, OutboxStats};
 
 const EVENTS_FILE: &str = "events.jsonl";
 const ACKS_FILE: &str = "acks.jsonl";
@@ -66,6 +66,8 @@ pub struct Outbox {
     limits: OutboxLimits,
     inner: Mutex<Inner>,
     notify: tokio::sync::Notify,
+    /// Made durable before acknowledged events are forgotten, see [`AckBarrier`].
+    barrier: OnceLock<Arc<dyn AckBarrier>>,
 }
 
 impl Outbox {
@@ -126,6 +128,7 @@ impl Outbox {
                 warned_filling: false,
             }),
             notify: tokio::sync::Notify::new(),
+            barrier: OnceLock::new(),
         };
         // A restart with a backlog says so at once, not at the next append.
         outbox.check_filling(&mut outbox.lock());
@@ -206,9 +209,30 @@ impl Outbox {
             .collect()
     }
 
+    /// Sets what must be durable before acknowledged events are forgotten (once; a second
+    /// barrier is refused and handed back).
+    pub fn set_ack_barrier(&self, barrier: Arc<dyn AckBarrier>) -> Result<(), Arc<dyn AckBarrier>> {
+        self.barrier.set(barrier)
+    }
+
+    /// The queued death (`process_exited` or `died_while_unwatched`) of `process`, if any.
+    pub fn pending_death(&self, process: api::ProcessIdentity) -> Option<ProcessEvent> {
+        let inner = self.lock();
+        inner
+            .pending
+            .iter()
+            .map(|p| &p.stored.event)
+            .find(|e| e.process == process && e.kind != api::ProcessEventKind::ProcessStarted)
+            .cloned()
+    }
+
     /// Removes exactly the pending events whose ids are in `ids` (ids not pending are
     /// ignored), durably. Returns how many were removed.
     pub fn acknowledge(&self, ids: &[Uuid]) -> Result<usize, OutboxError> {
+        // Outside the lock: appends (deaths) must not wait for the barrier's writes.
+        if let Some(barrier) = self.barrier.get() {
+            barrier.before_forgetting().map_err(OutboxError::Barrier)?;
+        }
         let mut inner = self.lock();
         let ids: HashSet<Uuid> = ids.iter().copied().collect();
         let present: Vec<Uuid> = inner

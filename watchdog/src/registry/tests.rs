@@ -26,14 +26,15 @@ fn registrations_and_exits_survive_a_reload() {
     assert!(r.register(p(11, 110), "job-b", FoundBy::Started).unwrap());
     let exit = ExitStatus::from_wait_status(9, false);
     assert!(r.exit_of(p(11, 110)).is_none());
-    let gone = r.record_exit(p(11, 110), exit, Detector::Procfs).unwrap();
+    let gone = r.record_exit(p(11, 110), exit, Detector::Procfs);
     assert_eq!(r.exit_of(p(11, 110)).map(|x| x.exit), Some(exit));
     assert_eq!(gone.map(|e| e.job_id).as_deref(), Some("job-b"));
     assert_eq!(
-        r.record_exit(p(11, 110), exit, Detector::Procfs).unwrap(),
+        r.record_exit(p(11, 110), exit, Detector::Procfs),
         None,
         "once"
     );
+    r.flush().unwrap();
     drop(r);
 
     let r = Registry::open(dir.path()).unwrap();
@@ -75,8 +76,7 @@ fn the_same_pid_with_another_start_time_is_another_process() {
     assert_eq!(r.get(p(10, 100)).unwrap().job_id, "old");
     assert_eq!(r.get(p(10, 200)).unwrap().job_id, "new");
     assert_eq!(
-        r.record_exit(p(10, 300), ExitStatus::default(), Detector::Procfs)
-            .unwrap(),
+        r.record_exit(p(10, 300), ExitStatus::default(), Detector::Procfs),
         None
     );
 }
@@ -86,8 +86,7 @@ fn a_running_process_wins_over_an_older_exit_of_the_same_job() {
     let dir = tempfile::tempdir().unwrap();
     let r = Registry::open(dir.path()).unwrap();
     r.register(p(1, 1), "job", FoundBy::Scan).unwrap();
-    r.record_exit(p(1, 1), ExitStatus::default(), Detector::Registry)
-        .unwrap();
+    r.record_exit(p(1, 1), ExitStatus::default(), Detector::Registry);
     r.register(p(2, 2), "job", FoundBy::Started).unwrap();
     assert!(matches!(
         r.job_status("job").unwrap().state,
@@ -115,7 +114,7 @@ fn a_leftover_temporary_file_from_a_crash_is_ignored() {
 }
 
 #[test]
-fn a_failed_save_changes_nothing_in_memory() {
+fn a_failed_registration_changes_nothing_in_memory_and_a_failed_flush_keeps_the_death() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     fs::create_dir(&state).unwrap();
@@ -125,19 +124,83 @@ fn a_failed_save_changes_nothing_in_memory() {
     let err = r.register(p(11, 110), "job-b", FoundBy::Scan).unwrap_err();
     assert!(matches!(err, RegistryError::Write { .. }), "{err}");
     assert_eq!(r.running().len(), 1);
-    let err = r
-        .record_exit(p(10, 100), ExitStatus::default(), Detector::Procfs)
-        .unwrap_err();
+    assert_eq!(r.job_status("job-b"), None);
+
+    // A death is recorded in memory whatever the disk does; the write fails and says why,
+    // and the change waits for the next flush.
+    assert!(
+        r.record_exit(p(10, 100), ExitStatus::default(), Detector::Procfs)
+            .is_some()
+    );
+    let err = r.flush().unwrap_err();
     assert!(
         err.to_string()
-            .contains("cannot write the process registry")
+            .contains("cannot write the process registry"),
+        "{err}"
     );
-    assert_eq!(r.running().len(), 1);
+    assert!(r.is_dirty());
+    assert!(r.running().is_empty());
+    fs::create_dir(&state).unwrap();
+    r.flush().unwrap();
+    assert!(!r.is_dirty());
+    let reloaded = Registry::open(&state).unwrap();
+    assert!(reloaded.running().is_empty());
+    assert!(reloaded.exit_of(p(10, 100)).is_some());
+}
+
+#[test]
+fn a_death_reaches_the_file_at_the_next_flush_not_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Registry::open(dir.path()).unwrap();
+    r.register(p(10, 100), "job", FoundBy::Started).unwrap();
+    assert!(!r.is_dirty(), "a registration is written before it returns");
+    r.record_exit(
+        p(10, 100),
+        ExitStatus::from_wait_status(9, false),
+        Detector::Ebpf,
+    );
+    assert!(r.is_dirty());
+    assert_eq!(Registry::open(dir.path()).unwrap().running().len(), 1);
+    r.flush().unwrap();
+    let reloaded = Registry::open(dir.path()).unwrap();
+    assert!(reloaded.running().is_empty());
     assert_eq!(
-        r.job_status("job-a")
-            .map(|s| matches!(s.state, JobProcessState::Running { .. })),
-        Some(true)
+        reloaded.exit_of(p(10, 100)).map(|x| x.exit.signal),
+        Some(Some(9))
     );
+    // Nothing to write: the file is left alone.
+    let before = fs::metadata(r.path()).unwrap().modified().unwrap();
+    r.flush().unwrap();
+    assert_eq!(fs::metadata(r.path()).unwrap().modified().unwrap(), before);
+}
+
+#[test]
+fn the_flusher_writes_deaths_on_its_own_and_ends_with_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = std::sync::Arc::new(Registry::open(dir.path()).unwrap());
+    let flusher = r
+        .spawn_flusher(std::time::Duration::from_millis(5))
+        .unwrap();
+    for i in 0..20 {
+        r.register(p(i, 1), &format!("job-{i}"), FoundBy::Scan)
+            .unwrap();
+    }
+    for i in 0..20 {
+        r.record_exit(p(i, 1), ExitStatus::default(), Detector::Procfs);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while r.is_dirty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flusher never wrote"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let reloaded = Registry::open(dir.path()).unwrap();
+    assert!(reloaded.running().is_empty());
+    assert_eq!(reloaded.jobs().len(), 20);
+    drop(r);
+    flusher.join().unwrap();
 }
 
 #[test]
@@ -206,8 +269,7 @@ fn a_process_whose_death_is_recorded_is_not_registered_again() {
     let dir = tempfile::tempdir().unwrap();
     let r = Registry::open(dir.path()).unwrap();
     r.register(p(10, 100), "job", FoundBy::Exec).unwrap();
-    r.record_exit(p(10, 100), ExitStatus::default(), Detector::Procfs)
-        .unwrap();
+    r.record_exit(p(10, 100), ExitStatus::default(), Detector::Procfs);
     assert!(!r.register(p(10, 100), "job", FoundBy::Started).unwrap());
     assert!(r.running().is_empty());
 }
