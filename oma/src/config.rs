@@ -68,6 +68,12 @@ pub struct ServerArgs {
     /// Log format: `text` or `json`.
     #[arg(long, env = "OMA_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// CPU priority (nice value, -20 to 19). The default puts the OMA above the bulk
+    /// replication work that shares its host, so that a death is committed at once; raising
+    /// it needs root or CAP_SYS_NICE (otherwise a warning, and the OMA runs at normal priority).
+    #[arg(long, env = "OMA_NICE", default_value_t = -10, allow_hyphen_values = true,
+        value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub nice: i32,
 }
 
 impl std::fmt::Debug for ServerArgs {
@@ -78,6 +84,7 @@ impl std::fmt::Debug for ServerArgs {
             .field("database", &crate::server::redact_url(&self.database))
             .field("operator_tokens", &self.operator_tokens.len())
             .field("log_format", &self.log_format)
+            .field("nice", &self.nice)
             .finish_non_exhaustive()
     }
 }

@@ -28,6 +28,10 @@ use store::Store;
 /// Largest request body accepted (1 MiB: a batch of a thousand events fits easily).
 pub const BODY_LIMIT: usize = 1024 * 1024;
 
+/// The log target of the timing lines of event intake (`RUST_LOG=info,oma::latency=debug`),
+/// which the kill-to-commit benchmark reads to split its figures.
+pub const LATENCY_TARGET: &str = "oma::latency";
+
 /// What every handler shares.
 #[derive(Debug, Clone)]
 pub struct AppState {

@@ -5,16 +5,36 @@ use clap::Parser;
 use oma::config::ServerArgs;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = ServerArgs::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only on a terminal: escape codes in a log file or the journal are noise.
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if args.log_format == "json" {
         logs.json().init();
     } else {
         logs.init();
     }
+    // Before the runtime starts its threads, so that they all inherit it. A death's commit is
+    // a chain of short steps on several threads (HTTP, the database's worker, the fsync); at
+    // normal priority each may wait behind bulk work for its turn on a busy host.
+    // SAFETY: a plain system call; `0` names the calling thread.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, args.nice) } == 0 {
+        tracing::info!(nice = args.nice, "CPU priority set");
+    } else {
+        tracing::warn!(nice = args.nice, error = %std::io::Error::last_os_error(),
+            "cannot set the OMA's CPU priority; deaths may be committed late on a busy host; run with CAP_SYS_NICE (systemd: Nice=) or pass --nice 0");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(serve(args))
+}
+
+async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     let settings = args.settings()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

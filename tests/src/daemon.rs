@@ -17,6 +17,7 @@ pub struct Daemon {
     args: Vec<OsString>,
     netns: Option<String>,
     log: PathBuf,
+    envs: Vec<(OsString, OsString)>,
     child: Option<Child>,
 }
 
@@ -39,8 +40,15 @@ impl Daemon {
             args,
             netns,
             log: log.into(),
+            envs: Vec::new(),
             child: None,
         }
+    }
+
+    /// Sets an environment variable for every start of the process.
+    pub fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
     }
 
     /// Starts the process (appending to its log file, so restarts keep the earlier output).
@@ -68,6 +76,7 @@ impl Daemon {
         };
         command
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err);

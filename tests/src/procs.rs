@@ -32,6 +32,20 @@ pub fn start_time(pid: u32) -> Option<u64> {
     after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The nice value of each of the process's threads (field 19 of `/proc/<pid>/task/*/stat`).
+pub fn thread_nices(pid: u32) -> Vec<i64> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+        .filter_map(|stat| {
+            let after_name = &stat[stat.rfind(')')? + 1..];
+            after_name.split_whitespace().nth(16)?.parse().ok()
+        })
+        .collect()
+}
+
 /// The process's name (`comm`).
 pub fn comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))

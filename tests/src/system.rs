@@ -151,7 +151,11 @@ impl System {
     ) -> Result<(Job, Duration, Option<Duration>)> {
         let before = SystemTime::now();
         crate::procs::kill_process(process, sig)?;
-        let job = self.oma.wait_final(job_id, PATIENCE)?;
+        let job = self
+            .oma
+            .wait_job_every(job_id, PATIENCE, Duration::from_millis(50), |j| {
+                j.status.is_final()
+            })?;
         let audit = self.oma.audit(job_id)?;
         // The commit's own log line when there is one (microseconds, after the commit);
         // otherwise the audit entry's time (milliseconds, inside the transaction).

@@ -132,7 +132,9 @@ impl Watchdog {
             args,
             config.netns.clone(),
             dir.path().join("watchdog.log"),
-        );
+        )
+        // The timing lines of each death, for the kill-to-commit benchmark's split.
+        .with_env("RUST_LOG", "info,vma_watchdog::latency=debug");
         let url = format!("http://{}:{port}", config.advertised_ip);
         let client = JsonClient::new(http, url.clone(), Some(config.api_token.clone()));
         let mut w = Self {
@@ -169,6 +171,11 @@ impl Watchdog {
     /// The daemon (pid, log).
     pub fn daemon(&mut self) -> &mut Daemon {
         &mut self.daemon
+    }
+
+    /// The watchdog's log file.
+    pub fn log_path(&self) -> &Path {
+        self.daemon.log_path()
     }
 
     /// The temporary directory (state, logs, wrapper).

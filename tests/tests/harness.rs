@@ -16,6 +16,21 @@ fn oma_keeps_its_jobs_across_sigkill_and_restart() {
     // it is still there, with its audit trail, after a crash and restart.
     oma.register_vma("vma-x", "http://127.0.0.1:9", "0123456789abcdef0123")
         .unwrap();
+    // Every thread of the OMA runs above normal priority when it may raise it (root here);
+    // otherwise it says so and runs at normal priority.
+    let nices = procs::thread_nices(oma.daemon().pid().unwrap());
+    let expected = if system_tests::is_root() { -10 } else { 0 };
+    assert!(
+        !nices.is_empty() && nices.iter().all(|&n| n == expected),
+        "{nices:?}"
+    );
+    if !system_tests::is_root() {
+        assert!(
+            oma.daemon()
+                .log()
+                .contains("cannot set the OMA's CPU priority")
+        );
+    }
     let created = oma.create_job("j1", "ctx-1", "vma-x").unwrap();
     assert!(created.status.is_active(), "{created:?}");
     oma.sigkill().unwrap();

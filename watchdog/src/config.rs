@@ -106,6 +106,13 @@ pub struct Cli {
     /// Never start migratekit in a transient systemd scope, even when systemd runs.
     #[arg(long)]
     pub launch_no_systemd: bool,
+    /// The watchdog's CPU priority (nice value, -20 to 19). The default puts it above the
+    /// migratekit processes it watches, so that a death is reported at once on busy cores.
+    #[arg(long, env = "VMA_WATCHDOG_NICE", default_value_t = crate::priority::DEFAULT_NICE, allow_hyphen_values = true)]
+    pub nice: i32,
+    /// The nice value migratekit processes are started with.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub launch_nice: i32,
 }
 
 /// Where and how deaths are delivered to the OMA.
@@ -134,6 +141,8 @@ pub struct Config {
     pub scan_interval: Duration,
     /// Delay of the registry's writer after a death.
     pub registry_flush_delay: Duration,
+    /// The watchdog's nice value.
+    pub nice: i32,
     /// Addresses the API must listen on.
     pub listen: Vec<SocketAddr>,
     /// Addresses it listens on when it can ([::1] with the default address).
@@ -235,8 +244,11 @@ impl Config {
             args: &cli.launch_args,
             log_dir: cli.launch_log_dir.as_deref(),
             no_systemd: cli.launch_no_systemd,
+            nice: crate::priority::check("--launch-nice", cli.launch_nice)
+                .map_err(anyhow::Error::msg)?,
             match_names: &match_names,
         })?;
+        let nice = crate::priority::check("--nice", cli.nice).map_err(anyhow::Error::msg)?;
         Ok(Self {
             state_dir,
             match_names,
@@ -244,6 +256,7 @@ impl Config {
             detector: cli.detector,
             scan_interval: Duration::from_millis(cli.scan_interval_ms),
             registry_flush_delay: Duration::from_millis(cli.registry_flush_ms),
+            nice,
             listen,
             listen_if_available,
             api_token,

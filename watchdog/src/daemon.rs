@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use api::{Detector as DetectorKind, ExitStatus, FoundBy, ProcessEventKind, ProcessIdentity};
 use chrono::Utc;
+use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -210,16 +211,29 @@ impl Core {
                     self.adopt_new(found, FoundBy::Exec);
                 }
             }
-            DetectorEvent::Exited { process, exit, .. } => {
+            DetectorEvent::Exited {
+                process,
+                exit,
+                ktime_ns,
+                ..
+            } => {
+                // When the kernel saw the death and when this loop did (for `bench_link` and
+                // the kill-test benchmark's split).
+                tracing::debug!(target: crate::clock::LATENCY_TARGET, event = "exit_timing",
+                    pid = process.pid, start_time = process.start_time,
+                    kernel_us = ktime_ns.map(|ns| ns / 1_000),
+                    seen_us = crate::clock::monotonic_us(), "death seen");
                 let kind = self.detector.kind();
-                // Reporting fsyncs (outbox, registry): on a blocking thread, so the runtime's
-                // workers stay free for the delivery that the append has just woken. Awaited
+                // Reporting blocks on the outbox's fsync. On a multi-threaded runtime it runs
+                // right here (tokio hands this worker's other tasks, such as the delivery the
+                // append wakes, to the other workers), which spares every death a switch to
+                // the blocking pool's thread; elsewhere, on that pool. Either way it completes
                 // before the next event, so events are still handled in order.
                 let core = Arc::clone(self);
-                let reported = tokio::task::spawn_blocking(move || {
-                    core.report_death(process, exit, kind);
-                });
-                if let Err(e) = reported.await {
+                let report = move || core.report_death(process, exit, kind);
+                if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
+                    tokio::task::block_in_place(report);
+                } else if let Err(e) = tokio::task::spawn_blocking(report).await {
                     tracing::error!(event = "report_error", error = %e, pid = process.pid, "reporting a death failed");
                 }
             }

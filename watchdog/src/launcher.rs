@@ -53,6 +53,9 @@ pub struct LauncherConfig {
     pub match_names: Vec<String>,
     /// Whether to use `systemd-run --scope` when systemd runs.
     pub systemd: SystemdMode,
+    /// The nice value migratekit runs with (0, normal, by default), whatever the watchdog's
+    /// own (see [`crate::priority`]).
+    pub nice: i32,
 }
 
 impl LauncherConfig {
@@ -67,6 +70,7 @@ impl LauncherConfig {
             log_dir: None,
             match_names: vec!["migratekit".to_owned()],
             systemd: SystemdMode::Auto,
+            nice: 0,
         }
     }
 }

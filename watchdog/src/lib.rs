@@ -8,6 +8,7 @@ pub mod http;
 pub mod launcher;
 pub mod logging;
 pub mod outbox;
+pub mod priority;
 pub mod procfs;
 pub mod progress;
 pub mod registry;

@@ -33,8 +33,10 @@ pub struct LoggingError(#[source] Box<dyn std::error::Error + Send + Sync>);
 /// Installs the global logger on stderr. The level comes from `RUST_LOG` (default `info`).
 pub fn init(format: LogFormat) -> Result<(), LoggingError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: escape codes in a log file or the journal are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.event_format(JsonLines).try_init(),

@@ -1,11 +1,21 @@
 //! `vma-watchdog`: see `vma_watchdog::config::Cli` for the command line.
 
 use anyhow::Context;
-use vma_watchdog::{config::Config, daemon, logging};
+use vma_watchdog::{config::Config, daemon, logging, priority};
 
 fn main() -> anyhow::Result<()> {
     let config = Config::from_args()?;
     logging::init(config.log_format)?;
+    // Before the runtime starts its threads, so that they all inherit it.
+    match priority::set_nice(config.nice) {
+        Ok(()) => tracing::info!(
+            event = "priority_set",
+            nice = config.nice,
+            "CPU priority set"
+        ),
+        Err(e) => tracing::warn!(event = "priority_not_set", nice = config.nice, error = %e,
+            "cannot set the watchdog's CPU priority; deaths may be reported late on busy cores; run as root (or with CAP_SYS_NICE), or pass --nice 0"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -78,7 +78,7 @@ fn when_the_registry_cannot_be_written_the_events_stay_queued() {
             .contains("cannot write the process registry"),
         "{err}"
     );
-    assert_eq!(outbox.peek(10), [event.clone()]);
+    assert_eq!(outbox.peek(10), std::slice::from_ref(&event));
 
     fs::create_dir(&state).unwrap();
     assert_eq!(outbox.acknowledge(&[event.event_id]).unwrap(), 1);

@@ -151,6 +151,24 @@ async fn a_launched_job_reports_progress_and_its_kill_reaches_the_oma_once() {
         "a call without the token is refused"
     );
     let p = api.start("job-kill").await;
+    // The watchdog runs above normal priority, every thread of it; migratekit at normal.
+    let nices = |pid: u32| -> Vec<i64> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .map(|t| {
+                let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap();
+                // Field 19 is the nice value; fields are counted after the `(comm)`.
+                let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+                after_comm.split(' ').nth(16).unwrap().parse().unwrap()
+            })
+            .collect()
+    };
+    let watchdog_nices = nices(w.pid());
+    assert!(
+        watchdog_nices.iter().all(|&n| n == -10),
+        "{watchdog_nices:?}"
+    );
+    assert!(nices(p.pid).iter().all(|&n| n == 0), "{:?}", nices(p.pid));
     let first = api.progress_at_least("job-kill", 2).await;
     let later = api.progress_at_least("job-kill", first.sequence + 2).await;
     assert!(later.update.bytes_transferred > first.update.bytes_transferred);

@@ -26,6 +26,9 @@ pub struct KillTestArgs {
     /// Measure kill-to-commit latency over this many SIGKILLs instead of running scenarios.
     #[arg(long)]
     bench: Option<usize>,
+    /// With --bench: the OMA polls every 0.2 s (the tests' setting) instead of every 5 s.
+    #[arg(long, requires = "bench")]
+    busy: bool,
     /// List the scenarios and what each proves.
     #[arg(long)]
     list: bool,
@@ -46,6 +49,7 @@ impl KillTestArgs {
             only: Vec::new(),
             json: None,
             bench: None,
+            busy: false,
             list: false,
             release: false,
             vm: false,
@@ -89,6 +93,9 @@ pub fn run(args: &KillTestArgs) -> Result<()> {
     }
     if let Some(kills) = args.bench {
         runner.args(["--bench", &kills.to_string()]);
+        if args.busy {
+            runner.arg("--busy");
+        }
     }
     if args.list {
         runner.arg("--list");

@@ -144,9 +144,11 @@ impl Store {
         decide: fn(&JobRecord, &ProcessEvent, i64) -> IntakeOutcome,
     ) -> Result<(Vec<uuid::Uuid>, u32), StoreError> {
         let acknowledged: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
+        let wall_us = || chrono::Utc::now().timestamp_micros();
         'retry: for _ in 0..MAX_ATTEMPTS {
             let now = now_ms();
             let mut tx = self.pool.begin().await?;
+            let begun_us = wall_us();
             let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
             let mut seen: HashSet<String> = select_in(
                 &mut tx,
@@ -227,7 +229,11 @@ impl Store {
                     continue 'retry;
                 }
             }
+            let commit_us = wall_us();
             tx.commit().await?;
+            tracing::debug!(target: crate::LATENCY_TARGET, event = "tx_timing",
+                first_event_id = events.first().map(|e| e.event_id.to_string()),
+                begun_us, commit_us, committed_us = wall_us(), "event batch committed");
             for (job_id, draft) in &audit {
                 log_transitions(job_id, std::slice::from_ref(draft));
             }

@@ -76,6 +76,8 @@ pub struct LaunchFlags<'a> {
     pub log_dir: Option<&'a Path>,
     /// `--launch-no-systemd`.
     pub no_systemd: bool,
+    /// `--launch-nice`.
+    pub nice: i32,
     /// `--match-name`s, the names the track endpoint accepts.
     pub match_names: &'a [String],
 }
@@ -110,6 +112,7 @@ pub fn load(flags: &LaunchFlags<'_>) -> anyhow::Result<LauncherConfig> {
         config.systemd = SystemdMode::Never;
     }
     config.match_names = flags.match_names.to_vec();
+    config.nice = flags.nice;
     Ok(config)
 }
 

@@ -176,13 +176,15 @@ impl Launcher {
         let (go_r, go_w) = pipe().map_err(LaunchError::Spawn)?;
         let (mut cmd, placement) = self.command(job_id, &argv).map_err(LaunchError::Spawn)?;
         let (pid_w_raw, go_r_raw) = (pid_w.as_raw_fd(), go_r.as_raw_fd());
+        let nice = self.config.nice;
         let held = (pid_w, go_r);
         // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-        // system calls (setsid, getpid, write, read) on descriptors it keeps alive.
+        // system calls (setpriority, setsid, getpid, write, read) on descriptors it keeps
+        // alive.
         unsafe {
             cmd.pre_exec(move || {
                 let _keep_open = &held;
-                child_gate(pid_w_raw, go_r_raw)
+                child_gate(pid_w_raw, go_r_raw, nice)
             });
         }
         let spawned = Arc::new(AtomicBool::new(false));
@@ -309,10 +311,14 @@ fn stop<R>(child: Result<Child, LaunchError<R>>, error: LaunchError<R>) -> Launc
     error
 }
 
-/// Runs in the forked child: new session, report the pid, wait for the go byte.
-fn child_gate(pid_w: RawFd, go_r: RawFd) -> std::io::Result<()> {
+/// Runs in the forked child: migratekit's own priority (not the watchdog's), new session,
+/// report the pid, wait for the go byte.
+fn child_gate(pid_w: RawFd, go_r: RawFd, nice: i32) -> std::io::Result<()> {
     // SAFETY: plain system calls on descriptors the closure keeps open.
     unsafe {
+        if libc::setpriority(libc::PRIO_PROCESS, 0, nice) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         if libc::setsid() < 0 {
             return Err(std::io::Error::last_os_error());
         }

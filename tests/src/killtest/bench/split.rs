@@ -1,0 +1,177 @@
+//! Where the time of each kill goes: the watchdog's timing lines (monotonic microseconds,
+//! logged at debug on `vma_watchdog::latency`) set against the kill's own monotonic time and
+//! the OMA's commit, step by step.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::system::percentile;
+
+/// One kill as the benchmark saw it.
+#[derive(Debug, Clone)]
+pub struct Kill {
+    /// The job.
+    pub job_id: String,
+    /// The process killed.
+    pub process: api::ProcessIdentity,
+    /// `CLOCK_MONOTONIC` just before `kill(2)`, microseconds.
+    pub killed_us: u64,
+    /// The wall clock at the same moment, microseconds since the epoch (the OMA's timing
+    /// lines use it).
+    pub killed_wall_us: i64,
+    /// Kill to the OMA's commit, microseconds.
+    pub total_us: u64,
+}
+
+/// p50 and p99 of one step, milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    /// What the step covers.
+    pub name: &'static str,
+    /// Median.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Kills that had the timing lines for this step.
+    pub samples: usize,
+}
+
+/// The steps, in order; each ends where the next begins, so they add up to the total.
+const STEPS: [&str; 10] = [
+    "kill -> the kernel's exit tracepoint",
+    "tracepoint -> the daemon's event loop",
+    "event loop -> the reporting thread",
+    "reporting -> outbox append durable",
+    "outbox -> delivery POST starts",
+    "POST -> OMA handler (HTTP, auth, JSON)",
+    "handler -> transaction begun",
+    "transaction's statements",
+    "commit (fsync)",
+    "commit -> its log line",
+];
+
+/// Monotonic time of the OMA's commit of `kill`.
+fn committed_us(kill: &Kill) -> u64 {
+    kill.killed_us + kill.total_us
+}
+
+/// Reads the watchdog's log at `log` and the OMA's at `oma_log`, and splits every kill in
+/// `kills`.
+pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> Vec<Step> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let oma_text = std::fs::read_to_string(oma_log).unwrap_or_default();
+    // The OMA's lines (tracing's JSON: the event's fields under `fields`), by first event id.
+    let mut oma: HashMap<String, Value> = HashMap::new();
+    for line in oma_text.lines().filter(|l| l.contains("_timing\"")) {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let f = &v["fields"];
+        if let Some(id) = f["first_event_id"].as_str() {
+            let entry = oma
+                .entry(id.to_owned())
+                .or_insert_with(|| Value::Object(Default::default()));
+            if let (Value::Object(into), Value::Object(from)) = (entry, f) {
+                into.extend(from.clone());
+            }
+        }
+    }
+    let mut seen: HashMap<(u64, u64), &Value> = HashMap::new();
+    let mut deaths: HashMap<&str, &Value> = HashMap::new();
+    let mut deliveries: HashMap<&str, &Value> = HashMap::new();
+    let lines: Vec<Value> = text
+        .lines()
+        .filter(|l| l.contains("_timing\""))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for v in &lines {
+        match v["event"].as_str() {
+            Some("exit_timing") => {
+                if let (Some(pid), Some(start)) = (v["pid"].as_u64(), v["start_time"].as_u64()) {
+                    seen.insert((pid, start), v);
+                }
+            }
+            Some("death_timing") => {
+                if let Some(job) = v["job_id"].as_str() {
+                    deaths.insert(job, v);
+                }
+            }
+            Some("delivery_timing") => {
+                if let Some(id) = v["first_event_id"].as_str() {
+                    deliveries.insert(id, v);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
+    for kill in kills {
+        let us = |v: Option<&&Value>, k: &str| v.and_then(|v| v[k].as_u64());
+        let exit = seen.get(&(u64::from(kill.process.pid), kill.process.start_time));
+        let death = deaths.get(kill.job_id.as_str());
+        let event_id = death.and_then(|d| d["event_id"].as_str());
+        let delivery = event_id.and_then(|id| deliveries.get(id));
+        let intake = event_id.and_then(|id| oma.get(id));
+        // The OMA's wall-clock microseconds on the monotonic clock of this kill.
+        let offset = kill.killed_wall_us - kill.killed_us as i64;
+        let wall = |k: &str| {
+            intake
+                .and_then(|v| v[k].as_i64())
+                .and_then(|w| u64::try_from(w - offset).ok())
+        };
+        let points = [
+            Some(kill.killed_us),
+            us(exit, "kernel_us"),
+            us(exit, "seen_us"),
+            us(death, "received_us"),
+            us(death, "appended_us"),
+            us(delivery, "post_us"),
+            wall("entered_us"),
+            wall("begun_us"),
+            wall("commit_us"),
+            wall("committed_us"),
+            Some(committed_us(kill)),
+        ];
+        for (i, pair) in points.windows(2).enumerate() {
+            if let [Some(from), Some(to)] = pair {
+                samples[i].push(to.saturating_sub(*from) as f64 / 1e3);
+            }
+        }
+    }
+    STEPS
+        .iter()
+        .zip(samples)
+        .map(|(name, s)| Step {
+            name,
+            p50_ms: percentile(&s, 50.0).unwrap_or_default(),
+            p99_ms: percentile(&s, 99.0).unwrap_or_default(),
+            samples: s.len(),
+        })
+        .collect()
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "  {:<40} p50 {:>6.2} ms  p99 {:>6.2} ms  ({} kills)",
+            self.name, self.p50_ms, self.p99_ms, self.samples
+        )
+    }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds: the clock of the watchdog's timing lines and of
+/// `bpf_ktime_get_ns`.
+pub fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
