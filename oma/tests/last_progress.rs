@@ -154,3 +154,64 @@ async fn an_older_last_progress_moves_no_figure_back() {
         );
     }
 }
+
+/// Recovery (a death the OMA never received: outbox full, or the event lost with the VMA's
+/// disk) takes migratekit's last word from the VMA's progress endpoint, like a death event's.
+#[tokio::test]
+async fn recovery_of_an_exited_job_fetches_its_last_progress_first() {
+    use common::vma::{Answer, StandInVma};
+    use oma::recovery::{Recovery, RecoveryConfig, Trigger};
+    use std::time::Duration;
+    for db in test_dbs().await {
+        let vma = StandInVma::start().await;
+        let store = common::store_with_vmas(&db, &vma.url, &common::dead_url().await).await;
+        // j1: the poller saw 81 % in progress; the VMA's newer report says `failed`.
+        // j2: the VMA's report is older than the poll: the poll stands.
+        polled_job(&store, "j1", "ctx-1", 4, 8_100).await;
+        polled_job(&store, "j2", "ctx-2", 7, 8_100).await;
+        for job in ["j1", "j2"] {
+            let exit = code(0).unwrap();
+            vma.set(job, Answer::Exited(pid(100, 5000), exit));
+        }
+        vma.set_progress("j1", 5, 8_200, Some(ProgressStatus::Failed));
+        vma.set_progress("j2", 6, 9_000, Some(ProgressStatus::Completed));
+        let recovery = Recovery::new(
+            store.clone(),
+            oma::vma_client::VmaClient::new(Duration::from_secs(2), None),
+            RecoveryConfig {
+                interval: Duration::from_secs(60),
+                stale_threshold: Duration::from_secs(1800),
+                concurrency: 4,
+            },
+        );
+        let report = recovery.run(Trigger::Operator, false).await.unwrap();
+        assert_eq!(report.decisions.len(), 2, "{}", db.backend);
+
+        let j1 = store.get_job("j1").await.unwrap();
+        assert_eq!(
+            (j1.job.status, j1.job.failure_class),
+            (JobStatus::Failed, Some(FailureClass::VmaReportedFailure)),
+            "{}",
+            db.backend
+        );
+        assert_eq!(j1.job.bytes_transferred, 8_200, "{}", db.backend);
+        assert_eq!(j1.progress_sequence, Some(5));
+        let audit = store.audit("j1").await.unwrap();
+        let last = &audit.last().unwrap().evidence["vma_last_progress"];
+        assert_eq!(
+            (&last["sequence"], &last["applied"]),
+            (&5.into(), &true.into())
+        );
+
+        // An exit 0 after an older report: completed, the polled figures unmoved.
+        let j2 = store.get_job("j2").await.unwrap();
+        assert_eq!(j2.job.status, JobStatus::Completed, "{}", db.backend);
+        assert_eq!(j2.job.bytes_transferred, 8_100, "{}", db.backend);
+        assert_eq!(j2.progress_sequence, Some(7));
+        let audit = store.audit("j2").await.unwrap();
+        assert_eq!(
+            audit.last().unwrap().evidence["vma_last_progress"]["applied"],
+            false
+        );
+    }
+}

@@ -1,11 +1,12 @@
 //! The recovery decision table, as one pure function. Orphans, dry runs and real runs all
 //! call [`decide`], so a dry run cannot show anything the real run would not do.
 
-use crate::events::{Verdict, recorded_identity, verdict_from_exit};
+use crate::events::{Verdict, is_newer, recorded_identity, verdict_from_exit};
 use crate::model::{FailureClass, JobStatus};
+use crate::poller::apply_progress;
 use crate::store::JobRecord;
 use crate::vma_client::VmaAnswer;
-use api::{JobProcessState, ProcessIdentity};
+use api::{JobProcessState, ProcessIdentity, StoredProgress};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
@@ -45,6 +46,11 @@ pub struct Decision {
     /// What the decision rests on: the VMA's answer, the recorded process, ages, threshold.
     #[schema(value_type = Object)]
     pub evidence: serde_json::Value,
+    /// migratekit's last progress, fetched from the VMA for a job whose process has exited,
+    /// when it is newer than what the job holds: recorded with the final state (its figures
+    /// are in `evidence`).
+    #[serde(skip)]
+    pub last_progress: Option<StoredProgress>,
 }
 
 /// Decides for one active job, given the VMA's answer, the time and the stale threshold.
@@ -60,7 +66,17 @@ pub struct Decision {
 ///
 /// Silence is counted from the last progress the OMA saw; only for a job that never sent
 /// progress, from when its process was first seen, and only before that from its creation.
-pub fn decide(rec: &JobRecord, answer: &VmaAnswer, now_ms: i64, stale_ms: i64) -> Decision {
+///
+/// `last` is the VMA's latest progress of the job, fetched for an exited process: when newer
+/// than what the job holds, its status is migratekit's last word for the verdict (an
+/// `exit(0)` right after a `failed` report is a failure), as it is for a death event.
+pub fn decide(
+    rec: &JobRecord,
+    answer: &VmaAnswer,
+    last: Option<&StoredProgress>,
+    now_ms: i64,
+    stale_ms: i64,
+) -> Decision {
     let job = &rec.job;
     let silent_ms = rec.silence_ms(now_ms);
     let silence_from = if job.last_progress_at.is_some() {
@@ -91,6 +107,7 @@ pub fn decide(rec: &JobRecord, answer: &VmaAnswer, now_ms: i64, stale_ms: i64) -
         message: None,
         adopt: None,
         evidence,
+        last_progress: None,
     };
     let finalize = |verdict: Verdict| Decision {
         action: Action::Finalize,
@@ -131,10 +148,25 @@ pub fn decide(rec: &JobRecord, answer: &VmaAnswer, now_ms: i64, stale_ms: i64) -
                         .into(),
                 );
             }
-            finalize(verdict_from_exit(
+            let newer = last.filter(|p| is_newer(rec, p));
+            // The job as it reads with that report applied, as `change_for` will write it.
+            let mut view = rec.clone();
+            if let Some(p) = newer {
+                apply_progress(&mut view, p, now_ms);
+            }
+            let mut decision = finalize(verdict_from_exit(
                 Some(exit),
-                rec.progress_status.as_deref(),
-            ))
+                view.progress_status.as_deref(),
+            ));
+            if let Some(p) = last {
+                decision.evidence["vma_last_progress"] = json!({
+                    "sequence": p.sequence, "received_at": p.received_at,
+                    "status": p.update.status, "percent": p.update.percent,
+                    "bytes_transferred": p.update.bytes_transferred, "applied": newer.is_some(),
+                });
+            }
+            decision.last_progress = newer.cloned();
+            decision
         }
         VmaAnswer::UnknownJob => failed(
             FailureClass::JobLost,

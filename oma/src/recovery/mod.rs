@@ -5,10 +5,12 @@ pub mod decide;
 
 pub use decide::{Action, Decision, decide};
 
-use crate::events::{Verdict, adopt, finalize};
+use crate::events::{Verdict, adopt, finalize, is_newer};
 use crate::model::{Actor, now_ms};
+use crate::poller::apply_progress;
 use crate::store::{AuditDraft, JobChange, JobRecord, RecoveryRunRecord, Store, StoreError};
 use crate::vma_client::{VmaAnswer, VmaClient};
+use api::JobProcessState;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -159,23 +161,38 @@ impl Recovery {
             let (client, vmas, permits) = (self.client.clone(), vmas.clone(), permits.clone());
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await;
-                let answer = match vmas.get(&rec.job.vma_id) {
+                let url = vmas.get(&rec.job.vma_id);
+                let answer = match url {
                     Some(url) => client.job_status(url, &rec.job.id).await,
                     None => VmaAnswer::Unreachable {
                         reason: format!("no VMA is registered under id {}", rec.job.vma_id),
                     },
                 };
-                (index, rec, answer)
+                // For a process that has exited, migratekit's last word too: the poller may
+                // not have fetched it. Without it the verdict rests on the last poll.
+                let exited = matches!(&answer, VmaAnswer::Known { state: JobProcessState::Exited { .. } });
+                let last = match url {
+                    Some(url) if exited => match client.progress(url, &rec.job.id).await {
+                        Ok(last) => last,
+                        Err(error) => {
+                            tracing::warn!(job_id = %rec.job.id, %error,
+                                "cannot fetch the last progress of an exited job; its verdict rests on the last poll");
+                            None
+                        }
+                    },
+                    _ => None,
+                };
+                (index, rec, answer, last)
             });
         }
         let mut answers = tasks.join_all().await;
-        answers.sort_by_key(|(index, _, _)| *index);
+        answers.sort_by_key(|(index, ..)| *index);
         let now = now_ms();
         let stale = i64::try_from(self.config.stale_threshold.as_millis()).unwrap_or(i64::MAX);
         Ok(answers
             .into_iter()
-            .map(|(_, rec, answer)| {
-                let decision = decide(&rec, &answer, now, stale);
+            .map(|(_, rec, answer, last)| {
+                let decision = decide(&rec, &answer, last.as_ref(), now, stale);
                 (rec, decision)
             })
             .collect())
@@ -305,8 +322,16 @@ fn change_for(
     let mut after = current.clone();
     let action = match decision.action {
         Action::Finalize => {
+            let mut with_progress = current.clone();
+            if let Some(p) = decision
+                .last_progress
+                .as_ref()
+                .filter(|p| is_newer(current, p))
+            {
+                apply_progress(&mut with_progress, p, now);
+            }
             after = finalize(
-                current,
+                &with_progress,
                 &Verdict {
                     status: decision.to_status,
                     class: decision.failure_class,

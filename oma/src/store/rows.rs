@@ -106,11 +106,12 @@ pub(crate) fn job_from_row(row: &AnyRow) -> Result<JobRecord, StoreError> {
 
 /// The columns recovery's decision reads (see [`decision_record_from_row`]).
 pub(crate) const DECISION_COLUMNS: &str = "id, vma_id, status, created_at, started_at, \
-    last_progress_at, progress_status, process_pid, process_start_time, attempt";
+    last_progress_at, progress_status, progress_sequence, process_pid, process_start_time, \
+    attempt";
 
 /// Reads a row selected with [`DECISION_COLUMNS`] into a *partial* record: the columns
 /// recovery's decision table and its fencing read are real, every other field is its default
-/// (empty context id, zero progress, version 0). Decoding 10 columns instead of 26 through the
+/// (empty context id, zero progress, version 0). Decoding 11 columns instead of 26 through the
 /// `Any` driver is what keeps the scan of 10,000 active jobs cheap. Such a record is only ever
 /// decided on; every write re-reads the full row inside its own transaction.
 pub(crate) fn decision_record_from_row(row: &AnyRow) -> Result<JobRecord, StoreError> {
@@ -140,7 +141,8 @@ pub(crate) fn decision_record_from_row(row: &AnyRow) -> Result<JobRecord, StoreE
     };
     Ok(JobRecord {
         job,
-        progress_sequence: None,
+        // Whether the VMA's last progress is newer than the job's (for an exited job).
+        progress_sequence: row.try_get("progress_sequence")?,
         bytes_moved_at: None,
         progress_status: row.try_get("progress_status")?,
         recovery_note: None,
