@@ -23,7 +23,9 @@ pub fn bin_dir() -> PathBuf {
 
 /// Path of the binary `name`, checked to exist.
 pub fn binary(name: &str) -> Result<PathBuf> {
+    // Absolute: daemons run in their own temporary directory.
     let path = bin_dir().join(name);
+    let path = std::path::absolute(&path).unwrap_or(path);
     if path.is_file() {
         Ok(path)
     } else {

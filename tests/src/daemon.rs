@@ -74,6 +74,12 @@ impl Daemon {
             }
             None => Command::new(&self.program),
         };
+        // In its own temporary directory: a core dump (the kernel's `core_pattern` is often a
+        // plain `core`, written to the crashing process's working directory) of the daemon or
+        // of a migratekit it starts must never land in the checkout.
+        if let Some(dir) = self.log.parent() {
+            command.current_dir(dir);
+        }
         command
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
