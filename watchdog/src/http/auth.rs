@@ -127,6 +127,20 @@ pub async fn require_token(
     }
 }
 
+/// Middleware behind [`require_token`]: a call that carries the API token comes from the
+/// OMA (its poller, recovery, a start), so the OMA is reachable again; the outbox's delivery
+/// need not wait out its back-off.
+pub async fn note_oma_call(
+    State(outbox): State<Option<Arc<crate::outbox::Outbox>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(outbox) = outbox {
+        outbox.oma_called();
+    }
+    next.run(request).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

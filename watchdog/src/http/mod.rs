@@ -135,6 +135,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{job_id}", get(handlers::get_job))
         .route("/api/v1/jobs/{job_id}/start", post(handlers::start_job))
         .route("/api/v1/jobs/{job_id}/track", post(handlers::track_job))
+        // Inside the token check (the later layer wraps the earlier): only a call with the
+        // token tells that the OMA is back.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.outbox.clone(),
+            auth::note_oma_call,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.token.clone(),
             auth::require_token,

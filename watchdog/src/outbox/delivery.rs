@@ -70,6 +70,11 @@ enum AttemptError {
     Join,
 }
 
+/// The least time between a failed attempt and an early retry because the OMA called (see
+/// [`Outbox::oma_called`]): when only the way from the OMA to this watchdog works, its calls
+/// must not turn into a stream of attempts.
+pub const EARLY_RETRY_GAP: Duration = Duration::from_secs(1);
+
 /// Delivers the outbox until `shutdown` resolves. Never gives up: every failure is counted,
 /// logged and retried after a capped, jittered exponential backoff.
 pub async fn run(outbox: Arc<Outbox>, config: DeliveryConfig, shutdown: impl Future<Output = ()>) {
@@ -107,9 +112,21 @@ pub async fn run(outbox: Arc<Outbox>, config: DeliveryConfig, shutdown: impl Fut
                 failures = failures.saturating_add(1);
                 let delay = backoff(failures, config.initial_backoff, config.max_backoff);
                 tracing::warn!(%error, url = %url, attempt = failures, retry_in_ms = delay.as_millis() as u64, queued = outbox.stats().queued, "delivering events to the OMA failed; will retry");
+                // However often the OMA calls, at most one early attempt per EARLY_RETRY_GAP.
+                let earliest = tokio::time::Instant::now() + EARLY_RETRY_GAP;
                 tokio::select! {
                     () = &mut shutdown => return,
                     () = tokio::time::sleep(delay) => {}
+                    // The OMA has just called this watchdog, so the way back to it most likely
+                    // works again (a restarted OMA, a healed link): the rest of a back-off of
+                    // up to `max_backoff` would only hold the deaths back.
+                    () = async {
+                        outbox.oma_seen().await;
+                        tokio::time::sleep_until(earliest).await;
+                    } => {
+                        tracing::info!(event = "delivery_retry_early", url = %url,
+                            "the OMA called this watchdog; retrying delivery now instead of waiting out the back-off");
+                    }
                 }
             }
         }

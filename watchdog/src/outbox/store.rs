@@ -66,6 +66,8 @@ pub struct Outbox {
     limits: OutboxLimits,
     inner: Mutex<Inner>,
     notify: tokio::sync::Notify,
+    /// Signalled when the OMA has just called this watchdog, see [`Outbox::oma_called`].
+    oma_seen: tokio::sync::Notify,
     /// Made durable before acknowledged events are forgotten, see [`AckBarrier`].
     barrier: OnceLock<Arc<dyn AckBarrier>>,
 }
@@ -128,6 +130,7 @@ impl Outbox {
                 warned_filling: false,
             }),
             notify: tokio::sync::Notify::new(),
+            oma_seen: tokio::sync::Notify::new(),
             barrier: OnceLock::new(),
         };
         // A restart with a backlog says so at once, not at the next append.
@@ -319,6 +322,19 @@ impl Outbox {
     /// Resolves when an event is appended (used by the delivery task to wake up).
     pub(crate) async fn appended(&self) {
         self.notify.notified().await;
+    }
+
+    /// The OMA has just called this watchdog (an authenticated API request): it is most
+    /// likely reachable again, so a delivery waiting out its back-off may try now.
+    pub fn oma_called(&self) {
+        // Wakes only a delivery that waits right now: a call while deliveries succeed must
+        // not shorten the next back-off.
+        self.oma_seen.notify_waiters();
+    }
+
+    /// Resolves at the next [`Outbox::oma_called`].
+    pub(crate) async fn oma_seen(&self) {
+        self.oma_seen.notified().await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
