@@ -98,9 +98,23 @@ pub async fn run(outbox: Arc<Outbox>, config: DeliveryConfig, shutdown: impl Fut
         }
         let sent = batch.len();
         let attempt = attempt(&client, &url, &config, &outbox, batch);
+        let started = tokio::time::Instant::now();
         let result = tokio::select! {
             () = &mut shutdown => return,
             result = attempt => result,
+            // The OMA has just called, yet this attempt has hung for a while: its connection
+            // most likely died in an outage (a request on a kept-alive connection waits for
+            // TCP's retransmissions, seconds apart, or for the timeout). Dropping it closes
+            // that connection; the next attempt opens a new one. The OMA applies each event
+            // id once, so a request that did arrive is harmless.
+            () = async {
+                outbox.oma_seen().await;
+                tokio::time::sleep_until(started + EARLY_RETRY_GAP).await;
+            } => {
+                tracing::info!(event = "delivery_retry_early", url = %url, waited_ms = started.elapsed().as_millis() as u64,
+                    "the OMA called this watchdog while a delivery hung; retrying on a new connection");
+                continue;
+            }
         };
         match result {
             Ok(removed) => {
