@@ -27,14 +27,21 @@ const P: ProcessIdentity = ProcessIdentity {
     start_time: 777,
 };
 
-#[test]
-fn acknowledging_writes_the_registry_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Arc::new(Registry::open(dir.path()).unwrap());
-    let outbox = Outbox::open(&dir.path().join("outbox"), OutboxLimits::default()).unwrap();
+/// A registry in `state` and an outbox beside it that waits for the registry, as the daemon
+/// wires them.
+fn wired(state: &std::path::Path, outbox_dir: &std::path::Path) -> (Arc<Registry>, Outbox) {
+    let registry = Arc::new(Registry::open(state).unwrap());
+    let outbox = Outbox::open(outbox_dir, OutboxLimits::default()).unwrap();
     outbox
         .set_ack_barrier(Arc::clone(&registry) as Arc<dyn AckBarrier>)
         .unwrap();
+    (registry, outbox)
+}
+
+#[test]
+fn acknowledging_writes_the_registry_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, outbox) = wired(dir.path(), &dir.path().join("outbox"));
     registry.register(P, "job-a", FoundBy::Started).unwrap();
     let exit = ExitStatus::from_wait_status(9, false);
     registry.record_exit(P, exit, Detector::Ebpf).unwrap();
@@ -59,11 +66,7 @@ fn when_the_registry_cannot_be_written_the_events_stay_queued() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     fs::create_dir(&state).unwrap();
-    let registry = Arc::new(Registry::open(&state).unwrap());
-    let outbox = Outbox::open(&dir.path().join("outbox"), OutboxLimits::default()).unwrap();
-    outbox
-        .set_ack_barrier(Arc::clone(&registry) as Arc<dyn AckBarrier>)
-        .unwrap();
+    let (registry, outbox) = wired(&state, &dir.path().join("outbox"));
     registry.register(P, "job-a", FoundBy::Started).unwrap();
     registry.record_exit(P, ExitStatus::default(), Detector::Ebpf);
     let event = death(P);
@@ -89,10 +92,6 @@ fn when_the_registry_cannot_be_written_the_events_stay_queued() {
 #[test]
 fn a_second_barrier_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let registry = Arc::new(Registry::open(dir.path()).unwrap());
-    let outbox = Outbox::open(&dir.path().join("outbox"), OutboxLimits::default()).unwrap();
-    outbox
-        .set_ack_barrier(Arc::clone(&registry) as Arc<dyn AckBarrier>)
-        .unwrap();
+    let (registry, outbox) = wired(dir.path(), &dir.path().join("outbox"));
     assert!(outbox.set_ack_barrier(registry).is_err());
 }

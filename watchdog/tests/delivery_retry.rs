@@ -32,7 +32,40 @@ fn death() -> ProcessEvent {
     }
 }
 
-/// The API (a real server with `outbox`) and a client; returns the server and the client.
+/// An outbox in `dir` holding one death, and its delivery to `oma_url` running with
+/// `tune` applied to the configuration; stop it with the sender.
+fn delivering(
+    dir: &std::path::Path,
+    oma_url: String,
+    tune: impl FnOnce(&mut DeliveryConfig),
+) -> (
+    Arc<Outbox>,
+    ProcessEvent,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let outbox = Arc::new(Outbox::open(&dir.join("outbox"), OutboxLimits::default()).unwrap());
+    let event = death();
+    outbox.append(event.clone()).unwrap();
+    let mut config = DeliveryConfig::new(oma_url, "vma-1", BearerToken::new(OMA_TOKEN).unwrap());
+    tune(&mut config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let delivery = tokio::spawn(run_delivery(Arc::clone(&outbox), config, async move {
+        let _ = stopped.await;
+    }));
+    (outbox, event, stop, delivery)
+}
+
+/// Waits up to 10 s for the outbox to be empty; panics with `why` otherwise.
+async fn drained(outbox: &Outbox, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while outbox.stats().queued != 0 {
+        assert!(Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The API, a real server, with `outbox`.
 fn api_with(
     dir: &std::path::Path,
     outbox: &Arc<Outbox>,
@@ -116,22 +149,12 @@ async fn hanging_then_answering_oma(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_from_the_oma_abandons_a_hung_delivery_for_a_new_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox =
-        Arc::new(Outbox::open(&dir.path().join("outbox"), OutboxLimits::default()).unwrap());
-    let event = death();
-    outbox.append(event.clone()).unwrap();
     let oma = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut config = DeliveryConfig::new(
-        format!("http://{}", oma.local_addr().unwrap()),
-        "vma-1",
-        BearerToken::new(OMA_TOKEN).unwrap(),
-    );
-    config.request_timeout = Duration::from_secs(60);
+    let url = format!("http://{}", oma.local_addr().unwrap());
     let acked = hanging_then_answering_oma(oma).await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let delivery = tokio::spawn(run_delivery(Arc::clone(&outbox), config, async move {
-        let _ = stopped.await;
-    }));
+    let (outbox, event, stop, delivery) = delivering(dir.path(), url, |c| {
+        c.request_timeout = Duration::from_secs(60);
+    });
     let api = api_with(
         dir.path(),
         &outbox,
@@ -142,14 +165,11 @@ async fn a_call_from_the_oma_abandons_a_hung_delivery_for_a_new_connection() {
     assert!(acked.lock().unwrap().is_empty());
     let asked = Instant::now();
     oma_polls(&api).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while outbox.stats().queued != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the hung delivery was not abandoned for a new connection"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    drained(
+        &outbox,
+        "the hung delivery was not abandoned for a new connection",
+    )
+    .await;
     eprintln!("delivered {:?} after the OMA's call", asked.elapsed());
     assert_eq!(*acked.lock().unwrap(), [event.event_id]);
     let _ = stop.send(());
@@ -160,24 +180,14 @@ async fn a_call_from_the_oma_abandons_a_hung_delivery_for_a_new_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_authenticated_call_from_the_oma_ends_the_delivery_back_off() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox =
-        Arc::new(Outbox::open(&dir.path().join("outbox"), OutboxLimits::default()).unwrap());
-    let event = death();
-    outbox.append(event.clone()).unwrap();
     // Nothing listens on the OMA's port yet: the first attempt fails, and the next one waits
     // 15-30 s (half to all of the first back-off step).
     let port = free_port();
-    let mut config = DeliveryConfig::new(
-        format!("http://127.0.0.1:{port}"),
-        "vma-1",
-        BearerToken::new(OMA_TOKEN).unwrap(),
-    );
-    config.initial_backoff = Duration::from_secs(30);
-    config.max_backoff = Duration::from_secs(60);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let delivery = tokio::spawn(run_delivery(Arc::clone(&outbox), config, async move {
-        let _ = stopped.await;
-    }));
+    let url = format!("http://127.0.0.1:{port}");
+    let (outbox, event, stop, delivery) = delivering(dir.path(), url, |c| {
+        c.initial_backoff = Duration::from_secs(30);
+        c.max_backoff = Duration::from_secs(60);
+    });
     let deadline = Instant::now() + Duration::from_secs(10);
     while outbox.stats().failed_attempts == 0 {
         assert!(Instant::now() < deadline, "the first delivery never failed");
@@ -212,14 +222,7 @@ async fn an_authenticated_call_from_the_oma_ends_the_delivery_back_off() {
     assert_eq!(received, event);
     eprintln!("delivered {:?} after the OMA's call", asked.elapsed());
     // The acknowledgement is recorded right after the OMA's answer.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while outbox.stats().queued != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the acknowledgement was never recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    drained(&outbox, "the acknowledgement was never recorded").await;
 
     let _ = stop.send(());
     delivery.await.unwrap();

@@ -166,12 +166,4 @@ impl fmt::Display for Step {
 
 /// `CLOCK_MONOTONIC` in microseconds: the clock of the watchdog's timing lines and of
 /// `bpf_ktime_get_ns`.
-pub fn monotonic_us() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec we own; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
-}
+pub use vma_watchdog::clock::monotonic_us;
