@@ -178,8 +178,14 @@ impl Outbox {
             path: self.dir.join(EVENTS_FILE),
             source,
         };
+        let locked_us = crate::clock::monotonic_us();
         inner.events.write_all(&line).map_err(write_err)?;
+        let written_us = crate::clock::monotonic_us();
         inner.events.sync_data().map_err(write_err)?;
+        // The append's own steps (for the kill-to-commit benchmark's split).
+        tracing::debug!(target: crate::clock::LATENCY_TARGET, event = "append_timing",
+            event_id = %stored.event.event_id, locked_us, written_us,
+            synced_us = crate::clock::monotonic_us(), "event appended");
         inner.pending_bytes += bytes;
         inner.pending.push_back(Pending { stored, bytes });
         self.check_filling(&mut inner);

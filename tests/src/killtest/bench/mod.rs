@@ -35,6 +35,12 @@ pub struct BenchFigures {
     pub intervals: String,
     /// Where the time goes, step by step (from the watchdog's timing lines).
     pub steps: Vec<Step>,
+    /// The baseline, measured in the same run on the same filesystem: one append and
+    /// `fdatasync(2)` every 20 ms, as isolated as a death's; p50 and p99, milliseconds. A death
+    /// costs two of them by design (the outbox's and the OMA's commit).
+    pub fdatasync_p50_ms: f64,
+    /// See `fdatasync_p50_ms`.
+    pub fdatasync_p99_ms: f64,
 }
 
 impl fmt::Display for BenchFigures {
@@ -55,7 +61,12 @@ impl fmt::Display for BenchFigures {
         for step in &self.steps {
             write!(f, "\n{step}")?;
         }
-        Ok(())
+        write!(
+            f,
+            "\nbaseline, same run and filesystem: one isolated append + fdatasync p50 {:.2} ms, \
+             p99 {:.2} ms (a death needs two: the outbox's and the OMA's commit)",
+            self.fdatasync_p50_ms, self.fdatasync_p99_ms
+        )
     }
 }
 
@@ -113,6 +124,7 @@ pub fn kill_to_commit(kills: usize, busy: bool) -> crate::Result<BenchFigures> {
             eprintln!("  {} kills measured", i + 1);
         }
     }
+    let syncs = fdatasync_baseline(sys.oma.dir(), 200)?;
     Ok(BenchFigures {
         kills,
         p50_ms: percentile(&ms, 50.0).unwrap_or_default(),
@@ -123,5 +135,29 @@ pub fn kill_to_commit(kills: usize, busy: bool) -> crate::Result<BenchFigures> {
         detector,
         intervals,
         steps: split::split(sys.watchdog.log_path(), sys.oma.log_path(), &measured),
+        fdatasync_p50_ms: percentile(&syncs, 50.0).unwrap_or_default(),
+        fdatasync_p99_ms: percentile(&syncs, 99.0).unwrap_or_default(),
     })
+}
+
+/// `n` appends of a death-sized line to a file in `dir`, each followed by `fdatasync(2)`, 20 ms
+/// apart (as isolated as the deaths of the benchmark, which a lone flush on a virtual disk
+/// pays more for than a burst); milliseconds each.
+fn fdatasync_baseline(dir: &std::path::Path, n: usize) -> crate::Result<Vec<f64>> {
+    use std::io::Write;
+    let path = dir.join("fdatasync-baseline");
+    let io = |e| crate::HarnessError::io(format!("measuring fdatasync in {}", dir.display()), e);
+    let mut file = std::fs::File::create(&path).map_err(io)?;
+    let line = [b'x'; 700];
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        std::thread::sleep(Duration::from_millis(20));
+        let start = std::time::Instant::now();
+        file.write_all(&line).map_err(io)?;
+        file.sync_data().map_err(io)?;
+        took.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    Ok(took)
 }

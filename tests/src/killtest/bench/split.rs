@@ -41,11 +41,13 @@ pub struct Step {
 }
 
 /// The steps, in order; each ends where the next begins, so they add up to the total.
-const STEPS: [&str; 10] = [
+const STEPS: [&str; 12] = [
     "kill -> the kernel's exit tracepoint",
     "tracepoint -> the daemon's event loop",
     "event loop -> the reporting thread",
-    "reporting -> outbox append durable",
+    "reporting -> the outbox's lock taken",
+    "the outbox's write(2)",
+    "the outbox's fdatasync(2)",
     "outbox -> delivery POST starts",
     "POST -> OMA handler (HTTP, auth, JSON)",
     "handler -> transaction begun",
@@ -83,6 +85,7 @@ pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> Vec<Step> {
     let mut seen: HashMap<(u64, u64), &Value> = HashMap::new();
     let mut deaths: HashMap<&str, &Value> = HashMap::new();
     let mut deliveries: HashMap<&str, &Value> = HashMap::new();
+    let mut appends: HashMap<&str, &Value> = HashMap::new();
     let lines: Vec<Value> = text
         .lines()
         .filter(|l| l.contains("_timing\""))
@@ -100,6 +103,11 @@ pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> Vec<Step> {
                     deaths.insert(job, v);
                 }
             }
+            Some("append_timing") => {
+                if let Some(id) = v["event_id"].as_str() {
+                    appends.insert(id, v);
+                }
+            }
             Some("delivery_timing") => {
                 if let Some(id) = v["first_event_id"].as_str() {
                     deliveries.insert(id, v);
@@ -115,6 +123,7 @@ pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> Vec<Step> {
         let death = deaths.get(kill.job_id.as_str());
         let event_id = death.and_then(|d| d["event_id"].as_str());
         let delivery = event_id.and_then(|id| deliveries.get(id));
+        let append = event_id.and_then(|id| appends.get(id));
         let intake = event_id.and_then(|id| oma.get(id));
         // The OMA's wall-clock microseconds on the monotonic clock of this kill.
         let offset = kill.killed_wall_us - kill.killed_us as i64;
@@ -128,7 +137,9 @@ pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> Vec<Step> {
             us(exit, "kernel_us"),
             us(exit, "seen_us"),
             us(death, "received_us"),
-            us(death, "appended_us"),
+            us(append, "locked_us"),
+            us(append, "written_us"),
+            us(append, "synced_us"),
             us(delivery, "post_us"),
             wall("entered_us"),
             wall("begun_us"),
