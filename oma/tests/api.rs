@@ -368,3 +368,68 @@ async fn jobs_contexts_and_watchdog_events_over_http() {
         server.shutdown().await;
     }
 }
+
+/// VMA tokens are looked up from memory once known; replacing a VMA's token through the API
+/// still stops the old one at once.
+#[tokio::test]
+async fn a_replaced_vma_token_stops_working_at_once() {
+    use reqwest::Method as M;
+    const NEW_TOKEN: &str = "vma-1-replacement-token-0123";
+    for db in test_dbs().await {
+        let vma = StandInVma::start().await;
+        let server = start_server(settings(&db)).await;
+        let c = Client {
+            http: reqwest::Client::new(),
+            base: format!("http://{}", server.addr),
+        };
+        let register = |token: &str| json!({"base_url": vma.url, "token": token});
+        let put = c
+            .send(
+                M::PUT,
+                "/api/v1/vmas/vma-1",
+                Some(OPERATOR),
+                Some(register(VMA1_TOKEN)),
+            )
+            .await;
+        assert_eq!(put.status(), StatusCode::OK);
+        let empty = json!({"vma_id": "vma-1", "events": []});
+        let post = |token: &'static str| {
+            c.send(
+                M::POST,
+                "/api/v1/watchdog/events",
+                Some(token),
+                Some(empty.clone()),
+            )
+        };
+        // Twice: the second answer comes from memory.
+        for _ in 0..2 {
+            assert_eq!(
+                post(VMA1_TOKEN).await.status(),
+                StatusCode::OK,
+                "{}",
+                db.backend
+            );
+        }
+        let put = c
+            .send(
+                M::PUT,
+                "/api/v1/vmas/vma-1",
+                Some(OPERATOR),
+                Some(register(NEW_TOKEN)),
+            )
+            .await;
+        assert_eq!(put.status(), StatusCode::OK);
+        assert_eq!(
+            post(VMA1_TOKEN).await.status(),
+            StatusCode::UNAUTHORIZED,
+            "{}",
+            db.backend
+        );
+        assert_eq!(
+            post(NEW_TOKEN).await.status(),
+            StatusCode::OK,
+            "{}",
+            db.backend
+        );
+    }
+}

@@ -18,12 +18,14 @@ mod jobs;
 mod lock;
 mod rows;
 mod runs;
+mod token_cache;
 
 pub use change::{AuditDraft, JobChange};
 pub use jobs::{JobFilter, NewJob};
 pub use lock::RecoveryLock;
 pub use rows::JobRecord;
 pub use runs::{IntakeOutcome, RecoveryRunRecord, Vma};
+pub use token_cache::TOKEN_TTL;
 
 use crate::model::JobStatus;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
@@ -110,6 +112,8 @@ pub(crate) const MAX_ATTEMPTS: usize = 8;
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// VMA tokens by hash, read from `vmas` (see `token_cache`).
+    vma_tokens: std::sync::Arc<token_cache::TokenCache>,
 }
 
 impl Store {
@@ -142,7 +146,11 @@ impl Store {
             Backend::Postgres => options.max_connections(16).connect(&url).await?,
         };
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            vma_tokens: std::sync::Arc::default(),
+        })
     }
 
     /// The backend in use.

@@ -79,6 +79,8 @@ impl Store {
         .bind(now)
         .execute(&self.pool)
         .await?;
+        // The VMA's old token must stop working here at once.
+        self.vma_tokens.clear();
         Ok(())
     }
 
@@ -122,12 +124,20 @@ impl Store {
     }
 
     /// The VMA whose token hashes to `token_hash`.
+    /// Read from memory when it was read from the database less than [`super::TOKEN_TTL`] ago.
     pub async fn vma_by_token_hash(&self, token_hash: &str) -> Result<Option<String>, StoreError> {
+        if let Some(vma) = self.vma_tokens.get(token_hash) {
+            return Ok(Some(vma));
+        }
         let row = sqlx::query("SELECT id FROM vmas WHERE token_hash = $1")
             .bind(token_hash.to_owned())
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| r.try_get("id")).transpose()?)
+        let vma: Option<String> = row.map(|r| r.try_get("id")).transpose()?;
+        if let Some(vma) = &vma {
+            self.vma_tokens.insert(token_hash, vma);
+        }
+        Ok(vma)
     }
 
     /// Applies a batch of events from `vma_id` in one transaction, each at most once.
