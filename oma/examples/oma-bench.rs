@@ -215,8 +215,7 @@ async fn bench_scan(dir: &std::path::Path, vma_url: &str, max_jobs: i64) -> anyh
         .await?;
     let plan: Vec<String> = sqlx::query(&format!(
         "EXPLAIN QUERY PLAN SELECT {} FROM replication_jobs WHERE active = 1",
-        "id, vma_id, status, created_at, started_at, last_progress_at, progress_status, \
-             process_pid, process_start_time, attempt"
+        oma::store::DECISION_COLUMNS
     ))
     .fetch_all(store.pool())
     .await?

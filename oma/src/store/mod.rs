@@ -23,7 +23,7 @@ mod token_cache;
 pub use change::{AuditDraft, JobChange};
 pub use jobs::{JobFilter, NewJob};
 pub use lock::RecoveryLock;
-pub use rows::JobRecord;
+pub use rows::{DECISION_COLUMNS, JobRecord};
 pub use runs::{IntakeOutcome, RecoveryRunRecord, Vma};
 pub use token_cache::TOKEN_TTL;
 
