@@ -4,6 +4,7 @@
 //! Every case runs with `--detector procfs` and `--detector auto` (eBPF once it is built in,
 //! procfs until then). Run: `cargo test -p vma-watchdog --test deaths` as root.
 
+#[macro_use]
 mod common;
 
 use std::path::Path;
@@ -216,27 +217,6 @@ fn non_matching_storm(detector: &str) {
     assert!(events.iter().all(|e| !pids.contains(&e.process.pid)));
     let line = case.death(s, "job-after-storm");
     assert_exit(&line, None, Some(9), Some(false));
-}
-
-macro_rules! both_detectors {
-    ($($case:ident),* $(,)?) => {
-        mod procfs {
-            $(#[test]
-            fn $case() {
-                if super::privileged(concat!(stringify!($case), " (procfs)")) {
-                    super::$case("procfs");
-                }
-            })*
-        }
-        mod auto {
-            $(#[test]
-            fn $case() {
-                if super::privileged(concat!(stringify!($case), " (auto)")) {
-                    super::$case("auto");
-                }
-            })*
-        }
-    };
 }
 
 both_detectors!(

@@ -5,6 +5,7 @@
 //! Every case runs with `--detector procfs` and `--detector auto`.
 //! Run: `cargo test -p vma-watchdog --test restarts` as root.
 
+#[macro_use]
 mod common;
 
 use std::process::Command;
@@ -292,27 +293,6 @@ fn crash_before_the_registry_is_written(detector: &str) {
     assert_eq!(recorded.and_then(|x| x.exit.signal), Some(9));
     assert!(!log2.contains("died_while_unwatched"), "{log2}");
     assert_secret_absent(&secret, &state, &[&log1, &log2]);
-}
-
-macro_rules! both_detectors {
-    ($($case:ident),* $(,)?) => {
-        mod procfs {
-            $(#[test]
-            fn $case() {
-                if super::privileged(concat!(stringify!($case), " (procfs)")) {
-                    super::$case("procfs");
-                }
-            })*
-        }
-        mod auto {
-            $(#[test]
-            fn $case() {
-                if super::privileged(concat!(stringify!($case), " (auto)")) {
-                    super::$case("auto");
-                }
-            })*
-        }
-    };
 }
 
 both_detectors!(

@@ -87,6 +87,34 @@ pub(crate) fn expect_none_active(sys: &System) -> Result<(), String> {
     })
 }
 
+/// SIGKILLs `p` and waits until it is gone.
+pub(crate) fn kill_gone(p: ProcessIdentity) -> Result<(), String> {
+    procs::kill_process(p, libc::SIGKILL).map_err(fail("killing migratekit"))?;
+    procs::wait_gone(p, PATIENCE).map_err(fail("migratekit ending"))
+}
+
+/// The end of the restart and partition scenarios: the job `live` still runs and is polled;
+/// SIGKILLed, it fails as `process_killed`, and no job is left active. Returns its
+/// kill-to-commit time.
+pub(crate) fn live_job_still_watched(
+    sys: &System,
+    live: ProcessIdentity,
+    what: &str,
+) -> RunOutcome {
+    expect_alive_and_polled(sys, "live", live)?;
+    let (_, latency) = sys
+        .kill_and_wait("live", live, libc::SIGKILL)
+        .map_err(fail(what))?;
+    expect_final(
+        sys,
+        "live",
+        JobStatus::Failed,
+        Some(FailureClass::ProcessKilled),
+    )?;
+    expect_none_active(sys)?;
+    Ok(vec![latency])
+}
+
 /// Scenario 1: the OMA restarts mid-job (SIGKILL on even runs, SIGTERM on odd ones).
 pub fn oma_restart(run: usize) -> RunOutcome {
     let mut sys = system()?;
@@ -97,8 +125,7 @@ pub fn oma_restart(run: usize) -> RunOutcome {
     } else {
         sys.oma.stop().map_err(fail("stopping the OMA"))?;
     }
-    procs::kill_process(dying, libc::SIGKILL).map_err(fail("killing migratekit"))?;
-    procs::wait_gone(dying, PATIENCE).map_err(fail("migratekit ending"))?;
+    kill_gone(dying)?;
     sys.oma.start_again().map_err(fail("restarting the OMA"))?;
     expect_final(
         &sys,
@@ -106,18 +133,7 @@ pub fn oma_restart(run: usize) -> RunOutcome {
         JobStatus::Failed,
         Some(FailureClass::ProcessKilled),
     )?;
-    expect_alive_and_polled(&sys, "live", live)?;
-    let (_, latency) = sys
-        .kill_and_wait("live", live, libc::SIGKILL)
-        .map_err(fail("killing the live job"))?;
-    expect_final(
-        &sys,
-        "live",
-        JobStatus::Failed,
-        Some(FailureClass::ProcessKilled),
-    )?;
-    expect_none_active(&sys)?;
-    Ok(vec![latency])
+    live_job_still_watched(&sys, live, "killing the live job")
 }
 
 /// Scenario 2: the watchdog restarts mid-job (SIGKILL on even runs, SIGTERM on odd ones).
@@ -135,8 +151,7 @@ pub fn watchdog_restart(run: usize) -> RunOutcome {
     check(procs::is_alive(live), || {
         "migratekit died with the watchdog".into()
     })?;
-    procs::kill_process(dying, libc::SIGKILL).map_err(fail("killing migratekit"))?;
-    procs::wait_gone(dying, PATIENCE).map_err(fail("migratekit ending"))?;
+    kill_gone(dying)?;
     sys.watchdog
         .start_again()
         .map_err(fail("restarting the watchdog"))?;
@@ -146,18 +161,7 @@ pub fn watchdog_restart(run: usize) -> RunOutcome {
         JobStatus::Failed,
         Some(FailureClass::DiedWhileUnwatched),
     )?;
-    expect_alive_and_polled(&sys, "live", live)?;
-    let (_, latency) = sys
-        .kill_and_wait("live", live, libc::SIGKILL)
-        .map_err(fail("killing the adopted job"))?;
-    expect_final(
-        &sys,
-        "live",
-        JobStatus::Failed,
-        Some(FailureClass::ProcessKilled),
-    )?;
-    expect_none_active(&sys)?;
-    Ok(vec![latency])
+    live_job_still_watched(&sys, live, "killing the adopted job")
 }
 
 fn expect_evidence(

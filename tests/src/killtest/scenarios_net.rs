@@ -6,11 +6,12 @@ use oma::model::{FailureClass, JobStatus};
 use reqwest::Method;
 
 use super::scenarios::{
-    expect_alive_and_polled, expect_final, expect_none_active, started, system,
+    expect_alive_and_polled, expect_final, expect_none_active, kill_gone, live_job_still_watched,
+    started, system,
 };
 use super::{RunOutcome, check, fail};
 use crate::procs;
-use crate::system::{PATIENCE, System, SystemOptions};
+use crate::system::{System, SystemOptions};
 
 /// Scenario 4: the veth link between the OMA's and the VMA's namespaces is cut while two of
 /// three jobs die, then restored.
@@ -27,8 +28,7 @@ pub fn partition(_run: usize) -> RunOutcome {
     expect_alive_and_polled(&sys, "live", live)?;
     net.cut().map_err(fail("cutting the link"))?;
     for p in [a, b] {
-        procs::kill_process(p, libc::SIGKILL).map_err(fail("killing migratekit"))?;
-        procs::wait_gone(p, PATIENCE).map_err(fail("migratekit ending"))?;
+        kill_gone(p)?;
     }
     // Long enough for the poller and recovery (every 2 s) to fail against the cut link.
     std::thread::sleep(Duration::from_secs(5));
@@ -41,18 +41,7 @@ pub fn partition(_run: usize) -> RunOutcome {
             Some(FailureClass::ProcessKilled),
         )?;
     }
-    expect_alive_and_polled(&sys, "live", live)?;
-    let (_, latency) = sys
-        .kill_and_wait("live", live, libc::SIGKILL)
-        .map_err(fail("killing the live job"))?;
-    expect_final(
-        &sys,
-        "live",
-        JobStatus::Failed,
-        Some(FailureClass::ProcessKilled),
-    )?;
-    expect_none_active(&sys)?;
-    Ok(vec![latency])
+    live_job_still_watched(&sys, live, "killing the live job")
 }
 
 /// One refused request: what, method, path, token, body, acceptable statuses.

@@ -392,3 +392,28 @@ pub fn journal_for(state: &Path, pid: u32) -> Vec<api::ProcessEvent> {
         .filter(|e| e.process.pid == pid)
         .collect()
 }
+
+/// Runs each `case(detector)` as two tests, `procfs::case` and `auto::case`, each skipped with a
+/// message when not privileged. For the files that declare `#[macro_use] mod common;` and bring
+/// `privileged` into scope.
+#[allow(unused_macros)]
+macro_rules! both_detectors {
+    ($($case:ident),* $(,)?) => {
+        mod procfs {
+            $(#[test]
+            fn $case() {
+                if super::privileged(concat!(stringify!($case), " (procfs)")) {
+                    super::$case("procfs");
+                }
+            })*
+        }
+        mod auto {
+            $(#[test]
+            fn $case() {
+                if super::privileged(concat!(stringify!($case), " (auto)")) {
+                    super::$case("auto");
+                }
+            })*
+        }
+    };
+}
