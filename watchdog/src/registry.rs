@@ -221,7 +221,7 @@ impl Registry {
         let explicit = |f: FoundBy| matches!(f, FoundBy::Started | FoundBy::Tracked);
         let undo = {
             let mut state = self.lock();
-            if let Some(existing) = state.processes.get_mut(&key(process)) {
+            let undo = if let Some(existing) = state.processes.get_mut(&key(process)) {
                 if !explicit(found_by) || explicit(existing.found_by) {
                     return Ok(false);
                 }
@@ -246,9 +246,12 @@ impl Registry {
                 };
                 state.processes.insert(key(process), entry);
                 Undo::Remove
-            }
+            };
+            // In the same critical section as the change, so that no write in between can
+            // hold the change while claiming an older generation.
+            state.changed();
+            undo
         };
-        self.lock().changed();
         self.changed.notify_all();
         if let Err(e) = self.flush() {
             // Memory never claims a registration the disk does not hold. Should the process
