@@ -12,3 +12,4 @@ pub mod priority;
 pub mod procfs;
 pub mod progress;
 pub mod registry;
+pub mod signal;

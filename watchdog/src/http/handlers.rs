@@ -65,6 +65,38 @@ pub async fn get_job(
         .ok_or_else(|| unknown_job(&job_id))
 }
 
+/// `POST /api/v1/jobs/{job_id}/stop`: SIGTERM to the job's running migratekit (the OMA asks
+/// when an operator cancels the job). 202 with the job as it stands: the death follows as any
+/// other, through the detector and the outbox. 404 `unknown_job`, 409 `not_running`.
+pub async fn stop_job(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+) -> Result<(StatusCode, Json<VmaJobStatus>), ApiError> {
+    check_job_id(&job_id)?;
+    let status = state
+        .jobs
+        .job(&job_id)
+        .ok_or_else(|| unknown_job(&job_id))?;
+    let api::JobProcessState::Running { process, .. } = status.state else {
+        return Err(not_running(&job_id));
+    };
+    match crate::signal::send(process, libc::SIGTERM) {
+        Ok(()) => {}
+        Err(crate::signal::SignalError::Gone { .. }) => return Err(not_running(&job_id)),
+        Err(e) => return Err(ApiError::Internal(e.to_string())),
+    }
+    tracing::info!(event = "stop_requested", job_id = %job_id, pid = process.pid,
+        start_time = process.start_time, "SIGTERM sent to migratekit at the OMA's request");
+    Ok((StatusCode::ACCEPTED, Json(status)))
+}
+
+fn not_running(job_id: &str) -> ApiError {
+    ApiError::Conflict(
+        "not_running",
+        format!("job {job_id} has no running process on this VMA; nothing to stop"),
+    )
+}
+
 fn unknown_job(job_id: &str) -> ApiError {
     ApiError::NotFound(
         "unknown_job",

@@ -135,6 +135,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{job_id}", get(handlers::get_job))
         .route("/api/v1/jobs/{job_id}/start", post(handlers::start_job))
         .route("/api/v1/jobs/{job_id}/track", post(handlers::track_job))
+        .route("/api/v1/jobs/{job_id}/stop", post(handlers::stop_job))
         // Inside the token check (the later layer wraps the earlier): only a call with the
         // token tells that the OMA is back.
         .route_layer(axum::middleware::from_fn_with_state(
