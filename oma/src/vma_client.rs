@@ -68,7 +68,14 @@ impl VmaClient {
     }
 
     fn get(&self, url: String) -> reqwest::RequestBuilder {
-        let request = self.http.get(url);
+        self.authorized(self.http.get(url))
+    }
+
+    fn post(&self, url: String) -> reqwest::RequestBuilder {
+        self.authorized(self.http.post(url))
+    }
+
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.token {
             Some(token) => request.bearer_auth(token),
             None => request,
@@ -141,6 +148,41 @@ impl VmaClient {
         }
     }
 
+    /// `POST {vma}/api/v1/jobs/{job_id}/stop`: SIGTERM to the job's running migratekit.
+    pub async fn stop_job(&self, base_url: &str, job_id: &str) -> StopAnswer {
+        let url = format!(
+            "{}/api/v1/jobs/{job_id}/stop",
+            base_url.trim_end_matches('/')
+        );
+        let response = match self.post(url).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return StopAnswer::Failed {
+                    reason: VmaError::Request(e.without_url()).to_string(),
+                };
+            }
+        };
+        match response.status() {
+            StatusCode::ACCEPTED => StopAnswer::Stopping,
+            StatusCode::CONFLICT | StatusCode::NOT_FOUND => {
+                match response.json::<ErrorBody>().await {
+                    Ok(b) if b.error == "not_running" || b.error == "unknown_job" => {
+                        StopAnswer::NotRunning { message: b.message }
+                    }
+                    Ok(b) => StopAnswer::Failed {
+                        reason: format!("{}: {}", b.error, b.message),
+                    },
+                    Err(_) => StopAnswer::Failed {
+                        reason: "no error body; check the VMA's base URL".into(),
+                    },
+                }
+            }
+            _ => StopAnswer::Failed {
+                reason: Self::error_detail(response).await.to_string(),
+            },
+        }
+    }
+
     /// `POST {vma}/api/v1/jobs/{job_id}/start` with the job's parameters (never a command
     /// line: the VMA fills its own template with them).
     pub async fn start_job(
@@ -153,11 +195,7 @@ impl VmaClient {
             "{}/api/v1/jobs/{job_id}/start",
             base_url.trim_end_matches('/')
         );
-        let mut request = self.http.post(url).json(params);
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        let response = match request.send().await {
+        let response = match self.post(url).json(params).send().await {
             Ok(r) => r,
             Err(e) => {
                 return StartAnswer::Unreachable {
@@ -199,6 +237,24 @@ impl VmaClient {
             },
         }
     }
+}
+
+/// What a VMA answered to a stop request (for the audit trail of a cancelled job).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum StopAnswer {
+    /// 202: SIGTERM was sent to the job's running process.
+    Stopping,
+    /// 409 `not_running` or 404 `unknown_job`: no process of the job runs there.
+    NotRunning {
+        /// The VMA's message.
+        message: String,
+    },
+    /// Anything else: the process may still run.
+    Failed {
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// What a VMA answered to a start request.

@@ -284,3 +284,64 @@ async fn start_false_only_records_and_bad_ids_are_refused_before_anything_is_wri
         server.shutdown().await;
     }
 }
+
+/// Cancelling a job asks its VMA to stop migratekit, after the cancel is committed, and the
+/// audit trail shows the VMA's answer; an unreachable VMA does not stop the cancel.
+#[tokio::test]
+async fn cancel_stops_the_process_on_the_vma_and_records_the_answer() {
+    for db in test_dbs().await {
+        let vma = StandInVma::start().await;
+        vma.set_start(StartMode::Run(pid(4242, 777)));
+        let server = server(&db, &vma.url).await;
+        let store = &server.state.store;
+        assert_eq!(
+            create(&server, body("job-1")).await.status(),
+            StatusCode::CREATED
+        );
+        let cancel = |job: &str| {
+            reqwest::Client::new()
+                .post(format!("http://{}/api/v1/jobs/{job}/cancel", server.addr))
+                .bearer_auth(OPERATOR)
+                .json(&json!({"reason": "wrong VM"}))
+                .send()
+        };
+        let resp = cancel("job-1").await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{}", db.backend);
+        assert_eq!(
+            resp.json::<Job>().await.unwrap().status,
+            JobStatus::Cancelled
+        );
+        assert_eq!(vma.stops(), ["job-1"], "{}", db.backend);
+        let audit = store.audit("job-1").await.unwrap();
+        assert_eq!(
+            actions(&audit),
+            ["created", "started", "transition", "stop_requested"],
+            "{}",
+            db.backend
+        );
+        let stop = audit.last().unwrap();
+        assert_eq!(stop.to_status, JobStatus::Cancelled);
+        assert_eq!(stop.evidence["vma_answer"]["answer"], "stopping");
+
+        // A VMA nobody listens on: the job is cancelled all the same, and the trail says the
+        // process may still run.
+        store
+            .upsert_vma("vma-1", &dead_url().await, &hash_token(VMA1_TOKEN))
+            .await
+            .unwrap();
+        assert_eq!(
+            create(&server, body("job-2")).await.status(),
+            StatusCode::ACCEPTED
+        );
+        let resp = cancel("job-2").await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{}", db.backend);
+        let audit = store.audit("job-2").await.unwrap();
+        let stop = audit.last().unwrap();
+        assert_eq!(stop.action, "stop_requested");
+        assert_eq!(
+            stop.evidence["vma_answer"]["answer"], "failed",
+            "{:?}",
+            stop.evidence
+        );
+    }
+}

@@ -118,12 +118,14 @@ pub async fn start_server(settings: Settings) -> RunningServer {
         .expect("start oma")
 }
 
-/// A base URL on which nothing listens.
+/// A base URL on which nothing listens: port 9 (discard), outside the ephemeral range, so no
+/// test binding `127.0.0.1:0` can take it. (A port freed after a bind could be, by a test
+/// running at the same time.)
 pub async fn dead_url() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    format!("http://{addr}")
+    let url = "http://127.0.0.1:9".to_owned();
+    let refused = tokio::net::TcpStream::connect("127.0.0.1:9").await.is_err();
+    assert!(refused, "something listens on 127.0.0.1:9; the tests need it closed");
+    url
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or panics after `secs`.

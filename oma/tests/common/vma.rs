@@ -46,6 +46,8 @@ pub struct Inner {
     pub start_mode: StartMode,
     /// Every start request received: (job id, bearer token, body).
     pub starts: Vec<(String, Option<String>, StartJobRequest)>,
+    /// Job ids the OMA asked to stop.
+    pub stops: Vec<String>,
     /// Fixed "since"/"exited_at" time, so repeated answers are identical.
     pub epoch: chrono::DateTime<Utc>,
 }
@@ -67,12 +69,14 @@ impl StandInVma {
             delay_ms: 0,
             start_mode: StartMode::Refuse,
             starts: Vec::new(),
+            stops: Vec::new(),
             epoch: Utc::now(),
         }));
         let router = Router::new()
             .route("/api/v1/jobs/{id}", get(job))
             .route("/api/v1/progress/{id}", get(progress))
             .route("/api/v1/jobs/{id}/start", post(start))
+            .route("/api/v1/jobs/{id}/stop", post(stop))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -123,6 +127,10 @@ impl StandInVma {
 
     pub fn starts(&self) -> Vec<(String, Option<String>, StartJobRequest)> {
         self.inner.lock().unwrap().starts.clone()
+    }
+
+    pub fn stops(&self) -> Vec<String> {
+        self.inner.lock().unwrap().stops.clone()
     }
 
     pub fn progress_calls(&self, job: &str) -> u64 {
@@ -188,6 +196,35 @@ async fn progress(State(inner): State<Arc<Mutex<Inner>>>, Path(id): Path<String>
             (StatusCode::NOT_FOUND, Json(body)).into_response()
         }
     }
+}
+
+/// Like the watchdog: 202 for a running job (its process then dies of SIGTERM), 409
+/// `not_running` for an exited one, 404 `unknown_job` otherwise.
+async fn stop(State(inner): State<Arc<Mutex<Inner>>>, Path(id): Path<String>) -> Response {
+    let mut inner = inner.lock().unwrap();
+    inner.stops.push(id.clone());
+    let refuse = |status, error: &str| {
+        let body = ErrorBody {
+            error: error.into(),
+            message: format!("job {id}: {error}"),
+        };
+        (status, Json(body)).into_response()
+    };
+    match inner.jobs.get(&id).cloned() {
+        Some(Answer::Running(process)) => {
+            let exit = ExitStatus::from_wait_status(libc_sigterm(), false);
+            inner.jobs.insert(id, Answer::Exited(process, exit));
+            StatusCode::ACCEPTED.into_response()
+        }
+        Some(_) => refuse(StatusCode::CONFLICT, "not_running"),
+        None => refuse(StatusCode::NOT_FOUND, "unknown_job"),
+    }
+}
+
+/// The wait status of a death by SIGTERM (15 on Linux), without a libc dependency in the
+/// OMA's tests.
+fn libc_sigterm() -> u32 {
+    15
 }
 
 async fn start(
