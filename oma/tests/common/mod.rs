@@ -124,7 +124,10 @@ pub async fn start_server(settings: Settings) -> RunningServer {
 pub async fn dead_url() -> String {
     let url = "http://127.0.0.1:9".to_owned();
     let refused = tokio::net::TcpStream::connect("127.0.0.1:9").await.is_err();
-    assert!(refused, "something listens on 127.0.0.1:9; the tests need it closed");
+    assert!(
+        refused,
+        "something listens on 127.0.0.1:9; the tests need it closed"
+    );
     url
 }
 
