@@ -220,27 +220,8 @@ async fn start_runs_the_template_registers_the_process_and_refuses_a_second_star
     assert_eq!(error_of(again).await.error, "job_running");
 
     unsafe { libc::kill(process.pid as i32, libc::SIGKILL) };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let job: VmaJobStatus = client
-            .get(server.url("/api/v1/jobs/job-7"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if let JobProcessState::Exited { exit, .. } = job.state {
-            assert_eq!(exit.signal, Some(9));
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the death was never recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let signal = support::exit_signal(&client, &server.url("/api/v1/jobs/job-7")).await;
+    assert_eq!(signal, Some(9));
     let jobs: Vec<VmaJobStatus> = client
         .get(server.url("/api/v1/jobs"))
         .bearer_auth(TOKEN)

@@ -3,32 +3,9 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
 use api::{ErrorBody, JobProcessState, VmaJobStatus};
 use reqwest::StatusCode;
-use support::{TOKEN, serve_on, sleep_launcher, state};
-
-/// The job's state once its process has exited (its signal), waiting up to 10 s.
-async fn exit_signal(client: &reqwest::Client, url: &str) -> Option<i32> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let job: VmaJobStatus = client
-            .get(url)
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if let JobProcessState::Exited { exit, .. } = job.state {
-            return exit.signal;
-        }
-        assert!(Instant::now() < deadline, "the death was never recorded");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use support::{TOKEN, exit_signal, serve_on, sleep_launcher, state};
 
 #[tokio::test]
 async fn stop_terminates_the_running_process_and_says_when_there_is_none() {

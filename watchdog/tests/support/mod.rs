@@ -93,3 +93,27 @@ pub fn progress_body(bytes: u64) -> serde_json::Value {
         "disk_id": "disk-2000", "sync_type": "full"
     })
 }
+
+/// The signal that ended the job's process, once the API reports it exited (at most 10 s).
+pub async fn exit_signal(client: &reqwest::Client, url: &str) -> Option<i32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let job: api::VmaJobStatus = client
+            .get(url)
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let api::JobProcessState::Exited { exit, .. } = job.state {
+            return exit.signal;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the death was never recorded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
