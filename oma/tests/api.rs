@@ -382,16 +382,11 @@ async fn a_replaced_vma_token_stops_working_at_once() {
             http: reqwest::Client::new(),
             base: format!("http://{}", server.addr),
         };
-        let register = |token: &str| json!({"base_url": vma.url, "token": token});
-        let put = c
-            .send(
-                M::PUT,
-                "/api/v1/vmas/vma-1",
-                Some(OPERATOR),
-                Some(register(VMA1_TOKEN)),
-            )
-            .await;
-        assert_eq!(put.status(), StatusCode::OK);
+        let register = |token: &str| {
+            let body = json!({"base_url": vma.url, "token": token});
+            c.send(M::PUT, "/api/v1/vmas/vma-1", Some(OPERATOR), Some(body))
+        };
+        assert_eq!(register(VMA1_TOKEN).await.status(), StatusCode::OK);
         let empty = json!({"vma_id": "vma-1", "events": []});
         let post = |token: &'static str| {
             c.send(
@@ -410,15 +405,7 @@ async fn a_replaced_vma_token_stops_working_at_once() {
                 db.backend
             );
         }
-        let put = c
-            .send(
-                M::PUT,
-                "/api/v1/vmas/vma-1",
-                Some(OPERATOR),
-                Some(register(NEW_TOKEN)),
-            )
-            .await;
-        assert_eq!(put.status(), StatusCode::OK);
+        assert_eq!(register(NEW_TOKEN).await.status(), StatusCode::OK);
         assert_eq!(
             post(VMA1_TOKEN).await.status(),
             StatusCode::UNAUTHORIZED,

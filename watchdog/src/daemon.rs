@@ -174,12 +174,12 @@ impl Core {
             let p = entry.process;
             let alive = matches!(procfs::read_stat(p.pid),
                 Ok(Some(s)) if s.start_time == p.start_time && !s.is_dead());
-            if alive && self.watch(p) {
-                tracing::info!(event = "process_adopted", job_id = %entry.job_id, pid = p.pid,
-                    start_time = p.start_time, "adopted a process that was running before this start");
-            } else if alive {
-                // `watch` found it a zombie and reported its death, or logged why it cannot
-                // watch it.
+            if alive {
+                // `watch` reports the death of a zombie itself, or logs why it cannot watch.
+                if self.watch(p) {
+                    tracing::info!(event = "process_adopted", job_id = %entry.job_id, pid = p.pid,
+                        start_time = p.start_time, "adopted a process that was running before this start");
+                }
             } else if let Some(queued) = self.outbox.pending_death(p) {
                 // Died before the last stop, which came before the registry's file caught up
                 // with the outbox: the death is queued for the OMA already, not news.

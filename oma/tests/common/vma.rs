@@ -212,7 +212,7 @@ async fn stop(State(inner): State<Arc<Mutex<Inner>>>, Path(id): Path<String>) ->
     };
     match inner.jobs.get(&id).cloned() {
         Some(Answer::Running(process)) => {
-            let exit = ExitStatus::from_wait_status(libc_sigterm(), false);
+            let exit = ExitStatus::from_wait_status(SIGTERM_WAIT_STATUS, false);
             inner.jobs.insert(id, Answer::Exited(process, exit));
             StatusCode::ACCEPTED.into_response()
         }
@@ -223,9 +223,7 @@ async fn stop(State(inner): State<Arc<Mutex<Inner>>>, Path(id): Path<String>) ->
 
 /// The wait status of a death by SIGTERM (15 on Linux), without a libc dependency in the
 /// OMA's tests.
-fn libc_sigterm() -> u32 {
-    15
-}
+const SIGTERM_WAIT_STATUS: u32 = 15;
 
 async fn start(
     State(inner): State<Arc<Mutex<Inner>>>,
