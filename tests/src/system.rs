@@ -17,6 +17,10 @@ use crate::{HarnessError, Result};
 /// fails: generous, since the machine is shared; the figures themselves are printed.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// How long [`System::kill_and_measure`] leaves the OMA alone after a kill before it first
+/// asks for the job (the figure itself comes from the OMA's log, not from this look).
+const FIRST_LOOK: Duration = Duration::from_millis(25);
+
 /// Options of [`System::start`].
 #[derive(Debug, Clone)]
 pub struct SystemOptions {
@@ -151,6 +155,10 @@ impl System {
     ) -> Result<(Job, Duration, Option<Duration>)> {
         let before = SystemTime::now();
         crate::procs::kill_process(process, sig)?;
+        // The first look at the OMA waits until the death has most likely been committed
+        // (a few ms), so that the harness's own request does not compete for the two cores
+        // and the OMA's database with the very path it measures.
+        std::thread::sleep(FIRST_LOOK);
         let job = self
             .oma
             .wait_job_every(job_id, PATIENCE, Duration::from_millis(50), |j| {

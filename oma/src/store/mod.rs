@@ -14,6 +14,7 @@
 //! `SQLITE_BUSY`; PostgreSQL gets a real pool.
 
 mod change;
+mod checkpoint;
 mod jobs;
 mod lock;
 mod rows;
@@ -114,6 +115,8 @@ pub struct Store {
     backend: Backend,
     /// VMA tokens by hash, read from `vmas` (see `token_cache`).
     vma_tokens: std::sync::Arc<token_cache::TokenCache>,
+    /// Keeps the background checkpoints (SQLite) going while any clone of the store lives.
+    _checkpoints: std::sync::Arc<()>,
 }
 
 impl Store {
@@ -122,6 +125,12 @@ impl Store {
     /// A plain path or `sqlite://PATH` selects SQLite; `postgres://` or `postgresql://` selects
     /// PostgreSQL.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, Some(checkpoint::INTERVAL)).await
+    }
+
+    /// [`Store::connect`], with SQLite's background checkpoints every `checkpoints` (none
+    /// with `None`: the tests that watch them run their own).
+    async fn connect_with(url: &str, checkpoints: Option<Duration>) -> Result<Self, StoreError> {
         install_default_drivers();
         let (backend, url) = normalise_url(url)?;
         let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
@@ -137,6 +146,15 @@ impl Store {
                             conn.execute("PRAGMA synchronous = FULL").await?;
                             conn.execute("PRAGMA foreign_keys = ON").await?;
                             conn.execute("PRAGMA busy_timeout = 10000").await?;
+                            // Checkpoints run in the background (see `checkpoint`).
+                            conn.execute(
+                                format!(
+                                    "PRAGMA wal_autocheckpoint = {}",
+                                    checkpoint::BACKSTOP_PAGES
+                                )
+                                .as_str(),
+                            )
+                            .await?;
                             Ok(())
                         })
                     })
@@ -146,10 +164,15 @@ impl Store {
             Backend::Postgres => options.max_connections(16).connect(&url).await?,
         };
         sqlx::migrate!("./migrations").run(&pool).await?;
+        let alive = std::sync::Arc::new(());
+        if let (Backend::Sqlite, Some(every)) = (backend, checkpoints) {
+            checkpoint::spawn_every(url, std::sync::Arc::downgrade(&alive), every);
+        }
         Ok(Self {
             pool,
             backend,
             vma_tokens: std::sync::Arc::default(),
+            _checkpoints: alive,
         })
     }
 

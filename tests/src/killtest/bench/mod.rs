@@ -12,7 +12,7 @@ use crate::system::{System, SystemOptions, percentile};
 
 mod split;
 
-pub use split::Step;
+pub use split::{SlowKill, Step};
 
 /// Figures of one benchmark run.
 #[derive(Debug, Clone, Serialize)]
@@ -35,6 +35,8 @@ pub struct BenchFigures {
     pub intervals: String,
     /// Where the time goes, step by step (from the watchdog's timing lines).
     pub steps: Vec<Step>,
+    /// The slowest kills, each split into the same steps.
+    pub slowest: Vec<SlowKill>,
     /// The baseline, measured in the same run on the same filesystem: one append and
     /// `fdatasync(2)` every 20 ms, as isolated as a death's; p50 and p99, milliseconds. A death
     /// costs two of them by design (the outbox's and the OMA's commit).
@@ -60,6 +62,13 @@ impl fmt::Display for BenchFigures {
         )?;
         for step in &self.steps {
             write!(f, "\n{step}")?;
+        }
+        write!(
+            f,
+            "\nthe slowest kills, the same steps in the same order (ms):"
+        )?;
+        for kill in &self.slowest {
+            write!(f, "\n{kill}")?;
         }
         write!(
             f,
@@ -125,6 +134,7 @@ pub fn kill_to_commit(kills: usize, busy: bool) -> crate::Result<BenchFigures> {
         }
     }
     let syncs = fdatasync_baseline(sys.oma.dir(), 200)?;
+    let (steps, slowest) = split::split(sys.watchdog.log_path(), sys.oma.log_path(), &measured);
     Ok(BenchFigures {
         kills,
         p50_ms: percentile(&ms, 50.0).unwrap_or_default(),
@@ -134,7 +144,8 @@ pub fn kill_to_commit(kills: usize, busy: bool) -> crate::Result<BenchFigures> {
         detect_p99_ms: percentile(&detect_ms, 99.0).unwrap_or_default(),
         detector,
         intervals,
-        steps: split::split(sys.watchdog.log_path(), sys.oma.log_path(), &measured),
+        steps,
+        slowest,
         fdatasync_p50_ms: percentile(&syncs, 50.0).unwrap_or_default(),
         fdatasync_p99_ms: percentile(&syncs, 99.0).unwrap_or_default(),
     })

@@ -40,6 +40,21 @@ pub struct Step {
     pub samples: usize,
 }
 
+/// One of the slowest kills, step by step (milliseconds, `None` where a timing line is
+/// missing), so that a tail can be told apart from a sum of medians.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlowKill {
+    /// The job.
+    pub job_id: String,
+    /// Kill to commit, milliseconds.
+    pub total_ms: f64,
+    /// Each of [`STEPS`], in order.
+    pub steps_ms: Vec<Option<f64>>,
+}
+
+/// How many of the slowest kills [`split`] details.
+const SLOWEST: usize = 3;
+
 /// The steps, in order; each ends where the next begins, so they add up to the total.
 const STEPS: [&str; 12] = [
     "kill -> the kernel's exit tracepoint",
@@ -62,8 +77,8 @@ fn committed_us(kill: &Kill) -> u64 {
 }
 
 /// Reads the watchdog's log at `log` and the OMA's at `oma_log`, and splits every kill in
-/// `kills`.
-pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> Vec<Step> {
+/// `kills`: the steps' percentiles, and the slowest kills one by one.
+pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> (Vec<Step>, Vec<SlowKill>) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let oma_text = std::fs::read_to_string(oma_log).unwrap_or_default();
     // The OMA's lines (tracing's JSON: the event's fields under `fields`), by first event id.
@@ -117,6 +132,7 @@ pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> Vec<Step> {
         }
     }
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
+    let mut slowest: Vec<SlowKill> = Vec::new();
     for kill in kills {
         let us = |v: Option<&&Value>, k: &str| v.and_then(|v| v[k].as_u64());
         let exit = seen.get(&(u64::from(kill.process.pid), kill.process.start_time));
@@ -147,13 +163,25 @@ pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> Vec<Step> {
             wall("committed_us"),
             Some(committed_us(kill)),
         ];
-        for (i, pair) in points.windows(2).enumerate() {
-            if let [Some(from), Some(to)] = pair {
-                samples[i].push(to.saturating_sub(*from) as f64 / 1e3);
-            }
+        let steps_ms: Vec<Option<f64>> = points
+            .windows(2)
+            .map(|pair| match pair {
+                [Some(from), Some(to)] => Some(to.saturating_sub(*from) as f64 / 1e3),
+                _ => None,
+            })
+            .collect();
+        for (i, ms) in steps_ms.iter().enumerate() {
+            samples[i].extend(*ms);
         }
+        slowest.push(SlowKill {
+            job_id: kill.job_id.clone(),
+            total_ms: kill.total_us as f64 / 1e3,
+            steps_ms,
+        });
+        slowest.sort_by(|a, b| b.total_ms.total_cmp(&a.total_ms));
+        slowest.truncate(SLOWEST);
     }
-    STEPS
+    let steps = STEPS
         .iter()
         .zip(samples)
         .map(|(name, s)| Step {
@@ -162,7 +190,8 @@ pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> Vec<Step> {
             p99_ms: percentile(&s, 99.0).unwrap_or_default(),
             samples: s.len(),
         })
-        .collect()
+        .collect();
+    (steps, slowest)
 }
 
 impl fmt::Display for Step {
@@ -172,6 +201,19 @@ impl fmt::Display for Step {
             "  {:<40} p50 {:>6.2} ms  p99 {:>6.2} ms  ({} kills)",
             self.name, self.p50_ms, self.p99_ms, self.samples
         )
+    }
+}
+
+impl fmt::Display for SlowKill {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "  {} {:.2} ms:", self.job_id, self.total_ms)?;
+        for ms in &self.steps_ms {
+            match ms {
+                Some(ms) => write!(f, " {ms:.2}")?,
+                None => write!(f, " -")?,
+            }
+        }
+        Ok(())
     }
 }
 
