@@ -1,8 +1,9 @@
 //! Writing one change to a job: the fenced row update, its audit entries and, when the job
 //! reaches a final state, the release of its VM context, all inside the caller's transaction.
 
-use super::StoreError;
+use super::batch::Writes;
 use super::rows::JobRecord;
+use super::{Backend, StoreError};
 use crate::model::{Actor, ContextStatus, FailureClass, JobStatus};
 use sqlx::AnyConnection;
 use uuid::Uuid;
@@ -66,14 +67,16 @@ pub(crate) fn log_transitions(job_id: &str, drafts: &[AuditDraft]) {
 }
 
 /// Writes `change` over `before`. Returns `false` when another writer changed the job since
-/// it was read (the caller retries); nothing is written then.
+/// it was read (the caller rolls back and retries).
 pub(crate) async fn commit_change(
     conn: &mut AnyConnection,
+    backend: Backend,
     before: &JobRecord,
     change: &JobChange,
     now: i64,
 ) -> Result<bool, StoreError> {
-    if !write_row_change(conn, before, &change.after, now).await? {
+    let mut writes = Writes::new(backend);
+    if !write_row_change(conn, &mut writes, before, &change.after, now).await? {
         return Ok(false);
     }
     let entries: Vec<_> = change
@@ -81,23 +84,25 @@ pub(crate) async fn commit_change(
         .iter()
         .map(|d| (change.after.job.id.as_str(), d))
         .collect();
-    insert_audits(conn, &entries, now).await?;
-    Ok(true)
+    Ok(insert_audits(conn, &mut writes, &entries, now).await? && writes.flush(conn).await?)
 }
 
 /// The row half of a change: the fenced update and, when the job becomes final, the release of
-/// its context. The caller writes the audit entries (event intake batches them).
+/// its context. The caller writes the audit entries (event intake batches them). Returns
+/// `false` as [`commit_change`] does (on SQLite, where the writes wait for the caller's
+/// flush, the flush says it instead).
 pub(crate) async fn write_row_change(
     conn: &mut AnyConnection,
+    writes: &mut Writes<'_>,
     before: &JobRecord,
     after: &JobRecord,
     now: i64,
 ) -> Result<bool, StoreError> {
-    if after != before && !update_job(conn, before.version, after).await? {
+    if after != before && !update_job(conn, writes, before.version, after).await? {
         return Ok(false);
     }
     if before.job.status.is_active() && after.job.status.is_final() {
-        release_context(conn, after, now).await?;
+        return release_context(conn, writes, after, now).await;
     }
     Ok(true)
 }
@@ -105,46 +110,36 @@ pub(crate) async fn write_row_change(
 /// Appends audit entries with one statement per 100.
 pub(crate) async fn insert_audits(
     conn: &mut AnyConnection,
+    writes: &mut Writes<'_>,
     entries: &[(&str, &AuditDraft)],
     now: i64,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     for chunk in entries.chunks(100) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                let b = i * 8 + 1;
-                format!(
-                    "(${}, ${}, $1, ${}, ${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7,
-                    b + 8
-                )
-            })
-            .collect();
+        let at = writes.arg(now)?;
+        let mut values = Vec::with_capacity(chunk.len());
+        for (job_id, draft) in chunk {
+            values.push(format!(
+                "({}, {}, {at}, {}, {}, {}, {}, {}, {})",
+                writes.arg(Uuid::now_v7().to_string())?,
+                writes.arg((*job_id).to_owned())?,
+                writes.arg(draft.from.map(|s| s.as_str()))?,
+                writes.arg(draft.to.as_str())?,
+                writes.arg(draft.actor.as_str())?,
+                writes.arg(draft.action)?,
+                writes.arg(draft.failure_class.map(|c| c.as_str()))?,
+                writes.arg(draft.evidence.to_string())?,
+            ));
+        }
         let sql = format!(
             "INSERT INTO job_audit (id, job_id, at, from_status, to_status, actor, action, \
              failure_class, evidence) VALUES {}",
             values.join(", ")
         );
-        let mut query = sqlx::query(&sql).bind(now);
-        for (job_id, draft) in chunk {
-            query = query
-                .bind(Uuid::now_v7().to_string())
-                .bind((*job_id).to_owned())
-                .bind(draft.from.map(|s| s.as_str()))
-                .bind(draft.to.as_str())
-                .bind(draft.actor.as_str())
-                .bind(draft.action)
-                .bind(draft.failure_class.map(|c| c.as_str()))
-                .bind(draft.evidence.to_string());
+        if !writes.end(conn, &sql, chunk.len() as u64).await? {
+            return Ok(false);
         }
-        query.execute(&mut *conn).await?;
     }
-    Ok(())
+    Ok(true)
 }
 
 fn ms(t: Option<chrono::DateTime<chrono::Utc>>) -> Option<i64> {
@@ -153,46 +148,45 @@ fn ms(t: Option<chrono::DateTime<chrono::Utc>>) -> Option<i64> {
 
 async fn update_job(
     conn: &mut AnyConnection,
+    w: &mut Writes<'_>,
     version: i64,
     rec: &JobRecord,
 ) -> Result<bool, StoreError> {
     let j = &rec.job;
-    let result = sqlx::query(
-        "UPDATE replication_jobs SET status = $1, active = $2, progress_percent = $3, \
-         current_operation = $4, bytes_transferred = $5, total_bytes = $6, throughput = $7, \
-         sync_type = $8, started_at = $9, updated_at = $10, last_progress_at = $11, \
-         progress_sequence = $12, bytes_moved_at = $13, stalled_since = $14, \
-         progress_status = $15, completed_at = $16, error_message = $17, failure_class = $18, \
-         process_pid = $19, process_start_time = $20, attempt = $21, recovery_note = $22, version = version + 1 \
-         WHERE id = $23 AND version = $24",
-    )
-    .bind(j.status.as_str())
-    .bind(i64::from(j.status.is_active()))
-    .bind(j.progress_percent)
-    .bind(j.current_operation.clone())
-    .bind(j.bytes_transferred)
-    .bind(j.total_bytes)
-    .bind(j.throughput)
-    .bind(j.sync_type.clone())
-    .bind(ms(j.started_at))
-    .bind(j.updated_at.timestamp_millis())
-    .bind(ms(j.last_progress_at))
-    .bind(rec.progress_sequence)
-    .bind(rec.bytes_moved_at)
-    .bind(ms(j.stalled_since))
-    .bind(rec.progress_status.clone())
-    .bind(ms(j.completed_at))
-    .bind(j.error_message.clone())
-    .bind(j.failure_class.map(|c| c.as_str()))
-    .bind(j.pid)
-    .bind(j.process_start_time)
-    .bind(j.attempt)
-    .bind(rec.recovery_note.clone())
-    .bind(j.id.clone())
-    .bind(version)
-    .execute(&mut *conn)
-    .await?;
-    Ok(result.rows_affected() == 1)
+    let sql = format!(
+        "UPDATE replication_jobs SET status = {}, active = {}, progress_percent = {}, \
+         current_operation = {}, bytes_transferred = {}, total_bytes = {}, throughput = {}, \
+         sync_type = {}, started_at = {}, updated_at = {}, last_progress_at = {}, \
+         progress_sequence = {}, bytes_moved_at = {}, stalled_since = {}, \
+         progress_status = {}, completed_at = {}, error_message = {}, failure_class = {}, \
+         process_pid = {}, process_start_time = {}, attempt = {}, recovery_note = {}, \
+         version = version + 1 WHERE id = {} AND version = {}",
+        w.arg(j.status.as_str())?,
+        w.arg(i64::from(j.status.is_active()))?,
+        w.arg(j.progress_percent)?,
+        w.arg(j.current_operation.clone())?,
+        w.arg(j.bytes_transferred)?,
+        w.arg(j.total_bytes)?,
+        w.arg(j.throughput)?,
+        w.arg(j.sync_type.clone())?,
+        w.arg(ms(j.started_at))?,
+        w.arg(j.updated_at.timestamp_millis())?,
+        w.arg(ms(j.last_progress_at))?,
+        w.arg(rec.progress_sequence)?,
+        w.arg(rec.bytes_moved_at)?,
+        w.arg(ms(j.stalled_since))?,
+        w.arg(rec.progress_status.clone())?,
+        w.arg(ms(j.completed_at))?,
+        w.arg(j.error_message.clone())?,
+        w.arg(j.failure_class.map(|c| c.as_str()))?,
+        w.arg(j.pid)?,
+        w.arg(j.process_start_time)?,
+        w.arg(j.attempt)?,
+        w.arg(rec.recovery_note.clone())?,
+        w.arg(j.id.clone())?,
+        w.arg(version)?,
+    );
+    w.end(conn, &sql, 1).await
 }
 
 /// Frees the job's VM context: `current_job_id` cleared, status `ready_for_failover` (the
@@ -200,31 +194,31 @@ async fn update_job(
 /// job's own status and failure class say how it ended), counters updated.
 async fn release_context(
     conn: &mut AnyConnection,
+    w: &mut Writes<'_>,
     rec: &JobRecord,
     now: i64,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let job = &rec.job;
     let succeeded = job.status == JobStatus::Completed;
     let failed = job.status == JobStatus::Failed;
+    let holder = w.arg(job.id.clone())?;
     // One statement: every SET expression sees the row as it was, so the CASEs all test the
     // old holder. Counters move even if (against the rules) another job holds the context.
-    sqlx::query(
-        "UPDATE vm_replication_contexts SET successful_jobs = successful_jobs + $1, \
-         failed_jobs = failed_jobs + $2, \
-         last_successful_job_id = COALESCE($3, last_successful_job_id), \
-         current_status = CASE WHEN current_job_id = $4 THEN $5 ELSE current_status END, \
-         last_status_change = CASE WHEN current_job_id = $4 THEN $6 ELSE last_status_change END, \
-         current_job_id = CASE WHEN current_job_id = $4 THEN NULL ELSE current_job_id END \
-         WHERE context_id = $7",
-    )
-    .bind(i64::from(succeeded))
-    .bind(i64::from(failed))
-    .bind(succeeded.then(|| job.id.clone()))
-    .bind(job.id.clone())
-    .bind(ContextStatus::ReadyForFailover.as_str())
-    .bind(now)
-    .bind(job.vm_context_id.clone())
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    let sql = format!(
+        "UPDATE vm_replication_contexts SET successful_jobs = successful_jobs + {}, \
+         failed_jobs = failed_jobs + {}, \
+         last_successful_job_id = COALESCE({}, last_successful_job_id), \
+         current_status = CASE WHEN current_job_id = {holder} THEN {} ELSE current_status END, \
+         last_status_change = CASE WHEN current_job_id = {holder} THEN {} ELSE last_status_change END, \
+         current_job_id = CASE WHEN current_job_id = {holder} THEN NULL ELSE current_job_id END \
+         WHERE context_id = {}",
+        w.arg(i64::from(succeeded))?,
+        w.arg(i64::from(failed))?,
+        w.arg(succeeded.then(|| job.id.clone()))?,
+        w.arg(ContextStatus::ReadyForFailover.as_str())?,
+        w.arg(now)?,
+        w.arg(job.vm_context_id.clone())?,
+    );
+    // The context exists: the job's row references it.
+    w.end(conn, &sql, 1).await
 }

@@ -1,5 +1,6 @@
 //! Jobs, VM contexts and VMAs: creation, reads, and the generic fenced job mutation.
 
+use super::batch::Writes;
 use super::change::{AuditDraft, JobChange, commit_change, insert_audits, log_transitions};
 use super::rows::{
     CONTEXT_COLUMNS, DECISION_COLUMNS, JOB_COLUMNS, JobRecord, audit_from_row, context_from_row,
@@ -144,7 +145,13 @@ impl Store {
             failure_class: None,
             evidence: serde_json::json!({ "vma_id": new.vma_id, "vm_context_id": new.vm_context_id }),
         };
-        insert_audits(&mut tx, &[(id.as_str(), &draft)], now).await?;
+        let mut writes = Writes::new(self.backend);
+        if !(insert_audits(&mut tx, &mut writes, &[(id.as_str(), &draft)], now).await?
+            && writes.flush(&mut tx).await?)
+        {
+            // One new row that was not inserted: nothing a retry would change.
+            return Err(StoreError::Contention(id));
+        }
         let rec = load_job(&mut tx, &id)
             .await?
             .ok_or_else(|| StoreError::UnknownJob(id.clone()))?;
@@ -256,7 +263,7 @@ impl Store {
             let Some(change) = decide(&before, now)? else {
                 return Ok(before);
             };
-            if commit_change(&mut tx, &before, &change, now).await? {
+            if commit_change(&mut tx, self.backend, &before, &change, now).await? {
                 tx.commit().await?;
                 log_transitions(id, &change.audit);
                 return Ok(change.after);

@@ -13,6 +13,7 @@
 //! single pooled connection, which serialises writers instead of letting them fail with
 //! `SQLITE_BUSY`; PostgreSQL gets a real pool.
 
+mod batch;
 mod change;
 mod checkpoint;
 mod jobs;

@@ -1,9 +1,10 @@
 //! VMAs, idempotent event intake and the record of recovery runs.
 
+use super::batch::Writes;
 use super::change::{AuditDraft, JobChange, insert_audits, log_transitions, write_row_change};
 use super::rows::JobRecord;
 use super::rows::{JOB_COLUMNS, job_from_row};
-use super::{MAX_ATTEMPTS, Store, StoreError};
+use super::{Backend, MAX_ATTEMPTS, Store, StoreError};
 use crate::model::now_ms;
 use api::ProcessEvent;
 use serde::{Deserialize, Serialize};
@@ -160,22 +161,14 @@ impl Store {
             let mut tx = self.pool.begin().await?;
             let begun_us = wall_us();
             let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
-            let mut seen: HashSet<String> = select_in(
-                &mut tx,
-                "SELECT event_id AS v FROM processed_events WHERE event_id",
-                &ids,
-            )
-            .await?
-            .into_iter()
-            .collect();
             let job_ids: Vec<String> = events
                 .iter()
-                .filter(|e| !seen.contains(&e.event_id.to_string()))
                 .map(|e| e.job_id.clone())
                 .collect::<HashSet<_>>()
                 .into_iter()
                 .collect();
-            let mut jobs = load_jobs(&mut tx, &job_ids).await?;
+            let (mut seen, mut jobs) = read_intake(&mut tx, self.backend, &ids, &job_ids).await?;
+            let mut writes = Writes::new(self.backend);
             let mut applied = 0;
             let mut processed = Vec::new();
             let mut audit: Vec<(String, AuditDraft)> = Vec::new();
@@ -194,7 +187,9 @@ impl Store {
                     Some(before) => {
                         let decision = decide(before, event, now);
                         if let Some(change) = decision.change {
-                            if !write_row_change(&mut tx, before, &change.after, now).await? {
+                            if !write_row_change(&mut tx, &mut writes, before, &change.after, now)
+                                .await?
+                            {
                                 continue 'retry;
                             }
                             let job_id = change.after.job.id.clone();
@@ -212,32 +207,34 @@ impl Store {
                 processed.push((id, event.job_id.clone(), outcome));
             }
             let entries: Vec<_> = audit.iter().map(|(j, d)| (j.as_str(), d)).collect();
-            insert_audits(&mut tx, &entries, now).await?;
+            if !insert_audits(&mut tx, &mut writes, &entries, now).await? {
+                continue 'retry;
+            }
             for chunk in processed.chunks(200) {
-                let values: Vec<String> = (0..chunk.len())
-                    .map(|i| {
-                        let b = i * 4;
-                        format!("(${}, $1, ${}, ${}, ${})", b + 2, b + 3, b + 4, b + 5)
-                    })
-                    .collect();
+                let vma = writes.arg(vma_id.to_owned())?;
+                let at = writes.arg(now)?;
+                let mut values = Vec::with_capacity(chunk.len());
+                for (id, job_id, outcome) in chunk {
+                    values.push(format!(
+                        "({}, {vma}, {}, {}, {at})",
+                        writes.arg(id.clone())?,
+                        writes.arg(job_id.clone())?,
+                        writes.arg(*outcome)?,
+                    ));
+                }
                 let sql = format!(
                     "INSERT INTO processed_events (event_id, vma_id, job_id, outcome, processed_at) \
                      VALUES {} ON CONFLICT (event_id) DO NOTHING",
                     values.join(", ")
                 );
-                let mut query = sqlx::query(&sql).bind(vma_id.to_owned());
-                for (id, job_id, outcome) in chunk {
-                    query = query
-                        .bind(id.clone())
-                        .bind(job_id.clone())
-                        .bind(*outcome)
-                        .bind(now);
-                }
-                if query.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
-                    // A concurrent request recorded some of these events first: start over,
-                    // and this time they are seen as duplicates.
+                // Fewer rows than events: a concurrent request recorded some of these events
+                // first. Start over, and this time they are seen as duplicates.
+                if !writes.end(&mut tx, &sql, chunk.len() as u64).await? {
                     continue 'retry;
                 }
+            }
+            if !writes.flush(&mut tx).await? {
+                continue 'retry;
             }
             let commit_us = wall_us();
             tx.commit().await?;
@@ -303,47 +300,73 @@ impl Store {
     }
 }
 
-/// Runs `{prefix} IN (...)` over `values` in chunks and returns column `v` of every row.
-async fn select_in(
+/// What intake needs before deciding: which of the event ids `ids` were processed before,
+/// and the jobs `job_ids` by id. On SQLite both reads go in one round trip (see `batch`);
+/// PostgreSQL takes one statement at a time.
+async fn read_intake<'a>(
     conn: &mut AnyConnection,
-    prefix: &str,
-    values: &[String],
-) -> Result<Vec<String>, StoreError> {
-    let mut out = Vec::new();
-    for chunk in values.chunks(500) {
-        let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-        let sql = format!("{prefix} IN ({})", params.join(", "));
-        let mut query = sqlx::query(&sql);
-        for v in chunk {
-            query = query.bind(v.clone());
+    backend: Backend,
+    ids: &'a [String],
+    job_ids: &'a [String],
+) -> Result<(HashSet<String>, HashMap<String, JobRecord>), StoreError> {
+    let mut seen = HashSet::new();
+    let mut jobs = HashMap::new();
+    let together = backend == Backend::Sqlite;
+    let (mut ids, mut job_ids) = (ids.chunks(500), job_ids.chunks(500));
+    loop {
+        let (seen_chunk, jobs_chunk) = (ids.next(), job_ids.next());
+        if seen_chunk.is_none() && jobs_chunk.is_none() {
+            return Ok((seen, jobs));
         }
-        for row in query.fetch_all(&mut *conn).await? {
-            out.push(row.try_get("v")?);
+        // Each statement with its arguments; numbered across both when they go together.
+        let mut statements: Vec<(String, Vec<&String>)> = Vec::new();
+        let mut numbered = 0;
+        let mut add = |prefix: String, chunk: &'a [String]| {
+            let from = if together { numbered } else { 0 };
+            numbered += chunk.len();
+            statements.push((
+                format!("{prefix} IN ({})", placeholders(from, chunk.len())),
+                chunk.iter().collect(),
+            ));
+        };
+        if let Some(chunk) = seen_chunk {
+            add(
+                "SELECT event_id AS seen_event_id FROM processed_events WHERE event_id".into(),
+                chunk,
+            );
+        }
+        if let Some(chunk) = jobs_chunk {
+            add(
+                format!("SELECT {JOB_COLUMNS} FROM replication_jobs WHERE id"),
+                chunk,
+            );
+        }
+        if together {
+            let (sqls, args): (Vec<String>, Vec<Vec<&String>>) = statements.into_iter().unzip();
+            statements = vec![(sqls.join(";\n"), args.concat())];
+        }
+        for (sql, args) in &statements {
+            let mut query = sqlx::query(sql);
+            for arg in args {
+                query = query.bind((*arg).clone());
+            }
+            // Rows of the first statement have the one column `seen_event_id`.
+            for row in query.fetch_all(&mut *conn).await? {
+                if row.columns().len() == 1 {
+                    seen.insert(row.try_get("seen_event_id")?);
+                } else {
+                    let rec = job_from_row(&row)?;
+                    jobs.insert(rec.job.id.clone(), rec);
+                }
+            }
         }
     }
-    Ok(out)
 }
 
-/// Reads the jobs with these ids, by id.
-async fn load_jobs(
-    conn: &mut AnyConnection,
-    ids: &[String],
-) -> Result<HashMap<String, JobRecord>, StoreError> {
-    let mut out = HashMap::new();
-    for chunk in ids.chunks(500) {
-        let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-        let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM replication_jobs WHERE id IN ({})",
-            params.join(", ")
-        );
-        let mut query = sqlx::query(&sql);
-        for id in chunk {
-            query = query.bind(id.clone());
-        }
-        for row in query.fetch_all(&mut *conn).await? {
-            let rec = job_from_row(&row)?;
-            out.insert(rec.job.id.clone(), rec);
-        }
-    }
-    Ok(out)
+/// `$from+1, ..., $from+n`.
+fn placeholders(from: usize, n: usize) -> String {
+    (from + 1..=from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
