@@ -14,6 +14,7 @@ pub mod recovery;
 pub mod routes;
 pub mod server;
 pub mod start;
+pub mod stop;
 pub mod store;
 pub mod vma_client;
 

@@ -8,7 +8,7 @@ use api::{EventBatchAck, ProcessEventKind, StartJobRequest};
 use common::vma::{Answer, StandInVma, StartMode, pid};
 use common::{OPERATOR, VMA1_TOKEN, dead_url, settings, start_server, test_dbs};
 use oma::auth::hash_token;
-use oma::model::{ContextStatus, FailureClass, Job, JobStatus};
+use oma::model::{Actor, ContextStatus, FailureClass, Job, JobStatus};
 use oma::recovery::{Action, RecoveryError, Trigger};
 use oma::server::RunningServer;
 use oma::store::{NewJob, Store};
@@ -343,5 +343,37 @@ async fn cancel_stops_the_process_on_the_vma_and_records_the_answer() {
             "{:?}",
             stop.evidence
         );
+
+        // The VMA is back, and job-2's migratekit runs there after all (it was started by a
+        // request whose answer was lost): recovery's retry stops it, once, and records it.
+        let retry =
+            || oma::stop::retry_pending(store, &server.state.vma_client, Actor::PeriodicRecovery);
+        assert_eq!(
+            retry().await,
+            0,
+            "{}: the VMA is still unreachable",
+            db.backend
+        );
+        assert_eq!(store.audit("job-2").await.unwrap().len(), audit.len());
+        store
+            .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
+            .await
+            .unwrap();
+        vma.set("job-2", Answer::Running(pid(5151, 888)));
+        assert_eq!(retry().await, 1, "{}", db.backend);
+        assert_eq!(vma.stops(), ["job-1", "job-2"], "{}", db.backend);
+        let after = store.audit("job-2").await.unwrap();
+        let stop = after.last().unwrap();
+        assert_eq!(
+            (stop.action.as_str(), stop.actor, stop.to_status),
+            (
+                "stop_requested",
+                Actor::PeriodicRecovery,
+                JobStatus::Cancelled
+            )
+        );
+        assert_eq!(stop.evidence["vma_answer"]["answer"], "stopping");
+        assert_eq!(retry().await, 0, "{}: asked twice", db.backend);
+        assert_eq!(vma.stops(), ["job-1", "job-2"], "{}", db.backend);
     }
 }

@@ -291,7 +291,8 @@ impl Recovery {
         Ok(!superseded)
     }
 
-    /// Runs at startup, then every interval, until the task is dropped.
+    /// Runs at startup, then every interval, until the task is dropped; after each run it
+    /// retries the stop requests of cancelled jobs that have not reached their VMA.
     pub async fn run_forever(self: Arc<Self>) {
         let mut trigger = Trigger::Startup;
         loop {
@@ -304,6 +305,8 @@ impl Recovery {
                     tracing::error!(error = %e, "recovery run failed; retrying next interval")
                 }
             }
+            // Cancelled jobs whose migratekit the VMA was not reached to stop.
+            crate::stop::retry_pending(&self.store, &self.client, trigger.actor()).await;
             trigger = Trigger::Periodic;
             tokio::time::sleep(self.config.interval).await;
         }

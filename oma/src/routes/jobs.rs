@@ -245,46 +245,6 @@ pub async fn cancel_job(
         })
         .await?;
     tracing::info!(job_id = %id, "job cancelled by an operator");
-    stop_on_vma(&state, &rec).await;
+    crate::stop::after_cancel(&state.store, &state.vma_client, &rec).await;
     Ok(Json(rec.job))
-}
-
-/// Asks the cancelled job's VMA to stop its migratekit, and records the answer in the audit
-/// trail (the status stays `cancelled`). After the cancel is committed, never before: a stop
-/// for a cancel that did not happen would fail a running job. A VMA that cannot be reached
-/// leaves the process running; the audit entry and a warning say so.
-async fn stop_on_vma(state: &AppState, rec: &crate::store::JobRecord) {
-    let answer = match state.store.get_vma(&rec.job.vma_id).await {
-        Ok(Some(vma)) => state.vma_client.stop_job(&vma.base_url, &rec.job.id).await,
-        Ok(None) => crate::vma_client::StopAnswer::Failed {
-            reason: format!("no VMA is registered under id {}", rec.job.vma_id),
-        },
-        Err(e) => crate::vma_client::StopAnswer::Failed {
-            reason: e.to_string(),
-        },
-    };
-    if let crate::vma_client::StopAnswer::Failed { reason } = &answer {
-        tracing::warn!(job_id = %rec.job.id, vma_id = %rec.job.vma_id, %reason,
-            "the cancelled job's migratekit could not be stopped; it may still run on the VMA");
-    }
-    let evidence = serde_json::json!({ "vma_id": rec.job.vma_id, "vma_answer": answer });
-    let recorded = state
-        .store
-        .mutate_job(&rec.job.id, |cur, _now| {
-            Ok(Some(JobChange {
-                audit: vec![AuditDraft {
-                    action: "stop_requested",
-                    from: Some(cur.job.status),
-                    to: cur.job.status,
-                    actor: Actor::Operator,
-                    failure_class: None,
-                    evidence: evidence.clone(),
-                }],
-                after: cur.clone(),
-            }))
-        })
-        .await;
-    if let Err(e) = recorded {
-        tracing::warn!(job_id = %rec.job.id, error = %e, "cannot record the stop request in the audit trail");
-    }
 }

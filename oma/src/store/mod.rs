@@ -7,6 +7,10 @@
 //! only portable column types, which is why timestamps are i64 unix milliseconds and
 //! booleans are 0/1 integers.
 //!
+//! Round trips: on SQLite each statement is a hand-off to sqlx's worker thread, so a
+//! transaction's statements go together where they can (`batch`); PostgreSQL's protocol takes
+//! one statement per message. SQLite's WAL is checkpointed in the background (`checkpoint`).
+//!
 //! Concurrency: every change is one transaction that re-reads the job and writes it back with
 //! `WHERE version = <read version>` (optimistic locking that works on both databases; SQLite
 //! has no `SELECT ... FOR UPDATE`). A lost race is retried from the start. SQLite gets a
@@ -20,6 +24,7 @@ mod jobs;
 mod lock;
 mod rows;
 mod runs;
+mod stops;
 mod token_cache;
 
 pub use change::{AuditDraft, JobChange};
@@ -27,6 +32,7 @@ pub use jobs::{JobFilter, NewJob};
 pub use lock::RecoveryLock;
 pub use rows::{DECISION_COLUMNS, JobRecord};
 pub use runs::{IntakeOutcome, RecoveryRunRecord, Vma};
+pub use stops::PendingStop;
 pub use token_cache::TOKEN_TTL;
 
 use crate::model::JobStatus;
