@@ -7,8 +7,9 @@
 //!    leaves either nothing or a plain pending job.
 //! 2. `POST {vma}/api/v1/jobs/{id}/start` with [`api::StartJobRequest`] parameters, never a
 //!    command line. Recovery leaves the job alone while this is in flight
-//!    ([`crate::recovery::StartGuard`]), so it cannot fail the job as `job_lost` because it
-//!    asked the VMA a moment before the start arrived there. The call runs in a task of its
+//!    ([`crate::recovery::StartGuard`], which other OMAs on the same PostgreSQL database see
+//!    as an advisory lock), so it cannot fail the job as `job_lost` because it asked the VMA a
+//!    moment before the start arrived there. The call runs in a task of its
 //!    own: a client hanging up cannot cancel it between the VMA's answer and step 3.
 //! 3. One transaction records the answer, with an audit entry carrying it as evidence:
 //!    - 201 running: the process `(pid, start_time)` becomes the current attempt and the job

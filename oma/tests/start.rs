@@ -377,3 +377,47 @@ async fn cancel_stops_the_process_on_the_vma_and_records_the_answer() {
         assert_eq!(vma.stops(), ["job-1", "job-2"], "{}", db.backend);
     }
 }
+
+/// While a job's start request is in flight, recovery leaves the job alone (asking the VMA a
+/// moment before the start arrives there would fail it as `job_lost`): in the OMA that starts
+/// it, and on PostgreSQL in every other OMA on the same database. Released, it is judged again.
+#[tokio::test]
+async fn a_start_in_flight_fences_recovery_in_every_oma_on_the_database() {
+    for db in test_dbs().await {
+        let vma = StandInVma::start().await;
+        let a = server(&db, &vma.url).await;
+        // A second OMA on the same database (PostgreSQL only: SQLite is one OMA per file).
+        let b = match db.backend {
+            "postgres" => Some(server(&db, &vma.url).await),
+            _ => None,
+        };
+        let planned = |s: &RunningServer| {
+            let recovery = s.state.recovery.clone();
+            async move {
+                let plan = recovery.plan().await.unwrap();
+                plan.into_iter().map(|(r, _)| r.job.id).collect::<Vec<_>>()
+            }
+        };
+        let guard = a.state.recovery.start_guard("job-1").await.unwrap();
+        let new = NewJob {
+            id: Some("job-1".into()),
+            vm_context_id: "ctx-1".into(),
+            vm_name: Some("vm".into()),
+            vma_id: "vma-1".into(),
+            sync_type: None,
+        };
+        a.state.store.create_job(&new).await.unwrap();
+        assert!(planned(&a).await.is_empty(), "{}", db.backend);
+        if let Some(b) = &b {
+            assert!(
+                planned(b).await.is_empty(),
+                "the other OMA judged a job being started"
+            );
+        }
+        guard.release().await;
+        assert_eq!(planned(&a).await, ["job-1"], "{}", db.backend);
+        if let Some(b) = &b {
+            assert_eq!(planned(b).await, ["job-1"], "the fence outlived the start");
+        }
+    }
+}

@@ -8,7 +8,9 @@ pub use decide::{Action, Decision, decide};
 use crate::events::{Verdict, adopt, finalize, is_newer};
 use crate::model::{Actor, now_ms};
 use crate::poller::apply_progress;
-use crate::store::{AuditDraft, JobChange, JobRecord, RecoveryRunRecord, Store, StoreError};
+use crate::store::{
+    AuditDraft, JobChange, JobRecord, RecoveryRunRecord, StartFence, Store, StoreError, start_key,
+};
 use crate::vma_client::{VmaAnswer, VmaClient};
 use api::JobProcessState;
 use serde::{Deserialize, Serialize};
@@ -95,12 +97,24 @@ pub struct Recovery {
 }
 
 /// Marks a job whose start request to its VMA is in flight; recovery leaves the job alone
-/// until the guard drops (after the VMA's answer is recorded). Without it, a run that asked the
-/// VMA a moment before the start arrived there would fail the new job as `job_lost`.
+/// until the guard is released (after the VMA's answer is recorded). Without it, a run that
+/// asked the VMA a moment before the start arrived there would fail the new job as `job_lost`.
+/// In this OMA through a set in memory; for the other OMAs on the same PostgreSQL database
+/// through the store's [`StartFence`].
 #[derive(Debug)]
 pub struct StartGuard {
     starting: Arc<StdMutex<HashSet<String>>>,
     job_id: String,
+    fence: Option<StartFence>,
+}
+
+impl StartGuard {
+    /// Ends the guard once the start's answer is recorded.
+    pub async fn release(mut self) {
+        if let Some(fence) = self.fence.take() {
+            fence.release().await;
+        }
+    }
 }
 
 impl Drop for StartGuard {
@@ -123,15 +137,19 @@ impl Recovery {
         }
     }
 
-    /// Marks `job_id` as being started on its VMA until the guard drops.
-    pub fn start_guard(&self, job_id: &str) -> StartGuard {
+    /// Marks `job_id` as being started on its VMA, for this OMA and every other one on the
+    /// same database, until the guard is released. Take it before the job exists, so that no
+    /// recovery run can see the job without the guard.
+    pub async fn start_guard(&self, job_id: &str) -> Result<StartGuard, StoreError> {
+        let fence = self.store.fence_start(job_id).await?;
         if let Ok(mut set) = self.starting.lock() {
             set.insert(job_id.to_owned());
         }
-        StartGuard {
+        Ok(StartGuard {
             starting: self.starting.clone(),
             job_id: job_id.to_owned(),
-        }
+            fence: Some(fence),
+        })
     }
 
     fn is_starting(&self, job_id: &str) -> bool {
@@ -146,7 +164,11 @@ impl Recovery {
     /// full inside the transaction that applies its decision.
     pub async fn plan(&self) -> Result<Vec<(JobRecord, Decision)>, StoreError> {
         let mut jobs = self.store.active_jobs_for_decision().await?;
-        jobs.retain(|rec| !self.is_starting(&rec.job.id));
+        // Read after the jobs: a job another OMA creates holds its fence before it exists.
+        let fenced = self.store.starts_in_flight().await?;
+        jobs.retain(|rec| {
+            !self.is_starting(&rec.job.id) && !fenced.contains(&start_key(&rec.job.id))
+        });
         let vmas: Arc<HashMap<String, String>> = Arc::new(
             self.store
                 .list_vmas()

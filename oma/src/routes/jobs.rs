@@ -127,7 +127,11 @@ pub async fn create_job(
         ));
     }
     // Taken before the job exists, so no recovery run can see it before the guard.
-    let guard = request.start.then(|| state.recovery.start_guard(&id));
+    let guard = if request.start {
+        Some(state.recovery.start_guard(&id).await?)
+    } else {
+        None
+    };
     let rec = state.store.create_job(&request.new_job(id.clone())).await?;
     tracing::info!(job_id = %rec.job.id, vma_id = %rec.job.vma_id, start = request.start, "job created");
     let Some(guard) = guard else {
@@ -139,7 +143,7 @@ pub async fn create_job(
     let outcome = tokio::spawn(async move {
         let outcome =
             start::start_and_record(&task_state, &id, &request.vma_id, &request.params).await;
-        drop(guard);
+        guard.release().await;
         outcome
     })
     .await

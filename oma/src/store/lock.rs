@@ -1,9 +1,12 @@
-//! The cross-process recovery lock: on PostgreSQL a session advisory lock, so two OMAs on one
-//! database never recover at once; on SQLite (one OMA per file) the in-process mutex suffices.
+//! Cross-process locks, on PostgreSQL session advisory locks: the recovery lock, so two OMAs on
+//! one database never recover at once, and the start fence, so that no OMA's recovery judges a
+//! job whose start request another OMA has in flight. On SQLite (one OMA per file) the
+//! in-process mutex and guard suffice.
 
 use super::{Backend, Store, StoreError};
 use sqlx::Row;
 use sqlx::pool::PoolConnection;
+use std::collections::HashSet;
 
 /// Advisory-lock key of recovery runs ("OMAREC" in ASCII).
 const RECOVERY_LOCK_KEY: i64 = 0x4f4d_4152_4543;
@@ -45,5 +48,105 @@ impl RecoveryLock {
                 tracing::warn!(error = %e, "could not release the recovery lock; closing its session");
             }
         }
+    }
+}
+
+/// Advisory-lock class of job starts ("OMAS" in ASCII); the object is [`start_key`].
+const START_LOCK_CLASS: i32 = 0x4f4d_4153;
+
+/// The advisory-lock object of `job_id`'s start: FNV-1a of the id, the same in every OMA and
+/// every version. Two ids that share a key only make recovery wait for both starts.
+pub fn start_key(job_id: &str) -> u32 {
+    job_id.bytes().fold(0x811c_9dc5_u32, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// Held while a job's start request is in flight: on PostgreSQL a session advisory lock,
+/// which every OMA's recovery sees ([`Store::starts_in_flight`]) and which the database frees
+/// by itself if this OMA dies. On SQLite (one OMA per file) it holds nothing.
+#[derive(Debug)]
+pub struct StartFence {
+    conn: Option<PoolConnection<sqlx::Any>>,
+    key: u32,
+}
+
+impl Store {
+    /// Marks the start of `job_id` as in flight for every OMA on this database, until
+    /// [`StartFence::release`].
+    pub async fn fence_start(&self, job_id: &str) -> Result<StartFence, StoreError> {
+        let key = start_key(job_id);
+        if self.backend != Backend::Postgres {
+            return Ok(StartFence { conn: None, key });
+        }
+        let mut conn = self.pool.acquire().await?;
+        // Dropped without `release` (a panic): closing the session frees the lock, instead of
+        // the pool handing a connection that still holds it to someone else.
+        conn.close_on_drop();
+        // The two-key form, so that the class keeps these apart from other advisory locks.
+        sqlx::query("SELECT pg_advisory_lock($1, $2)")
+            .bind(START_LOCK_CLASS)
+            .bind(key as i32)
+            .execute(&mut *conn)
+            .await?;
+        Ok(StartFence {
+            conn: Some(conn),
+            key,
+        })
+    }
+
+    /// The [`start_key`]s of the starts in flight in any OMA on this database (none on SQLite,
+    /// where the OMA's own guard is all there is).
+    pub async fn starts_in_flight(&self) -> Result<HashSet<u32>, StoreError> {
+        if self.backend != Backend::Postgres {
+            return Ok(HashSet::new());
+        }
+        let rows = sqlx::query(
+            "SELECT objid::bigint AS objid FROM pg_locks WHERE locktype = 'advisory' \
+             AND classid::bigint = $1 AND objsubid = 2 AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .bind(i64::from(START_LOCK_CLASS))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let objid: i64 = r.try_get("objid")?;
+                u32::try_from(objid).map_err(|_| StoreError::Corrupt {
+                    column: "pg_locks.objid",
+                    value: objid.to_string(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl StartFence {
+    /// Ends the fence. On failure the connection is closed, which frees the lock as well.
+    pub async fn release(mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                .bind(START_LOCK_CLASS)
+                .bind(self.key as i32)
+                .execute(&mut *conn)
+                .await;
+            if let Err(e) = unlocked {
+                tracing::warn!(error = %e, "could not release a job start's lock; closing its session");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::start_key;
+
+    #[test]
+    fn start_keys_are_fnv1a_so_every_oma_version_agrees() {
+        // FNV-1a 32-bit reference values: a changed hash would let two OMA versions on one
+        // database miss each other's starts.
+        assert_eq!(start_key(""), 0x811c_9dc5);
+        assert_eq!(start_key("a"), 0xe40c_292c);
+        assert_eq!(start_key("foobar"), 0xbf9c_f968);
     }
 }
