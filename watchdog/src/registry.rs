@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use api::{Detector, ExitStatus, FoundBy, JobProcessState, ProcessIdentity, VmaJobStatus};
 use chrono::{DateTime, Utc};
@@ -112,10 +112,14 @@ struct OnDisk {
     last_exits: BTreeMap<String, LastExit>,
 }
 
+/// The maps are shared copy-on-write with the write in progress: [`Registry::flush`] takes a
+/// snapshot under the lock in O(1) and encodes it outside (2.9 MB of JSON at 10,000 last exits
+/// took 12-18 ms, which a death or a status read waited for); a change made meanwhile copies
+/// the map it changes.
 #[derive(Debug, Default)]
 struct State {
-    processes: BTreeMap<(u32, u64), Entry>,
-    last_exits: BTreeMap<String, LastExit>,
+    processes: Arc<BTreeMap<(u32, u64), Entry>>,
+    last_exits: Arc<BTreeMap<String, LastExit>>,
     /// Counts changes in memory; `written` is the count the file on disk holds.
     generation: u64,
     written: u64,
@@ -179,12 +183,13 @@ impl Registry {
             });
         }
         let state = State {
-            processes: disk
-                .processes
-                .into_iter()
-                .map(|e| (key(e.process), e))
-                .collect(),
-            last_exits: disk.last_exits,
+            processes: Arc::new(
+                disk.processes
+                    .into_iter()
+                    .map(|e| (key(e.process), e))
+                    .collect(),
+            ),
+            last_exits: Arc::new(disk.last_exits),
             generation: 0,
             written: 0,
         };
@@ -221,7 +226,9 @@ impl Registry {
         let explicit = |f: FoundBy| matches!(f, FoundBy::Started | FoundBy::Tracked);
         let undo = {
             let mut state = self.lock();
-            let undo = if let Some(existing) = state.processes.get_mut(&key(process)) {
+            let undo = if let Some(existing) =
+                Arc::make_mut(&mut state.processes).get_mut(&key(process))
+            {
                 if !explicit(found_by) || explicit(existing.found_by) {
                     return Ok(false);
                 }
@@ -244,7 +251,7 @@ impl Registry {
                     first_seen: Utc::now(),
                     found_by,
                 };
-                state.processes.insert(key(process), entry);
+                Arc::make_mut(&mut state.processes).insert(key(process), entry);
                 Undo::Remove
             };
             // In the same critical section as the change, so that no write in between can
@@ -259,10 +266,11 @@ impl Registry {
             let mut state = self.lock();
             match undo {
                 Undo::Remove => {
-                    state.processes.remove(&key(process));
+                    Arc::make_mut(&mut state.processes).remove(&key(process));
                 }
                 Undo::Restore(before) => {
-                    if let Some(entry) = state.processes.get_mut(&key(process)) {
+                    if let Some(entry) = Arc::make_mut(&mut state.processes).get_mut(&key(process))
+                    {
                         *entry = before;
                     }
                 }
@@ -283,15 +291,19 @@ impl Registry {
         detector: Detector,
     ) -> Option<Entry> {
         let mut state = self.lock();
-        let entry = state.processes.remove(&key(process))?;
+        if !state.processes.contains_key(&key(process)) {
+            return None;
+        }
+        let entry = Arc::make_mut(&mut state.processes).remove(&key(process))?;
         let last = LastExit {
             process,
             exit,
             exited_at: Utc::now(),
             detector,
         };
-        state.last_exits.insert(entry.job_id.clone(), last);
-        prune(&mut state.last_exits);
+        let last_exits = Arc::make_mut(&mut state.last_exits);
+        last_exits.insert(entry.job_id.clone(), last);
+        prune(last_exits);
         state.changed();
         drop(state);
         self.changed.notify_all();
@@ -302,14 +314,20 @@ impl Registry {
     /// it is durable.
     pub fn flush(&self) -> Result<(), RegistryError> {
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let (generation, bytes) = {
+        let (generation, processes, last_exits) = {
             let state = self.lock();
             if !state.dirty() {
                 return Ok(());
             }
-            (state.generation, encode(&state))
+            let State {
+                processes,
+                last_exits,
+                generation,
+                ..
+            } = &*state;
+            (*generation, Arc::clone(processes), Arc::clone(last_exits))
         };
-        bytes
+        encode(&processes, &last_exits)
             .and_then(|bytes| disk::replace(&self.dir, &bytes))
             .map_err(|source| RegistryError::Write {
                 path: self.path(),
@@ -383,7 +401,10 @@ fn prune(exits: &mut BTreeMap<String, LastExit>) -> Vec<(String, LastExit)> {
 }
 
 /// The registry as its file holds it: pretty JSON, so an operator can read it.
-fn encode(state: &State) -> io::Result<Vec<u8>> {
+fn encode(
+    processes: &BTreeMap<(u32, u64), Entry>,
+    last_exits: &BTreeMap<String, LastExit>,
+) -> io::Result<Vec<u8>> {
     #[derive(Serialize)]
     struct Borrowed<'a> {
         version: u32,
@@ -392,8 +413,8 @@ fn encode(state: &State) -> io::Result<Vec<u8>> {
     }
     let disk = Borrowed {
         version: FORMAT_VERSION,
-        processes: state.processes.values().collect(),
-        last_exits: &state.last_exits,
+        processes: processes.values().collect(),
+        last_exits,
     };
     let mut bytes = serde_json::to_vec_pretty(&disk).map_err(io::Error::other)?;
     bytes.push(b'\n');
