@@ -48,14 +48,24 @@ impl Default for OmaConfig {
 }
 
 impl OmaConfig {
-    /// The intervals `oma` ships with (poll every 5 s, recovery every 60 s), for benchmarks
-    /// that measure the system as operators run it rather than the tests' busy settings.
+    /// The intervals `oma` ships with (its flags' defaults, read from its own command-line
+    /// definition, so they cannot drift from it), for benchmarks that measure the system as
+    /// operators run it rather than the tests' busy settings.
     pub fn shipped() -> Self {
+        use clap::CommandFactory;
+        let command = oma::config::ServerArgs::command();
+        let default = |flag: &str| -> f64 {
+            command
+                .get_arguments()
+                .find(|a| a.get_long() == Some(flag))
+                .and_then(|a| a.get_default_values().first()?.to_str()?.parse().ok())
+                .unwrap_or_else(|| panic!("oma has no numeric default for --{flag}"))
+        };
         Self {
-            poll_interval_secs: 5.0,
-            recovery_interval_secs: 60.0,
-            poll_max_backoff_secs: 300.0,
-            vma_timeout_secs: 5.0,
+            poll_interval_secs: default("poll-interval-secs"),
+            recovery_interval_secs: default("recovery-interval-secs"),
+            poll_max_backoff_secs: default("poll-max-backoff-secs"),
+            vma_timeout_secs: default("vma-timeout-secs"),
             ..Self::default()
         }
     }
@@ -353,4 +363,29 @@ pub fn transitions_to(audit: &[AuditEntry], to: JobStatus) -> Vec<&AuditEntry> {
         .iter()
         .filter(|a| a.to_status == to && a.from_status.is_some_and(|f| f != to))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[test]
+    fn shipped_intervals_are_what_oma_runs_with_no_flags() {
+        let shipped = super::OmaConfig::shipped();
+        let oma = oma::config::ServerArgs::try_parse_from(["oma"]).unwrap();
+        assert_eq!(
+            (
+                shipped.poll_interval_secs,
+                shipped.recovery_interval_secs,
+                shipped.poll_max_backoff_secs,
+                shipped.vma_timeout_secs
+            ),
+            (
+                oma.poll_interval_secs,
+                oma.recovery_interval_secs,
+                oma.poll_max_backoff_secs,
+                oma.vma_timeout_secs
+            )
+        );
+    }
 }
