@@ -399,13 +399,7 @@ async fn a_start_in_flight_fences_recovery_in_every_oma_on_the_database() {
             }
         };
         let guard = a.state.recovery.start_guard("job-1").await.unwrap();
-        let new = NewJob {
-            id: Some("job-1".into()),
-            vm_context_id: "ctx-1".into(),
-            vm_name: Some("vm".into()),
-            vma_id: "vma-1".into(),
-            sync_type: None,
-        };
+        let new = common::fixtures::new_job("job-1", "ctx-1", "vma-1");
         a.state.store.create_job(&new).await.unwrap();
         assert!(planned(&a).await.is_empty(), "{}", db.backend);
         if let Some(b) = &b {
