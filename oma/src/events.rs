@@ -136,6 +136,7 @@ fn evidence(event: &ProcessEvent) -> serde_json::Value {
 fn audit_only(rec: &JobRecord, action: &'static str, evidence: serde_json::Value) -> IntakeOutcome {
     IntakeOutcome {
         change: Some(JobChange {
+            request_stop: false,
             after: rec.clone(),
             audit: vec![AuditDraft {
                 action,
@@ -211,6 +212,7 @@ pub fn decide_event(rec: &JobRecord, event: &ProcessEvent, now: i64) -> IntakeOu
     };
     IntakeOutcome {
         change: Some(JobChange {
+            request_stop: false,
             audit: vec![AuditDraft {
                 action,
                 from: Some(rec.job.status),

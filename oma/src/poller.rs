@@ -308,7 +308,11 @@ pub fn progress_change(
         return None;
     }
     after.job.updated_at = from_ms(now);
-    Some(JobChange { after, audit })
+    Some(JobChange {
+        after,
+        audit,
+        request_stop: false,
+    })
 }
 
 /// Copies one progress report's figures onto `after` (bytes, total, percent, stage,

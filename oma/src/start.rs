@@ -144,14 +144,24 @@ pub fn record_answer(current: &JobRecord, answer: &StartAnswer, now: i64) -> Opt
     let evidence = json!({ "vma_answer": answer });
     let audit_only = |action| {
         Some(JobChange {
+            request_stop: false,
             after: current.clone(),
             audit: vec![draft(action, from, from, None, evidence.clone())],
         })
     };
     if from.is_final() {
         // An operator cancelled the job while the start was in flight: record what the VMA
-        // said, so the trail shows a process may run for a final job.
-        return audit_only("start_after_final");
+        // said, and when a process runs for the final job, have it stopped (`crate::stop`).
+        let running = matches!(
+            answer,
+            StartAnswer::Started {
+                state: JobProcessState::Running { .. }
+            }
+        );
+        return audit_only("start_after_final").map(|change| JobChange {
+            request_stop: running,
+            ..change
+        });
     }
     match answer {
         StartAnswer::Started {
@@ -167,6 +177,7 @@ pub fn record_answer(current: &JobRecord, answer: &StartAnswer, now: i64) -> Opt
             }
             let to = after.job.status;
             Some(JobChange {
+                request_stop: false,
                 after,
                 audit: vec![draft("started", from, to, None, evidence)],
             })
@@ -184,6 +195,7 @@ pub fn record_answer(current: &JobRecord, answer: &StartAnswer, now: i64) -> Opt
             after = finalize(&after, &verdict, now);
             after.job.attempt = attempt;
             Some(JobChange {
+                request_stop: false,
                 audit: vec![draft(
                     "transition",
                     from,
@@ -210,6 +222,7 @@ pub fn record_answer(current: &JobRecord, answer: &StartAnswer, now: i64) -> Opt
             };
             let after = finalize(current, &verdict, now);
             Some(JobChange {
+                request_stop: false,
                 audit: vec![draft(
                     "start_refused",
                     from,

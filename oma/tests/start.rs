@@ -346,8 +346,7 @@ async fn cancel_stops_the_process_on_the_vma_and_records_the_answer() {
 
         // The VMA is back, and job-2's migratekit runs there after all (it was started by a
         // request whose answer was lost): recovery's retry stops it, once, and records it.
-        let retry =
-            || oma::stop::retry_pending(store, &server.state.vma_client, Actor::PeriodicRecovery);
+        let retry = || oma::stop::retry_pending(&server.state.recovery, Actor::PeriodicRecovery, 4);
         assert_eq!(
             retry().await,
             0,

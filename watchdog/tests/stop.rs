@@ -6,6 +6,7 @@ mod support;
 use api::{ErrorBody, JobProcessState, VmaJobStatus};
 use reqwest::StatusCode;
 use support::{TOKEN, exit_signal, serve_on, sleep_launcher, state};
+use vma_watchdog::launcher::{LauncherConfig, SystemdMode};
 
 #[tokio::test]
 async fn stop_terminates_the_running_process_and_says_when_there_is_none() {
@@ -58,6 +59,85 @@ async fn stop_terminates_the_running_process_and_says_when_there_is_none() {
     let body: ErrorBody = again.json().await.unwrap();
     assert_eq!(body.error, "not_running");
     assert!(body.message.contains("job-1"), "{}", body.message);
+    server.stop().await;
+}
+
+/// A stop asked twice (the OMA's retry after an answer it lost) signals the process once: a
+/// second SIGTERM could cut migratekit's own shutdown short.
+#[tokio::test]
+async fn a_process_is_sent_sigterm_once_however_often_it_is_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let count = dir.path().join("terms");
+    let ready = dir.path().join("ready");
+    // A process that outlives SIGTERM and notes each one it gets.
+    let mut launcher = LauncherConfig::new("/bin/sh");
+    launcher.args = vec![
+        "-c".into(),
+        format!(
+            "trap 'echo term >> {}' TERM; touch {}; while :; do sleep 0.05; done",
+            count.display(),
+            ready.display()
+        ),
+    ];
+    launcher.match_names = vec!["sh".into()];
+    launcher.systemd = SystemdMode::Never;
+    let (state, jobs) = state(dir.path(), launcher);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = serve_on(listener, state, jobs);
+    let client = reqwest::Client::new();
+    let started = client
+        .post(server.url("/api/v1/jobs/job-1/start"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"parameters": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), StatusCode::CREATED);
+    // The trap is set once the shell has touched `ready`; a SIGTERM before would kill it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the shell never got ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let terms = || {
+        std::fs::read_to_string(&count)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    for _ in 0..3 {
+        let stopped = client
+            .post(server.url("/api/v1/jobs/job-1/stop"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let code = stopped.status();
+        assert_eq!(
+            code,
+            StatusCode::ACCEPTED,
+            "{}",
+            stopped.text().await.unwrap()
+        );
+        // Long enough for the shell to run its trap after its current sleep.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    assert_eq!(terms(), 1, "SIGTERMs received");
+    let running: VmaJobStatus = client
+        .get(server.url("/api/v1/jobs/job-1"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    if let JobProcessState::Running { process, .. } = running.state {
+        vma_watchdog::signal::send(process, libc::SIGKILL).unwrap();
+    }
     server.stop().await;
 }
 

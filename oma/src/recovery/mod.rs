@@ -9,12 +9,13 @@ use crate::events::{Verdict, adopt, finalize, is_newer};
 use crate::model::{Actor, now_ms};
 use crate::poller::apply_progress;
 use crate::store::{
-    AuditDraft, JobChange, JobRecord, RecoveryRunRecord, StartFence, Store, StoreError, start_key,
+    AuditDraft, JobChange, JobRecord, PendingStop, RecoveryRunRecord, StartFence, Store,
+    StoreError, start_key,
 };
 use crate::vma_client::{VmaAnswer, VmaClient};
 use api::JobProcessState;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 use tokio::sync::{Mutex, Semaphore};
@@ -93,7 +94,8 @@ pub struct Recovery {
     client: VmaClient,
     config: RecoveryConfig,
     lock: Mutex<()>,
-    starting: Arc<StdMutex<HashSet<String>>>,
+    /// Requests in flight per job (a start and a stop may overlap).
+    starting: Arc<StdMutex<HashMap<String, usize>>>,
 }
 
 /// Marks a job whose start request to its VMA is in flight; recovery leaves the job alone
@@ -103,7 +105,7 @@ pub struct Recovery {
 /// through the store's [`StartFence`].
 #[derive(Debug)]
 pub struct StartGuard {
-    starting: Arc<StdMutex<HashSet<String>>>,
+    starting: Arc<StdMutex<HashMap<String, usize>>>,
     job_id: String,
     fence: Option<StartFence>,
 }
@@ -119,8 +121,13 @@ impl StartGuard {
 
 impl Drop for StartGuard {
     fn drop(&mut self) {
-        if let Ok(mut set) = self.starting.lock() {
-            set.remove(&self.job_id);
+        if let Ok(mut map) = self.starting.lock()
+            && let Some(n) = map.get_mut(&self.job_id)
+        {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.job_id);
+            }
         }
     }
 }
@@ -137,13 +144,14 @@ impl Recovery {
         }
     }
 
-    /// Marks `job_id` as being started on its VMA, for this OMA and every other one on the
-    /// same database, until the guard is released. Take it before the job exists, so that no
+    /// Marks `job_id` as having a request to its VMA in flight (a start, or a cancelled job's
+    /// stop), for this OMA and every other one on the same database, until the guard is
+    /// released. Take it before the job exists, so that no
     /// recovery run can see the job without the guard.
     pub async fn start_guard(&self, job_id: &str) -> Result<StartGuard, StoreError> {
         let fence = self.store.fence_start(job_id).await?;
-        if let Ok(mut set) = self.starting.lock() {
-            set.insert(job_id.to_owned());
+        if let Ok(mut map) = self.starting.lock() {
+            *map.entry(job_id.to_owned()).or_default() += 1;
         }
         Ok(StartGuard {
             starting: self.starting.clone(),
@@ -152,10 +160,29 @@ impl Recovery {
         })
     }
 
+    /// The database, for the stop retries.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The VMA client, for the stop retries.
+    pub(crate) fn client(&self) -> &VmaClient {
+        &self.client
+    }
+
+    /// Cancelled jobs whose stop request has not reached their VMA, except those with a
+    /// request to their VMA in flight (in this OMA or, on PostgreSQL, in any).
+    pub(crate) async fn pending_stops(&self) -> Result<Vec<PendingStop>, StoreError> {
+        let mut pending = self.store.pending_stops().await?;
+        let fenced = self.store.starts_in_flight().await?;
+        pending.retain(|p| !self.is_starting(&p.job_id) && !fenced.contains(&start_key(&p.job_id)));
+        Ok(pending)
+    }
+
     fn is_starting(&self, job_id: &str) -> bool {
         self.starting
             .lock()
-            .map(|set| set.contains(job_id))
+            .map(|map| map.contains_key(job_id))
             .unwrap_or(false)
     }
 
@@ -276,6 +303,10 @@ impl Recovery {
             superseded: decisions.iter().filter(|d| d.superseded).count() as i64,
         };
         self.store.record_run(&run).await?;
+        if !dry_run {
+            // Under the recovery lock, so that one OMA at a time asks again.
+            crate::stop::retry_pending(self, trigger.actor(), self.config.concurrency).await;
+        }
         tracing::info!(
             trigger = %run.trigger, dry_run, examined = run.examined, kept = run.kept,
             finalized = run.finalized, waiting = run.waiting, superseded = run.superseded,
@@ -313,8 +344,7 @@ impl Recovery {
         Ok(!superseded)
     }
 
-    /// Runs at startup, then every interval, until the task is dropped; after each run it
-    /// retries the stop requests of cancelled jobs that have not reached their VMA.
+    /// Runs at startup, then every interval, until the task is dropped.
     pub async fn run_forever(self: Arc<Self>) {
         let mut trigger = Trigger::Startup;
         loop {
@@ -327,8 +357,6 @@ impl Recovery {
                     tracing::error!(error = %e, "recovery run failed; retrying next interval")
                 }
             }
-            // Cancelled jobs whose migratekit the VMA was not reached to stop.
-            crate::stop::retry_pending(&self.store, &self.client, trigger.actor()).await;
             trigger = Trigger::Periodic;
             tokio::time::sleep(self.config.interval).await;
         }
@@ -387,6 +415,7 @@ fn change_for(
         return None;
     }
     Some(JobChange {
+        request_stop: false,
         audit: vec![AuditDraft {
             action,
             from: Some(current.job.status),

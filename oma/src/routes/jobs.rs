@@ -236,6 +236,7 @@ pub async fn cancel_job(
                 .clone()
                 .or(Some("cancelled by an operator".into()));
             Ok(Some(JobChange {
+                request_stop: true,
                 audit: vec![AuditDraft {
                     action: "transition",
                     from: Some(cur.job.status),
@@ -249,6 +250,6 @@ pub async fn cancel_job(
         })
         .await?;
     tracing::info!(job_id = %id, "job cancelled by an operator");
-    crate::stop::after_cancel(&state.store, &state.vma_client, &rec).await;
+    crate::stop::after_cancel(&state, &rec).await;
     Ok(Json(rec.job))
 }

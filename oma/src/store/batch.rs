@@ -1,16 +1,16 @@
 //! A transaction's writes, sent to the database in as few round trips as it takes.
 //!
 //! On SQLite every statement is a round trip to sqlx's worker thread for the connection, and
-//! on a host that has gone idle between two deaths each round trip costs a thread wake-up or
-//! two: 65 us at the median and 230 us at p90 on the two-core virtual machine of the
-//! benchmarks (`cargo run --release -p oma --example statement_trip`), against 25 us when the
-//! threads are busy. A death's intake wrote four statements (the job, its VM context, the
+//! on a host that has gone idle between two deaths the first round trip costs a thread wake-up
+//! or two: 256 us at the median on the two-core virtual machine of the benchmarks, against
+//! 26 us when the threads are busy (`cargo run --release -p oma --example statement_trip`). A death's intake wrote four statements (the job, its VM context, the
 //! audit entry, the event id); on SQLite they now go together, as one multi-statement string
 //! whose `$N` placeholders number the arguments across all of them (sqlx's SQLite driver binds
 //! `$N` to the N-th argument of the whole string). PostgreSQL's extended protocol takes one
 //! statement per message, so there each statement still goes on its own.
 //!
-//! Each statement says how many rows it must change; a batch reports whether the sum matched,
+//! Only data-changing statements go here (a SELECT would count the previous statement's rows
+//! again). Each statement says how many rows it must change; a batch reports whether the sum matched,
 //! which is the optimistic lock's fence (`WHERE version = ...` matching no row) and the event
 //! ids' duplicate check. On SQLite, where the connection is the only writer, a mismatch cannot
 //! come from a race, but it is still checked, so a broken invariant makes the caller roll back
@@ -22,7 +22,7 @@ use sqlx::{AnyConnection, Arguments, Encode, Type};
 use super::{Backend, StoreError};
 
 /// Arguments after which pending SQLite statements are sent even though more will follow
-/// (SQLite accepts up to 32,766 per string).
+/// (SQLite accepts up to 32,766 per statement; no single statement here comes near).
 const MAX_ARGS: usize = 10_000;
 
 /// Statements of one transaction waiting to be sent, with their arguments.

@@ -32,6 +32,10 @@ pub struct JobChange {
     pub after: JobRecord,
     /// Audit entries to append.
     pub audit: Vec<AuditDraft>,
+    /// Mark the job's migratekit as still to be stopped on its VMA (`stop_pending`), in the
+    /// same transaction, so that neither a crash nor a dropped request between this commit
+    /// and the stop request leaves the process running unknown (see `crate::stop`).
+    pub request_stop: bool,
 }
 
 /// Logs one `info` line per change of status among `drafts`, which the caller has just
@@ -84,7 +88,23 @@ pub(crate) async fn commit_change(
         .iter()
         .map(|d| (change.after.job.id.as_str(), d))
         .collect();
+    if change.request_stop && !mark_stop_pending(conn, &mut writes, &change.after.job.id).await? {
+        return Ok(false);
+    }
     Ok(insert_audits(conn, &mut writes, &entries, now).await? && writes.flush(conn).await?)
+}
+
+/// Sets the job's `stop_pending`, see [`JobChange::request_stop`].
+pub(crate) async fn mark_stop_pending(
+    conn: &mut AnyConnection,
+    w: &mut Writes<'_>,
+    job_id: &str,
+) -> Result<bool, StoreError> {
+    let sql = format!(
+        "UPDATE replication_jobs SET stop_pending = 1 WHERE id = {}",
+        w.arg(job_id.to_owned())?
+    );
+    w.end(conn, &sql, 1).await
 }
 
 /// The row half of a change: the fenced update and, when the job becomes final, the release of

@@ -59,7 +59,8 @@ pub(crate) fn spawn_every(url: String, alive: Weak<()>, interval: Duration) {
 async fn checkpoint(url: &str, conn: &mut Option<AnyConnection>) -> Result<(), sqlx::Error> {
     let conn = match conn {
         Some(conn) => conn,
-        None => conn.insert(AnyConnection::connect(url).await?),
+        // Never `mode=rwc`: a checkpoint must not create a database that has gone.
+        None => conn.insert(AnyConnection::connect(&url.replace("mode=rwc", "mode=rw")).await?),
     };
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").await?;
     Ok(())

@@ -7,6 +7,7 @@ use super::{Backend, Store, StoreError};
 use sqlx::Row;
 use sqlx::pool::PoolConnection;
 use std::collections::HashSet;
+use std::sync::Arc;
 
 /// Advisory-lock key of recovery runs ("OMAREC" in ASCII).
 const RECOVERY_LOCK_KEY: i64 = 0x4f4d_4152_4543;
@@ -24,9 +25,6 @@ impl Store {
             return Ok(Some(RecoveryLock { conn: None }));
         }
         let mut conn = self.pool.acquire().await?;
-        // If the holder is dropped without `release` (a panic, a cancelled request), closing
-        // the session is what frees the lock.
-        conn.close_on_drop();
         let row = sqlx::query("SELECT pg_try_advisory_lock($1) AS locked")
             .bind(RECOVERY_LOCK_KEY)
             .fetch_one(&mut *conn)
@@ -46,7 +44,18 @@ impl RecoveryLock {
                 .await;
             if let Err(e) = unlocked {
                 tracing::warn!(error = %e, "could not release the recovery lock; closing its session");
+                conn.close_on_drop();
             }
+        }
+    }
+}
+
+impl Drop for RecoveryLock {
+    fn drop(&mut self) {
+        // Dropped without `release` (a panic, a cancelled request): closing the session is
+        // what frees the lock, instead of the pool handing it on still locked.
+        if let Some(conn) = &mut self.conn {
+            conn.close_on_drop();
         }
     }
 }
@@ -69,6 +78,8 @@ pub fn start_key(job_id: &str) -> u32 {
 pub struct StartFence {
     conn: Option<PoolConnection<sqlx::Any>>,
     key: u32,
+    /// A place among the fences that may hold a connection at once (see `Store::fences`).
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Store {
@@ -77,12 +88,19 @@ impl Store {
     pub async fn fence_start(&self, job_id: &str) -> Result<StartFence, StoreError> {
         let key = start_key(job_id);
         if self.backend != Backend::Postgres {
-            return Ok(StartFence { conn: None, key });
+            return Ok(StartFence {
+                conn: None,
+                key,
+                _permit: None,
+            });
         }
+        // Each fence holds a pooled connection while the start goes on; the permit keeps
+        // enough of the pool for the starts' own transactions and everything else.
+        let permit = Arc::clone(&self.fences)
+            .acquire_owned()
+            .await
+            .expect("the fences' semaphore is never closed");
         let mut conn = self.pool.acquire().await?;
-        // Dropped without `release` (a panic): closing the session frees the lock, instead of
-        // the pool handing a connection that still holds it to someone else.
-        conn.close_on_drop();
         // The two-key form, so that the class keeps these apart from other advisory locks.
         sqlx::query("SELECT pg_advisory_lock($1, $2)")
             .bind(START_LOCK_CLASS)
@@ -92,6 +110,7 @@ impl Store {
         Ok(StartFence {
             conn: Some(conn),
             key,
+            _permit: Some(permit),
         })
     }
 
@@ -132,7 +151,17 @@ impl StartFence {
                 .await;
             if let Err(e) = unlocked {
                 tracing::warn!(error = %e, "could not release a job start's lock; closing its session");
+                conn.close_on_drop();
             }
+        }
+    }
+}
+
+impl Drop for StartFence {
+    fn drop(&mut self) {
+        // As for `RecoveryLock`: unreleased, the session is closed, which frees the lock.
+        if let Some(conn) = &mut self.conn {
+            conn.close_on_drop();
         }
     }
 }

@@ -112,6 +112,9 @@ pub enum StoreError {
     Contention(String),
 }
 
+/// Connections of the PostgreSQL pool.
+const PG_CONNECTIONS: u32 = 16;
+
 /// How many times a transaction that lost an optimistic-locking race is retried.
 pub(crate) const MAX_ATTEMPTS: usize = 8;
 
@@ -124,6 +127,8 @@ pub struct Store {
     vma_tokens: std::sync::Arc<token_cache::TokenCache>,
     /// Keeps the background checkpoints (SQLite) going while any clone of the store lives.
     _checkpoints: std::sync::Arc<()>,
+    /// Start fences that may hold a pooled connection at once (PostgreSQL): half the pool.
+    fences: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Store {
@@ -168,7 +173,12 @@ impl Store {
                     .connect(&url)
                     .await?
             }
-            Backend::Postgres => options.max_connections(16).connect(&url).await?,
+            Backend::Postgres => {
+                options
+                    .max_connections(PG_CONNECTIONS)
+                    .connect(&url)
+                    .await?
+            }
         };
         sqlx::migrate!("./migrations").run(&pool).await?;
         let alive = std::sync::Arc::new(());
@@ -180,6 +190,7 @@ impl Store {
             backend,
             vma_tokens: std::sync::Arc::default(),
             _checkpoints: alive,
+            fences: std::sync::Arc::new(tokio::sync::Semaphore::new(PG_CONNECTIONS as usize / 2)),
         })
     }
 

@@ -16,42 +16,46 @@ pub struct PendingStop {
 }
 
 impl Store {
-    /// Records the outcome of a stop request for `job_id`: whether a stop is still `pending`
-    /// and, with `evidence`, an audit entry `stop_requested` (the job's status unchanged) in
-    /// the same transaction.
+    /// Records the answer to a stop request for `job_id` as an audit entry `stop_requested`
+    /// (the job's status unchanged). When the request `reached` the VMA (SIGTERM sent, or no
+    /// process left to signal) it also clears `stop_pending`, and writes both only if the flag
+    /// was still set: returns `false`, writing nothing, when another request got there first.
     pub async fn record_stop(
         &self,
         job_id: &str,
-        pending: bool,
-        audit: Option<(Actor, serde_json::Value)>,
-    ) -> Result<(), StoreError> {
+        reached: bool,
+        actor: Actor,
+        evidence: &serde_json::Value,
+    ) -> Result<bool, StoreError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let mut w = Writes::new(self.backend);
+        // The entry first, conditioned on the flag the next statement clears.
         let sql = format!(
-            "UPDATE replication_jobs SET stop_pending = {} WHERE id = {}",
-            w.arg(i64::from(pending))?,
-            w.arg(job_id.to_owned())?
+            "INSERT INTO job_audit (id, job_id, at, from_status, to_status, actor, action, \
+             failure_class, evidence) SELECT {}, id, {}, status, status, {}, \
+             'stop_requested', NULL, {} FROM replication_jobs WHERE id = {}{}",
+            w.arg(Uuid::now_v7().to_string())?,
+            w.arg(now)?,
+            w.arg(actor.as_str())?,
+            w.arg(evidence.to_string())?,
+            w.arg(job_id.to_owned())?,
+            if reached { " AND stop_pending = 1" } else { "" }
         );
         let mut written = w.end(&mut tx, &sql, 1).await?;
-        if let Some((actor, evidence)) = audit {
+        if reached && written {
             let sql = format!(
-                "INSERT INTO job_audit (id, job_id, at, from_status, to_status, actor, action, \
-                 failure_class, evidence) SELECT {}, id, {}, status, status, {}, \
-                 'stop_requested', NULL, {} FROM replication_jobs WHERE id = {}",
-                w.arg(Uuid::now_v7().to_string())?,
-                w.arg(now)?,
-                w.arg(actor.as_str())?,
-                w.arg(evidence.to_string())?,
+                "UPDATE replication_jobs SET stop_pending = 0 WHERE id = {} AND stop_pending = 1",
                 w.arg(job_id.to_owned())?
             );
-            written &= w.end(&mut tx, &sql, 1).await?;
+            written = w.end(&mut tx, &sql, 1).await?;
         }
         if !(written && w.flush(&mut tx).await?) {
-            return Err(StoreError::UnknownJob(job_id.to_owned()));
+            // Nothing to record: the flag was cleared meanwhile, or the job is gone.
+            return Ok(false);
         }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Cancelled jobs whose stop request has not reached their VMA yet, oldest first.

@@ -84,6 +84,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         token,
         outbox: Some(Arc::clone(tracker.outbox())),
         body_limit: DEFAULT_BODY_LIMIT,
+        stopped: Arc::default(),
     };
 
     let (stop, stopped) = watch::channel(false);

@@ -66,8 +66,9 @@ pub async fn get_job(
 }
 
 /// `POST /api/v1/jobs/{job_id}/stop`: SIGTERM to the job's running migratekit (the OMA asks
-/// when an operator cancels the job). 202 with the job as it stands: the death follows as any
-/// other, through the detector and the outbox. 404 `unknown_job`, 409 `not_running`.
+/// when an operator cancels the job), once per process however often it is asked. 202 with
+/// the job as it stands: the death follows as any other, through the detector and the outbox.
+/// 404 `unknown_job`, 409 `not_running`.
 pub async fn stop_job(
     State(state): State<AppState>,
     Path(job_id): Path<String>,
@@ -80,7 +81,27 @@ pub async fn stop_job(
     let api::JobProcessState::Running { process, .. } = status.state else {
         return Err(not_running(&job_id));
     };
-    match crate::signal::send(process, libc::SIGTERM) {
+    let key = (process.pid, process.start_time);
+    let first = state
+        .stopped
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key);
+    if !first {
+        tracing::info!(event = "stop_repeated", job_id = %job_id, pid = process.pid,
+            "stop asked again; this process was sent SIGTERM already, not sending it again");
+        return Ok((StatusCode::ACCEPTED, Json(status)));
+    }
+    let sent = crate::signal::send(process, libc::SIGTERM);
+    if sent.is_err() {
+        // Not signalled: a later request may try again.
+        state
+            .stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+    }
+    match sent {
         Ok(()) => {}
         Err(crate::signal::SignalError::Gone { .. }) => return Err(not_running(&job_id)),
         Err(e) => return Err(ApiError::Internal(e.to_string())),

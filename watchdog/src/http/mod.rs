@@ -9,9 +9,10 @@ mod error;
 mod handlers;
 mod memory_jobs;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use api::{ExitStatus, FoundBy, ProcessIdentity, VmaJobStatus};
 use axum::Router;
@@ -117,6 +118,10 @@ pub struct AppState {
     pub outbox: Option<Arc<Outbox>>,
     /// Largest request body accepted.
     pub body_limit: usize,
+    /// Processes already sent SIGTERM at the OMA's request, as `(pid, start time)`: a stop
+    /// asked again (the OMA's retry after a lost answer, or two OMAs) does not signal again,
+    /// which could cut migratekit's own shutdown short. One entry per cancelled job.
+    pub stopped: Arc<Mutex<HashSet<(u32, u64)>>>,
 }
 
 impl std::fmt::Debug for AppState {

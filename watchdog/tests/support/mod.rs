@@ -55,6 +55,7 @@ pub fn state(dir: &Path, launcher: LauncherConfig) -> (AppState, Arc<MemoryJobs>
         token: BearerToken::new(TOKEN).unwrap(),
         outbox: None,
         body_limit: DEFAULT_BODY_LIMIT,
+        stopped: Arc::default(),
     };
     (state, jobs)
 }
