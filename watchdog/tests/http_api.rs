@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use api::{ErrorBody, FoundBy, JobProcessState, StoredProgress, VmaJobStatus};
 use reqwest::StatusCode;
-use support::{TOKEN, progress_body, sleep_launcher, start};
+use support::{TOKEN, get_json, progress_body, sleep_launcher, start};
 use vma_watchdog::progress::ProgressStore;
 
 async fn error_of(response: reqwest::Response) -> ErrorBody {
@@ -32,15 +32,7 @@ async fn progress_from_loopback_is_stored_and_survives_a_new_store() {
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
     }
-    let got: StoredProgress = client
-        .get(server.url("/api/v1/progress/job-1"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got: StoredProgress = get_json(&client, &server.url("/api/v1/progress/job-1")).await;
     assert_eq!((got.update.bytes_transferred, got.sequence), (300, 3));
     server.stop().await;
     let reopened = ProgressStore::open(dir.path()).unwrap();

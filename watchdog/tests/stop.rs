@@ -5,7 +5,7 @@ mod support;
 
 use api::{ErrorBody, JobProcessState, VmaJobStatus};
 use reqwest::StatusCode;
-use support::{TOKEN, exit_signal, serve_on, sleep_launcher, state};
+use support::{TOKEN, exit_signal, get_json, serve_on, sleep_launcher, state};
 use vma_watchdog::launcher::{LauncherConfig, SystemdMode};
 
 #[tokio::test]
@@ -126,15 +126,7 @@ async fn a_process_is_sent_sigterm_once_however_often_it_is_asked() {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
     assert_eq!(terms(), 1, "SIGTERMs received");
-    let running: VmaJobStatus = client
-        .get(server.url("/api/v1/jobs/job-1"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let running: VmaJobStatus = get_json(&client, &server.url("/api/v1/jobs/job-1")).await;
     if let JobProcessState::Running { process, .. } = running.state {
         vma_watchdog::signal::send(process, libc::SIGKILL).unwrap();
     }

@@ -95,19 +95,24 @@ pub fn progress_body(bytes: u64) -> serde_json::Value {
     })
 }
 
+/// `GET url` with the token, decoded as `T`.
+pub async fn get_json<T: serde::de::DeserializeOwned>(client: &reqwest::Client, url: &str) -> T {
+    client
+        .get(url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// The signal that ended the job's process, once the API reports it exited (at most 10 s).
 pub async fn exit_signal(client: &reqwest::Client, url: &str) -> Option<i32> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let job: api::VmaJobStatus = client
-            .get(url)
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job: api::VmaJobStatus = get_json(client, url).await;
         if let api::JobProcessState::Exited { exit, .. } = job.state {
             return exit.signal;
         }
