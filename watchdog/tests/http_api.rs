@@ -214,15 +214,7 @@ async fn start_runs_the_template_registers_the_process_and_refuses_a_second_star
     unsafe { libc::kill(process.pid as i32, libc::SIGKILL) };
     let signal = support::exit_signal(&client, &server.url("/api/v1/jobs/job-7")).await;
     assert_eq!(signal, Some(9));
-    let jobs: Vec<VmaJobStatus> = client
-        .get(server.url("/api/v1/jobs"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jobs: Vec<VmaJobStatus> = get_json(&client, &server.url("/api/v1/jobs")).await;
     assert_eq!(jobs.len(), 1);
     server.stop().await;
 }
