@@ -40,6 +40,13 @@ use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor};
 use std::time::Duration;
 
+/// The background checkpoint task (SQLite) and what stops it.
+#[derive(Debug)]
+struct Checkpoints {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
 /// Which database the store talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -125,8 +132,9 @@ pub struct Store {
     backend: Backend,
     /// VMA tokens by hash, read from `vmas` (see `token_cache`).
     vma_tokens: std::sync::Arc<token_cache::TokenCache>,
-    /// Keeps the background checkpoints (SQLite) going while any clone of the store lives.
-    _checkpoints: std::sync::Arc<()>,
+    /// Stops the background checkpoints (SQLite): `close` sends `true` and waits for the task;
+    /// dropping the last clone of the store drops the sender, which stops it too.
+    checkpoints: std::sync::Arc<Checkpoints>,
     /// Start fences that may hold a pooled connection at once (PostgreSQL): half the pool.
     fences: std::sync::Arc<tokio::sync::Semaphore>,
 }
@@ -181,15 +189,19 @@ impl Store {
             }
         };
         sqlx::migrate!("./migrations").run(&pool).await?;
-        let alive = std::sync::Arc::new(());
-        if let (Backend::Sqlite, Some(every)) = (backend, checkpoints) {
-            checkpoint::spawn_every(url, std::sync::Arc::downgrade(&alive), every);
-        }
+        let (stop, running) = tokio::sync::watch::channel(false);
+        let task = match (backend, checkpoints) {
+            (Backend::Sqlite, Some(every)) => Some(checkpoint::spawn_every(url, running, every)),
+            _ => None,
+        };
         Ok(Self {
             pool,
             backend,
             vma_tokens: std::sync::Arc::default(),
-            _checkpoints: alive,
+            checkpoints: std::sync::Arc::new(Checkpoints {
+                stop,
+                task: std::sync::Mutex::new(task),
+            }),
             fences: std::sync::Arc::new(tokio::sync::Semaphore::new(PG_CONNECTIONS as usize / 2)),
         })
     }
@@ -210,8 +222,23 @@ impl Store {
         Ok(())
     }
 
-    /// Closes the pool, waiting for connections to be returned.
+    /// Stops the background checkpoints and closes the pool, waiting for connections to be
+    /// returned.
     pub async fn close(&self) {
+        self.checkpoints.stop.send_replace(true);
+        let task = self
+            .checkpoints
+            .task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        // Its connection closed first, so that the pool's is the database's last: SQLite then
+        // checkpoints the WAL a last time and removes it.
+        if let Some(task) = task
+            && let Err(error) = task.await
+        {
+            tracing::warn!(%error, "the background checkpoint task failed");
+        }
         self.pool.close().await;
     }
 }
