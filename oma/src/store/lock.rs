@@ -5,7 +5,9 @@
 
 use super::{Backend, Store, StoreError};
 use sqlx::Row;
+use sqlx::any::AnyArguments;
 use sqlx::pool::PoolConnection;
+use sqlx::query::Query;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -15,14 +17,43 @@ const RECOVERY_LOCK_KEY: i64 = 0x4f4d_4152_4543;
 /// Held while a recovery run goes on; give it back with [`RecoveryLock::release`].
 #[derive(Debug)]
 pub struct RecoveryLock {
-    conn: Option<PoolConnection<sqlx::Any>>,
+    session: LockedSession,
+}
+
+/// A pooled connection whose session holds an advisory lock (none on SQLite). Unlocked, it
+/// goes back to the pool; dropped without unlocking (a panic, a cancelled request) it is
+/// closed, which is what frees the lock, instead of the pool handing it on still locked.
+#[derive(Debug)]
+struct LockedSession(Option<PoolConnection<sqlx::Any>>);
+
+impl LockedSession {
+    /// Runs `unlock` on the session. On failure the connection is closed, which frees the
+    /// lock as well.
+    async fn release<'q>(mut self, unlock: Query<'q, sqlx::Any, AnyArguments<'q>>, what: &str) {
+        if let Some(mut conn) = self.0.take()
+            && let Err(e) = unlock.execute(&mut *conn).await
+        {
+            tracing::warn!(error = %e, "could not release the {what}; closing its session");
+            conn.close_on_drop();
+        }
+    }
+}
+
+impl Drop for LockedSession {
+    fn drop(&mut self) {
+        if let Some(conn) = &mut self.0 {
+            conn.close_on_drop();
+        }
+    }
 }
 
 impl Store {
     /// Takes the database-wide recovery lock, or `None` when another OMA holds it.
     pub async fn try_recovery_lock(&self) -> Result<Option<RecoveryLock>, StoreError> {
         if self.backend != Backend::Postgres {
-            return Ok(Some(RecoveryLock { conn: None }));
+            return Ok(Some(RecoveryLock {
+                session: LockedSession(None),
+            }));
         }
         let mut conn = self.pool.acquire().await?;
         let row = sqlx::query("SELECT pg_try_advisory_lock($1) AS locked")
@@ -30,33 +61,17 @@ impl Store {
             .fetch_one(&mut *conn)
             .await?;
         let locked: bool = row.try_get("locked")?;
-        Ok(locked.then_some(RecoveryLock { conn: Some(conn) }))
+        Ok(locked.then_some(RecoveryLock {
+            session: LockedSession(Some(conn)),
+        }))
     }
 }
 
 impl RecoveryLock {
-    /// Gives the lock back. On failure the connection is closed, which frees it as well.
-    pub async fn release(mut self) {
-        if let Some(mut conn) = self.conn.take() {
-            let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(RECOVERY_LOCK_KEY)
-                .execute(&mut *conn)
-                .await;
-            if let Err(e) = unlocked {
-                tracing::warn!(error = %e, "could not release the recovery lock; closing its session");
-                conn.close_on_drop();
-            }
-        }
-    }
-}
-
-impl Drop for RecoveryLock {
-    fn drop(&mut self) {
-        // Dropped without `release` (a panic, a cancelled request): closing the session is
-        // what frees the lock, instead of the pool handing it on still locked.
-        if let Some(conn) = &mut self.conn {
-            conn.close_on_drop();
-        }
+    /// Gives the lock back.
+    pub async fn release(self) {
+        let unlock = sqlx::query("SELECT pg_advisory_unlock($1)").bind(RECOVERY_LOCK_KEY);
+        self.session.release(unlock, "recovery lock").await;
     }
 }
 
@@ -76,7 +91,7 @@ pub fn start_key(job_id: &str) -> u32 {
 /// by itself if this OMA dies. On SQLite (one OMA per file) it holds nothing.
 #[derive(Debug)]
 pub struct StartFence {
-    conn: Option<PoolConnection<sqlx::Any>>,
+    session: LockedSession,
     key: u32,
     /// A place among the fences that may hold a connection at once (see `Store::fences`).
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -89,7 +104,7 @@ impl Store {
         let key = start_key(job_id);
         if self.backend != Backend::Postgres {
             return Ok(StartFence {
-                conn: None,
+                session: LockedSession(None),
                 key,
                 _permit: None,
             });
@@ -108,7 +123,7 @@ impl Store {
             .execute(&mut *conn)
             .await?;
         Ok(StartFence {
-            conn: Some(conn),
+            session: LockedSession(Some(conn)),
             key,
             _permit: Some(permit),
         })
@@ -141,28 +156,12 @@ impl Store {
 }
 
 impl StartFence {
-    /// Ends the fence. On failure the connection is closed, which frees the lock as well.
-    pub async fn release(mut self) {
-        if let Some(mut conn) = self.conn.take() {
-            let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-                .bind(START_LOCK_CLASS)
-                .bind(self.key as i32)
-                .execute(&mut *conn)
-                .await;
-            if let Err(e) = unlocked {
-                tracing::warn!(error = %e, "could not release a job start's lock; closing its session");
-                conn.close_on_drop();
-            }
-        }
-    }
-}
-
-impl Drop for StartFence {
-    fn drop(&mut self) {
-        // As for `RecoveryLock`: unreleased, the session is closed, which frees the lock.
-        if let Some(conn) = &mut self.conn {
-            conn.close_on_drop();
-        }
+    /// Ends the fence.
+    pub async fn release(self) {
+        let unlock = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+            .bind(START_LOCK_CLASS)
+            .bind(self.key as i32);
+        self.session.release(unlock, "job start's lock").await;
     }
 }
 
