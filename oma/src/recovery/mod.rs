@@ -174,9 +174,16 @@ impl Recovery {
     /// request to their VMA in flight (in this OMA or, on PostgreSQL, in any).
     pub(crate) async fn pending_stops(&self) -> Result<Vec<PendingStop>, StoreError> {
         let mut pending = self.store.pending_stops().await?;
-        let fenced = self.store.starts_in_flight().await?;
-        pending.retain(|p| !self.is_starting(&p.job_id) && !fenced.contains(&start_key(&p.job_id)));
+        let busy = self.requests_in_flight().await?;
+        pending.retain(|p| !busy(&p.job_id));
         Ok(pending)
+    }
+
+    /// Whether a job has a request to its VMA in flight, in this OMA or (PostgreSQL) in any:
+    /// read after the jobs it is asked about, since a job holds its fence before it exists.
+    async fn requests_in_flight(&self) -> Result<impl Fn(&str) -> bool + '_, StoreError> {
+        let fenced = self.store.starts_in_flight().await?;
+        Ok(move |job_id: &str| self.is_starting(job_id) || fenced.contains(&start_key(job_id)))
     }
 
     fn is_starting(&self, job_id: &str) -> bool {
@@ -192,10 +199,8 @@ impl Recovery {
     pub async fn plan(&self) -> Result<Vec<(JobRecord, Decision)>, StoreError> {
         let mut jobs = self.store.active_jobs_for_decision().await?;
         // Read after the jobs: a job another OMA creates holds its fence before it exists.
-        let fenced = self.store.starts_in_flight().await?;
-        jobs.retain(|rec| {
-            !self.is_starting(&rec.job.id) && !fenced.contains(&start_key(&rec.job.id))
-        });
+        let busy = self.requests_in_flight().await?;
+        jobs.retain(|rec| !busy(&rec.job.id));
         let vmas: Arc<HashMap<String, String>> = Arc::new(
             self.store
                 .list_vmas()

@@ -82,11 +82,8 @@ pub async fn stop_job(
         return Err(not_running(&job_id));
     };
     let key = (process.pid, process.start_time);
-    let first = state
-        .stopped
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key);
+    let stopped = || state.stopped.lock().unwrap_or_else(|e| e.into_inner());
+    let first = stopped().insert(key);
     if !first {
         tracing::info!(event = "stop_repeated", job_id = %job_id, pid = process.pid,
             "stop asked again; this process was sent SIGTERM already, not sending it again");
@@ -95,11 +92,7 @@ pub async fn stop_job(
     let sent = crate::signal::send(process, libc::SIGTERM);
     if sent.is_err() {
         // Not signalled: a later request may try again.
-        state
-            .stopped
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
+        stopped().remove(&key);
     }
     match sent {
         Ok(()) => {}
