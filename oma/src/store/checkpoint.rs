@@ -152,19 +152,24 @@ mod tests {
             "a commit copied the WAL into the database file by itself"
         );
 
-        let (_stop, running) = watch::channel(false);
-        spawn_every(
-            format!("sqlite://{}", path.display()),
-            running,
-            Duration::from_millis(50),
-        );
+        // `immutable=1` promises SQLite that nobody writes the file, so the main file is only
+        // read while no checkpoint runs: each round lets the task run, stops it, waits for its
+        // checkpoint in progress to end, then reads.
+        let url = format!("sqlite://{}", path.display());
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while vmas_in_main_file(&path).await < vmas {
+        loop {
+            let (stop, running) = watch::channel(false);
+            let task = spawn_every(url.clone(), running, Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            stop.send(true).unwrap();
+            task.await.unwrap();
+            if vmas_in_main_file(&path).await == vmas {
+                break;
+            }
             assert!(
                 std::time::Instant::now() < deadline,
                 "the background checkpoint never copied the WAL"
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
