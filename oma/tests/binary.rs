@@ -87,7 +87,9 @@ async fn the_server_starts_migrates_serves_and_keeps_tokens_out_of_its_log() {
     stop_gracefully(&mut child);
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    while let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(200)) {
+    // Until the reader sees the end of the server's output (its sender then goes): the
+    // server has exited, so that comes at once, however slowly the reader runs.
+    while let Ok(line) = lines_rx.recv_timeout(Duration::from_secs(30)) {
         log.push(line);
     }
     let all = format!("{}\n{stderr}", log.join("\n"));

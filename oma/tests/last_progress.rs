@@ -177,7 +177,7 @@ async fn recovery_of_an_exited_job_fetches_its_last_progress_first() {
         vma.set_progress("j2", 6, 9_000, Some(ProgressStatus::Completed));
         let recovery = Recovery::new(
             store.clone(),
-            oma::vma_client::VmaClient::new(Duration::from_secs(2), None),
+            oma::vma_client::VmaClient::new(Duration::from_secs(10), None),
             RecoveryConfig {
                 interval: Duration::from_secs(60),
                 stale_threshold: Duration::from_secs(1800),

@@ -71,19 +71,26 @@ async fn progress_is_recorded_and_stalls_are_flagged_not_failed() {
             (job.status, job.failure_class),
             (JobStatus::Replicating, None)
         );
-        // Bytes move again: the flag clears; both changes are in the audit trail.
+        // Bytes move again: the flag clears; both changes are in the audit trail. The audit
+        // entry is what is waited for: with bytes still again afterwards, the flag comes back
+        // one threshold later, so the cleared flag itself may be gone before a look sees it.
         vma.set_progress("live", 7, 200, None);
         eventually(10, "stall cleared", || async {
-            store
-                .get_job("live")
+            let actions: Vec<String> = store
+                .audit("live")
                 .await
                 .unwrap()
-                .job
-                .stalled_since
-                .is_none()
-                .then_some(())
+                .into_iter()
+                .map(|a| a.action)
+                .collect();
+            actions.contains(&"unstalled".into()).then_some(())
         })
         .await;
+        let job = store.get_job("live").await.unwrap().job;
+        assert_eq!(
+            (job.status, job.failure_class, job.bytes_transferred),
+            (JobStatus::Replicating, None, 200)
+        );
         let actions: Vec<_> = store
             .audit("live")
             .await
@@ -91,10 +98,7 @@ async fn progress_is_recorded_and_stalls_are_flagged_not_failed() {
             .into_iter()
             .map(|a| a.action)
             .collect();
-        assert!(
-            actions.contains(&"stalled".into()) && actions.contains(&"unstalled".into()),
-            "{actions:?}"
-        );
+        assert!(actions.contains(&"stalled".into()), "{actions:?}");
         // migratekit's own "failed" is evidence: failed vma_reported_failure.
         vma.set_progress("failing", 1, 5, Some(ProgressStatus::Failed));
         eventually(10, "reported failure", || async {
@@ -203,7 +207,9 @@ async fn a_hanging_vma_does_not_delay_another_vmas_jobs() {
         }
     });
     let mut s = settings(&db);
-    s.vma_timeout = Duration::from_secs(20);
+    // Far longer than the waits below: were the healthy job's polls queued behind the hung
+    // ones, its progress could not arrive before this timeout.
+    s.vma_timeout = Duration::from_secs(120);
     let server = start_server(s).await;
     let store = server.state.store.clone();
     store
@@ -220,15 +226,10 @@ async fn a_hanging_vma_does_not_delay_another_vmas_jobs() {
     vma.set("healthy", Answer::Running(pid(3, 3)));
     create(&store, "healthy").await;
     vma.set_progress("healthy", 1, 10, None);
-    eventually(5, "first progress", || bytes(&store, "healthy", 10)).await;
+    eventually(30, "first progress", || bytes(&store, "healthy", 10)).await;
     // The hung VMA's polls are all still waiting for their timeout; the healthy job's next
     // progress must still arrive well within it.
-    let start = tokio::time::Instant::now();
     vma.set_progress("healthy", 2, 20, None);
-    eventually(5, "second progress", || bytes(&store, "healthy", 20)).await;
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "the healthy VMA waited for the hung one"
-    );
+    eventually(30, "second progress", || bytes(&store, "healthy", 20)).await;
     server.shutdown().await;
 }

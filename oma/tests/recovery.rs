@@ -68,7 +68,7 @@ fn recovery(store: &Store, stale: Duration) -> Recovery {
     };
     Recovery::new(
         store.clone(),
-        VmaClient::new(Duration::from_secs(2), None),
+        VmaClient::new(Duration::from_secs(10), None),
         config,
     )
 }
@@ -341,13 +341,14 @@ async fn two_recoveries_never_run_at_once() {
     let store = store_with_vmas(&db, &vma.url, &vma.url).await;
     job(&store, "slow", "vma-1").await;
     vma.set("slow", Answer::Running(pid(5, 5)));
-    vma.inner.lock().unwrap().delay_ms = 500;
+    vma.inner.lock().unwrap().delay_ms = 3_000;
     let rec = Arc::new(recovery(&store, Duration::from_secs(1800)));
     let first = tokio::spawn({
         let rec = rec.clone();
         async move { rec.run(Trigger::Operator, false).await.map(|_| ()) }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The first run holds the lock while it waits for the VMA's answer.
+    vma.wait_job_calls(1).await;
     let second = rec.run(Trigger::Periodic, true).await;
     assert!(
         matches!(second, Err(RecoveryError::Busy)),
@@ -368,14 +369,15 @@ async fn two_omas_on_one_postgres_never_recover_at_once() {
         let store_b = Store::connect(&db.url).await.unwrap();
         job(&store_a, "slow", "vma-1").await;
         vma.set("slow", Answer::Running(pid(5, 5)));
-        vma.inner.lock().unwrap().delay_ms = 500;
+        vma.inner.lock().unwrap().delay_ms = 3_000;
         let oma_a = Arc::new(recovery(&store_a, Duration::from_secs(1800)));
         let oma_b = recovery(&store_b, Duration::from_secs(1800));
         let first = tokio::spawn({
             let oma_a = oma_a.clone();
             async move { oma_a.run(Trigger::Periodic, false).await.map(|_| ()) }
         });
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // OMA A holds the database's lock while it waits for the VMA's answer.
+        vma.wait_job_calls(1).await;
         let second = oma_b.run(Trigger::Periodic, false).await;
         assert!(
             matches!(second, Err(RecoveryError::Busy)),

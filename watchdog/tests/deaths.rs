@@ -8,7 +8,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use api::{JobProcessState, ProcessEventKind};
 use common::*;
@@ -166,12 +166,20 @@ fn leader_exit(detector: &str) {
         "job-leader",
         &["--standin-leader-exit", "--standin-exit-code", "5"],
     );
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let stat = vma_watchdog::procfs::read_stat(s.pid).unwrap().unwrap();
+        if stat.leader_exited_early() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader should be gone, threads alive: {stat:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A false death would be reported within this.
     std::thread::sleep(Duration::from_secs(1));
-    let stat = vma_watchdog::procfs::read_stat(s.pid).unwrap().unwrap();
-    assert!(
-        stat.leader_exited_early(),
-        "the leader should be gone, threads alive: {stat:?}"
-    );
     let early: Vec<_> = case.watchdog.lines_for(s.pid);
     assert!(
         !early.iter().any(|v| v["event"] == "process_exited"),

@@ -82,8 +82,10 @@ async fn a_launched_standin_killed_by_the_oom_killer_is_reported_oom_killed() {
     }
     let state = tempfile::tempdir().unwrap();
     let program = common::standin_bin();
-    // Each stand-in allocates until killed one second after it starts: time enough to move it
-    // into its small memory cgroup first. Its progress goes nowhere (port 9 refuses).
+    // Each stand-in allocates until killed five seconds after it starts: time enough to move
+    // it into its small memory cgroup first, even on a loaded machine. Should it start outside
+    // anyway, it gives up at 256 MiB (and the test fails) instead of pressing on the host's
+    // memory. Its progress goes nowhere (port 9 refuses).
     let mut args = vec![
         "--listen",
         "127.0.0.1:0",
@@ -98,8 +100,10 @@ async fn a_launched_standin_killed_by_the_oom_killer_is_reported_oom_killed() {
         "--job-id",
         "{job_id}",
         "--standin-oom",
+        "--standin-oom-cap-mib",
+        "256",
         "--standin-run-for",
-        "1",
+        "5",
     ] {
         args.extend(["--launch-arg", arg]);
     }

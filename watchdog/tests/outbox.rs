@@ -213,7 +213,7 @@ fn config(addr: SocketAddr) -> DeliveryConfig {
     config.batch_size = 4;
     config.initial_backoff = Duration::from_millis(20);
     config.max_backoff = Duration::from_millis(200);
-    config.request_timeout = Duration::from_secs(2);
+    config.request_timeout = Duration::from_secs(30);
     config
 }
 

@@ -131,7 +131,7 @@ async fn a_started_process_is_tracked_queried_and_its_exit_read() {
     );
     // The watchdog peeked at its child's status without reaping it: the owner still can.
     assert_eq!(s.reap().code(), Some(7));
-    let journal = journal_for(&state, me.pid);
+    let journal = wait_journal(&state, me.pid, 2).await;
     assert_eq!(journal.len(), 2, "started and exited: {journal:?}");
     stop.send(()).unwrap();
     running.await.unwrap();
@@ -324,23 +324,29 @@ async fn journaled_events_are_queued_in_the_outbox() {
         .register_process("job-outbox", me, FoundBy::Started)
         .unwrap();
     s.kill(libc::SIGKILL);
+    // The outbox appends an event to its file before it queues it in memory: once both events
+    // are queued, the file holds them too.
     let deadline = Instant::now() + TIMEOUT;
-    while !matches!(
-        tracker.registry().job_status("job-outbox").map(|j| j.state),
-        Some(JobProcessState::Exited { .. })
-    ) {
+    let queued = loop {
+        let queued: Vec<_> = outbox
+            .peek(10_000)
+            .into_iter()
+            .filter(|e| e.process == me)
+            .collect();
+        if queued.len() >= 2 {
+            break queued;
+        }
         assert!(
             Instant::now() < deadline,
-            "no exit recorded within {TIMEOUT:?}"
+            "the exit was not queued within {TIMEOUT:?}: {queued:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    assert!(matches!(
+        tracker.registry().job_status("job-outbox").map(|j| j.state),
+        Some(JobProcessState::Exited { .. })
+    ));
     let journal = journal_for(&state, me.pid);
-    let queued: Vec<_> = outbox
-        .peek(10_000)
-        .into_iter()
-        .filter(|e| e.process == me)
-        .collect();
     assert_eq!(
         queued, journal,
         "the file on disk holds exactly the queued events"

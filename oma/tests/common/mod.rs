@@ -95,7 +95,7 @@ pub fn settings(db: &TestDb) -> Settings {
         database: db.url.clone(),
         operator_tokens: vec![OPERATOR.into()],
         vma_api_token: None,
-        vma_timeout: Duration::from_secs(2),
+        vma_timeout: Duration::from_secs(10),
         recovery: RecoveryConfig {
             interval: Duration::from_secs(3600),
             stale_threshold: Duration::from_secs(1800),

@@ -43,6 +43,8 @@ pub struct Inner {
     pub progress_broken: bool,
     pub progress_calls: HashMap<String, u64>,
     pub delay_ms: u64,
+    /// Job status requests received (before their delay).
+    pub job_calls: u64,
     pub start_mode: StartMode,
     /// Every start request received: (job id, bearer token, body).
     pub starts: Vec<(String, Option<String>, StartJobRequest)>,
@@ -67,6 +69,7 @@ impl StandInVma {
             progress_broken: false,
             progress_calls: HashMap::new(),
             delay_ms: 0,
+            job_calls: 0,
             start_mode: StartMode::Refuse,
             starts: Vec::new(),
             stops: Vec::new(),
@@ -82,6 +85,19 @@ impl StandInVma {
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
         Self { url, inner }
+    }
+
+    /// Waits until `calls` job status requests have arrived; panics after 30 s.
+    #[allow(dead_code)]
+    pub async fn wait_job_calls(&self, calls: u64) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.inner.lock().unwrap().job_calls < calls {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the VMA was not asked about a job within 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     pub fn set(&self, job: &str, answer: Answer) {
@@ -150,7 +166,8 @@ pub fn pid(pid: u32, start_time: u64) -> ProcessIdentity {
 
 async fn job(State(inner): State<Arc<Mutex<Inner>>>, Path(id): Path<String>) -> Response {
     let (answer, delay, epoch) = {
-        let inner = inner.lock().unwrap();
+        let mut inner = inner.lock().unwrap();
+        inner.job_calls += 1;
         (inner.jobs.get(&id).cloned(), inner.delay_ms, inner.epoch)
     };
     if delay > 0 {

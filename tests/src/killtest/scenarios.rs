@@ -368,9 +368,10 @@ pub fn load(run: usize) -> RunOutcome {
     let mut sys = system()?;
     let mut rng = rand::thread_rng();
     let mut jobs: Vec<(String, Option<ProcessIdentity>, Fate)> = Vec::new();
-    // When each self-ending job is due to end, and when the watchdog was down: a job that
+    // When each self-ending job is due to end (between two instants: its timer starts at
+    // exec, somewhere inside the start request), and when the watchdog was down: a job that
     // ends on its own while nobody watches is rightly `died_while_unwatched`.
-    let mut ends: Vec<Option<Instant>> = Vec::new();
+    let mut ends: Vec<Option<(Instant, Instant)>> = Vec::new();
     let mut downtimes: Vec<(Instant, Instant)> = Vec::new();
     for i in 0..50 {
         let job = format!("load-{run}-{i}");
@@ -383,12 +384,12 @@ pub fn load(run: usize) -> RunOutcome {
             ),
             _ => (String::new(), Fate::Killed),
         };
+        let before = Instant::now();
         let p = sys
             .start_job(&job, &args)
             .map_err(fail("starting a load job"))?;
-        ends.push(
-            (fate != Fate::Killed).then(|| Instant::now() + Duration::from_secs_f64(run_for)),
-        );
+        let run_for = Duration::from_secs_f64(run_for);
+        ends.push((fate != Fate::Killed).then(|| (before + run_for, Instant::now() + run_for)));
         jobs.push((job, Some(p), fate));
     }
     let end = Instant::now() + Duration::from_secs(20);
@@ -440,10 +441,10 @@ pub fn load(run: usize) -> RunOutcome {
     }
     let slack = Duration::from_secs(1);
     for ((job, _, fate), end) in jobs.iter().zip(&ends) {
-        let unwatched_end = end.is_some_and(|e| {
+        let unwatched_end = end.is_some_and(|(earliest, latest)| {
             downtimes
                 .iter()
-                .any(|(a, b)| e + slack >= *a && e <= *b + slack)
+                .any(|(a, b)| latest + slack >= *a && earliest <= *b + slack)
         });
         if unwatched_end {
             let j = sys.oma.wait_final(job, PATIENCE).map_err(fail(job))?;

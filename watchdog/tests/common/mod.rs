@@ -393,6 +393,25 @@ pub fn journal_for(state: &Path, pid: u32) -> Vec<api::ProcessEvent> {
         .collect()
 }
 
+/// Waits until the outbox's file holds `events` events about `pid`, and returns them; panics
+/// after TIMEOUT. The registry shows a death before the outbox has appended it (one fsync
+/// later), so a test that saw the death there waits here for the event.
+#[allow(dead_code)]
+pub async fn wait_journal(state: &Path, pid: u32, events: usize) -> Vec<api::ProcessEvent> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let journal = journal_for(state, pid);
+        if journal.len() >= events {
+            return journal;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the outbox held {journal:?} after {TIMEOUT:?}, not {events} events"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs each `case(detector)` as two tests, `procfs::case` and `auto::case`, each skipped with a
 /// message when not privileged. For the files that declare `#[macro_use] mod common;` and bring
 /// `privileged` into scope.

@@ -14,7 +14,7 @@ use vma_watchdog::detector::ebpf::{
     EbpfDetector, EbpfOptions, ExitMode, VMLINUX_BTF, object_built,
 };
 
-pub const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long "no event" is waited for. Events arrive in well under a millisecond here.
 pub const QUIET: Duration = Duration::from_millis(300);
 
@@ -234,7 +234,8 @@ pub fn exited(code: i32) -> ExitStatus {
 
 /// Waits until the leader thread of `pid` is a zombie while the process lives on.
 pub fn wait_leader_zombie(pid: u32) {
-    for _ in 0..500 {
+    let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+    while std::time::Instant::now() < deadline {
         let stat =
             std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).unwrap_or_default();
         if stat
