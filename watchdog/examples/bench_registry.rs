@@ -5,7 +5,10 @@
 //! Runs twice, with 1 last exit (the baseline) and with EXITS (default 10,000, the most the
 //! registry keeps): each run times `flush` after one recorded death (encode, write, two
 //! fsyncs, rename), then reads job statuses on one thread while another flushes without
-//! pause, and prints how long each read waited. Asserts nothing.
+//! pause, and prints how long each read waited. Last, it times `record_exit` (the registry's
+//! step on the path of a death) for deaths of new jobs, which at EXITS push the oldest last
+//! exit out: first with no write in progress, then while another thread writes without
+//! pause. Asserts nothing.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -105,6 +108,51 @@ fn run(exits: usize) {
         percentiles(reads.clone()),
         reads.len()
     );
+    let quiet = deaths(&registry, 200_000, 50, false);
+    let writing = deaths(&registry, 300_000, 50, true);
+    println!(
+        "{:>32} death, no write going on {}\n{:>32} death during writes     {}",
+        "",
+        percentiles(quiet),
+        "",
+        percentiles(writing)
+    );
+}
+
+/// `record_exit` of `rounds` registered processes of new jobs; with `writing`, while another
+/// thread flushes without pause, else with the registry written after each death (untimed).
+fn deaths(registry: &Arc<Registry>, first_pid: u32, rounds: u32, writing: bool) -> Vec<u128> {
+    for pid in first_pid..first_pid + rounds {
+        registry
+            .register(identity(pid), &format!("new-{pid}"), FoundBy::Started)
+            .expect("register");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = writing.then(|| {
+        let (registry, stop) = (Arc::clone(registry), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                registry.flush().expect("flush");
+                std::thread::yield_now();
+            }
+        })
+    });
+    let mut took = Vec::new();
+    for pid in first_pid..first_pid + rounds {
+        let start = Instant::now();
+        registry.record_exit(identity(pid), ExitStatus::default(), Detector::Ebpf);
+        took.push(start.elapsed().as_micros());
+        if writing {
+            std::thread::sleep(Duration::from_millis(2));
+        } else {
+            registry.flush().expect("flush");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    if let Some(writer) = writer {
+        writer.join().expect("writer");
+    }
+    took
 }
 
 fn main() {

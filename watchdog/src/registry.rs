@@ -22,6 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use api::{Detector, ExitStatus, FoundBy, JobProcessState, ProcessIdentity, VmaJobStatus};
 use chrono::{DateTime, Utc};
+use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 
 /// File name of the registry inside the state directory.
@@ -112,14 +113,14 @@ struct OnDisk {
     last_exits: BTreeMap<String, LastExit>,
 }
 
-/// The maps are shared copy-on-write with the write in progress: [`Registry::flush`] takes a
-/// snapshot under the lock in O(1) and encodes it outside (2.9 MB of JSON at 10,000 last exits
-/// took 12-18 ms, which a death or a status read waited for); a change made meanwhile copies
-/// the map it changes.
+/// The maps are shared with the write in progress: [`Registry::flush`] takes a snapshot under
+/// the lock in O(1) and encodes it outside (2.9 MB of JSON at 10,000 last exits took 12-18 ms,
+/// which a death or a status read waited for). A change made meanwhile copies the (small) map
+/// of running processes, or O(log n) nodes of the persistent map of last exits.
 #[derive(Debug, Default)]
 struct State {
     processes: Arc<BTreeMap<(u32, u64), Entry>>,
-    last_exits: Arc<BTreeMap<String, LastExit>>,
+    last_exits: LastExits,
     /// Counts changes in memory; `written` is the count the file on disk holds.
     generation: u64,
     written: u64,
@@ -189,7 +190,7 @@ impl Registry {
                     .map(|e| (key(e.process), e))
                     .collect(),
             ),
-            last_exits: Arc::new(disk.last_exits),
+            last_exits: LastExits::from_file(disk.last_exits),
             generation: 0,
             written: 0,
         };
@@ -301,9 +302,7 @@ impl Registry {
             exited_at: Utc::now(),
             detector,
         };
-        let last_exits = Arc::make_mut(&mut state.last_exits);
-        last_exits.insert(entry.job_id.clone(), last);
-        prune(last_exits);
+        state.last_exits.insert(entry.job_id.clone(), last);
         state.changed();
         drop(state);
         self.changed.notify_all();
@@ -325,7 +324,11 @@ impl Registry {
                 generation,
                 ..
             } = &*state;
-            (*generation, Arc::clone(processes), Arc::clone(last_exits))
+            (
+                *generation,
+                Arc::clone(processes),
+                last_exits.by_job().clone(),
+            )
         };
         encode(&processes, &last_exits)
             .and_then(|bytes| disk::replace(&self.dir, &bytes))
@@ -353,7 +356,7 @@ impl Registry {
         let state = self.lock();
         state
             .last_exits
-            .values()
+            .exits()
             .find(|x| x.process == process)
             .cloned()
     }
@@ -374,7 +377,7 @@ impl Registry {
     pub fn jobs(&self) -> Vec<VmaJobStatus> {
         let state = self.lock();
         let mut ids: Vec<&String> = state.processes.values().map(|e| &e.job_id).collect();
-        ids.extend(state.last_exits.keys());
+        ids.extend(state.last_exits.jobs());
         ids.sort();
         ids.dedup();
         ids.into_iter()
@@ -383,33 +386,16 @@ impl Registry {
     }
 }
 
-/// Removes the oldest last exits beyond [`MAX_LAST_EXITS`] and returns them.
-fn prune(exits: &mut BTreeMap<String, LastExit>) -> Vec<(String, LastExit)> {
-    if exits.len() <= MAX_LAST_EXITS {
-        return Vec::new();
-    }
-    let mut by_age: Vec<(&String, DateTime<Utc>)> =
-        exits.iter().map(|(k, v)| (k, v.exited_at)).collect();
-    by_age.sort_by_key(|(_, at)| *at);
-    let old: Vec<String> = by_age[..exits.len() - MAX_LAST_EXITS]
-        .iter()
-        .map(|(k, _)| (*k).clone())
-        .collect();
-    old.into_iter()
-        .filter_map(|k| exits.remove_entry(&k))
-        .collect()
-}
-
 /// The registry as its file holds it: pretty JSON, so an operator can read it.
 fn encode(
     processes: &BTreeMap<(u32, u64), Entry>,
-    last_exits: &BTreeMap<String, LastExit>,
+    last_exits: &OrdMap<String, LastExit>,
 ) -> io::Result<Vec<u8>> {
     #[derive(Serialize)]
     struct Borrowed<'a> {
         version: u32,
         processes: Vec<&'a Entry>,
-        last_exits: &'a BTreeMap<String, LastExit>,
+        last_exits: &'a OrdMap<String, LastExit>,
     }
     let disk = Borrowed {
         version: FORMAT_VERSION,
@@ -448,6 +434,9 @@ fn status_of(state: &State, job_id: &str) -> Option<VmaJobStatus> {
 }
 
 mod disk;
+mod last_exits;
+
+use last_exits::LastExits;
 
 pub use disk::FLUSH_DELAY;
 

@@ -223,22 +223,40 @@ fn a_corrupt_or_newer_registry_is_refused_with_advice() {
 
 #[test]
 fn only_the_newest_last_exits_are_kept() {
-    let mut exits = BTreeMap::new();
     let t0 = DateTime::from_timestamp(1_000_000, 0).unwrap();
+    let last = |i: usize, at: i64| LastExit {
+        process: p(i as u32, 1),
+        exit: ExitStatus::default(),
+        exited_at: t0 + chrono::Duration::seconds(at),
+        detector: Detector::Procfs,
+    };
+    // Job ids in the reverse order of age, so that id order cannot pass for age order.
+    let id = |i: usize| format!("job-{:05}", MAX_LAST_EXITS + 10 - i);
+    let mut exits = LastExits::default();
+    let mut dropped = Vec::new();
     for i in 0..MAX_LAST_EXITS + 3 {
-        let last = LastExit {
-            process: p(i as u32, 1),
-            exit: ExitStatus::default(),
-            exited_at: t0 + chrono::Duration::seconds(i as i64),
-            detector: Detector::Procfs,
-        };
-        exits.insert(format!("job-{i:05}"), last);
+        dropped.extend(exits.insert(id(i), last(i, i as i64)));
     }
-    let pruned = prune(&mut exits);
-    let names: Vec<&str> = pruned.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(names, ["job-00000", "job-00001", "job-00002"]);
+    let names: Vec<&str> = dropped.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, [id(0), id(1), id(2)]);
     assert_eq!(exits.len(), MAX_LAST_EXITS);
-    assert!(prune(&mut exits).is_empty());
+    // A job's newer exit replaces its older one, and makes it the newest: the next job to
+    // come in drops the oldest remaining (id(4)), not it.
+    assert!(exits.insert(id(3), last(3, 1_000_000)).is_empty());
+    let dropped = exits.insert("job-new".into(), last(0, 1_000_001));
+    let names: Vec<&str> = dropped.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, [id(4)]);
+    assert_eq!(
+        exits.get(&id(3)).map(|x| x.exited_at.timestamp()),
+        Some(2_000_000)
+    );
+    // Loading a file with more entries than the limit keeps the newest.
+    let file: BTreeMap<String, LastExit> = (0..MAX_LAST_EXITS + 2)
+        .map(|i| (id(i), last(i, i as i64)))
+        .collect();
+    let loaded = LastExits::from_file(file);
+    assert_eq!(loaded.len(), MAX_LAST_EXITS);
+    assert!(loaded.get(&id(1)).is_none() && loaded.get(&id(2)).is_some());
 }
 
 #[test]
