@@ -107,3 +107,69 @@ fn stop_gracefully(child: &mut std::process::Child) {
         .status();
     let _ = child.wait();
 }
+
+/// A stdout that takes no more lines (a stuck journal, a full pipe nobody reads) stalls
+/// nothing: the server comes up and records jobs while not one of its lines can be written;
+/// once the pipe is read, the queued lines follow.
+#[tokio::test]
+async fn a_stdout_that_takes_nothing_stalls_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut reader, writer, stuffed) = test_support::stuffed_pipe().unwrap();
+    let port = test_support::free_port([127, 0, 0, 1].into()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_oma"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--log-format", "json"])
+        .arg("--database")
+        .arg(dir.path().join("oma.db"))
+        .env("OMA_OPERATOR_TOKEN", TOKEN)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start oma");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let up = http.get(format!("{base}/health")).send().await;
+        if up.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("oma did not answer within 30 s while its stdout was full");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resp = http
+        .put(format!("{base}/api/v1/vmas/vma-1"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"base_url": "http://127.0.0.1:9", "token": VMA_TOKEN}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = serde_json::json!({"vm_context_id": "c", "vm_name": "v", "vma_id": "vma-1"});
+    let resp = http
+        .post(format!("{base}/api/v1/jobs"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let mut log = Vec::new();
+    std::io::Read::read_to_end(&mut reader, &mut log).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "oma exited with {status}");
+    let log = String::from_utf8_lossy(&log[stuffed..]).into_owned();
+    assert!(
+        log.contains("job created"),
+        "the queued lines were not written out once stdout was read:\n{log}"
+    );
+}

@@ -139,29 +139,11 @@ impl JsonClient {
     }
 }
 
-/// A TCP port free right now on `ip`, for a server that comes up (or back) later on a known
-/// address. It is taken below the kernel's ephemeral range: a port that the kernel handed out
-/// for `:0` and got back would soon go to another test's listener or outgoing connection,
-/// while the gap until the server binds it can last seconds (a daemon's restart).
+/// A TCP port free right now on `ip`, below the kernel's ephemeral range (see
+/// [`test_support::free_port`]), for a server that comes up (or back) later on a known address.
 pub fn free_port(ip: std::net::IpAddr) -> Result<u16> {
-    use rand::Rng;
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
-    let low = ephemeral_low.saturating_sub(12_000).max(1_024);
-    let mut last_error = None;
-    for _ in 0..200 {
-        let port = rand::thread_rng().gen_range(low..ephemeral_low.max(low + 1));
-        match std::net::TcpListener::bind((ip, port)) {
-            Ok(_) => return Ok(port),
-            Err(e) => last_error = Some(e),
-        }
-    }
-    Err(HarnessError::io(
-        format!("finding a free port on {ip} between {low} and {ephemeral_low}"),
-        last_error.unwrap_or_else(|| std::io::Error::other("no port tried")),
-    ))
+    test_support::free_port(ip)
+        .map_err(|e| HarnessError::io(format!("finding a free port on {ip}"), e))
 }
 
 /// Polls `probe` every `every` until it returns `Some`, or fails with a timeout naming `what`.

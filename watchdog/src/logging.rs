@@ -1,16 +1,23 @@
 //! Logging: human text or JSON lines on stderr, and the one structured line per death.
 //!
+//! Lines go through a queue to a writer thread of their own: a stderr that does not take them
+//! (a stuck journal, a full pipe nobody reads) must never stall the threads that see deaths and
+//! deliver them. Past [`QUEUED_LINES`] waiting lines, new ones are dropped and counted
+//! ([`dropped_lines`], shown in `/health`); the outbox, not the log, is the record of deaths.
+//!
 //! The JSON format is our own small formatter rather than tracing-subscriber's: a field
 //! declared in an event but without a value (an unknown exit code) comes out as `null`, so
 //! every death line has the same keys whatever is known about it.
 
 use std::fmt;
+use std::sync::OnceLock;
 
 use api::{Detector, ExitStatus, ProcessIdentity};
 use chrono::{SecondsFormat, Utc};
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -30,19 +37,44 @@ pub enum LogFormat {
 #[error("cannot install the logger: {0}; was a logger already installed in this process?")]
 pub struct LoggingError(#[source] Box<dyn std::error::Error + Send + Sync>);
 
+/// Lines that may wait for stderr before new ones are dropped: minutes of a busy daemon's
+/// log, a few MiB at most.
+pub const QUEUED_LINES: usize = 16_384;
+
+/// Counts the lines dropped because stderr did not take them, once the logger is installed.
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Keeps the log's writer thread. Dropping it writes out the lines still queued, waiting about
+/// a second at most for a stderr that does not take them.
+#[must_use = "the log's queued lines are written out when this is dropped"]
+#[derive(Debug)]
+pub struct LogGuard(#[allow(dead_code)] WorkerGuard);
+
 /// Installs the global logger on stderr. The level comes from `RUST_LOG` (default `info`).
-pub fn init(format: LogFormat) -> Result<(), LoggingError> {
+pub fn init(format: LogFormat) -> Result<LogGuard, LoggingError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    let _ = DROPPED.set(writer.error_counter());
     // Colours only on a terminal: escape codes in a log file or the journal are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder.event_format(JsonLines).try_init(),
         LogFormat::Text => builder.try_init(),
     }
-    .map_err(LoggingError)
+    .map_err(LoggingError)?;
+    Ok(LogGuard(guard))
+}
+
+/// Log lines dropped so far because stderr did not take them in time (0 before [`init`]).
+pub fn dropped_lines() -> u64 {
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
 }
 
 /// Name of a detector as it appears in logs and events (`ebpf`, `procfs`, `registry`).

@@ -5,9 +5,11 @@ use vma_watchdog::{config::Config, daemon, logging, priority};
 
 fn main() -> anyhow::Result<()> {
     let config = Config::from_args()?;
-    logging::init(config.log_format)?;
-    // Before the runtime starts its threads, so that they all inherit it.
-    match priority::set_nice(config.nice) {
+    // Before any thread starts (the log's writer, the runtime's), so that they all inherit it.
+    let niced = priority::set_nice(config.nice);
+    // Held to the end of `main`, so that the last lines are written out.
+    let _log = logging::init(config.log_format)?;
+    match niced {
         Ok(()) => tracing::info!(
             event = "priority_set",
             nice = config.nice,

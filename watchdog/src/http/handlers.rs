@@ -241,7 +241,8 @@ pub async fn track_job(
     }
 }
 
-/// `GET /health`: liveness, the detector, the registry's size and the outbox's counters.
+/// `GET /health`: liveness, the detector, the registry's size, the outbox's counters and the
+/// log lines dropped because stderr did not take them.
 pub async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
     let outbox = state.outbox.as_ref().map(|o| o.stats());
     let jobs = state.jobs.health();
@@ -250,6 +251,7 @@ pub async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
         "detector": jobs.detector,
         "registry": { "running": jobs.running, "jobs": jobs.jobs },
         "outbox": outbox,
+        "log": { "dropped_lines": crate::logging::dropped_lines() },
     }))
 }
 

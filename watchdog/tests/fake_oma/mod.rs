@@ -183,18 +183,8 @@ impl FakeOma {
 }
 
 /// A port free right now on 127.0.0.1 (for a server that must come up later on a known
-/// address, or a watchdog that must keep its address across a restart). It is taken below
-/// the kernel's ephemeral range, as the system tests' `free_port` does: a port the kernel
-/// handed out for `:0` and got back would soon go to another test's socket.
+/// address, or a watchdog that must keep its address across a restart), below the kernel's
+/// ephemeral range: see [`test_support::free_port`].
 pub fn free_port() -> u16 {
-    use rand::Rng;
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
-    let low = ephemeral_low.saturating_sub(12_000).max(1_024);
-    (0..200)
-        .map(|_| rand::thread_rng().gen_range(low..ephemeral_low.max(low + 1)))
-        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
-        .expect("no free port below the ephemeral range on 127.0.0.1")
+    test_support::free_port([127, 0, 0, 1].into()).expect("a free port on 127.0.0.1")
 }
