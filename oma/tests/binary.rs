@@ -58,24 +58,7 @@ async fn the_server_starts_migrates_serves_and_keeps_tokens_out_of_its_log() {
             .status(),
         200
     );
-    let resp = http
-        .put(format!("{base}/api/v1/vmas/vma-1"))
-        .bearer_auth(TOKEN)
-        .json(&serde_json::json!({"base_url": "http://127.0.0.1:9", "token": VMA_TOKEN}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let body = serde_json::json!({"vm_context_id": "c", "vm_name": "v", "vma_id": "vma-1"});
-    let resp = http
-        .post(format!("{base}/api/v1/jobs"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    // Nothing listens at the VMA's address: the job is recorded, stays pending, 202.
-    assert_eq!(resp.status(), 202);
+    create_job(&http, &base).await;
     let wrong = http
         .get(format!("{base}/api/v1/jobs"))
         .bearer_auth(VMA_TOKEN)
@@ -97,6 +80,28 @@ async fn the_server_starts_migrates_serves_and_keeps_tokens_out_of_its_log() {
     for secret in [TOKEN, VMA_TOKEN] {
         assert!(!all.contains(secret), "a token reached the log");
     }
+}
+
+/// Registers a VMA at an address where nothing listens and creates a job on it: recorded,
+/// pending, 202.
+async fn create_job(http: &reqwest::Client, base: &str) {
+    let resp = http
+        .put(format!("{base}/api/v1/vmas/vma-1"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"base_url": "http://127.0.0.1:9", "token": VMA_TOKEN}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = serde_json::json!({"vm_context_id": "c", "vm_name": "v", "vma_id": "vma-1"});
+    let resp = http
+        .post(format!("{base}/api/v1/jobs"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
 }
 
 /// Stops the server with SIGTERM (its graceful path) and waits for it.
@@ -142,23 +147,7 @@ async fn a_stdout_that_takes_nothing_stalls_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let resp = http
-        .put(format!("{base}/api/v1/vmas/vma-1"))
-        .bearer_auth(TOKEN)
-        .json(&serde_json::json!({"base_url": "http://127.0.0.1:9", "token": VMA_TOKEN}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let body = serde_json::json!({"vm_context_id": "c", "vm_name": "v", "vma_id": "vma-1"});
-    let resp = http
-        .post(format!("{base}/api/v1/jobs"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 202);
+    create_job(&http, &base).await;
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())

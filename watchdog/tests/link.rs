@@ -86,6 +86,19 @@ impl Api {
             .unwrap()
     }
 
+    /// `GET /health` (open, no token needed).
+    async fn health(&self) -> serde_json::Value {
+        let url = format!("{}/health", self.base);
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Starts a job and returns its process.
     async fn start(&self, job: &str) -> ProcessIdentity {
         let url = format!("{}/api/v1/jobs/{job}/start", self.base);
@@ -203,12 +216,7 @@ async fn a_launched_job_reports_progress_and_its_kill_reaches_the_oma_once() {
     // down (the registry first, then the outbox's own file): a moment after the OMA had it.
     let deadline = Instant::now() + TIMEOUT;
     let health = loop {
-        let health: serde_json::Value = reqwest::get(format!("{}/health", api.base))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let health = api.health().await;
         if health["outbox"]["delivered"].as_u64().unwrap() >= 2 {
             break health;
         }
@@ -271,12 +279,7 @@ async fn deaths_while_the_oma_is_down_are_delivered_when_it_comes_up() {
     // All three have exited and wait in the outbox while delivery keeps failing.
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let health: serde_json::Value = reqwest::get(format!("{}/health", api.base))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let health = api.health().await;
         let failed = health["outbox"]["failed_attempts"].as_u64().unwrap();
         let queued = health["outbox"]["queued"].as_u64().unwrap();
         let mut exited = 0;
