@@ -421,3 +421,46 @@ async fn a_start_in_flight_fences_recovery_in_every_oma_on_the_database() {
         }
     }
 }
+
+/// A start fence whose database session ends (a server restart, a cut connection) is gone
+/// for the other OMAs at once, silently on the server's side: releasing it says so, so the
+/// OMA can log that the job may have been judged meanwhile. PostgreSQL only (on SQLite the
+/// fence holds nothing).
+#[tokio::test]
+async fn a_start_fence_lost_with_its_session_is_reported_at_release() {
+    for db in test_dbs()
+        .await
+        .into_iter()
+        .filter(|d| d.backend == "postgres")
+    {
+        let vma = StandInVma::start().await;
+        let a = server(&db, &vma.url).await;
+        let other = Store::connect(&db.url).await.unwrap();
+        let key = oma::store::start_key("job-lost");
+
+        let kept = a.state.recovery.start_guard("job-kept").await.unwrap();
+        assert!(kept.release().await, "a fence held to the end");
+
+        let guard = a.state.recovery.start_guard("job-lost").await.unwrap();
+        assert!(other.starts_in_flight().await.unwrap().contains(&key));
+        // The session holding the fence ends, as when the server restarts.
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+             AND objid::bigint = $1 AND objsubid = 2 AND granted",
+        )
+        .bind(i64::from(key))
+        .fetch_all(other.pool())
+        .await
+        .unwrap();
+        assert_eq!(ended, [true]);
+        common::eventually(10, "the fence to go with its session", || async {
+            (!other.starts_in_flight().await.unwrap().contains(&key)).then_some(())
+        })
+        .await;
+        assert!(!guard.release().await, "a lost fence was reported as held");
+        // The OMA goes on: its next start is fenced again.
+        let again = a.state.recovery.start_guard("job-lost").await.unwrap();
+        assert!(other.starts_in_flight().await.unwrap().contains(&key));
+        assert!(again.release().await);
+    }
+}

@@ -111,11 +111,21 @@ pub struct StartGuard {
 }
 
 impl StartGuard {
-    /// Ends the guard once the start's answer is recorded.
-    pub async fn release(mut self) {
-        if let Some(fence) = self.fence.take() {
-            fence.release().await;
+    /// Ends the guard once the start's answer is recorded. Returns `false`, and says so in
+    /// the log, when the fence on the database had been lost before.
+    pub async fn release(mut self) -> bool {
+        let Some(fence) = self.fence.take() else {
+            return true;
+        };
+        let held = fence.release().await;
+        if !held {
+            tracing::warn!(job_id = %self.job_id,
+                "this job's start fence was lost before its request to the VMA was answered \
+                 (its database session ended): another OMA's recovery may have judged the job \
+                 meanwhile; its audit trail shows what each did, and a change made on stale \
+                 facts was refused by the job's version check");
         }
+        held
     }
 }
 
@@ -261,7 +271,13 @@ impl Recovery {
             return Err(RecoveryError::Busy);
         };
         let result = self.run_locked(trigger, dry_run).await;
-        db_lock.release().await;
+        if !db_lock.release().await {
+            tracing::warn!(
+                "the recovery lock was lost during the run (its database session ended): \
+                 another OMA may have recovered at the same time; each change was applied \
+                 only if the job had not changed since it was read"
+            );
+        }
         result
     }
 

@@ -27,14 +27,25 @@ pub struct RecoveryLock {
 struct LockedSession(Option<PoolConnection<sqlx::Any>>);
 
 impl LockedSession {
-    /// Runs `unlock` on the session. On failure the connection is closed, which frees the
-    /// lock as well.
-    async fn release<'q>(mut self, unlock: Query<'q, sqlx::Any, AnyArguments<'q>>, what: &str) {
-        if let Some(mut conn) = self.0.take()
-            && let Err(e) = unlock.execute(&mut *conn).await
-        {
-            tracing::warn!(error = %e, "could not release the {what}; closing its session");
-            conn.close_on_drop();
+    /// Runs `unlock` (a `pg_advisory_unlock` call) on the session and says whether the lock
+    /// was still held: `false` when the session lost it meanwhile (the server ended the
+    /// session, a connection cut), which frees an advisory lock without a word. On failure
+    /// the connection is closed, which frees the lock as well. Always `true` on SQLite.
+    async fn release<'q>(
+        mut self,
+        unlock: Query<'q, sqlx::Any, AnyArguments<'q>>,
+        what: &str,
+    ) -> bool {
+        let Some(mut conn) = self.0.take() else {
+            return true;
+        };
+        match unlock.fetch_one(&mut *conn).await {
+            Ok(row) => row.try_get::<bool, _>(0).unwrap_or(false),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release the {what}; closing its session");
+                conn.close_on_drop();
+                false
+            }
         }
     }
 }
@@ -68,10 +79,10 @@ impl Store {
 }
 
 impl RecoveryLock {
-    /// Gives the lock back.
-    pub async fn release(self) {
+    /// Gives the lock back; `false` when it had been lost before (see [`StartFence::release`]).
+    pub async fn release(self) -> bool {
         let unlock = sqlx::query("SELECT pg_advisory_unlock($1)").bind(RECOVERY_LOCK_KEY);
-        self.session.release(unlock, "recovery lock").await;
+        self.session.release(unlock, "recovery lock").await
     }
 }
 
@@ -156,12 +167,14 @@ impl Store {
 }
 
 impl StartFence {
-    /// Ends the fence.
-    pub async fn release(self) {
+    /// Ends the fence. `false` when it had ended before, unasked: the database session that
+    /// held it ended (a server restart, a connection cut), so other OMAs' recovery runs no
+    /// longer saw the start in flight for a while.
+    pub async fn release(self) -> bool {
         let unlock = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
             .bind(START_LOCK_CLASS)
             .bind(self.key as i32);
-        self.session.release(unlock, "job start's lock").await;
+        self.session.release(unlock, "job start's lock").await
     }
 }
 
