@@ -10,6 +10,15 @@ const LOG_QUEUED_LINES: usize = 16_384;
 
 fn main() -> anyhow::Result<()> {
     let args = ServerArgs::parse();
+    // Before any thread starts (the log's writer, the runtime's), so that they all inherit it.
+    // A death's commit is a chain of short steps on several threads (HTTP, the database's
+    // worker, the fsync); at normal priority each may wait behind bulk work for its turn on a
+    // busy host.
+    // SAFETY: a plain system call; `0` names the calling thread.
+    let niced = match unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, args.nice) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Lines go through a queue to a writer thread of their own, so that a stdout that takes
     // nothing (a stuck journal, a full pipe) never stalls the threads that commit deaths and
@@ -30,15 +39,11 @@ fn main() -> anyhow::Result<()> {
     } else {
         logs.init();
     }
-    // Before the runtime starts its threads, so that they all inherit it. A death's commit is
-    // a chain of short steps on several threads (HTTP, the database's worker, the fsync); at
-    // normal priority each may wait behind bulk work for its turn on a busy host.
-    // SAFETY: a plain system call; `0` names the calling thread.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, args.nice) } == 0 {
-        tracing::info!(nice = args.nice, "CPU priority set");
-    } else {
-        tracing::warn!(nice = args.nice, error = %std::io::Error::last_os_error(),
+    if let Err(error) = niced {
+        tracing::warn!(nice = args.nice, %error,
             "cannot set the OMA's CPU priority; deaths may be committed late on a busy host; run with CAP_SYS_NICE (systemd: Nice=) or pass --nice 0");
+    } else {
+        tracing::info!(nice = args.nice, "CPU priority set");
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
