@@ -68,6 +68,11 @@ pub struct ServerArgs {
     /// Log format: `text` or `json`.
     #[arg(long, env = "OMA_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Log lines that may wait for a slow or stuck stdout before new ones are dropped (and
+    /// counted in `/health`).
+    #[arg(long, env = "OMA_LOG_QUEUE_LINES", default_value_t = crate::logging::QUEUED_LINES,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub log_queue_lines: u32,
     /// CPU priority (nice value, -20 to 19). The default puts the OMA above the bulk
     /// replication work that shares its host, so that a death is committed at once; raising
     /// it needs root or CAP_SYS_NICE (otherwise a warning, and the OMA runs at normal priority).

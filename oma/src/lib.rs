@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod logging;
 pub mod model;
 pub mod poller;
 pub mod recovery;

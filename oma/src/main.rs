@@ -3,10 +3,6 @@
 use anyhow::Context;
 use clap::Parser;
 use oma::config::ServerArgs;
-use tracing_subscriber::EnvFilter;
-
-/// Log lines that may wait for stdout before new ones are dropped.
-const LOG_QUEUED_LINES: usize = 16_384;
 
 fn main() -> anyhow::Result<()> {
     let args = ServerArgs::parse();
@@ -19,26 +15,8 @@ fn main() -> anyhow::Result<()> {
         0 => Ok(()),
         _ => Err(std::io::Error::last_os_error()),
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Lines go through a queue to a writer thread of their own, so that a stdout that takes
-    // nothing (a stuck journal, a full pipe) never stalls the threads that commit deaths and
-    // answer requests. Past LOG_QUEUED_LINES waiting lines, new ones are dropped. Held to the
-    // end of `main`, when the queue is written out (a second at most for a stuck stdout).
-    let (writer, _log) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_QUEUED_LINES)
-        .thread_name("log-writer")
-        .finish(std::io::stdout());
-    // Colours only on a terminal: escape codes in a log file or the journal are noise.
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_writer(writer);
-    if args.log_format == "json" {
-        logs.json().init();
-    } else {
-        logs.init();
-    }
+    // Held to the end of `main`, when the queued lines are written out.
+    let _log = oma::logging::init(args.log_format == "json", args.log_queue_lines);
     if let Err(error) = niced {
         tracing::warn!(nice = args.nice, %error,
             "cannot set the OMA's CPU priority; deaths may be committed late on a busy host; run with CAP_SYS_NICE (systemd: Nice=) or pass --nice 0");

@@ -5,6 +5,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use test_support::{KillOnDrop, free_port, read_to_end_within, stuffed_pipe, wait_within};
+
 const TOKEN: &str = "binary-test-operator-token-42";
 const VMA_TOKEN: &str = "binary-test-vma-token-000042";
 
@@ -113,52 +115,110 @@ fn stop_gracefully(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
+/// Starts `oma` on a fresh database in `dir` at `port`, logging JSON at debug level into
+/// `out` (its stdout and its stderr, as under systemd where both go to the journal).
+fn start_logging_into(
+    dir: &std::path::Path,
+    port: u16,
+    out: std::io::PipeWriter,
+    extra: &[&str],
+) -> KillOnDrop {
+    let stderr = out.try_clone().expect("a second descriptor of the pipe");
+    KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_oma"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--log-format", "json"])
+            .args(extra)
+            .arg("--database")
+            .arg(dir.join("oma.db"))
+            .env("OMA_OPERATOR_TOKEN", TOKEN)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("start oma"),
+    )
+}
+
+/// `/health` once the server answers 200, though its output takes nothing.
+async fn health(http: &reqwest::Client, base: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = http.get(format!("{base}/health")).send().await
+            && r.status() == 200
+        {
+            return r.json().await.unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "oma did not answer within 30 s while its stdout was full"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A stdout that takes no more lines (a stuck journal, a full pipe nobody reads) stalls
 /// nothing: the server comes up and records jobs while not one of its lines can be written;
 /// once the pipe is read, the queued lines follow.
 #[tokio::test]
 async fn a_stdout_that_takes_nothing_stalls_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut reader, writer, stuffed) = test_support::stuffed_pipe().unwrap();
-    let port = test_support::free_port([127, 0, 0, 1].into()).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_oma"))
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--log-format", "json"])
-        .arg("--database")
-        .arg(dir.path().join("oma.db"))
-        .env("OMA_OPERATOR_TOKEN", TOKEN)
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::from(writer))
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start oma");
+    let (reader, writer, stuffed) = stuffed_pipe().unwrap();
+    let port = free_port([127, 0, 0, 1].into()).unwrap();
+    let mut oma = start_logging_into(dir.path(), port, writer, &[]);
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let up = http.get(format!("{base}/health")).send().await;
-        if up.is_ok_and(|r| r.status() == 200) {
-            break;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("oma did not answer within 30 s while its stdout was full");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let up = health(&http, &base).await;
+    assert!(up["log_dropped_lines"].is_u64(), "{up}");
     create_job(&http, &base).await;
     let _ = Command::new("kill")
         .arg("-TERM")
-        .arg(child.id().to_string())
+        .arg(oma.0.id().to_string())
         .status();
-    let mut log = Vec::new();
-    std::io::Read::read_to_end(&mut reader, &mut log).unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "oma exited with {status}");
+    let limit = Duration::from_secs(30);
+    let log = read_to_end_within(reader, limit).expect("oma's output never ended");
+    let status = wait_within(&mut oma.0, limit).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "oma did not stop cleanly: {status:?}"
+    );
     let log = String::from_utf8_lossy(&log[stuffed..]).into_owned();
     assert!(
         log.contains("job created"),
         "the queued lines were not written out once stdout was read:\n{log}"
     );
+}
+
+/// With the queue full too (four lines), lines are dropped and counted in `/health`, and
+/// SIGTERM still ends the server, though its output is never read.
+#[tokio::test]
+async fn a_full_log_queue_drops_lines_and_stops_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, writer, _) = stuffed_pipe().unwrap();
+    let port = free_port([127, 0, 0, 1].into()).unwrap();
+    let mut oma = start_logging_into(dir.path(), port, writer, &["--log-queue-lines", "4"]);
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let dropped = health(&http, &base).await["log_dropped_lines"].as_u64();
+        if dropped.is_some_and(|n| n > 0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no line dropped within 30 s: {dropped:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(oma.0.id().to_string())
+        .status();
+    let status = wait_within(&mut oma.0, Duration::from_secs(30)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM did not end oma within 30 s while its log was stuck: {status:?}"
+    );
+    drop(reader);
 }

@@ -1,8 +1,11 @@
-//! What the tests of `oma`, `vma-watchdog` and the system tests share.
+//! What the tests of `oma`, `vma-watchdog` and the system tests share: ports that stay free,
+//! and daemons whose log output nobody reads.
 
-use std::io::{self, PipeReader, PipeWriter, Write};
+use std::io::{self, PipeReader, PipeWriter, Read, Write};
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 
@@ -72,4 +75,42 @@ fn set_nonblocking(fd: &impl AsRawFd, on: bool) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A child process killed (and reaped) when dropped, so that a failing test leaves no daemon
+/// behind.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits up to `limit` for `child` to exit; `None` if it still runs.
+pub fn wait_within(child: &mut Child, limit: Duration) -> io::Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Everything `reader` gives until its end, read on a thread of its own; `None` if the end
+/// has not come within `limit` (a writer still holds the pipe open).
+pub fn read_to_end_within(mut reader: PipeReader, limit: Duration) -> Option<Vec<u8>> {
+    let (done, read) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = reader.read_to_end(&mut bytes);
+        let _ = done.send(bytes);
+    });
+    read.recv_timeout(limit).ok()
 }

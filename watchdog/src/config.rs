@@ -46,6 +46,11 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Log lines that may wait for a slow or stuck stderr before new ones are dropped (and
+    /// counted in `/health`).
+    #[arg(long, default_value_t = crate::logging::QUEUED_LINES as u32,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub log_queue_lines: u32,
     /// Which detector to run.
     #[arg(long, value_enum, default_value_t = DetectorChoice::Auto)]
     pub detector: DetectorChoice,
@@ -135,6 +140,8 @@ pub struct Config {
     pub match_names: Vec<String>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Log lines that may wait for stderr.
+    pub log_queue_lines: usize,
     /// Detector choice.
     pub detector: DetectorChoice,
     /// Scan interval of the procfs detector.
@@ -253,6 +260,7 @@ impl Config {
             state_dir,
             match_names,
             log_format: cli.log_format,
+            log_queue_lines: cli.log_queue_lines as usize,
             detector: cli.detector,
             scan_interval: Duration::from_millis(cli.scan_interval_ms),
             registry_flush_delay: Duration::from_millis(cli.registry_flush_ms),

@@ -11,6 +11,7 @@
 
 use std::fmt;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use api::{Detector, ExitStatus, ProcessIdentity};
 use chrono::{SecondsFormat, Utc};
@@ -37,25 +38,49 @@ pub enum LogFormat {
 #[error("cannot install the logger: {0}; was a logger already installed in this process?")]
 pub struct LoggingError(#[source] Box<dyn std::error::Error + Send + Sync>);
 
-/// Lines that may wait for stderr before new ones are dropped: minutes of a busy daemon's
-/// log, a few MiB at most.
+/// Lines that may wait for stderr before new ones are dropped, by default (`--log-queue-lines`):
+/// minutes of a busy daemon's log, a few MiB at most.
 pub const QUEUED_LINES: usize = 16_384;
+
+/// How long the end of `main` waits for the queued lines to be written.
+const FLUSH_LIMIT: Duration = Duration::from_secs(2);
 
 /// Counts the lines dropped because stderr did not take them, once the logger is installed.
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 
-/// Keeps the log's writer thread. Dropping it writes out the lines still queued, waiting about
-/// a second at most for a stderr that does not take them.
+/// Keeps the log's writer thread. Dropping it writes out the lines still queued, waiting
+/// [`FLUSH_LIMIT`] at most: tracing-appender's own guard waits for its thread without a limit
+/// once its queue is full (and then prints to stdout), which a stuck stderr would turn into a
+/// daemon that never exits. So the guard is dropped on a thread of its own, and left there.
 #[must_use = "the log's queued lines are written out when this is dropped"]
 #[derive(Debug)]
-pub struct LogGuard(#[allow(dead_code)] WorkerGuard);
+pub struct LogGuard(Option<WorkerGuard>);
 
-/// Installs the global logger on stderr. The level comes from `RUST_LOG` (default `info`).
-pub fn init(format: LogFormat) -> Result<LogGuard, LoggingError> {
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        let Some(guard) = self.0.take() else {
+            return;
+        };
+        let (done, flushed) = std::sync::mpsc::channel();
+        let flusher = std::thread::Builder::new()
+            .name("log-flush".to_owned())
+            .spawn(move || {
+                drop(guard);
+                let _ = done.send(());
+            });
+        if flusher.is_ok() {
+            let _ = flushed.recv_timeout(FLUSH_LIMIT);
+        }
+    }
+}
+
+/// Installs the global logger on stderr, with at most `queued_lines` lines waiting for it. The
+/// level comes from `RUST_LOG` (default `info`).
+pub fn init(format: LogFormat, queued_lines: usize) -> Result<LogGuard, LoggingError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
-        .buffered_lines_limit(QUEUED_LINES)
+        .buffered_lines_limit(queued_lines)
         .thread_name("log-writer")
         .finish(std::io::stderr());
     let _ = DROPPED.set(writer.error_counter());
@@ -69,7 +94,7 @@ pub fn init(format: LogFormat) -> Result<LogGuard, LoggingError> {
         LogFormat::Text => builder.try_init(),
     }
     .map_err(LoggingError)?;
-    Ok(LogGuard(guard))
+    Ok(LogGuard(Some(guard)))
 }
 
 /// Log lines dropped so far because stderr did not take them in time (0 before [`init`]).

@@ -1,14 +1,16 @@
 //! `vma-watchdog`: see `vma_watchdog::config::Cli` for the command line.
 
+use std::process::ExitCode;
+
 use anyhow::Context;
 use vma_watchdog::{config::Config, daemon, logging, priority};
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let config = Config::from_args()?;
     // Before any thread starts (the log's writer, the runtime's), so that they all inherit it.
     let niced = priority::set_nice(config.nice);
     // Held to the end of `main`, so that the last lines are written out.
-    let _log = logging::init(config.log_format)?;
+    let _log = logging::init(config.log_format, config.log_queue_lines)?;
     match niced {
         Ok(()) => tracing::info!(
             event = "priority_set",
@@ -30,13 +32,20 @@ fn main() -> anyhow::Result<()> {
             .await
             .context("the watchdog failed")
     });
-    match &result {
-        Ok(()) => tracing::info!(event = "watchdog_stopped", "watchdog stopped cleanly"),
-        Err(e) => tracing::error!(
-            event = "watchdog_failed",
-            error = format!("{e:#}"),
-            "watchdog failed"
-        ),
+    // The failure goes to the log only, not to stderr a second time from `main`'s `Err`: with
+    // a stuck stderr that write would never return, and the watchdog never exit.
+    match result {
+        Ok(()) => {
+            tracing::info!(event = "watchdog_stopped", "watchdog stopped cleanly");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            tracing::error!(
+                event = "watchdog_failed",
+                error = format!("{e:#}"),
+                "watchdog failed"
+            );
+            Ok(ExitCode::FAILURE)
+        }
     }
-    result
 }

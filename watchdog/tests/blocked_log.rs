@@ -2,27 +2,63 @@
 //! does not stop the watchdog. Its stderr here is a pipe of one page, filled before it starts:
 //! every write to it would block. The watchdog still comes up, sees a stand-in die and queues
 //! the death in its outbox; once the pipe is read, the queued lines follow, the death's among
-//! them.
+//! them. With its log queue full as well, it still stops on SIGTERM.
 //!
 //! Run: `cargo test -p vma-watchdog --test blocked_log` as root.
 
 mod common;
 mod fake_oma;
 
-use std::io::Read;
+use std::io::PipeWriter;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use api::ProcessEventKind;
 use common::{Standin, TIMEOUT, journal_for, privileged, secret};
+use test_support::{KillOnDrop, read_to_end_within, stuffed_pipe, wait_within};
 
-/// The watchdog, killed should the test fail before it stops it.
-struct Daemon(std::process::Child);
+/// Starts the watchdog on `state` at `port`, logging at debug level into `stderr`, which is
+/// its stdout too (as under systemd, where both go to the journal).
+fn start(state: &Path, port: u16, stderr: PipeWriter, extra: &[&str]) -> KillOnDrop {
+    let stdout = stderr.try_clone().expect("a second descriptor of the pipe");
+    KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_vma-watchdog"))
+            .args(["--log-format", "json", "--scan-interval-ms", "100"])
+            .args([
+                "--detector",
+                "auto",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(extra)
+            .arg("--state-dir")
+            .arg(state)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("start vma-watchdog"),
+    )
+}
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// `/health` once the watchdog answers, though not one of its lines has been written.
+async fn health(port: u16) -> serde_json::Value {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let answer = match reqwest::get(format!("http://127.0.0.1:{port}/health")).await {
+            Ok(r) => r.json::<serde_json::Value>().await.ok(),
+            Err(_) => None,
+        };
+        if let Some(health) = answer {
+            return health;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the watchdog did not answer within {TIMEOUT:?} while its stderr was full"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -33,44 +69,11 @@ async fn a_stderr_that_takes_nothing_stalls_no_death() {
     }
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let (mut reader, writer, stuffed) = test_support::stuffed_pipe().unwrap();
+    let (reader, writer, stuffed) = stuffed_pipe().unwrap();
     let port = fake_oma::free_port();
-    let mut watchdog = Daemon(
-        Command::new(env!("CARGO_BIN_EXE_vma-watchdog"))
-            .args(["--log-format", "json", "--scan-interval-ms", "100"])
-            .args([
-                "--detector",
-                "auto",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .arg("--state-dir")
-            .arg(&state)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(writer))
-            .spawn()
-            .expect("start vma-watchdog"),
-    );
-
-    // Up and answering, though not one of its lines has been written.
-    let deadline = Instant::now() + TIMEOUT;
-    let health = loop {
-        let answer = match reqwest::get(format!("http://127.0.0.1:{port}/health")).await {
-            Ok(r) => r.json::<serde_json::Value>().await.ok(),
-            Err(_) => None,
-        };
-        if let Some(health) = answer {
-            break health;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the watchdog did not answer within {TIMEOUT:?} while its stderr was full"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(health["log"]["dropped_lines"].is_u64(), "{health}");
+    let mut watchdog = start(&state, port, writer, &[]);
+    let up = health(port).await;
+    assert!(up["log"]["dropped_lines"].is_u64(), "{up}");
 
     // A stand-in found by the scan or the exec event, killed: its death is queued for the OMA.
     let s = Standin::start(dir.path(), "job-blocked-log", &secret(), &[]);
@@ -99,10 +102,12 @@ async fn a_stderr_that_takes_nothing_stalls_no_death() {
 
     // Reading the pipe lets the queued lines out; the watchdog stops cleanly meanwhile.
     common::signal(watchdog.0.id(), libc::SIGTERM);
-    let mut log = Vec::new();
-    reader.read_to_end(&mut log).unwrap();
-    let status = watchdog.0.wait().unwrap();
-    assert!(status.success(), "the watchdog exited with {status}");
+    let log = read_to_end_within(reader, TIMEOUT).expect("the watchdog's stderr never ended");
+    let status = wait_within(&mut watchdog.0, TIMEOUT).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the watchdog did not stop cleanly: {status:?}"
+    );
     let log = String::from_utf8_lossy(&log[stuffed..]).into_owned();
     let death = log
         .lines()
@@ -112,4 +117,37 @@ async fn a_stderr_that_takes_nothing_stalls_no_death() {
         death.is_some(),
         "the death's line was not written out once stderr was read:\n{log}"
     );
+}
+
+/// With the queue full too (four lines, debug level), lines are dropped and counted, and
+/// SIGTERM still ends the watchdog, though its stderr is never read.
+#[tokio::test]
+async fn a_full_log_queue_drops_lines_and_stops_nothing() {
+    if !privileged("a_full_log_queue_drops_lines_and_stops_nothing") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, writer, _) = stuffed_pipe().unwrap();
+    let port = fake_oma::free_port();
+    let state = dir.path().join("state");
+    let mut watchdog = start(&state, port, writer, &["--log-queue-lines", "4"]);
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let dropped = health(port).await["log"]["dropped_lines"].as_u64();
+        if dropped.is_some_and(|n| n > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no line dropped within {TIMEOUT:?}: {dropped:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    common::signal(watchdog.0.id(), libc::SIGTERM);
+    let status = wait_within(&mut watchdog.0, TIMEOUT).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM did not end the watchdog within {TIMEOUT:?} while its log was stuck: {status:?}"
+    );
+    drop(reader);
 }

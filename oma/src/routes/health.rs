@@ -16,6 +16,8 @@ pub struct Health {
     pub status: String,
     /// `ok`, or `unavailable` when the database did not answer.
     pub database: String,
+    /// Log lines dropped because stdout did not take them (a stuck journal, a full pipe).
+    pub log_dropped_lines: u64,
 }
 
 /// The health router.
@@ -33,6 +35,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>)
             Json(Health {
                 status: "ok".into(),
                 database: "ok".into(),
+                log_dropped_lines: crate::logging::dropped_lines(),
             }),
         ),
         Err(e) => {
@@ -42,6 +45,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>)
                 Json(Health {
                     status: "degraded".into(),
                     database: "unavailable".into(),
+                    log_dropped_lines: crate::logging::dropped_lines(),
                 }),
             )
         }
