@@ -48,7 +48,7 @@ pub struct Cli {
     pub log_format: LogFormat,
     /// Log lines that may wait for a slow or stuck stderr before new ones are dropped (and
     /// counted in `/health`).
-    #[arg(long, default_value_t = crate::logging::QUEUED_LINES as u32,
+    #[arg(long, default_value_t = log_queue::DEFAULT_LINES,
         value_parser = clap::value_parser!(u32).range(1..))]
     pub log_queue_lines: u32,
     /// Which detector to run.
@@ -141,7 +141,7 @@ pub struct Config {
     /// Log format.
     pub log_format: LogFormat,
     /// Log lines that may wait for stderr.
-    pub log_queue_lines: usize,
+    pub log_queue_lines: u32,
     /// Detector choice.
     pub detector: DetectorChoice,
     /// Scan interval of the procfs detector.
@@ -260,7 +260,7 @@ impl Config {
             state_dir,
             match_names,
             log_format: cli.log_format,
-            log_queue_lines: cli.log_queue_lines as usize,
+            log_queue_lines: cli.log_queue_lines,
             detector: cli.detector,
             scan_interval: Duration::from_millis(cli.scan_interval_ms),
             registry_flush_delay: Duration::from_millis(cli.registry_flush_ms),

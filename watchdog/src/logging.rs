@@ -10,15 +10,12 @@
 //! every death line has the same keys whatever is known about it.
 
 use std::fmt;
-use std::sync::OnceLock;
-use std::time::Duration;
 
 use api::{Detector, ExitStatus, ProcessIdentity};
 use chrono::{SecondsFormat, Utc};
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -38,52 +35,13 @@ pub enum LogFormat {
 #[error("cannot install the logger: {0}; was a logger already installed in this process?")]
 pub struct LoggingError(#[source] Box<dyn std::error::Error + Send + Sync>);
 
-/// Lines that may wait for stderr before new ones are dropped, by default (`--log-queue-lines`):
-/// minutes of a busy daemon's log, a few MiB at most.
-pub const QUEUED_LINES: usize = 16_384;
-
-/// How long the end of `main` waits for the queued lines to be written.
-const FLUSH_LIMIT: Duration = Duration::from_secs(2);
-
-/// Counts the lines dropped because stderr did not take them, once the logger is installed.
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
-
-/// Keeps the log's writer thread. Dropping it writes out the lines still queued, waiting
-/// [`FLUSH_LIMIT`] at most: tracing-appender's own guard waits for its thread without a limit
-/// once its queue is full (and then prints to stdout), which a stuck stderr would turn into a
-/// daemon that never exits. So the guard is dropped on a thread of its own, and left there.
-#[must_use = "the log's queued lines are written out when this is dropped"]
-#[derive(Debug)]
-pub struct LogGuard(Option<WorkerGuard>);
-
-impl Drop for LogGuard {
-    fn drop(&mut self) {
-        let Some(guard) = self.0.take() else {
-            return;
-        };
-        let (done, flushed) = std::sync::mpsc::channel();
-        let flusher = std::thread::Builder::new()
-            .name("log-flush".to_owned())
-            .spawn(move || {
-                drop(guard);
-                let _ = done.send(());
-            });
-        if flusher.is_ok() {
-            let _ = flushed.recv_timeout(FLUSH_LIMIT);
-        }
-    }
-}
+pub use log_queue::{LogGuard, dropped_lines};
 
 /// Installs the global logger on stderr, with at most `queued_lines` lines waiting for it. The
 /// level comes from `RUST_LOG` (default `info`).
-pub fn init(format: LogFormat, queued_lines: usize) -> Result<LogGuard, LoggingError> {
+pub fn init(format: LogFormat, queued_lines: u32) -> Result<LogGuard, LoggingError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(queued_lines)
-        .thread_name("log-writer")
-        .finish(std::io::stderr());
-    let _ = DROPPED.set(writer.error_counter());
+    let (writer, guard) = log_queue::queued(std::io::stderr(), queued_lines);
     // Colours only on a terminal: escape codes in a log file or the journal are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -94,12 +52,7 @@ pub fn init(format: LogFormat, queued_lines: usize) -> Result<LogGuard, LoggingE
         LogFormat::Text => builder.try_init(),
     }
     .map_err(LoggingError)?;
-    Ok(LogGuard(Some(guard)))
-}
-
-/// Log lines dropped so far because stderr did not take them in time (0 before [`init`]).
-pub fn dropped_lines() -> u64 {
-    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+    Ok(guard)
 }
 
 /// Name of a detector as it appears in logs and events (`ebpf`, `procfs`, `registry`).
