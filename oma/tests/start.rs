@@ -422,6 +422,19 @@ async fn a_start_in_flight_fences_recovery_in_every_oma_on_the_database() {
     }
 }
 
+/// Ends the PostgreSQL session that holds the start fence `key`, as a server restart would.
+async fn end_session_holding(store: &Store, key: u32) {
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+         AND objid::bigint = $1 AND objsubid = 2 AND granted",
+    )
+    .bind(i64::from(key))
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(ended, [true], "one session held the fence");
+}
+
 /// A start fence whose database session ends (a server restart, a cut connection) is gone
 /// for the other OMAs at once, silently on the server's side: releasing it says so, so the
 /// OMA can log that the job may have been judged meanwhile. PostgreSQL only (on SQLite the
@@ -444,20 +457,20 @@ async fn a_start_fence_lost_with_its_session_is_reported_at_release() {
         let guard = a.state.recovery.start_guard("job-lost").await.unwrap();
         assert!(other.starts_in_flight().await.unwrap().contains(&key));
         // The session holding the fence ends, as when the server restarts.
-        let ended: Vec<bool> = sqlx::query_scalar(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
-             AND objid::bigint = $1 AND objsubid = 2 AND granted",
-        )
-        .bind(i64::from(key))
-        .fetch_all(other.pool())
-        .await
-        .unwrap();
-        assert_eq!(ended, [true]);
+        end_session_holding(&other, key).await;
         common::eventually(10, "the fence to go with its session", || async {
             (!other.starts_in_flight().await.unwrap().contains(&key)).then_some(())
         })
         .await;
         assert!(!guard.release().await, "a lost fence was reported as held");
+        // The store says how: lost with its session, not some other failure.
+        let fence = a.state.store.fence_start("job-lost").await.unwrap();
+        end_session_holding(&other, key).await;
+        let released = fence.release().await;
+        assert!(
+            matches!(released, oma::store::Released::Lost),
+            "{released:?}"
+        );
         // The OMA goes on: its next start is fenced again.
         let again = a.state.recovery.start_guard("job-lost").await.unwrap();
         assert!(other.starts_in_flight().await.unwrap().contains(&key));

@@ -9,7 +9,7 @@ use crate::events::{Verdict, adopt, finalize, is_newer};
 use crate::model::{Actor, now_ms};
 use crate::poller::apply_progress;
 use crate::store::{
-    AuditDraft, JobChange, JobRecord, PendingStop, RecoveryRunRecord, StartFence, Store,
+    AuditDraft, JobChange, JobRecord, PendingStop, RecoveryRunRecord, Released, StartFence, Store,
     StoreError, start_key,
 };
 use crate::vma_client::{VmaAnswer, VmaClient};
@@ -112,20 +112,25 @@ pub struct StartGuard {
 
 impl StartGuard {
     /// Ends the guard once the start's answer is recorded. Returns `false`, and says so in
-    /// the log, when the fence on the database had been lost before.
+    /// the log, when the fence on the database may have been lost before.
     pub async fn release(mut self) -> bool {
         let Some(fence) = self.fence.take() else {
             return true;
         };
-        let held = fence.release().await;
-        if !held {
-            tracing::warn!(job_id = %self.job_id,
+        let released = fence.release().await;
+        match &released {
+            Released::Held => {}
+            Released::Lost => tracing::warn!(job_id = %self.job_id,
                 "this job's start fence was lost before its request to the VMA was answered \
                  (its database session ended): another OMA's recovery may have judged the job \
                  meanwhile; its audit trail shows what each did, and a change made on stale \
-                 facts was refused by the job's version check");
+                 facts was refused by the job's version check"),
+            Released::Unknown(error) => tracing::warn!(job_id = %self.job_id, %error,
+                "releasing this job's start fence failed, so it may have been lost before the \
+                 VMA's answer (its session is closed now): if another OMA judged the job \
+                 meanwhile, its audit trail shows it; check the database connection"),
         }
-        held
+        released.held()
     }
 }
 
@@ -271,12 +276,17 @@ impl Recovery {
             return Err(RecoveryError::Busy);
         };
         let result = self.run_locked(trigger, dry_run).await;
-        if !db_lock.release().await {
-            tracing::warn!(
+        match db_lock.release().await {
+            Released::Held => {}
+            Released::Lost => tracing::warn!(
                 "the recovery lock was lost during the run (its database session ended): \
                  another OMA may have recovered at the same time; each change was applied \
                  only if the job had not changed since it was read"
-            );
+            ),
+            Released::Unknown(error) => tracing::warn!(%error,
+                "releasing the recovery lock failed (its session is closed now), so another \
+                 OMA may have recovered at the same time; each change was applied only if the \
+                 job had not changed since it was read; check the database connection"),
         }
         result
     }

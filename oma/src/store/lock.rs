@@ -26,25 +26,52 @@ pub struct RecoveryLock {
 #[derive(Debug)]
 struct LockedSession(Option<PoolConnection<sqlx::Any>>);
 
+/// What releasing a lock found.
+#[derive(Debug)]
+pub enum Released {
+    /// The lock was held to the end (always, on SQLite).
+    Held,
+    /// The lock had gone with its session before (the server ended it, the connection was cut):
+    /// other OMAs could take it meanwhile.
+    Lost,
+    /// Releasing failed otherwise; the lock may have been lost. The session is closed, which
+    /// frees the lock in any case.
+    Unknown(sqlx::Error),
+}
+
+impl Released {
+    /// Whether the lock was held to the end.
+    pub fn held(&self) -> bool {
+        matches!(self, Self::Held)
+    }
+}
+
 impl LockedSession {
     /// Runs `unlock` (a `pg_advisory_unlock` call) on the session and says whether the lock
-    /// was still held: `false` when the session lost it meanwhile (the server ended the
-    /// session, a connection cut), which frees an advisory lock without a word. On failure
-    /// the connection is closed, which frees the lock as well. Always `true` on SQLite.
-    async fn release<'q>(
-        mut self,
-        unlock: Query<'q, sqlx::Any, AnyArguments<'q>>,
-        what: &str,
-    ) -> bool {
+    /// was still held. A session the server ended frees its advisory locks without a word;
+    /// the first query after it fails, or on a new session the unlock answers `false`. On any
+    /// failure the connection is closed, which frees the lock as well.
+    async fn release<'q>(mut self, unlock: Query<'q, sqlx::Any, AnyArguments<'q>>) -> Released {
         let Some(mut conn) = self.0.take() else {
-            return true;
+            return Released::Held;
         };
         match unlock.fetch_one(&mut *conn).await {
-            Ok(row) => row.try_get::<bool, _>(0).unwrap_or(false),
+            Ok(row) if row.try_get::<bool, _>(0).unwrap_or(false) => Released::Held,
+            Ok(_) => Released::Lost,
             Err(e) => {
-                tracing::warn!(error = %e, "could not release the {what}; closing its session");
                 conn.close_on_drop();
-                false
+                // The connection failed, or the server ended the session (SQLSTATE class 57:
+                // administrator or crash shutdown, a server that cannot take connections now).
+                let ended = match &e {
+                    sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+                    sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("57P")),
+                    _ => false,
+                };
+                if ended {
+                    Released::Lost
+                } else {
+                    Released::Unknown(e)
+                }
             }
         }
     }
@@ -79,10 +106,10 @@ impl Store {
 }
 
 impl RecoveryLock {
-    /// Gives the lock back; `false` when it had been lost before (see [`StartFence::release`]).
-    pub async fn release(self) -> bool {
+    /// Gives the lock back, and says whether it had been held to the end.
+    pub async fn release(self) -> Released {
         let unlock = sqlx::query("SELECT pg_advisory_unlock($1)").bind(RECOVERY_LOCK_KEY);
-        self.session.release(unlock, "recovery lock").await
+        self.session.release(unlock).await
     }
 }
 
@@ -167,14 +194,14 @@ impl Store {
 }
 
 impl StartFence {
-    /// Ends the fence. `false` when it had ended before, unasked: the database session that
-    /// held it ended (a server restart, a connection cut), so other OMAs' recovery runs no
-    /// longer saw the start in flight for a while.
-    pub async fn release(self) -> bool {
+    /// Ends the fence. [`Released::Lost`] when it had ended before, unasked: the database
+    /// session that held it ended (a server restart, a connection cut), so other OMAs'
+    /// recovery runs no longer saw the start in flight for a while.
+    pub async fn release(self) -> Released {
         let unlock = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
             .bind(START_LOCK_CLASS)
             .bind(self.key as i32);
-        self.session.release(unlock, "job start's lock").await
+        self.session.release(unlock).await
     }
 }
 

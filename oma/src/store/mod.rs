@@ -29,7 +29,7 @@ mod token_cache;
 
 pub use change::{AuditDraft, JobChange};
 pub use jobs::{JobFilter, NewJob};
-pub use lock::{RecoveryLock, StartFence, start_key};
+pub use lock::{RecoveryLock, Released, StartFence, start_key};
 pub use rows::{DECISION_COLUMNS, JobRecord};
 pub use runs::{IntakeOutcome, RecoveryRunRecord, Vma};
 pub use stops::PendingStop;
