@@ -22,7 +22,7 @@ const FLUSH_LIMIT: Duration = Duration::from_secs(2);
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 
 /// Keeps the log's writer thread. Dropping it writes out the lines still queued, waiting
-/// [`FLUSH_LIMIT`] at most: tracing-appender's own guard waits for its thread without a limit
+/// 2 s at most: tracing-appender's own guard waits for its thread without a limit
 /// once its queue is full (and then prints to stdout), which a stuck output would turn into a
 /// daemon that never exits. So the guard is dropped on a thread of its own, and left there.
 #[must_use = "the log's queued lines are written out when this is dropped"]

@@ -70,7 +70,7 @@ pub struct ServerArgs {
     pub log_format: String,
     /// Log lines that may wait for a slow or stuck stdout before new ones are dropped (and
     /// counted in `/health`).
-    #[arg(long, env = "OMA_LOG_QUEUE_LINES", default_value_t = crate::logging::DEFAULT_LINES,
+    #[arg(long, env = "OMA_LOG_QUEUE_LINES", default_value_t = log_queue::DEFAULT_LINES,
         value_parser = clap::value_parser!(u32).range(1..))]
     pub log_queue_lines: u32,
     /// CPU priority (nice value, -20 to 19). The default puts the OMA above the bulk

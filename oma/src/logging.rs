@@ -5,7 +5,7 @@
 
 use tracing_subscriber::EnvFilter;
 
-pub use log_queue::{DEFAULT_LINES, LogGuard, dropped_lines};
+pub use log_queue::{LogGuard, dropped_lines};
 
 /// Installs the global logger on stdout (`json` lines or text), with at most `queued_lines`
 /// lines waiting for it. The level comes from `RUST_LOG` (default `info`).

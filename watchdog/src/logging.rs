@@ -1,9 +1,8 @@
 //! Logging: human text or JSON lines on stderr, and the one structured line per death.
 //!
-//! Lines go through a queue to a writer thread of their own: a stderr that does not take them
-//! (a stuck journal, a full pipe nobody reads) must never stall the threads that see deaths and
-//! deliver them. Past [`QUEUED_LINES`] waiting lines, new ones are dropped and counted
-//! ([`dropped_lines`], shown in `/health`); the outbox, not the log, is the record of deaths.
+//! Lines go through the queue of the `log_queue` crate (`--log-queue-lines`), so that a stderr
+//! that takes nothing never stalls the threads that see and deliver deaths; lines dropped once
+//! it is full are counted in `/health` ([`dropped_lines`]).
 //!
 //! The JSON format is our own small formatter rather than tracing-subscriber's: a field
 //! declared in an event but without a value (an unknown exit code) comes out as `null`, so
