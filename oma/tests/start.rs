@@ -20,12 +20,18 @@ const OMA_TO_VMA: &str = "oma-to-vma-token-for-tests-01";
 async fn server(db: &common::TestDb, vma_url: &str) -> RunningServer {
     let mut settings = settings(db);
     settings.vma_api_token = Some(OMA_TO_VMA.into());
+    // Counted before the start, so that a second OMA on the same database waits for its own
+    // startup run, not for the first one's.
+    let runs_before = {
+        let store = Store::connect(&db.url).await.unwrap();
+        store.recent_runs(100).await.unwrap().len()
+    };
     let server = start_server(settings).await;
     // The startup recovery runs beside the test otherwise, and on PostgreSQL could judge the
     // test's job and add to the audit trails these tests compare whole.
     let store = server.state.store.clone();
-    common::eventually(30, "the startup recovery run", || async {
-        (!store.recent_runs(1).await.unwrap().is_empty()).then_some(())
+    common::eventually(30, "this OMA's startup recovery run", || async {
+        (store.recent_runs(100).await.unwrap().len() > runs_before).then_some(())
     })
     .await;
     register(&server.state.store, vma_url).await;

@@ -71,14 +71,7 @@ pub fn run(args: &KillTestArgs) -> Result<()> {
     if !paths::ebpf_object().exists() {
         build_ebpf::run().context("building the eBPF object the watchdog embeds")?;
     }
-    setup::status(
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .current_dir(&root)
-            .args(["build", "-p", "oma", "-p", "vma-watchdog", "-p"])
-            .args(["migratekit-standin", "-p", "system-tests", "--bins"])
-            .args(args.release.then_some("--release")),
-    )
-    .context("building oma, vma-watchdog, the stand-in migratekit and the kill-test runner")?;
+    setup::build_bins(args.release)?;
     let profile = if args.release { "release" } else { "debug" };
     let mut runner = Command::new(root.join("target").join(profile).join("kill-test"));
     runner

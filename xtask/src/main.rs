@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build_ebpf;
+mod disk;
 mod kill_test;
 mod paths;
 mod postgres;

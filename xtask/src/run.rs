@@ -85,13 +85,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     setup::run().context("setting up the toolchain")?;
     build_ebpf::run().context("building the eBPF object the watchdog embeds")?;
     let root = paths::workspace_root();
-    setup::status(
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .current_dir(&root)
-            .args(["build", "--package", "oma", "--package", "vma-watchdog"])
-            .args(["--package", "migratekit-standin"]),
-    )
-    .context("building oma, vma-watchdog and the stand-in migratekit")?;
+    setup::build_bins(false)?;
     let bin = root.join("target").join("debug");
 
     let demo = root.join("target").join("demo");

@@ -212,6 +212,21 @@ fn ensure_tracefs(verbose: bool) -> Result<bool> {
     Ok(true)
 }
 
+/// Builds every binary of the workspace (the daemons, the stand-in migratekit, the CLI and the
+/// kill-test runner). `test`, `kill-test` and `run` all build exactly this set: cargo picks
+/// dependencies' features from the packages a build names, so building a subset (`-p oma`)
+/// after `--workspace` compiled sqlx, aya and the daemons a second time (about a minute each
+/// time, and their disk).
+pub fn build_bins(release: bool) -> Result<()> {
+    status(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(paths::workspace_root())
+            .args(["build", "--workspace", "--bins"])
+            .args(release.then_some("--release")),
+    )
+    .context("building the workspace's binaries (oma, vma-watchdog, the stand-in migratekit, the kill-test runner); the cargo output above says why")
+}
+
 /// Runs a command, failing when it cannot start or exits non-zero.
 pub fn status(cmd: &mut Command) -> Result<()> {
     let st = cmd.status().with_context(|| format!("starting {cmd:?}"))?;

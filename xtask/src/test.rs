@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::{build_ebpf, kill_test, paths, postgres, run as run_cmd, setup};
+use crate::{build_ebpf, disk, kill_test, paths, postgres, run as run_cmd, setup};
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
@@ -27,6 +27,17 @@ pub fn run(args: &TestArgs) -> Result<()> {
             "CI runs the privileged tests and must run as root: run `sudo -E cargo xtask test --ci`"
         );
     }
+    let workspace = paths::workspace_root();
+    disk::warn_if_low(&workspace, disk::TEST_NEEDS, "test");
+    // When a step fails on a full disk, say that first: rustc and ld report it as an I/O
+    // error on their output or a bus error, which points nowhere near the cause.
+    steps(args, root).map_err(|err| match disk::check_not_full(&workspace) {
+        Err(full) => err.context(format!("{full:#}")),
+        Ok(()) => err,
+    })
+}
+
+fn steps(args: &TestArgs, root: bool) -> Result<()> {
     setup::run().context("setting up the toolchain for the tests")?;
     build_ebpf::run().context("building the eBPF object the watchdog embeds")?;
     // The OMA's store tests run on SQLite and on PostgreSQL; in CI a skipped PostgreSQL run
@@ -65,8 +76,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     .context("clippy found problems: fix them before committing")?;
     // The system tests and the watchdog's tests run the daemons and the stand-in as real
     // processes: build every binary first, so they never test a stale one.
-    setup::status(cargo().args(["build", "--workspace", "--bins"]))
-        .context("building the binaries the tests run")?;
+    setup::build_bins(false)?;
     // nextest runs the privileged tests one at a time (.config/nextest.toml); without it,
     // `cargo test` with one thread per binary keeps them apart too, only slower.
     let nextest = cargo()

@@ -27,6 +27,50 @@ pub struct TestDb {
     pub backend: &'static str,
     pub url: String,
     _dir: Option<tempfile::TempDir>,
+    /// The PostgreSQL database this test created, and the admin URL to drop it with.
+    postgres: Option<(String, String)>,
+}
+
+impl Drop for TestDb {
+    /// Drops the test's PostgreSQL database, so that runs do not pile up databases on the
+    /// test server (a few MB each, a few hundred per run). A database left behind by a test
+    /// that was killed is harmless: its name is unique.
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.postgres.take() else {
+            return;
+        };
+        // The test's runtime is still running this thread's task and refuses to block, so the
+        // drop runs on a thread of its own, with a runtime of its own, and is waited for.
+        let label = name.clone();
+        let dropped = std::thread::spawn(move || -> Result<(), String> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                // FORCE ends the sessions that the test's pools still hold.
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            })
+        })
+        .join();
+        if let Ok(Err(err)) = dropped {
+            // A failed drop costs disk on the test server, not correctness: warn, do not panic
+            // (a panic here, while a failed test unwinds, would abort the whole binary).
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "warning: could not drop test database {label} ({err}); it takes disk on the \
+                 test server until dropped by hand: DROP DATABASE {label}"
+            );
+        }
+    }
 }
 
 /// The databases every backend-agnostic test runs on: SQLite always, PostgreSQL when
@@ -38,6 +82,7 @@ pub async fn test_dbs() -> Vec<TestDb> {
         backend: "sqlite",
         url: dir.path().join("oma.db").display().to_string(),
         _dir: Some(dir),
+        postgres: None,
     }];
     match std::env::var("OMA_TEST_POSTGRES_URL") {
         Ok(admin) if !admin.is_empty() => dbs.push(fresh_postgres(&admin).await),
@@ -72,6 +117,7 @@ async fn fresh_postgres(admin: &str) -> TestDb {
         backend: "postgres",
         url: format!("{base}/{name}"),
         _dir: None,
+        postgres: Some((admin.to_owned(), name)),
     }
 }
 
