@@ -42,12 +42,21 @@ pub fn run() -> Result<()> {
     let dest = paths::ebpf_object();
     let dir = dest.parent().context("object path has no parent")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let object = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    // An unchanged object keeps its file (and time): watchdog/build.rs reruns on any change
+    // to it, and every later build of the watchdog would compile it again for nothing.
+    if std::fs::read(&dest).is_ok_and(|old| old == object) {
+        println!(
+            "build-ebpf: {} (unchanged, {} bytes)",
+            dest.display(),
+            object.len()
+        );
+        return Ok(());
+    }
     // Copy then rename, so that watchdog/build.rs never embeds a half-written object.
     let tmp = dir.join(".watchdog-ebpf.o.tmp");
-    std::fs::copy(&built, &tmp)
-        .with_context(|| format!("copying {} to {}", built.display(), tmp.display()))?;
+    std::fs::write(&tmp, &object).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &dest).with_context(|| format!("renaming to {}", dest.display()))?;
-    let size = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
-    println!("build-ebpf: {} ({size} bytes)", dest.display());
+    println!("build-ebpf: {} ({} bytes)", dest.display(), object.len());
     Ok(())
 }
