@@ -61,7 +61,7 @@ pub struct Cli {
     /// durable in the outbox at once; see docs/WATCHDOG.md). Longer values write bursts once.
     #[arg(long, default_value_t = crate::registry::FLUSH_DELAY.as_millis() as u64, hide = true)]
     pub registry_flush_ms: u64,
-    /// Address of the REST API; repeatable. Default 127.0.0.1:8081, plus [::1]:8081 when the
+    /// Address of the REST API; repeatable. Default 127.0.0.1:8081, plus `[::1]:8081` when the
     /// host has IPv6 loopback (migratekit posts to http://localhost:8081).
     #[arg(long)]
     pub listen: Vec<SocketAddr>,
@@ -152,7 +152,7 @@ pub struct Config {
     pub nice: i32,
     /// Addresses the API must listen on.
     pub listen: Vec<SocketAddr>,
-    /// Addresses it listens on when it can ([::1] with the default address).
+    /// Addresses it listens on when it can (`[::1]` with the default address).
     pub listen_if_available: Vec<SocketAddr>,
     /// Token the OMA presents; `None` refuses every protected call.
     pub api_token: Option<BearerToken>,

@@ -74,6 +74,14 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
         "warnings",
     ]))
     .context("clippy found problems: fix them before committing")?;
+    // The docs' links are checked too: a link to a renamed or private item is a warning that
+    // nobody reads otherwise. (Dependencies' check builds are shared with clippy's.)
+    setup::status(
+        cargo()
+            .args(["doc", "--no-deps", "--workspace", "--quiet"])
+            .env("RUSTDOCFLAGS", "-D warnings"),
+    )
+    .context("rustdoc found problems (broken or private links): fix them before committing")?;
     // The system tests and the watchdog's tests run the daemons and the stand-in as real
     // processes: build every binary first, so they never test a stale one.
     setup::build_bins(false)?;

@@ -104,7 +104,7 @@ pub(crate) fn job_from_row(row: &AnyRow) -> Result<JobRecord, StoreError> {
     })
 }
 
-/// The columns recovery's decision reads (see [`decision_record_from_row`]); migration 0003's
+/// The columns recovery's decision reads (see `decision_record_from_row`); migration 0003's
 /// partial index holds all of them, so the read is index-only.
 pub const DECISION_COLUMNS: &str = "id, vma_id, status, created_at, started_at, \
     last_progress_at, progress_status, progress_sequence, process_pid, process_start_time, \

@@ -125,7 +125,7 @@ impl Tracker {
     /// of the same death is then recognised and dropped.
     ///
     /// With the eBPF detector, a SIGKILL is first left to the detector for up to
-    /// [`DETECTOR_GRACE`]: its report of the same death also says whether the OOM killer sent
+    /// `DETECTOR_GRACE`: its report of the same death also says whether the OOM killer sent
     /// the signal (`signal->oom_mm`), which `waitid` cannot tell, and it arrives within
     /// milliseconds. Any other end is told as exactly by `waitid` as by the detector.
     pub fn child_exited(&self, process: ProcessIdentity, exit: ExitStatus) {

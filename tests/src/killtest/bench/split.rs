@@ -48,7 +48,7 @@ pub struct SlowKill {
     pub job_id: String,
     /// Kill to commit, milliseconds.
     pub total_ms: f64,
-    /// Each of [`STEPS`], in order.
+    /// Each of the steps of the split (`STEPS`), in order.
     pub steps_ms: Vec<Option<f64>>,
 }
 
