@@ -57,6 +57,29 @@ pub struct System {
 }
 
 impl System {
+    /// The detector the watchdog runs (`ebpf` or `procfs`), as its `/health` reports it:
+    /// with `--detector auto` it depends on the machine.
+    pub fn detector(&self) -> Result<String> {
+        let what = "the watchdog's /health";
+        let answer = self
+            .watchdog
+            .client()
+            .raw(reqwest::Method::GET, "/health", None, None)?;
+        let health: serde_json::Value =
+            serde_json::from_str(&answer.body).map_err(|source| HarnessError::Parse {
+                what: what.into(),
+                source,
+            })?;
+        json_find(&health, "detector")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| HarnessError::Status {
+                what: format!("{what} names no detector"),
+                status: answer.status,
+                body: answer.body.clone(),
+            })
+    }
+
     /// Starts both daemons and registers the VMA.
     pub fn start(options: &SystemOptions) -> Result<Self> {
         crate::procs::reap_orphans();

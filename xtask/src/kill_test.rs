@@ -20,6 +20,9 @@ pub struct KillTestArgs {
     /// Only these scenario numbers (comma-separated), e.g. `--only 3,4`.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
+    /// The watchdog's detector: `auto` (eBPF when it loads), `ebpf` or `procfs`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "ebpf", "procfs"])]
+    detector: String,
     /// Where to write the JSON report (default target/kill-test/report.json).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -42,10 +45,23 @@ pub struct KillTestArgs {
 }
 
 impl KillTestArgs {
-    /// What `cargo xtask test` runs: every scenario, the default number of runs.
+    /// What `cargo xtask test` runs after [`Self::for_test_suite`]: every scenario once more on
+    /// the fallback detector, where eBPF cannot load (no BTF, an old kernel, no privileges).
+    pub fn for_test_suite_procfs() -> Self {
+        Self {
+            runs: 1,
+            detector: "procfs".to_owned(),
+            json: Some("target/kill-test/report-procfs.json".into()),
+            ..Self::for_test_suite()
+        }
+    }
+
+    /// What `cargo xtask test` runs: every scenario, the default number of runs, on the
+    /// detector the watchdog picks by itself (eBPF where it loads).
     pub fn for_test_suite() -> Self {
         Self {
             runs: 2,
+            detector: "auto".to_owned(),
             only: Vec::new(),
             json: None,
             bench: None,
@@ -76,7 +92,8 @@ pub fn run(args: &KillTestArgs) -> Result<()> {
     let mut runner = Command::new(root.join("target").join(profile).join("kill-test"));
     runner
         .current_dir(&root)
-        .args(["--runs", &args.runs.to_string()]);
+        .args(["--runs", &args.runs.to_string()])
+        .args(["--detector", &args.detector]);
     if !args.only.is_empty() {
         let only: Vec<String> = args.only.iter().map(u8::to_string).collect();
         runner.args(["--only", &only.join(",")]);

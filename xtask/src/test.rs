@@ -109,6 +109,9 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
     if root {
         kill_test::run(&kill_test::KillTestArgs::for_test_suite())
             .context("kill tests failed: the table above says which scenario")?;
+        kill_test::run(&kill_test::KillTestArgs::for_test_suite_procfs()).context(
+            "kill tests on the procfs detector failed: the table above says which scenario",
+        )?;
     } else {
         eprintln!("test: SKIP kill tests: they need root (run `sudo -E cargo xtask test`)");
     }

@@ -17,6 +17,10 @@ struct Args {
     /// Only these scenario numbers (comma-separated), e.g. `--only 3,4`.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
+    /// The watchdog's detector: `auto` (eBPF when it loads), `ebpf` or `procfs` (the fallback,
+    /// proven on its own).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "ebpf", "procfs"])]
+    detector: String,
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/kill-test/report.json")]
     json: PathBuf,
@@ -49,13 +53,17 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(kills) = args.bench {
-        let figures =
-            bench::kill_to_commit(kills, args.busy).context("kill-to-commit benchmark")?;
+        let figures = bench::kill_to_commit(kills, args.busy, &args.detector)
+            .context("kill-to-commit benchmark")?;
         println!("{figures}");
         write_json(&args.json, &figures)?;
         return Ok(());
     }
-    let report = killtest::run(&scenarios, args.runs);
+    eprintln!(
+        "kill-test: the watchdog runs with --detector {}",
+        args.detector
+    );
+    let report = killtest::run(&scenarios, args.runs, &args.detector);
     println!("{}", report.table());
     write_json(&args.json, &report)?;
     eprintln!("report written to {}", args.json.display());

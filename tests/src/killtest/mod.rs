@@ -22,8 +22,17 @@ pub struct Scenario {
     pub name: &'static str,
     /// What it proves, for the docs and `--list`.
     pub proves: &'static str,
-    /// Runs it once; `run` is the run's index (scenarios vary what they do by it).
-    pub run: fn(run: usize) -> RunOutcome,
+    /// Runs it once.
+    pub run: fn(run: &Run) -> RunOutcome,
+}
+
+/// What one run of a scenario is given.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// The run's index (scenarios vary what they do by it).
+    pub index: usize,
+    /// The watchdog's `--detector`: `auto`, `ebpf` or `procfs`.
+    pub detector: String,
 }
 
 /// Every scenario, in issue order.
@@ -80,13 +89,17 @@ pub fn all() -> Vec<Scenario> {
     ]
 }
 
-/// Runs `scenario` `runs` times and collects the outcome.
-pub fn run_scenario(scenario: &Scenario, runs: usize) -> ScenarioResult {
+/// Runs `scenario` `runs` times with the watchdog's `detector` and collects the outcome.
+pub fn run_scenario(scenario: &Scenario, runs: usize, detector: &str) -> ScenarioResult {
     let mut result = ScenarioResult::new(scenario);
     for i in 0..runs {
         let started = Instant::now();
-        let outcome =
-            std::panic::catch_unwind(|| (scenario.run)(i)).unwrap_or_else(|p| Err(panic_text(&p)));
+        let run = Run {
+            index: i,
+            detector: detector.to_owned(),
+        };
+        let outcome = std::panic::catch_unwind(|| (scenario.run)(&run))
+            .unwrap_or_else(|p| Err(panic_text(&p)));
         eprintln!(
             "  scenario {} {} run {}/{}: {} ({:.1} s)",
             scenario.number,
@@ -121,17 +134,18 @@ pub(crate) fn check(cond: bool, message: impl FnOnce() -> String) -> Result<(), 
     if cond { Ok(()) } else { Err(message()) }
 }
 
-/// Runs every scenario in `scenarios` `runs` times.
-pub fn run(scenarios: &[Scenario], runs: usize) -> Report {
+/// Runs every scenario in `scenarios` `runs` times, the watchdog with `--detector detector`.
+pub fn run(scenarios: &[Scenario], runs: usize, detector: &str) -> Report {
     let started = Instant::now();
     let started_at = chrono::Utc::now().to_rfc3339();
     let mut results = Vec::new();
     for s in scenarios {
         eprintln!("scenario {} {}: {}", s.number, s.name, s.proves);
-        results.push(run_scenario(s, runs));
+        results.push(run_scenario(s, runs, detector));
     }
     Report {
         started_at,
+        detector: detector.to_owned(),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()

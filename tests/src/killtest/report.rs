@@ -69,6 +69,8 @@ impl ScenarioResult {
 pub struct Report {
     /// When it ran (UTC, RFC 3339).
     pub started_at: String,
+    /// The watchdog's `--detector` (with `auto`, each scenario checks which one ran).
+    pub detector: String,
     /// Kernel release.
     pub kernel: String,
     /// Runs per scenario.

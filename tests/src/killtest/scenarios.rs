@@ -6,12 +6,16 @@ use api::ProcessIdentity;
 use oma::model::{FailureClass, JobStatus};
 use rand::Rng;
 
-use super::{RunOutcome, check, fail};
+use super::{Run, RunOutcome, check, fail};
 use crate::procs;
 use crate::system::{PATIENCE, System, SystemOptions, final_transitions, json_find};
 
-pub(crate) fn system() -> Result<System, String> {
-    System::start(&SystemOptions::default()).map_err(fail("starting oma and vma-watchdog"))
+pub(crate) fn system(run: &Run) -> Result<System, String> {
+    let options = SystemOptions {
+        detector: run.detector.clone(),
+        ..SystemOptions::default()
+    };
+    System::start(&options).map_err(fail("starting oma and vma-watchdog"))
 }
 
 /// Starts `job` and waits until the OMA has recorded its process.
@@ -116,11 +120,11 @@ pub(crate) fn live_job_still_watched(
 }
 
 /// Scenario 1: the OMA restarts mid-job (SIGKILL on even runs, SIGTERM on odd ones).
-pub fn oma_restart(run: usize) -> RunOutcome {
-    let mut sys = system()?;
+pub fn oma_restart(run: &Run) -> RunOutcome {
+    let mut sys = system(run)?;
     let live = started(&sys, "live", "")?;
     let dying = started(&sys, "dying", "")?;
-    if run.is_multiple_of(2) {
+    if run.index.is_multiple_of(2) {
         sys.oma.sigkill().map_err(fail("SIGKILL of the OMA"))?;
     } else {
         sys.oma.stop().map_err(fail("stopping the OMA"))?;
@@ -137,11 +141,11 @@ pub fn oma_restart(run: usize) -> RunOutcome {
 }
 
 /// Scenario 2: the watchdog restarts mid-job (SIGKILL on even runs, SIGTERM on odd ones).
-pub fn watchdog_restart(run: usize) -> RunOutcome {
-    let mut sys = system()?;
+pub fn watchdog_restart(run: &Run) -> RunOutcome {
+    let mut sys = system(run)?;
     let live = started(&sys, "live", "")?;
     let dying = started(&sys, "dying", "")?;
-    if run.is_multiple_of(2) {
+    if run.index.is_multiple_of(2) {
         sys.watchdog
             .sigkill()
             .map_err(fail("SIGKILL of the watchdog"))?;
@@ -182,8 +186,8 @@ fn expect_evidence(
 }
 
 /// Scenario 3: every way migratekit dies.
-pub fn migratekit_dies(_run: usize) -> RunOutcome {
-    let sys = system()?;
+pub fn migratekit_dies(run: &Run) -> RunOutcome {
+    let sys = system(run)?;
     let mut latencies = Vec::new();
     for (job, sig) in [("sigkill", libc::SIGKILL), ("sigterm", libc::SIGTERM)] {
         let p = started(&sys, job, "")?;
@@ -229,19 +233,23 @@ pub fn migratekit_dies(_run: usize) -> RunOutcome {
         "--standin-run-for 0.3 --standin-oom --standin-oom-cap-mib 1024",
     )
     .map_err(fail("starting the OOM job"))?;
-    expect_final(
-        &sys,
-        "oom",
-        JobStatus::Failed,
-        Some(FailureClass::OomKilled),
-    )?;
+    // Only the eBPF detector can tell an OOM kill (`signal->oom_mm`); the procfs detector
+    // sees a SIGKILL like any other (docs/WATCHDOG.md, "The procfs detector").
+    let detector = sys.detector().map_err(fail("asking which detector runs"))?;
+    let (class, oom) = match detector.as_str() {
+        "procfs" => (FailureClass::ProcessKilled, false),
+        _ => (FailureClass::OomKilled, true),
+    };
+    expect_final(&sys, "oom", JobStatus::Failed, Some(class))?;
+    expect_evidence(&sys, "oom", "signal", &libc::SIGKILL.into())?;
+    expect_evidence(&sys, "oom", "oom_killed", &oom.into())?;
     expect_none_active(&sys)?;
     Ok(latencies)
 }
 
 /// Scenario 5: thread exits that are not deaths.
-pub fn threads(_run: usize) -> RunOutcome {
-    let sys = system()?;
+pub fn threads(run: &Run) -> RunOutcome {
+    let sys = system(run)?;
     let worker = started(&sys, "worker-exit", "--standin-thread-exit")?;
     let leader = started(&sys, "leader-exit", "--standin-leader-exit")?;
     // Both thread exits happen within 100 ms of start; give a false death time to arrive.
@@ -311,8 +319,8 @@ fn occupy_pid(pid: u32) -> Result<std::process::Child, String> {
 }
 
 /// Scenario 6: pid reuse after a death during the watchdog's downtime.
-pub fn pid_reuse(_run: usize) -> RunOutcome {
-    let mut sys = system()?;
+pub fn pid_reuse(run: &Run) -> RunOutcome {
+    let mut sys = system(run)?;
     let p = started(&sys, "reused", "")?;
     sys.watchdog
         .sigkill()
@@ -364,8 +372,8 @@ enum Fate {
 }
 
 /// Scenario 7: 50 concurrent jobs, random kills and restarts of both daemons for ~20 s.
-pub fn load(run: usize) -> RunOutcome {
-    let mut sys = system()?;
+pub fn load(run: &Run) -> RunOutcome {
+    let mut sys = system(run)?;
     let mut rng = rand::thread_rng();
     let mut jobs: Vec<(String, Option<ProcessIdentity>, Fate)> = Vec::new();
     // When each self-ending job is due to end (between two instants: its timer starts at
@@ -374,7 +382,7 @@ pub fn load(run: usize) -> RunOutcome {
     let mut ends: Vec<Option<(Instant, Instant)>> = Vec::new();
     let mut downtimes: Vec<(Instant, Instant)> = Vec::new();
     for i in 0..50 {
-        let job = format!("load-{run}-{i}");
+        let job = format!("load-{}-{i}", run.index);
         let run_for: f64 = rng.gen_range(2.0..15.0);
         let (args, fate) = match rng.gen_range(0..4) {
             0 => (format!("--standin-run-for {run_for:.1}"), Fate::Completes),

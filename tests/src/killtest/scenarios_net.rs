@@ -9,15 +9,16 @@ use super::scenarios::{
     expect_alive_and_polled, expect_final, expect_none_active, kill_gone, live_job_still_watched,
     started, system,
 };
-use super::{RunOutcome, check, fail};
+use super::{Run, RunOutcome, check, fail};
 use crate::procs;
 use crate::system::{System, SystemOptions};
 
 /// Scenario 4: the veth link between the OMA's and the VMA's namespaces is cut while two of
 /// three jobs die, then restored.
-pub fn partition(_run: usize) -> RunOutcome {
+pub fn partition(run: &Run) -> RunOutcome {
     let options = SystemOptions {
         partitioned: true,
+        detector: run.detector.clone(),
         ..SystemOptions::default()
     };
     let sys = System::start(&options).map_err(fail("starting the system in namespaces"))?;
@@ -61,8 +62,8 @@ fn refused(what: &str, status: u16, allowed: &[u16]) -> Result<(), String> {
 }
 
 /// Scenario 8: malformed, oversized, unauthenticated and wrong-VMA requests.
-pub fn bad_input(_run: usize) -> RunOutcome {
-    let sys = system()?;
+pub fn bad_input(run: &Run) -> RunOutcome {
+    let sys = system(run)?;
     let p = started(&sys, "victim", "")?;
     let json = |b: &[u8]| Some(("application/json", b.to_vec()));
     // Just over each server's limit (the OMA's 1 MiB, the watchdog's 64 KiB): a server stops

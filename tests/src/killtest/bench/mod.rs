@@ -82,8 +82,8 @@ impl fmt::Display for BenchFigures {
 /// Starts one system and measures `kills` SIGKILLs, one job at a time. The OMA runs with the
 /// intervals it ships with (polling every 5 s), or with `busy` with the tests' (polling every
 /// 0.2 s, recovery every 2 s), so that polls and recovery runs share the disk and the
-/// database with the deaths far more often.
-pub fn kill_to_commit(kills: usize, busy: bool) -> crate::Result<BenchFigures> {
+/// database with the deaths far more often. The watchdog runs with `--detector detector`.
+pub fn kill_to_commit(kills: usize, busy: bool, detector: &str) -> crate::Result<BenchFigures> {
     let oma = if busy {
         OmaConfig::default()
     } else {
@@ -95,17 +95,11 @@ pub fn kill_to_commit(kills: usize, busy: bool) -> crate::Result<BenchFigures> {
     );
     let sys = System::start(&SystemOptions {
         oma,
+        detector: detector.to_owned(),
         ..SystemOptions::default()
     })?;
     // The detector that actually runs, as the watchdog's /health reports it.
-    let detector = sys
-        .watchdog
-        .client()
-        .raw(reqwest::Method::GET, "/health", None, None)
-        .ok()
-        .and_then(|a| serde_json::from_str::<serde_json::Value>(&a.body).ok())
-        .and_then(|v| crate::system::json_find(&v, "detector").cloned())
-        .map_or_else(|| "unknown".to_owned(), |d| d.to_string());
+    let detector = sys.detector()?;
     let mut ms = Vec::with_capacity(kills);
     let mut detect_ms = Vec::with_capacity(kills);
     let mut measured = Vec::with_capacity(kills);
