@@ -3,7 +3,7 @@
 mod common;
 
 use common::vma::{StandInVma, StartMode, pid};
-use common::{OPERATOR, VMA1_TOKEN, dead_url, settings, start_server, test_dbs};
+use common::{OPERATOR, VMA1_TOKEN, dead_url, settings, start_server};
 use oma::auth::hash_token;
 use oma::store::NewJob;
 use std::process::Output;
@@ -26,7 +26,7 @@ fn text(bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn scan_recover_and_status_against_a_running_server() {
-    let db = test_dbs().await.remove(0);
+    let db = common::sqlite_db();
     let vma = StandInVma::start().await;
     let server = start_server(settings(&db)).await;
     let store = &server.state.store;
@@ -121,7 +121,7 @@ async fn scan_recover_and_status_against_a_running_server() {
 
 #[tokio::test]
 async fn register_a_vma_create_jobs_and_list_them() {
-    let db = test_dbs().await.remove(0);
+    let db = common::sqlite_db();
     let vma = StandInVma::start().await;
     vma.set_start(StartMode::Run(pid(4242, 777)));
     let server = start_server(settings(&db)).await;

@@ -115,7 +115,7 @@ async fn progress_is_recorded_and_stalls_are_flagged_not_failed() {
 
 #[tokio::test]
 async fn errors_back_off_but_polling_never_stops() {
-    let db = test_dbs().await.remove(0);
+    let db = common::sqlite_db();
     let vma = StandInVma::start().await;
     let server = start_server(settings(&db)).await;
     let store = server.state.store.clone();
@@ -195,7 +195,7 @@ async fn polling_resumes_after_the_server_restarts() {
 
 #[tokio::test]
 async fn a_hanging_vma_does_not_delay_another_vmas_jobs() {
-    let db = test_dbs().await.remove(0);
+    let db = common::sqlite_db();
     let vma = StandInVma::start().await;
     // Accepts connections and never answers: every poll of its jobs waits for the timeout.
     let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -336,7 +336,7 @@ async fn the_dry_run_changes_nothing_and_matches_the_real_run() {
 
 #[tokio::test]
 async fn two_recoveries_never_run_at_once() {
-    let db = test_dbs().await.remove(0);
+    let db = common::sqlite_db();
     let vma = StandInVma::start().await;
     let store = store_with_vmas(&db, &vma.url, &vma.url).await;
     job(&store, "slow", "vma-1").await;

@@ -34,6 +34,14 @@ async fn server(db: &common::TestDb, vma_url: &str) -> RunningServer {
         (store.recent_runs(100).await.unwrap().len() > runs_before).then_some(())
     })
     .await;
+    // The run is recorded a moment before its lock is released: a second OMA started in that
+    // moment would find the lock taken and skip its own startup run (the next is an hour off).
+    common::eventually(30, "the startup run's recovery lock released", || async {
+        let lock = store.try_recovery_lock().await.unwrap()?;
+        lock.release().await;
+        Some(())
+    })
+    .await;
     register(&server.state.store, vma_url).await;
     server
 }

@@ -74,7 +74,7 @@ impl System {
             .and_then(serde_json::Value::as_str)
             .map(str::to_owned)
             .ok_or_else(|| HarnessError::Status {
-                what: format!("{what} names no detector"),
+                what: format!("{what} names no detector (is the watchdog older than the tests?)"),
                 status: answer.status,
                 body: answer.body.clone(),
             })

@@ -40,7 +40,7 @@ pub struct KillTestArgs {
     release: bool,
     /// Run the eBPF detector's tests and scenarios (default 3,5) in a qemu VM on Debian 12's
     /// 6.1 kernel (no `group_dead`; see docs/RELIABILITY.md).
-    #[arg(long, conflicts_with_all = ["bench", "list", "json"])]
+    #[arg(long, conflicts_with_all = ["bench", "list", "json", "detector"])]
     vm: bool,
 }
 

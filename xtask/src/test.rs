@@ -31,7 +31,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     disk::warn_if_low(&workspace, disk::TEST_NEEDS, "test");
     // When a step fails on a full disk, say that first: rustc and ld report it as an I/O
     // error on their output or a bus error, which points nowhere near the cause.
-    steps(args, root).map_err(|err| match disk::check_not_full(&workspace) {
+    steps(args, root).map_err(|err| match disk::check_room(&workspace, disk::TEST_NEEDS) {
         Err(full) => err.context(format!("{full:#}")),
         Ok(()) => err,
     })

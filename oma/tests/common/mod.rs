@@ -42,7 +42,7 @@ impl Drop for TestDb {
         // The test's runtime is still running this thread's task and refuses to block, so the
         // drop runs on a thread of its own, with a runtime of its own, and is waited for.
         let label = name.clone();
-        let dropped = std::thread::spawn(move || -> Result<(), String> {
+        let dropped = std::thread::Builder::new().spawn(move || -> Result<(), String> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -58,9 +58,14 @@ impl Drop for TestDb {
                     .map_err(|e| e.to_string())?;
                 Ok(())
             })
-        })
-        .join();
-        if let Ok(Err(err)) = dropped {
+        });
+        let outcome = match dropped {
+            Ok(thread) => thread
+                .join()
+                .unwrap_or_else(|_| Err("the thread dropping it panicked".to_owned())),
+            Err(e) => Err(format!("no thread to drop it on: {e}")),
+        };
+        if let Err(err) = outcome {
             // A failed drop costs disk on the test server, not correctness: warn, do not panic
             // (a panic here, while a failed test unwinds, would abort the whole binary).
             use std::io::Write;
@@ -77,13 +82,7 @@ impl Drop for TestDb {
 /// `OMA_TEST_POSTGRES_URL` is set. Without it the PostgreSQL run is skipped with a notice,
 /// unless `OMA_REQUIRE_POSTGRES=1`, which makes the skip a failure (CI).
 pub async fn test_dbs() -> Vec<TestDb> {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let mut dbs = vec![TestDb {
-        backend: "sqlite",
-        url: dir.path().join("oma.db").display().to_string(),
-        _dir: Some(dir),
-        postgres: None,
-    }];
+    let mut dbs = vec![sqlite_db()];
     match std::env::var("OMA_TEST_POSTGRES_URL") {
         Ok(admin) if !admin.is_empty() => dbs.push(fresh_postgres(&admin).await),
         _ => {
@@ -101,6 +100,17 @@ pub async fn test_dbs() -> Vec<TestDb> {
         }
     }
     dbs
+}
+
+/// A SQLite database in a temporary directory, for tests whose subject is not the backend.
+pub fn sqlite_db() -> TestDb {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    TestDb {
+        backend: "sqlite",
+        url: dir.path().join("oma.db").display().to_string(),
+        _dir: Some(dir),
+        postgres: None,
+    }
 }
 
 async fn fresh_postgres(admin: &str) -> TestDb {

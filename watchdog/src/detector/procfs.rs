@@ -4,7 +4,8 @@
 //! A pidfd becomes readable when the whole thread group has exited, so a leader thread that
 //! exits while others run is not taken for a death. How the process died is known when the
 //! watchdog is its parent (`waitid` on the pidfd, without reaping: the owner of the child
-//! reaps it) or while it is a zombie (`/proc/<pid>/stat` field 52); otherwise it is unknown.
+//! reaps it), while it is a zombie (`/proc/<pid>/stat` field 52), or, on Linux 6.15 and later,
+//! after its parent reaped it (`PIDFD_GET_INFO` on the pidfd); otherwise it is unknown.
 //! Processes that start and die between two scans are not seen at all: that gap is what the
 //! eBPF detector closes.
 
@@ -201,8 +202,33 @@ fn exit_status(fd: &OwnedFd, process: ProcessIdentity) -> (ExitStatus, String) {
             (exit, s.comm)
         }
         Some(s) => (ExitStatus::default(), s.comm),
-        None => (ExitStatus::default(), String::new()),
+        // Gone from /proc: its parent (init, after a restart of the watchdog) has reaped it.
+        // Since Linux 6.15 the pidfd still holds its wait status.
+        None => (
+            pidfd_exit_info(fd)
+                .map(|raw| ExitStatus::from_wait_status(raw, false))
+                .unwrap_or_default(),
+            String::new(),
+        ),
     }
+}
+
+/// `ioctl(PIDFD_GET_INFO)` asking for `PIDFD_INFO_EXIT`: the wait status of a process that has
+/// been reaped, which the kernel keeps for as long as a pidfd to it is open (Linux 6.15 and
+/// later). `None` before the reap, and on older kernels, which do not know the ioctl (ENOTTY)
+/// or the flag (the mask comes back without it).
+fn pidfd_exit_info(fd: &OwnedFd) -> Option<u32> {
+    // SAFETY: pidfd_info is plain data; all-zero bytes are a valid value.
+    let mut info: libc::pidfd_info = unsafe { std::mem::zeroed() };
+    info.mask = u64::from(libc::PIDFD_INFO_EXIT);
+    // SAFETY: the fd is a live pidfd and `info` a writable pidfd_info of the size that the
+    // request number encodes.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::PIDFD_GET_INFO, &mut info) };
+    if rc != 0 || info.mask & u64::from(libc::PIDFD_INFO_EXIT) == 0 {
+        return None;
+    }
+    // The kernel's `exit_code`, in wait(2)'s layout; the cast keeps its bits.
+    Some(info.exit_code as u32)
 }
 
 /// Whether `/proc/<pid>/stat` field 52 shows us the real exit code: root, or the process's

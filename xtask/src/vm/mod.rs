@@ -133,15 +133,8 @@ fn build(root: &Path, release: bool) -> Result<PathBuf> {
     if !paths::ebpf_object().exists() {
         build_ebpf::run().context("building the eBPF object the watchdog embeds")?;
     }
+    setup::build_bins(release)?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    setup::status(
-        Command::new(&cargo)
-            .current_dir(root)
-            .args(["build", "-p", "oma", "-p", "vma-watchdog", "-p"])
-            .args(["migratekit-standin", "-p", "system-tests", "--bins"])
-            .args(release.then_some("--release")),
-    )
-    .context("building oma, vma-watchdog, the stand-in migratekit and the kill-test runner")?;
     let messages = setup::output(
         Command::new(&cargo)
             .current_dir(root)

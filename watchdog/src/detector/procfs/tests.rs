@@ -85,3 +85,81 @@ fn a_gone_process_cannot_be_opened() {
     let err = pidfd_open(pid).unwrap_err();
     assert!(procfs::gone(&err), "{err}");
 }
+
+/// Whether this kernel keeps a reaped process's status for its pidfds (`PIDFD_INFO_EXIT`,
+/// Linux 6.15).
+fn kernel_keeps_exit_info() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (6, 15),
+        _ => false,
+    }
+}
+
+/// A grandchild that ends with `end` (`exit 7`, `kill -KILL $$`) once we hold its pidfd, and
+/// that its parent (`sh`, not us) reaps at once, as init reaps a migratekit whose watchdog
+/// was restarted. Returns the pidfd and identity once /proc no longer shows it.
+fn reaped_grandchild(end: &str) -> (OwnedFd, ProcessIdentity, std::process::Child) {
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let script = format!(
+        "sh -c 'while [ ! -e {go} ]; do sleep 0.01; done; {end}' & echo $!; wait; exec sleep 30",
+        go = go.display()
+    );
+    let mut sh = Command::new("sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(sh.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let pid: u32 = line.trim().parse().unwrap();
+    let process = procfs::read_stat(pid).unwrap().unwrap().identity();
+    let fd = pidfd_open(pid).unwrap();
+    std::fs::write(&go, b"").unwrap();
+    for _ in 0..1000 {
+        if procfs::read_stat(pid).unwrap().is_none() {
+            return (fd, process, sh);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = sh.kill();
+    let _ = sh.wait();
+    panic!("grandchild {pid} was not reaped by its parent within 10 s");
+}
+
+#[test]
+fn a_process_its_parent_reaped_reports_its_exit_code_through_the_pidfd() {
+    let (fd, process, mut sh) = reaped_grandchild("exit 7");
+    let (exit, _) = exit_status(&fd, process);
+    let _ = sh.kill();
+    let _ = sh.wait();
+    if !kernel_keeps_exit_info() {
+        eprintln!("SKIP: this kernel keeps no exit status for pidfds (Linux 6.15+)");
+        assert!(exit.is_unknown(), "{exit:?}");
+        return;
+    }
+    assert_eq!((exit.code, exit.signal), (Some(7), None));
+}
+
+#[test]
+fn a_process_its_parent_reaped_reports_its_signal_through_the_pidfd() {
+    let (fd, process, mut sh) = reaped_grandchild("kill -KILL $$");
+    let (exit, _) = exit_status(&fd, process);
+    let _ = sh.kill();
+    let _ = sh.wait();
+    if !kernel_keeps_exit_info() {
+        eprintln!("SKIP: this kernel keeps no exit status for pidfds (Linux 6.15+)");
+        assert!(exit.is_unknown(), "{exit:?}");
+        return;
+    }
+    assert_eq!(
+        (exit.code, exit.signal, exit.core_dumped),
+        (None, Some(9), false)
+    );
+}
