@@ -28,10 +28,17 @@ pub fn verdict_from_exit(exit: Option<&ExitStatus>, progress_status: Option<&str
         message: Some(message),
     };
     let Some(exit) = exit.filter(|e| !e.is_unknown()) else {
-        return failed(
-            FailureClass::DiedWhileUnwatched,
-            "migratekit ended while nothing watched it; its exit status is unknown".into(),
-        );
+        // Same class either way (whether it succeeded is unknown), but the message says which:
+        // an end nobody saw, or one the watchdog saw without being able to read its status
+        // (its procfs detector on a kernel before 6.15, for a process init reaped first).
+        let message = if exit.is_some() {
+            "the watchdog saw migratekit end but could not read its exit status; whether the \
+             replication finished is unknown: run it again"
+        } else {
+            "migratekit ended while nothing watched it; its exit status is unknown: run the \
+             replication again"
+        };
+        return failed(FailureClass::DiedWhileUnwatched, message.into());
     };
     if exit.oom_killed {
         return failed(
@@ -225,5 +232,50 @@ pub fn decide_event(rec: &JobRecord, event: &ProcessEvent, now: i64) -> IntakeOu
         }),
         outcome: "applied",
         applied: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_status_is_unwatched_and_says_whether_the_end_was_seen() {
+        let seen = verdict_from_exit(Some(&ExitStatus::default()), Some("running"));
+        let unseen = verdict_from_exit(None, Some("running"));
+        for v in [&seen, &unseen] {
+            assert_eq!(
+                (v.status, v.class),
+                (JobStatus::Failed, Some(FailureClass::DiedWhileUnwatched))
+            );
+        }
+        assert!(
+            seen.message
+                .as_deref()
+                .unwrap()
+                .contains("saw migratekit end")
+        );
+        assert!(
+            unseen
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("nothing watched it")
+        );
+    }
+
+    #[test]
+    fn a_known_status_decides_the_class() {
+        let killed = ExitStatus::from_wait_status(9, false);
+        let exited = ExitStatus::from_wait_status(3 << 8, false);
+        let success = ExitStatus::from_wait_status(0, false);
+        let class = |e: &ExitStatus, p| verdict_from_exit(Some(e), p).class;
+        assert_eq!(class(&killed, None), Some(FailureClass::ProcessKilled));
+        assert_eq!(class(&exited, None), Some(FailureClass::ProcessExited));
+        assert_eq!(class(&success, Some("completed")), None);
+        assert_eq!(
+            class(&success, Some("failed")),
+            Some(FailureClass::VmaReportedFailure)
+        );
     }
 }
