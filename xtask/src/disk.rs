@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 
 const GIB: u64 = 1 << 30;
 
-/// What a `cargo xtask test` from a fresh clone needs: it wrote 4.4 GiB under `target/` and
+/// What a `cargo xtask test` from a fresh clone needs: it wrote 3.7 GiB under `target/` and
 /// 0.4 GiB of crates under `~/.cargo` on a machine of the project's kind (README, "Disk
 /// space"), with room to spare for PostgreSQL's package and cluster and for growth.
 pub const TEST_NEEDS: u64 = 8 * GIB;

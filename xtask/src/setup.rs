@@ -219,12 +219,18 @@ fn ensure_tracefs(verbose: bool) -> Result<bool> {
 /// time, and their disk).
 pub fn build_bins(release: bool) -> Result<()> {
     status(
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .current_dir(paths::workspace_root())
+        cargo()
             .args(["build", "--workspace", "--bins"])
             .args(release.then_some("--release")),
     )
     .context("building the workspace's binaries (oma, vma-watchdog, the stand-in migratekit, the kill-test runner); the cargo output above says why")
+}
+
+/// The cargo that runs this xtask (`$CARGO`, else `cargo` on the PATH), in the workspace root.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(paths::workspace_root());
+    cmd
 }
 
 /// Runs a command, failing when it cannot start or exits non-zero.

@@ -5,8 +5,6 @@
 //! PostgreSQL server for the OMA's store tests. After the test suites it runs the kill tests
 //! (`cargo xtask kill-test`, see docs/RELIABILITY.md).
 
-use std::process::Command;
-
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
@@ -53,8 +51,7 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
         }
     };
     let cargo = || {
-        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        cmd.current_dir(paths::workspace_root());
+        let mut cmd = setup::cargo();
         if let Some(url) = &postgres_url {
             cmd.env("OMA_TEST_POSTGRES_URL", url);
         }

@@ -15,7 +15,6 @@ mod image;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -60,7 +59,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
 
     let profile = if args.release { "release" } else { "debug" };
     let profile_dir = root.join("target").join(profile);
-    let detector_test = build(&root, args.release)?;
+    let detector_test = build(args.release)?;
     let names = [
         "vma-watchdog",
         "migratekit",
@@ -129,15 +128,13 @@ fn file_name(path: &Path) -> Result<String> {
 
 /// Builds the eBPF object (if missing), the daemons, the stand-in, the runner and the
 /// detector test binary; returns the latter's path (from cargo's JSON messages).
-fn build(root: &Path, release: bool) -> Result<PathBuf> {
+fn build(release: bool) -> Result<PathBuf> {
     if !paths::ebpf_object().exists() {
         build_ebpf::run().context("building the eBPF object the watchdog embeds")?;
     }
     setup::build_bins(release)?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let messages = setup::output(
-        Command::new(&cargo)
-            .current_dir(root)
+        setup::cargo()
             .args([
                 "test",
                 "-p",
