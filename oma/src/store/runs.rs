@@ -163,7 +163,7 @@ impl Store {
             let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
             let job_ids: Vec<String> = events
                 .iter()
-                .map(|e| e.job_id.clone())
+                .map(|e| e.job_id.to_string())
                 .collect::<HashSet<_>>()
                 .into_iter()
                 .collect();
@@ -177,11 +177,11 @@ impl Store {
                 if !seen.insert(id.clone()) {
                     continue;
                 }
-                let outcome = match jobs.get_mut(&event.job_id) {
+                let outcome = match jobs.get_mut(event.job_id.as_str()) {
                     None => "unknown_job",
                     Some(job) if job.job.vma_id != vma_id => {
                         return Err(StoreError::ForeignJob {
-                            job_id: event.job_id.clone(),
+                            job_id: event.job_id.to_string(),
                         });
                     }
                     Some(before) => {
@@ -204,7 +204,7 @@ impl Store {
                         decision.outcome
                     }
                 };
-                processed.push((id, event.job_id.clone(), outcome));
+                processed.push((id, event.job_id.to_string(), outcome));
             }
             let entries: Vec<_> = audit.iter().map(|(j, d)| (j.as_str(), d)).collect();
             if !insert_audits(&mut tx, &mut writes, &entries, now).await? {
