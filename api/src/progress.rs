@@ -16,6 +16,24 @@ pub enum ProgressStatus {
     Failed,
 }
 
+impl ProgressStatus {
+    /// The text on the wire and in the OMA's database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InProgress => "in_progress",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Parses the text [`ProgressStatus::as_str`] gives; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::InProgress, Self::Completed, Self::Failed]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+    }
+}
+
 /// `sync_type` field of a progress update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -24,6 +42,16 @@ pub enum SyncType {
     Full,
     /// Changed blocks only.
     Incremental,
+}
+
+impl SyncType {
+    /// The text on the wire and in the OMA's database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Incremental => "incremental",
+        }
+    }
 }
 
 /// Body of `POST /api/v1/progress/{job_id}/update` exactly as migratekit's progress client
@@ -74,6 +102,26 @@ pub struct StoredProgress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_text_is_the_serde_text() {
+        for status in [
+            ProgressStatus::InProgress,
+            ProgressStatus::Completed,
+            ProgressStatus::Failed,
+        ] {
+            let json = serde_json::to_value(status).unwrap();
+            assert_eq!(json.as_str(), Some(status.as_str()));
+            assert_eq!(ProgressStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(ProgressStatus::parse("running"), None);
+        for sync in [SyncType::Full, SyncType::Incremental] {
+            assert_eq!(
+                serde_json::to_value(sync).unwrap().as_str(),
+                Some(sync.as_str())
+            );
+        }
+    }
 
     #[test]
     fn accepts_the_minimal_migratekit_body() {

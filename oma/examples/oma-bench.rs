@@ -17,7 +17,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use oma::AppState;
 use oma::auth::{OperatorTokens, hash_token};
-use oma::events::decide_event;
+use oma::job::on_event;
 use oma::poller::{Poller, PollerConfig};
 use oma::recovery::{Recovery, RecoveryConfig};
 use oma::store::{NewJob, Store};
@@ -172,7 +172,7 @@ async fn bench_intake(dir: &std::path::Path, vma_url: &str) -> anyhow::Result<()
                     .await?;
                 applied += ack.applied;
             } else {
-                applied += store.apply_events("vma-1", chunk, decide_event).await?.1;
+                applied += store.apply_events("vma-1", chunk, on_event).await?.1;
             }
         }
         let secs = start.elapsed().as_secs_f64();

@@ -7,7 +7,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
-pub mod events;
+pub mod job;
 pub mod logging;
 pub mod model;
 pub mod poller;

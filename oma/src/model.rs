@@ -236,7 +236,8 @@ pub struct AuditEntry {
     /// Who made it.
     pub actor: Actor,
     /// What the entry records: `created`, `transition`, `process_recorded`, `stale_attempt`,
-    /// `ignored_final`, `stalled`, `unstalled`, `recovery_keep`, `recovery_wait`, and for the
+    /// `ignored_final`, `stalled`, `unstalled`, `failure_reported`, `recovery_keep`,
+    /// `recovery_wait`, and for the
     /// start request `started`, `start_refused`, `start_unreachable`, `start_conflict`,
     /// `start_after_final`.
     pub action: String,

@@ -4,17 +4,14 @@
 //! created by another path) needs no hand-over. Errors back a job off exponentially up to a
 //! cap, but a job is never dropped while it is active. A job whose bytes do not move for the
 //! stall threshold is flagged (`stalled_since` plus an audit entry), never failed: a live
-//! process is not failed on age alone; deaths come from evidence (events, recovery).
+//! process is not failed on age alone; deaths come from evidence (events, recovery). What a
+//! report does to its job is [`crate::job::on_progress`]'s to say.
 
-use crate::events::Verdict;
-use crate::events::finalize;
-use crate::model::{Actor, FailureClass, JobStatus, from_ms};
-use crate::store::{AuditDraft, JobChange, JobRecord, Store};
+use crate::job::on_progress;
+use crate::store::Store;
 use crate::vma_client::VmaClient;
-use api::StoredProgress;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -168,7 +165,7 @@ impl Poller {
                     Ok(Some(progress)) => poller
                         .store
                         .mutate_job(&job_id, |cur, now| {
-                            Ok(progress_change(cur, &progress, now, stall_ms))
+                            Ok(on_progress(cur, &progress, now, stall_ms))
                         })
                         .await
                         .map(|_| ())
@@ -214,153 +211,5 @@ impl Poller {
             }
         }
         health.jobs_backing_off = jobs.values().filter(|j| j.failures > 0).count();
-    }
-}
-
-/// What one progress answer changes on a job: progress fields on a new sequence, `pending`/
-/// `initializing` → `replicating`, migratekit's own `failed` → failed `vma_reported_failure`,
-/// and the stall flag set or cleared.
-pub fn progress_change(
-    cur: &JobRecord,
-    progress: &StoredProgress,
-    now: i64,
-    stall_ms: i64,
-) -> Option<JobChange> {
-    if cur.job.status.is_final() {
-        return None;
-    }
-    let update = &progress.update;
-    let sequence = i64::try_from(progress.sequence).unwrap_or(i64::MAX);
-    let mut after = cur.clone();
-    let mut audit = Vec::new();
-    let evidence = json!({
-        "sequence": progress.sequence, "bytes_transferred": update.bytes_transferred,
-        "received_at": progress.received_at, "stage": update.stage, "status": update.status,
-    });
-    if cur.progress_sequence != Some(sequence) {
-        apply_progress(&mut after, progress, now);
-        let j = &mut after.job;
-        if matches!(j.status, JobStatus::Pending | JobStatus::Initializing) {
-            j.status = JobStatus::Replicating;
-            j.started_at = j.started_at.or(Some(from_ms(now)));
-            audit.push(draft(
-                "transition",
-                cur.job.status,
-                JobStatus::Replicating,
-                None,
-                evidence.clone(),
-            ));
-        }
-        if after.progress_status.as_deref() == Some("failed") {
-            let from = after.job.status;
-            let message = update
-                .error_message
-                .clone()
-                .unwrap_or_else(|| "no reason given".into());
-            after = finalize(
-                &after,
-                &Verdict {
-                    status: JobStatus::Failed,
-                    class: Some(FailureClass::VmaReportedFailure),
-                    message: Some(format!("migratekit reported failure: {message}")),
-                },
-                now,
-            );
-            audit.push(draft(
-                "transition",
-                from,
-                JobStatus::Failed,
-                Some(FailureClass::VmaReportedFailure),
-                evidence.clone(),
-            ));
-        }
-    }
-    if after.job.status.is_active() {
-        let unmoved = after.bytes_moved_at.map(|t| now - t);
-        match (after.job.stalled_since, unmoved) {
-            (None, Some(age)) if age >= stall_ms => {
-                after.job.stalled_since = Some(from_ms(now));
-                let mut ev = evidence;
-                ev["unmoved_ms"] = json!(age);
-                ev["stall_threshold_ms"] = json!(stall_ms);
-                audit.push(draft(
-                    "stalled",
-                    after.job.status,
-                    after.job.status,
-                    None,
-                    ev,
-                ));
-            }
-            (Some(_), Some(age)) if age < stall_ms => {
-                after.job.stalled_since = None;
-                audit.push(draft(
-                    "unstalled",
-                    after.job.status,
-                    after.job.status,
-                    None,
-                    evidence,
-                ));
-            }
-            _ => {}
-        }
-    }
-    if after == *cur {
-        return None;
-    }
-    after.job.updated_at = from_ms(now);
-    Some(JobChange {
-        after,
-        audit,
-        request_stop: false,
-    })
-}
-
-/// Copies one progress report's figures onto `after` (bytes, total, percent, stage,
-/// throughput, sync type, sequence, migratekit's status), stamping `last_progress_at` and,
-/// when the bytes moved, `bytes_moved_at` with `now`. The status is left alone: callers
-/// decide what the report means for it.
-pub fn apply_progress(after: &mut JobRecord, progress: &StoredProgress, now: i64) {
-    let update = &progress.update;
-    let bytes = i64::try_from(update.bytes_transferred).unwrap_or(i64::MAX);
-    let moved = after.bytes_moved_at.is_none() || after.job.bytes_transferred != bytes;
-    if moved {
-        after.bytes_moved_at = Some(now);
-    }
-    let j = &mut after.job;
-    j.bytes_transferred = bytes;
-    j.total_bytes = update.total_bytes.and_then(|t| i64::try_from(t).ok());
-    j.progress_percent = update.percent.unwrap_or_else(|| match j.total_bytes {
-        Some(total) if total > 0 => bytes as f64 * 100.0 / total as f64,
-        _ => j.progress_percent,
-    });
-    j.current_operation = Some(update.stage.clone());
-    j.throughput = i64::try_from(update.throughput_bps).unwrap_or(i64::MAX);
-    if let Some(sync) = update.sync_type {
-        j.sync_type = serde_json::to_value(sync)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned));
-    }
-    j.last_progress_at = Some(from_ms(now));
-    after.progress_sequence = Some(i64::try_from(progress.sequence).unwrap_or(i64::MAX));
-    after.progress_status = update
-        .status
-        .and_then(|s| serde_json::to_value(s).ok())
-        .and_then(|v| v.as_str().map(str::to_owned));
-}
-
-fn draft(
-    action: &'static str,
-    from: JobStatus,
-    to: JobStatus,
-    class: Option<FailureClass>,
-    evidence: serde_json::Value,
-) -> AuditDraft {
-    AuditDraft {
-        action,
-        from: Some(from),
-        to,
-        actor: Actor::Poller,
-        failure_class: class,
-        evidence,
     }
 }

@@ -29,12 +29,11 @@
 //! VMA and adopts the process or fails the job as `job_lost`.
 
 use crate::AppState;
-use crate::events::{adopt, finalize, recorded_identity, verdict_from_exit};
-use crate::model::{Actor, FailureClass, JobStatus};
-use crate::store::{AuditDraft, JobChange, JobRecord, StoreError};
+use crate::job::on_start_answer;
+use crate::model::{FailureClass, JobStatus};
+use crate::store::{JobRecord, StoreError};
 use crate::vma_client::{StartAnswer, VmaAnswer};
-use api::{JobProcessState, StartJobRequest};
-use serde_json::json;
+use api::StartJobRequest;
 
 /// How the start request ended, for the API's answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,7 +79,7 @@ pub async fn start_and_record(
     let rec = state
         .store
         .mutate_job(job_id, |current, now| {
-            Ok(record_answer(current, &answer, now))
+            Ok(on_start_answer(current, &answer, now))
         })
         .await?;
     Ok(match answer {
@@ -118,122 +117,4 @@ async fn resolve_conflict(
             _ => StartAnswer::AlreadyRunning { message },
         },
     )
-}
-
-fn draft(
-    action: &'static str,
-    from: JobStatus,
-    to: JobStatus,
-    class: Option<FailureClass>,
-    evidence: serde_json::Value,
-) -> AuditDraft {
-    AuditDraft {
-        action,
-        from: Some(from),
-        to,
-        actor: Actor::Operator,
-        failure_class: class,
-        evidence,
-    }
-}
-
-/// The pure decision: what the VMA's start answer does to the job as it is now. `None` when
-/// it changes nothing (the watchdog's `process_started` event recorded the same process first).
-pub fn record_answer(current: &JobRecord, answer: &StartAnswer, now: i64) -> Option<JobChange> {
-    let from = current.job.status;
-    let evidence = json!({ "vma_answer": answer });
-    let audit_only = |action| {
-        Some(JobChange {
-            request_stop: false,
-            after: current.clone(),
-            audit: vec![draft(action, from, from, None, evidence.clone())],
-        })
-    };
-    if from.is_final() {
-        // An operator cancelled the job while the start was in flight: record what the VMA
-        // said, and when a process runs for the final job, have it stopped (`crate::stop`).
-        let running = matches!(
-            answer,
-            StartAnswer::Started {
-                state: JobProcessState::Running { .. }
-            }
-        );
-        return audit_only("start_after_final").map(|change| JobChange {
-            request_stop: running,
-            ..change
-        });
-    }
-    match answer {
-        StartAnswer::Started {
-            state: JobProcessState::Running { process, .. },
-        } => {
-            if recorded_identity(current).is_some_and(|r| r.start_time > process.start_time) {
-                return audit_only("stale_attempt");
-            }
-            let mut after = current.clone();
-            adopt(&mut after, *process, now);
-            if after == *current {
-                return None;
-            }
-            let to = after.job.status;
-            Some(JobChange {
-                request_stop: false,
-                after,
-                audit: vec![draft("started", from, to, None, evidence)],
-            })
-        }
-        StartAnswer::Started {
-            state: JobProcessState::Exited { process, exit, .. },
-        } => {
-            if recorded_identity(current).is_some_and(|r| r != *process) {
-                return audit_only("stale_attempt");
-            }
-            let verdict = verdict_from_exit(Some(exit), current.progress_status.as_deref());
-            let mut after = current.clone();
-            adopt(&mut after, *process, now);
-            let attempt = after.job.attempt;
-            after = finalize(&after, &verdict, now);
-            after.job.attempt = attempt;
-            Some(JobChange {
-                request_stop: false,
-                audit: vec![draft(
-                    "transition",
-                    from,
-                    after.job.status,
-                    verdict.class,
-                    evidence,
-                )],
-                after,
-            })
-        }
-        StartAnswer::Refused { status, error, .. } => {
-            if recorded_identity(current).is_some() {
-                // A process was recorded meanwhile (by an event): the refusal is not the
-                // whole story, so it only reaches the trail.
-                return audit_only("start_refused");
-            }
-            let verdict = crate::events::Verdict {
-                status: JobStatus::Failed,
-                class: Some(FailureClass::StartRefused),
-                message: Some(format!(
-                    "the VMA refused to start migratekit (HTTP {status} {error}); check the \
-                     job's parameters and the VMA's configuration, then create a new job"
-                )),
-            };
-            let after = finalize(current, &verdict, now);
-            Some(JobChange {
-                request_stop: false,
-                audit: vec![draft(
-                    "start_refused",
-                    from,
-                    JobStatus::Failed,
-                    verdict.class,
-                    evidence,
-                )],
-                after,
-            })
-        }
-        StartAnswer::AlreadyRunning { .. } => audit_only("start_conflict"),
-        StartAnswer::Unreachable { .. } => audit_only("start_unreachable"),
-    }
 }

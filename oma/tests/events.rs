@@ -7,7 +7,7 @@ use api::{EventBatch, ExitStatus, ProcessEventKind};
 use common::fixtures::{code, event, new_job, setup};
 use common::test_dbs;
 use common::vma::pid;
-use oma::events::decide_event;
+use oma::job::on_event;
 use oma::model::{Actor, ContextStatus, FailureClass, JobStatus};
 use oma::store::StoreError;
 
@@ -28,12 +28,12 @@ async fn the_same_batch_twice_makes_one_transition() {
             ],
         };
         let (acked, applied) = store
-            .apply_events("vma-1", &batch.events, decide_event)
+            .apply_events("vma-1", &batch.events, on_event)
             .await
             .unwrap();
         assert_eq!((acked.len(), applied), (2, 2), "{}", db.backend);
         let (acked, applied) = store
-            .apply_events("vma-1", &batch.events, decide_event)
+            .apply_events("vma-1", &batch.events, on_event)
             .await
             .unwrap();
         assert_eq!((acked.len(), applied), (2, 0), "{}", db.backend);
@@ -70,7 +70,7 @@ async fn an_event_about_another_attempt_only_reaches_the_audit_trail() {
         let older = pid(150, 4000);
         let started = [event("j1", ProcessEventKind::ProcessStarted, current, None)];
         store
-            .apply_events("vma-1", &started, decide_event)
+            .apply_events("vma-1", &started, on_event)
             .await
             .unwrap();
         let stale = [
@@ -78,10 +78,7 @@ async fn an_event_about_another_attempt_only_reaches_the_audit_trail() {
             event("j1", ProcessEventKind::DiedWhileUnwatched, older, None),
             event("j1", ProcessEventKind::ProcessStarted, older, None),
         ];
-        let (acked, applied) = store
-            .apply_events("vma-1", &stale, decide_event)
-            .await
-            .unwrap();
+        let (acked, applied) = store.apply_events("vma-1", &stale, on_event).await.unwrap();
         assert_eq!((acked.len(), applied), (3, 0), "{}", db.backend);
         let job = store.get_job("j1").await.unwrap().job;
         assert_eq!(job.status, JobStatus::Replicating);
@@ -121,7 +118,7 @@ async fn a_death_fails_the_job_and_releases_its_context_in_one_go() {
             Some(killed),
         )];
         store
-            .apply_events("vma-1", &events, decide_event)
+            .apply_events("vma-1", &events, on_event)
             .await
             .unwrap();
         let job = store.get_job("j1").await.unwrap().job;
@@ -145,10 +142,7 @@ async fn a_death_fails_the_job_and_releases_its_context_in_one_go() {
             pid(301, 7100),
             code(0),
         )];
-        store
-            .apply_events("vma-1", &ok, decide_event)
-            .await
-            .unwrap();
+        store.apply_events("vma-1", &ok, on_event).await.unwrap();
         assert_eq!(
             store.get_job("j2").await.unwrap().job.status,
             JobStatus::Completed
@@ -166,10 +160,7 @@ async fn a_death_fails_the_job_and_releases_its_context_in_one_go() {
             pid(301, 7100),
             code(1),
         )];
-        let (_, applied) = store
-            .apply_events("vma-1", &late, decide_event)
-            .await
-            .unwrap();
+        let (_, applied) = store.apply_events("vma-1", &late, on_event).await.unwrap();
         assert_eq!(applied, 0);
         assert_eq!(
             store.get_job("j2").await.unwrap().job.status,
@@ -215,7 +206,7 @@ async fn exit_classes_follow_the_evidence() {
                 .unwrap();
             let events = [event(id, kind, pid(400 + i as u32, 1), exit)];
             store
-                .apply_events("vma-1", &events, decide_event)
+                .apply_events("vma-1", &events, on_event)
                 .await
                 .unwrap();
             let job = store.get_job(id).await.unwrap().job;
@@ -239,7 +230,7 @@ async fn a_vma_may_only_report_on_its_own_jobs() {
             code(1),
         )];
         let err = store
-            .apply_events("vma-2", &events, decide_event)
+            .apply_events("vma-2", &events, on_event)
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::ForeignJob { .. }), "{err}");
@@ -255,7 +246,7 @@ async fn a_vma_may_only_report_on_its_own_jobs() {
             code(1),
         )];
         let (acked, applied) = store
-            .apply_events("vma-1", &unknown, decide_event)
+            .apply_events("vma-1", &unknown, on_event)
             .await
             .unwrap();
         assert_eq!((acked.len(), applied), (1, 0), "{}", db.backend);
@@ -275,7 +266,7 @@ async fn a_repeated_start_of_the_same_process_changes_nothing() {
         let again = [event("j1", ProcessEventKind::ProcessStarted, p, None)];
         assert_eq!(
             store
-                .apply_events("vma-1", &first, decide_event)
+                .apply_events("vma-1", &first, on_event)
                 .await
                 .unwrap()
                 .1,
@@ -284,7 +275,7 @@ async fn a_repeated_start_of_the_same_process_changes_nothing() {
         let job = store.get_job("j1").await.unwrap();
         assert_eq!(
             store
-                .apply_events("vma-1", &again, decide_event)
+                .apply_events("vma-1", &again, on_event)
                 .await
                 .unwrap()
                 .1,

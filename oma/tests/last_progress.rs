@@ -8,9 +8,9 @@ use api::{ProcessEventKind, ProgressStatus, ProgressUpdate, StoredProgress};
 use common::fixtures::{code, event, new_job, setup};
 use common::test_dbs;
 use common::vma::pid;
-use oma::events::decide_event;
+use oma::job::on_event;
+use oma::job::on_progress;
 use oma::model::{FailureClass, JobStatus};
-use oma::poller::progress_change;
 use oma::store::Store;
 
 const TOTAL: u64 = 10_000;
@@ -45,14 +45,12 @@ async fn polled_job(store: &Store, job: &str, ctx: &str, sequence: u64, bytes: u
         None,
     )];
     store
-        .apply_events("vma-1", &started, decide_event)
+        .apply_events("vma-1", &started, on_event)
         .await
         .unwrap();
     let polled = progress(job, sequence, bytes, ProgressStatus::InProgress);
     store
-        .mutate_job(job, |cur, now| {
-            Ok(progress_change(cur, &polled, now, i64::MAX))
-        })
+        .mutate_job(job, |cur, now| Ok(on_progress(cur, &polled, now, i64::MAX)))
         .await
         .unwrap();
 }
@@ -65,10 +63,7 @@ async fn exit_with(store: &Store, job: &str, last: StoredProgress) {
         code(0),
     );
     ev.last_progress = Some(last);
-    let (_, applied) = store
-        .apply_events("vma-1", &[ev], decide_event)
-        .await
-        .unwrap();
+    let (_, applied) = store.apply_events("vma-1", &[ev], on_event).await.unwrap();
     assert_eq!(applied, 1);
 }
 
@@ -125,7 +120,7 @@ async fn exit_zero_after_the_final_report_records_completed_with_its_figures() {
             db.backend
         );
         assert_eq!(rec.progress_sequence, Some(9));
-        assert_eq!(rec.progress_status.as_deref(), Some("completed"));
+        assert_eq!(rec.progress_status, Some(api::ProgressStatus::Completed));
     }
 }
 

@@ -99,16 +99,79 @@ async fn progress_is_recorded_and_stalls_are_flagged_not_failed() {
             .map(|a| a.action)
             .collect();
         assert!(actions.contains(&"stalled".into()), "{actions:?}");
-        // migratekit's own "failed" is evidence: failed vma_reported_failure.
+        server.shutdown().await;
+    }
+}
+
+/// migratekit's own `failed` report is evidence, not a death: while its process lives the job
+/// stays active and its VM context busy (so no second replication can start on the VM);
+/// the reason shows at once; the death then ends the job as the reported failure.
+#[tokio::test]
+async fn a_failure_report_keeps_the_vm_busy_until_the_process_is_gone() {
+    for db in test_dbs().await {
+        let vma = StandInVma::start().await;
+        let server = start_server(settings(&db)).await;
+        let store = server.state.store.clone();
+        store
+            .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
+            .await
+            .unwrap();
+        vma.set("failing", Answer::Running(pid(10, 10)));
+        create(&store, "failing").await;
         vma.set_progress("failing", 1, 5, Some(ProgressStatus::Failed));
-        eventually(10, "reported failure", || async {
+        let job = eventually(10, "the failure report recorded", || async {
             let job = store.get_job("failing").await.unwrap().job;
-            (job.status == JobStatus::Failed).then_some(job)
+            job.error_message.is_some().then_some(job)
         })
         .await;
-        let job = store.get_job("failing").await.unwrap().job;
-        assert_eq!(job.failure_class, Some(FailureClass::VmaReportedFailure));
+        assert_eq!(
+            (job.status, job.failure_class),
+            (JobStatus::Replicating, None),
+            "{}",
+            db.backend
+        );
         assert!(job.error_message.unwrap().contains("disk read error"));
+        let context = store.get_context("ctx-failing").await.unwrap();
+        assert_eq!(context.current_job_id.as_deref(), Some("failing"));
+        let actions: Vec<_> = store
+            .audit("failing")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.action, a.to_status))
+            .collect();
+        assert!(
+            actions.contains(&("failure_reported".into(), JobStatus::Replicating)),
+            "{actions:?}"
+        );
+        // A later report of the same process cannot take the failure back.
+        vma.set_progress("failing", 2, 6, Some(ProgressStatus::InProgress));
+        eventually(10, "the next report", || bytes(&store, "failing", 6)).await;
+        // The process ends with exit 0: the reported failure is the verdict, and only now is
+        // the VM context free.
+        vma.set(
+            "failing",
+            Answer::Exited(pid(10, 10), api::ExitStatus::from_wait_status(0, false)),
+        );
+        let report = server
+            .state
+            .recovery
+            .run(oma::recovery::Trigger::Operator, false)
+            .await
+            .unwrap();
+        assert_eq!(report.run.finalized, 1, "{}", db.backend);
+        let job = store.get_job("failing").await.unwrap().job;
+        assert_eq!(
+            (job.status, job.failure_class),
+            (JobStatus::Failed, Some(FailureClass::VmaReportedFailure))
+        );
+        let message = job.error_message.unwrap();
+        assert!(
+            message.contains("disk read error") && message.contains("exited with code 0"),
+            "{message}"
+        );
+        let context = store.get_context("ctx-failing").await.unwrap();
+        assert_eq!(context.current_job_id, None);
         server.shutdown().await;
     }
 }

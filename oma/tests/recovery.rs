@@ -6,7 +6,7 @@ mod common;
 use api::{ExitStatus, ProcessEventKind};
 use common::vma::{Answer, StandInVma, pid};
 use common::{dead_url, store_with_vmas, test_dbs};
-use oma::events::decide_event;
+use oma::job::on_event;
 use oma::model::{Actor, ContextStatus, FailureClass, JobStatus};
 use oma::recovery::{Action, Recovery, RecoveryConfig, RecoveryError, Trigger};
 use oma::store::{NewJob, Store};
@@ -37,10 +37,7 @@ async fn job(store: &Store, id: &str, vma: &str) {
 /// Records `p` as the job's process, as a watchdog's start event would.
 async fn started(store: &Store, id: &str, p: api::ProcessIdentity) {
     let ev = ProcessEvent_::started(id, p);
-    store
-        .apply_events("vma-1", &[ev], decide_event)
-        .await
-        .unwrap();
+    store.apply_events("vma-1", &[ev], on_event).await.unwrap();
 }
 
 #[allow(non_camel_case_types)]

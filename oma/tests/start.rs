@@ -173,7 +173,7 @@ async fn the_event_first_then_the_start_answer_is_one_transition() {
         store.create_job(&new).await.unwrap();
         let event = started_event("job-2", pid(5000, 900));
         store
-            .apply_events("vma-1", &[event], oma::events::decide_event)
+            .apply_events("vma-1", &[event], oma::job::on_event)
             .await
             .unwrap();
         let after_event = store.get_job("job-2").await.unwrap();
@@ -188,7 +188,7 @@ async fn the_event_first_then_the_start_answer_is_one_transition() {
         };
         let rec = store
             .mutate_job("job-2", |cur, now| {
-                Ok(oma::start::record_answer(cur, &answer, now))
+                Ok(oma::job::on_start_answer(cur, &answer, now))
             })
             .await
             .unwrap();

@@ -6,7 +6,7 @@ use api::ProcessEventKind;
 use common::fixtures::{code, event, new_job, setup};
 use common::test_dbs;
 use common::vma::pid;
-use oma::events::decide_event;
+use oma::job::on_event;
 use oma::model::{ContextStatus, JobStatus};
 use oma::store::{JobFilter, StoreError};
 
@@ -63,7 +63,7 @@ async fn lists_filter_and_the_active_set_excludes_final_jobs() {
             code(0),
         )];
         store
-            .apply_events("vma-1", &events, decide_event)
+            .apply_events("vma-1", &events, on_event)
             .await
             .unwrap();
         let by_vma = store

@@ -1,12 +1,14 @@
 //! The recovery decision table, as one pure function. Orphans, dry runs and real runs all
 //! call [`decide`], so a dry run cannot show anything the real run would not do.
 
-use crate::events::{Verdict, is_newer, recorded_identity, verdict_from_exit};
+use crate::job::{
+    Verdict, apply_progress, begin_replicating, is_newer, recorded_identity, reported_failure,
+    verdict_from_exit,
+};
 use crate::model::{FailureClass, JobStatus};
-use crate::poller::apply_progress;
 use crate::store::JobRecord;
 use crate::vma_client::VmaAnswer;
-use api::{JobProcessState, ProcessIdentity, StoredProgress};
+use api::{ExitStatus, JobProcessState, ProcessIdentity, StoredProgress};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
@@ -51,6 +53,10 @@ pub struct Decision {
     /// are in `evidence`).
     #[serde(skip)]
     pub last_progress: Option<StoredProgress>,
+    /// How the job's process ended, when the VMA said it exited: the real run ends the job
+    /// from it with [`crate::job::end_on_exit`] on the full record, as a death event would.
+    #[serde(skip)]
+    pub exit: Option<ExitStatus>,
 }
 
 /// Decides for one active job, given the VMA's answer, the time and the stale threshold.
@@ -108,6 +114,7 @@ pub fn decide(
         adopt: None,
         evidence,
         last_progress: None,
+        exit: None,
     };
     let finalize = |verdict: Verdict| Decision {
         action: Action::Finalize,
@@ -116,22 +123,18 @@ pub fn decide(
         message: verdict.message,
         ..base.clone()
     };
-    let failed = |class, message: String| {
-        finalize(Verdict {
-            status: JobStatus::Failed,
-            class: Some(class),
-            message: Some(message),
-        })
-    };
+    let failed = |class, message: String| finalize(Verdict::failed(class, message));
     match answer {
         VmaAnswer::Known {
             state: JobProcessState::Running { process, .. },
         } => {
             let adopt = (recorded != Some(*process)).then_some(*process);
-            let to_status = match (adopt, job.status) {
-                (Some(_), JobStatus::Pending | JobStatus::Initializing) => JobStatus::Replicating,
-                (_, status) => status,
-            };
+            // Recording a process starts the job replicating (`job::adopt`).
+            let mut view = rec.clone();
+            if adopt.is_some() {
+                begin_replicating(&mut view, now_ms);
+            }
+            let to_status = view.job.status;
             Decision {
                 adopt,
                 to_status,
@@ -154,10 +157,7 @@ pub fn decide(
             if let Some(p) = newer {
                 apply_progress(&mut view, p, now_ms);
             }
-            let mut decision = finalize(verdict_from_exit(
-                Some(exit),
-                view.progress_status.as_deref(),
-            ));
+            let mut decision = finalize(verdict_from_exit(Some(exit), reported_failure(&view)));
             if let Some(p) = last {
                 decision.evidence["vma_last_progress"] = json!({
                     "sequence": p.sequence, "received_at": p.received_at,
@@ -166,6 +166,7 @@ pub fn decide(
                 });
             }
             decision.last_progress = newer.cloned();
+            decision.exit = Some(*exit);
             decision
         }
         VmaAnswer::UnknownJob => failed(
@@ -186,3 +187,6 @@ pub fn decide(
         },
     }
 }
+
+#[cfg(test)]
+mod tests;

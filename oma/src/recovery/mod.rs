@@ -5,12 +5,10 @@ pub mod decide;
 
 pub use decide::{Action, Decision, decide};
 
-use crate::events::{Verdict, adopt, finalize, is_newer};
+use crate::job::{on_decision, superseded};
 use crate::model::{Actor, now_ms};
-use crate::poller::apply_progress;
 use crate::store::{
-    AuditDraft, JobChange, JobRecord, PendingStop, RecoveryRunRecord, Released, StartFence, Store,
-    StoreError, start_key,
+    JobRecord, PendingStop, RecoveryRunRecord, Released, StartFence, Store, StoreError, start_key,
 };
 use crate::vma_client::{VmaAnswer, VmaClient};
 use api::JobProcessState;
@@ -356,23 +354,17 @@ impl Recovery {
         if self.is_starting(&decision.job_id) {
             return Ok(false);
         }
-        let mut superseded = false;
+        let mut stale = false;
         self.store
             .mutate_job(&decision.job_id, |current, now| {
-                let same_attempt = current.job.status == read.job.status
-                    && current.job.pid == read.job.pid
-                    && current.job.process_start_time == read.job.process_start_time;
-                // A finalize or wait that rests on silence is void once new progress came.
-                let same_progress = decision.action == Action::Keep
-                    || current.job.last_progress_at == read.job.last_progress_at;
-                if !same_attempt || !same_progress {
-                    superseded = true;
+                if superseded(read, current, decision) {
+                    stale = true;
                     return Ok(None);
                 }
-                Ok(change_for(current, decision, actor, now))
+                Ok(on_decision(current, decision, actor, now))
             })
             .await?;
-        Ok(!superseded)
+        Ok(!stale)
     }
 
     /// Runs at startup, then every interval, until the task is dropped.
@@ -392,69 +384,4 @@ impl Recovery {
             tokio::time::sleep(self.config.interval).await;
         }
     }
-}
-
-/// The row change and audit entry that carry out `decision` on `current`. Keep and wait
-/// write an audit entry only when recovery's opinion of the job changes, so the trail shows
-/// each change with its evidence instead of one line per job per interval.
-fn change_for(
-    current: &JobRecord,
-    decision: &Decision,
-    actor: Actor,
-    now: i64,
-) -> Option<JobChange> {
-    let mut after = current.clone();
-    let action = match decision.action {
-        Action::Finalize => {
-            let mut with_progress = current.clone();
-            if let Some(p) = decision
-                .last_progress
-                .as_ref()
-                .filter(|p| is_newer(current, p))
-            {
-                apply_progress(&mut with_progress, p, now);
-            }
-            after = finalize(
-                &with_progress,
-                &Verdict {
-                    status: decision.to_status,
-                    class: decision.failure_class,
-                    message: decision.message.clone(),
-                },
-                now,
-            );
-            after.recovery_note = None;
-            "transition"
-        }
-        Action::Keep => {
-            if let Some(process) = decision.adopt {
-                adopt(&mut after, process, now);
-            }
-            after.recovery_note = Some("keep".into());
-            if decision.adopt.is_some() {
-                "process_recorded"
-            } else {
-                "recovery_keep"
-            }
-        }
-        Action::Wait => {
-            after.recovery_note = Some("wait".into());
-            "recovery_wait"
-        }
-    };
-    if after == *current {
-        return None;
-    }
-    Some(JobChange {
-        request_stop: false,
-        audit: vec![AuditDraft {
-            action,
-            from: Some(current.job.status),
-            to: after.job.status,
-            actor,
-            failure_class: after.job.failure_class.filter(|_| action == "transition"),
-            evidence: decision.evidence.clone(),
-        }],
-        after,
-    })
 }

@@ -2,10 +2,11 @@
 
 use crate::AppState;
 use crate::error::{ApiError, ApiJson, ApiQuery};
-use crate::model::{Actor, AuditEntry, Job, JobStatus, from_ms};
+use crate::job;
+use crate::model::{AuditEntry, Job};
 use crate::start::{self, StartOutcome};
-use crate::store::{AuditDraft, JobChange, JobFilter, NewJob, StoreError};
-use api::StartJobRequest;
+use crate::store::{JobFilter, NewJob};
+use api::{JobId, StartJobRequest};
 use axum::Json;
 use axum::Router;
 use axum::extract::{Path, State};
@@ -36,10 +37,11 @@ pub fn router() -> Router<AppState> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateJobRequest {
-    /// Job id; generated (UUID v7) when absent. Also migratekit's `--job-id`, so when the
-    /// job is started it must be 1 to 128 letters, digits, '.', '_' or '-', starting with a
-    /// letter or digit (the watchdog's rule).
+    /// Job id; generated (UUID v7) when absent. Also migratekit's `--job-id`, so it must be
+    /// 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit
+    /// (`api::JobId`, the rule of both appliances).
     #[serde(default)]
+    #[schema(value_type = Option<JobId>)]
     pub id: Option<String>,
     /// The VM context to replicate; created when it does not exist yet.
     pub vm_context_id: String,
@@ -77,15 +79,6 @@ impl CreateJobRequest {
     }
 }
 
-/// The watchdog's rule for job ids (they become file and unit names on the VMA).
-pub fn valid_vma_job_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-}
-
 /// Records a new job (`pending`, holding its VM context) and, unless `start` is false, asks
 /// its VMA to start migratekit and records the answer (see `oma::start` for the transaction
 /// shape). 201: recorded (and started: `replicating` with the process identity); 202: the VMA
@@ -106,26 +99,14 @@ pub async fn create_job(
             "field `vm_context_id` must not be empty".into(),
         ));
     }
-    if request
-        .id
-        .as_deref()
-        .is_some_and(|id| id.trim().is_empty() || id.contains('/'))
-    {
-        return Err(ApiError::BadRequest(
-            "field `id` must be non-empty and contain no '/'".into(),
-        ));
-    }
-    let id = request
-        .id
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    if request.start && !valid_vma_job_id(&id) {
-        return Err(ApiError::BadRequest(
-            "field `id` of a job to start must be 1 to 128 letters, digits, '.', '_' or '-', \
-             starting with a letter or digit"
-                .into(),
-        ));
-    }
+    // One rule for every job, started or not: the id may be started later (`track`, a new
+    // attempt) and it reaches the VMA's file and unit names and the logs either way.
+    let id = match &request.id {
+        Some(id) => JobId::parse(id)
+            .map_err(|e| ApiError::BadRequest(format!("field `id`: {e}")))?
+            .into_string(),
+        None => uuid::Uuid::now_v7().to_string(),
+    };
     // Taken before the job exists, so no recovery run can see it before the guard.
     let guard = if request.start {
         Some(state.recovery.start_guard(&id).await?)
@@ -216,38 +197,10 @@ pub async fn cancel_job(
     Path(id): Path<String>,
     ApiJson(request): ApiJson<CancelRequest>,
 ) -> Result<Json<Job>, ApiError> {
+    let reason = request.reason.as_deref();
     let rec = state
         .store
-        .mutate_job(&id, |cur, now| {
-            if cur.job.status.is_final() {
-                return Err(StoreError::IllegalTransition {
-                    job_id: cur.job.id.clone(),
-                    status: cur.job.status,
-                    why: "a job in a final state cannot be cancelled",
-                });
-            }
-            let mut after = cur.clone();
-            after.job.status = JobStatus::Cancelled;
-            after.job.completed_at = Some(from_ms(now));
-            after.job.updated_at = from_ms(now);
-            after.job.stalled_since = None;
-            after.job.error_message = request
-                .reason
-                .clone()
-                .or(Some("cancelled by an operator".into()));
-            Ok(Some(JobChange {
-                request_stop: true,
-                audit: vec![AuditDraft {
-                    action: "transition",
-                    from: Some(cur.job.status),
-                    to: JobStatus::Cancelled,
-                    actor: Actor::Operator,
-                    failure_class: None,
-                    evidence: serde_json::json!({ "reason": request.reason }),
-                }],
-                after,
-            }))
-        })
+        .mutate_job(&id, |cur, now| job::cancel(cur, reason, now).map(Some))
         .await?;
     tracing::info!(job_id = %id, "job cancelled by an operator");
     crate::stop::after_cancel(&state, &rec).await;

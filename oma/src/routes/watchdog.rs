@@ -3,7 +3,7 @@
 use crate::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiJson};
-use crate::events::decide_event;
+use crate::job::on_event;
 use api::{EventBatch, EventBatchAck};
 use axum::extract::State;
 use axum::routing::post;
@@ -40,7 +40,7 @@ pub async fn post_events(
     }
     let (acknowledged, applied) = state
         .store
-        .apply_events(&vma_id, &batch.events, decide_event)
+        .apply_events(&vma_id, &batch.events, on_event)
         .await?;
     tracing::debug!(target: crate::LATENCY_TARGET, event = "intake_timing",
         first_event_id = batch.events.first().map(|e| e.event_id.to_string()),

@@ -195,7 +195,7 @@ async fn update_job(
         w.arg(rec.progress_sequence)?,
         w.arg(rec.bytes_moved_at)?,
         w.arg(ms(j.stalled_since))?,
-        w.arg(rec.progress_status.clone())?,
+        w.arg(rec.progress_status.map(|s| s.as_str()))?,
         w.arg(ms(j.completed_at))?,
         w.arg(j.error_message.clone())?,
         w.arg(j.failure_class.map(|c| c.as_str()))?,

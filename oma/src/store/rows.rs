@@ -23,8 +23,8 @@ pub struct JobRecord {
     pub progress_sequence: Option<i64>,
     /// Last time the byte count moved (unix ms).
     pub bytes_moved_at: Option<i64>,
-    /// migratekit's own status from the latest progress.
-    pub progress_status: Option<String>,
+    /// migratekit's own status from the latest progress (`failed` sticks for the attempt).
+    pub progress_status: Option<api::ProgressStatus>,
     /// Recovery's last keep/wait opinion (`keep`, `wait`).
     pub recovery_note: Option<String>,
     /// Optimistic-locking version read with the row.
@@ -98,7 +98,11 @@ pub(crate) fn job_from_row(row: &AnyRow) -> Result<JobRecord, StoreError> {
         job,
         progress_sequence: row.try_get("progress_sequence")?,
         bytes_moved_at: row.try_get("bytes_moved_at")?,
-        progress_status: row.try_get("progress_status")?,
+        progress_status: parse_opt(
+            "progress_status",
+            row.try_get("progress_status")?,
+            api::ProgressStatus::parse,
+        )?,
         recovery_note: row.try_get("recovery_note")?,
         version: row.try_get("version")?,
     })
@@ -145,7 +149,11 @@ pub(crate) fn decision_record_from_row(row: &AnyRow) -> Result<JobRecord, StoreE
         // Whether the VMA's last progress is newer than the job's (for an exited job).
         progress_sequence: row.try_get("progress_sequence")?,
         bytes_moved_at: None,
-        progress_status: row.try_get("progress_status")?,
+        progress_status: parse_opt(
+            "progress_status",
+            row.try_get("progress_status")?,
+            api::ProgressStatus::parse,
+        )?,
         recovery_note: None,
         version: 0,
     })
