@@ -1,7 +1,7 @@
 //! A watchdog's process event (start, death, death while unwatched) and what it does to its
 //! job.
 
-use super::{adopt, audit_only, draft, end_on_exit, recorded_identity};
+use super::{adopt, audit_only, draft, end_on_exit, last_progress_evidence, recorded_identity};
 use crate::model::Actor;
 use crate::store::{IntakeOutcome, JobChange, JobRecord};
 use api::{ProcessEvent, ProcessEventKind};
@@ -75,11 +75,7 @@ pub fn on_event(rec: &JobRecord, event: &ProcessEvent, now: i64) -> IntakeOutcom
             let last = event.last_progress.as_ref();
             let (after, verdict, applied) = end_on_exit(rec, Some(event.process), exit, last, now);
             if let Some(progress) = last {
-                ev["last_progress"] = json!({
-                    "sequence": progress.sequence, "received_at": progress.received_at,
-                    "status": progress.update.status, "percent": progress.update.percent,
-                    "bytes_transferred": progress.update.bytes_transferred, "applied": applied,
-                });
+                ev["last_progress"] = last_progress_evidence(progress, applied);
             }
             (after, "transition", verdict.class)
         }

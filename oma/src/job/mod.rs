@@ -37,7 +37,9 @@ mod verdict;
 
 pub use cancel::cancel;
 pub use event::on_event;
-pub use progress::{apply_progress, is_newer, on_progress, reported_failure};
+pub use progress::{
+    apply_progress, is_newer, last_progress_evidence, on_progress, reported_failure,
+};
 pub use recovery::{on_decision, superseded};
 pub use start::on_start_answer;
 pub use verdict::{Verdict, end_on_exit, verdict_from_exit};

@@ -119,6 +119,16 @@ pub fn on_progress(
     })
 }
 
+/// How migratekit's last progress, sent with a death or fetched for an exited process, reads
+/// in the audit trail, and whether it was applied (newer than what the job held).
+pub fn last_progress_evidence(p: &StoredProgress, applied: bool) -> serde_json::Value {
+    json!({
+        "sequence": p.sequence, "received_at": p.received_at,
+        "status": p.update.status, "percent": p.update.percent,
+        "bytes_transferred": p.update.bytes_transferred, "applied": applied,
+    })
+}
+
 fn seq(progress: &StoredProgress) -> i64 {
     i64::try_from(progress.sequence).unwrap_or(i64::MAX)
 }

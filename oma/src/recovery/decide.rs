@@ -2,8 +2,7 @@
 //! call [`decide`], so a dry run cannot show anything the real run would not do.
 
 use crate::job::{
-    Verdict, apply_progress, begin_replicating, is_newer, recorded_identity, reported_failure,
-    verdict_from_exit,
+    Verdict, begin_replicating, end_on_exit, last_progress_evidence, recorded_identity,
 };
 use crate::model::{FailureClass, JobStatus};
 use crate::store::JobRecord;
@@ -83,8 +82,82 @@ pub fn decide(
     now_ms: i64,
     stale_ms: i64,
 ) -> Decision {
-    let job = &rec.job;
     let silent_ms = rec.silence_ms(now_ms);
+    let base = Decision::keep(rec, evidence(rec, answer, silent_ms, stale_ms));
+    match answer {
+        VmaAnswer::Known {
+            state: JobProcessState::Running { process, .. },
+        } => {
+            let adopt = (recorded_identity(rec) != Some(*process)).then_some(*process);
+            // Recording a process starts the job replicating (`job::adopt`).
+            let mut view = rec.clone();
+            if adopt.is_some() {
+                begin_replicating(&mut view, now_ms);
+            }
+            Decision {
+                adopt,
+                to_status: view.job.status,
+                ..base
+            }
+        }
+        VmaAnswer::Known {
+            state: JobProcessState::Exited { process, exit, .. },
+        } => exited(base, rec, *process, exit, last, now_ms),
+        VmaAnswer::UnknownJob => base.finalize(Verdict::failed(
+            FailureClass::JobLost,
+            "the VMA has never heard of this job; start it again",
+        )),
+        VmaAnswer::Unreachable { .. } if silent_ms >= stale_ms => base.finalize(Verdict::failed(
+            FailureClass::VmaUnreachableTimeout,
+            format!(
+                "the VMA did not answer and no progress came for {} s (threshold {} s)",
+                silent_ms / 1000,
+                stale_ms / 1000
+            ),
+        )),
+        VmaAnswer::Unreachable { .. } => Decision {
+            action: Action::Wait,
+            ..base
+        },
+    }
+}
+
+/// The rows for an exited process: an older attempt than the recorded one means ours was
+/// never seen (`job_lost`); otherwise the job ends as a death event would end it
+/// ([`end_on_exit`], with migratekit's last progress when newer).
+fn exited(
+    base: Decision,
+    rec: &JobRecord,
+    process: ProcessIdentity,
+    exit: &ExitStatus,
+    last: Option<&StoredProgress>,
+    now_ms: i64,
+) -> Decision {
+    let recorded = recorded_identity(rec);
+    if recorded.is_some_and(|r| r != process && process.start_time < r.start_time) {
+        return base.finalize(Verdict::failed(
+            FailureClass::JobLost,
+            "the VMA only knows an earlier attempt of this job; the recorded process is gone",
+        ));
+    }
+    let (_, verdict, applied) = end_on_exit(rec, None, Some(exit), last, now_ms);
+    let mut decision = base.finalize(verdict);
+    if let Some(p) = last {
+        decision.evidence["vma_last_progress"] = last_progress_evidence(p, applied);
+    }
+    decision.last_progress = last.filter(|_| applied).cloned();
+    decision.exit = Some(*exit);
+    decision
+}
+
+/// What every decision about `rec` rests on, for the audit trail and the dry run.
+fn evidence(
+    rec: &JobRecord,
+    answer: &VmaAnswer,
+    silent_ms: i64,
+    stale_ms: i64,
+) -> serde_json::Value {
+    let job = &rec.job;
     let silence_from = if job.last_progress_at.is_some() {
         "last_progress_at"
     } else if job.started_at.is_some() {
@@ -92,7 +165,7 @@ pub fn decide(
     } else {
         "created_at"
     };
-    let evidence = json!({
+    json!({
         "vma_answer": answer,
         "recorded_pid": job.pid,
         "recorded_start_time": job.process_start_time,
@@ -101,90 +174,37 @@ pub fn decide(
         "silent_ms": silent_ms,
         "silence_from": silence_from,
         "stale_threshold_ms": stale_ms,
-    });
-    let recorded = recorded_identity(rec);
-    let base = Decision {
-        job_id: job.id.clone(),
-        vma_id: job.vma_id.clone(),
-        from_status: job.status,
-        action: Action::Keep,
-        to_status: job.status,
-        failure_class: None,
-        message: None,
-        adopt: None,
-        evidence,
-        last_progress: None,
-        exit: None,
-    };
-    let finalize = |verdict: Verdict| Decision {
-        action: Action::Finalize,
-        to_status: verdict.status,
-        failure_class: verdict.class,
-        message: verdict.message,
-        ..base.clone()
-    };
-    let failed = |class, message: String| finalize(Verdict::failed(class, message));
-    match answer {
-        VmaAnswer::Known {
-            state: JobProcessState::Running { process, .. },
-        } => {
-            let adopt = (recorded != Some(*process)).then_some(*process);
-            // Recording a process starts the job replicating (`job::adopt`).
-            let mut view = rec.clone();
-            if adopt.is_some() {
-                begin_replicating(&mut view, now_ms);
-            }
-            let to_status = view.job.status;
-            Decision {
-                adopt,
-                to_status,
-                ..base.clone()
-            }
+    })
+}
+
+impl Decision {
+    /// Keep `rec` as it is, on `evidence`.
+    fn keep(rec: &JobRecord, evidence: serde_json::Value) -> Self {
+        let job = &rec.job;
+        Self {
+            job_id: job.id.clone(),
+            vma_id: job.vma_id.clone(),
+            from_status: job.status,
+            action: Action::Keep,
+            to_status: job.status,
+            failure_class: None,
+            message: None,
+            adopt: None,
+            evidence,
+            last_progress: None,
+            exit: None,
         }
-        VmaAnswer::Known {
-            state: JobProcessState::Exited { process, exit, .. },
-        } => {
-            if recorded.is_some_and(|r| r != *process && process.start_time < r.start_time) {
-                return failed(
-                    FailureClass::JobLost,
-                    "the VMA only knows an earlier attempt of this job; the recorded process is gone"
-                        .into(),
-                );
-            }
-            let newer = last.filter(|p| is_newer(rec, p));
-            // The job as it reads with that report applied, as `change_for` will write it.
-            let mut view = rec.clone();
-            if let Some(p) = newer {
-                apply_progress(&mut view, p, now_ms);
-            }
-            let mut decision = finalize(verdict_from_exit(Some(exit), reported_failure(&view)));
-            if let Some(p) = last {
-                decision.evidence["vma_last_progress"] = json!({
-                    "sequence": p.sequence, "received_at": p.received_at,
-                    "status": p.update.status, "percent": p.update.percent,
-                    "bytes_transferred": p.update.bytes_transferred, "applied": newer.is_some(),
-                });
-            }
-            decision.last_progress = newer.cloned();
-            decision.exit = Some(*exit);
-            decision
+    }
+
+    /// This decision turned into ending the job with `verdict`.
+    fn finalize(self, verdict: Verdict) -> Self {
+        Self {
+            action: Action::Finalize,
+            to_status: verdict.status,
+            failure_class: verdict.class,
+            message: verdict.message,
+            ..self
         }
-        VmaAnswer::UnknownJob => failed(
-            FailureClass::JobLost,
-            "the VMA has never heard of this job; start it again".into(),
-        ),
-        VmaAnswer::Unreachable { .. } if silent_ms >= stale_ms => failed(
-            FailureClass::VmaUnreachableTimeout,
-            format!(
-                "the VMA did not answer and no progress came for {} s (threshold {} s)",
-                silent_ms / 1000,
-                stale_ms / 1000
-            ),
-        ),
-        VmaAnswer::Unreachable { .. } => Decision {
-            action: Action::Wait,
-            ..base.clone()
-        },
     }
 }
 

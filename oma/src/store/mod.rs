@@ -20,6 +20,7 @@
 mod batch;
 mod change;
 mod checkpoint;
+mod intake;
 mod jobs;
 mod lock;
 mod rows;
@@ -28,10 +29,11 @@ mod stops;
 mod token_cache;
 
 pub use change::{AuditDraft, JobChange};
+pub use intake::{DecideEvent, IntakeOutcome};
 pub use jobs::{JobFilter, NewJob};
 pub use lock::{RecoveryLock, Released, StartFence, start_key};
 pub use rows::{DECISION_COLUMNS, JobRecord};
-pub use runs::{IntakeOutcome, RecoveryRunRecord, Vma};
+pub use runs::{RecoveryRunRecord, Vma};
 pub use stops::PendingStop;
 pub use token_cache::TOKEN_TTL;
 
