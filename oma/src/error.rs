@@ -77,7 +77,9 @@ impl ApiError {
                 S::IllegalTransition { .. } => {
                     (StatusCode::CONFLICT, "illegal_transition", message)
                 }
-                S::ContextBusy { .. } => (StatusCode::CONFLICT, "vm_context_busy", message),
+                S::ContextBusy { .. } | S::ContextStopping { .. } => {
+                    (StatusCode::CONFLICT, "vm_context_busy", message)
+                }
                 S::ForeignJob { .. } => (StatusCode::FORBIDDEN, "forbidden", message),
                 S::Contention(_) => (StatusCode::SERVICE_UNAVAILABLE, "contention", message),
                 S::Database(_) | S::Migrate(_) | S::UnsupportedUrl(_) | S::Corrupt { .. } => {

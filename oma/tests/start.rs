@@ -301,6 +301,15 @@ async fn start_false_only_records_and_bad_ids_are_refused_before_anything_is_wri
         let e: api::ErrorBody = resp.json().await.unwrap();
         assert!(e.message.contains("`id`"), "{}", e.message);
         assert!(server.state.store.get_job("job 7").await.is_err());
+        // The same rule without a start: the id still reaches the VMA's names and the logs
+        // (a newline in it once forged a text log line).
+        let mut b = body("job\n8");
+        b["start"] = json!(false);
+        let resp = create(&server, b).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let e: api::ErrorBody = resp.json().await.unwrap();
+        assert!(e.message.contains("position 3"), "{}", e.message);
+        assert!(server.state.store.get_job("job\n8").await.is_err());
         assert!(vma.starts().is_empty());
         server.shutdown().await;
     }
@@ -375,12 +384,33 @@ async fn cancel_stops_the_process_on_the_vma_and_records_the_answer() {
             db.backend
         );
         assert_eq!(store.audit("job-2").await.unwrap().len(), audit.len());
+        // Until the stop gets there, job-2's migratekit may still run against its VM: no new
+        // job may take the VM context, although job-2 is final and released it.
+        let mut next = body("job-3");
+        next["vm_context_id"] = json!("ctx-job-2");
+        next["start"] = json!(false);
+        let resp = create(&server, next.clone()).await;
+        assert_eq!(resp.status(), StatusCode::CONFLICT, "{}", db.backend);
+        let e: api::ErrorBody = resp.json().await.unwrap();
+        assert_eq!(e.error, "vm_context_busy");
+        assert!(
+            e.message.contains("job-2") && e.message.contains("not been stopped"),
+            "{}",
+            e.message
+        );
         store
             .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
             .await
             .unwrap();
         vma.set("job-2", Answer::Running(pid(5151, 888)));
         assert_eq!(retry().await, 1, "{}", db.backend);
+        let resp = create(&server, next).await;
+        assert_eq!(
+            resp.status(),
+            StatusCode::CREATED,
+            "{}: the stop got there",
+            db.backend
+        );
         assert_eq!(vma.stops(), ["job-1", "job-2"], "{}", db.backend);
         let after = store.audit("job-2").await.unwrap();
         let stop = after.last().unwrap();

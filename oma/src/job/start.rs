@@ -37,18 +37,7 @@ pub fn on_start_answer(current: &JobRecord, answer: &StartAnswer, now: i64) -> O
         })
     };
     if from.is_final() {
-        // An operator cancelled the job while the start was in flight: record what the VMA
-        // said, and when a process runs for the final job, have it stopped (`crate::stop`).
-        let running = matches!(
-            answer,
-            StartAnswer::Started {
-                state: JobProcessState::Running { .. }
-            }
-        );
-        return only("start_after_final").map(|c| JobChange {
-            request_stop: running,
-            ..c
-        });
+        return Some(after_final(current, answer, evidence));
     }
     let recorded = recorded_identity(current);
     match answer {
@@ -91,5 +80,24 @@ pub fn on_start_answer(current: &JobRecord, answer: &StartAnswer, now: i64) -> O
         }
         StartAnswer::AlreadyRunning { .. } => only("start_conflict"),
         StartAnswer::Unreachable { .. } => only("start_unreachable"),
+    }
+}
+
+/// An operator cancelled the job while the start was in flight: record what the VMA said,
+/// and when a process runs for the final job, have it stopped (`crate::stop`).
+fn after_final(
+    current: &JobRecord,
+    answer: &StartAnswer,
+    evidence: serde_json::Value,
+) -> JobChange {
+    let running = matches!(
+        answer,
+        StartAnswer::Started {
+            state: JobProcessState::Running { .. }
+        }
+    );
+    JobChange {
+        request_stop: running,
+        ..audit_only(current, Actor::Operator, "start_after_final", evidence)
     }
 }

@@ -76,44 +76,7 @@ impl Store {
         if load_job(&mut tx, &id).await?.is_some() {
             return Err(StoreError::JobExists(id));
         }
-        let context = sqlx::query(&format!(
-            "SELECT {CONTEXT_COLUMNS} FROM vm_replication_contexts WHERE context_id = $1"
-        ))
-        .bind(new.vm_context_id.clone())
-        .fetch_optional(&mut *tx)
-        .await?;
-        match context.as_ref().map(context_from_row).transpose()? {
-            Some(ctx) => {
-                if let Some(holder) = ctx.current_job_id {
-                    let holder_active = load_job(&mut tx, &holder)
-                        .await?
-                        .is_some_and(|j| j.job.status.is_active());
-                    if holder_active {
-                        return Err(StoreError::ContextBusy {
-                            context_id: ctx.context_id,
-                            job_id: holder,
-                        });
-                    }
-                }
-            }
-            None => {
-                let vm_name = new
-                    .vm_name
-                    .clone()
-                    .ok_or_else(|| StoreError::UnknownContext(new.vm_context_id.clone()))?;
-                sqlx::query(
-                    "INSERT INTO vm_replication_contexts (context_id, vm_name, current_status, \
-                     last_status_change, created_at) VALUES ($1, $2, $3, $4, $5)",
-                )
-                .bind(new.vm_context_id.clone())
-                .bind(vm_name)
-                .bind(ContextStatus::Discovered.as_str())
-                .bind(now)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
+        take_context(&mut tx, new, now).await?;
         sqlx::query(
             "INSERT INTO replication_jobs (id, vm_context_id, vma_id, status, active, sync_type, \
              created_at, updated_at) VALUES ($1, $2, $3, $4, 1, $5, $6, $7)",
@@ -330,5 +293,60 @@ impl Store {
                 Ok((status, row.try_get("n")?))
             })
             .collect()
+    }
+}
+
+/// Checks that the job's VM context is free, creating it when it is new (then `vm_name` is
+/// required). A context is busy while its holder is active, and also while a cancelled job
+/// of it still has a stop to deliver (`stop_pending`): its migratekit may still run against
+/// the VM, and a second replication must not start beside it.
+async fn take_context(conn: &mut AnyConnection, new: &NewJob, now: i64) -> Result<(), StoreError> {
+    let context = sqlx::query(&format!(
+        "SELECT {CONTEXT_COLUMNS} FROM vm_replication_contexts WHERE context_id = $1"
+    ))
+    .bind(new.vm_context_id.clone())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(ctx) = context.as_ref().map(context_from_row).transpose()? else {
+        let vm_name = new
+            .vm_name
+            .clone()
+            .ok_or_else(|| StoreError::UnknownContext(new.vm_context_id.clone()))?;
+        sqlx::query(
+            "INSERT INTO vm_replication_contexts (context_id, vm_name, current_status, \
+             last_status_change, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(new.vm_context_id.clone())
+        .bind(vm_name)
+        .bind(ContextStatus::Discovered.as_str())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        return Ok(());
+    };
+    if let Some(holder) = ctx.current_job_id {
+        let holder_active = load_job(conn, &holder)
+            .await?
+            .is_some_and(|j| j.job.status.is_active());
+        if holder_active {
+            return Err(StoreError::ContextBusy {
+                context_id: ctx.context_id,
+                job_id: holder,
+            });
+        }
+    }
+    let stopping: Option<String> = sqlx::query_scalar(
+        "SELECT id FROM replication_jobs WHERE vm_context_id = $1 AND stop_pending = 1 LIMIT 1",
+    )
+    .bind(new.vm_context_id.clone())
+    .fetch_optional(&mut *conn)
+    .await?;
+    match stopping {
+        Some(job_id) => Err(StoreError::ContextStopping {
+            context_id: ctx.context_id,
+            job_id,
+        }),
+        None => Ok(()),
     }
 }

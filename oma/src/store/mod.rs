@@ -102,6 +102,18 @@ pub enum StoreError {
         /// The job holding it.
         job_id: String,
     },
+    /// A cancelled job of the VM context has a stop still to deliver to its VMA.
+    #[error(
+        "VM context {context_id}: cancelled job {job_id}'s migratekit has not been stopped on its \
+         VMA yet and may still run against the VM; wait until the VMA is reachable (recovery \
+         retries the stop after each run) and try again"
+    )]
+    ContextStopping {
+        /// The context.
+        context_id: String,
+        /// The cancelled job whose stop is pending.
+        job_id: String,
+    },
     /// A stored value is not one this version understands.
     #[error("column {column} holds {value:?}, which this oma version does not understand")]
     Corrupt {
