@@ -81,39 +81,90 @@ impl Drop for Daemon {
     }
 }
 
+/// Where the demo keeps its binaries, state and tokens.
+struct Demo {
+    bin: PathBuf,
+    dir: PathBuf,
+    operator: PathBuf,
+    vma_api: PathBuf,
+    vma_events: PathBuf,
+}
+
 pub fn run(args: &RunArgs) -> Result<()> {
-    setup::run().context("setting up the toolchain")?;
-    build_ebpf::run().context("building the eBPF object the watchdog embeds")?;
-    let root = paths::workspace_root();
-    setup::build_bins(false)?;
-    let bin = root.join("target").join("debug");
-
-    let demo = root.join("target").join("demo");
-    if !args.keep_state && demo.exists() {
-        fs::remove_dir_all(&demo).with_context(|| format!("clearing {}", demo.display()))?;
-    }
-    fs::create_dir_all(&demo).with_context(|| format!("creating {}", demo.display()))?;
-    let operator = token_file(&demo, "operator.token")?;
-    let vma_api = token_file(&demo, "vma-api.token")?;
-    let vma_events = token_file(&demo, "vma-events.token")?;
-
+    let demo = prepare(args)?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
+    let oma = start_oma(&demo)?;
+    let watchdog = start_watchdog(&demo, args.demo_seconds)?;
+    let cli = || {
+        let mut cmd = Command::new(demo.bin.join("job-recovery"));
+        cmd.args(["--oma-url", &format!("http://{OMA_ADDR}")])
+            .arg("--token-file")
+            .arg(&demo.operator);
+        cmd
+    };
+    let job_id = create_demo_job(&demo, &cli)?;
+    let final_status = follow_job(&cli, &job_id)?;
+    let _ = setup::status(cli().arg("status"));
+    if args.exit_when_done {
+        drop(watchdog);
+        drop(oma);
+        return match final_status.as_deref() {
+            Some("completed") => Ok(()),
+            Some(other) => bail!("the demo job ended `{other}`; see target/demo/*.log"),
+            None => bail!("interrupted before the demo job ended"),
+        };
+    }
+    println!(
+        "run: the system keeps running (OMA http://{OMA_ADDR}, watchdog http://{VMA_ADDR}); Ctrl-C stops it"
+    );
+    println!(
+        "run: try `target/debug/job-recovery --token-file {} status`",
+        demo.operator.display()
+    );
+    while !INTERRUPTED.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
 
+/// Sets up the toolchain, builds the binaries and the eBPF object, and clears the demo's
+/// state (unless kept) with fresh tokens.
+fn prepare(args: &RunArgs) -> Result<Demo> {
+    setup::run().context("setting up the toolchain")?;
+    build_ebpf::run().context("building the eBPF object the watchdog embeds")?;
+    let root = paths::workspace_root();
+    setup::build_bins(false)?;
+    let dir = root.join("target").join("demo");
+    if !args.keep_state && dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(Demo {
+        bin: root.join("target").join("debug"),
+        operator: token_file(&dir, "operator.token")?,
+        vma_api: token_file(&dir, "vma-api.token")?,
+        vma_events: token_file(&dir, "vma-events.token")?,
+        dir,
+    })
+}
+
+/// The OMA on an embedded SQLite database, polling every 2 s so the demo's progress moves.
+fn start_oma(demo: &Demo) -> Result<Daemon> {
     let oma = spawn(
         "oma",
-        &demo,
-        Command::new(bin.join("oma"))
+        &demo.dir,
+        Command::new(demo.bin.join("oma"))
             .args(["--listen", OMA_ADDR])
             .arg("--database")
-            .arg(demo.join("oma.db"))
+            .arg(demo.dir.join("oma.db"))
             .arg("--operator-token-file")
-            .arg(&operator)
+            .arg(&demo.operator)
             .arg("--vma-api-token-file")
-            .arg(&vma_api)
+            .arg(&demo.vma_api)
             .args([
                 "--poll-interval-secs",
                 "2",
@@ -122,80 +173,68 @@ pub fn run(args: &RunArgs) -> Result<()> {
             ]),
     )?;
     wait_healthy(&oma, OMA_ADDR)?;
-    let watchdog = spawn(
-        "vma-watchdog",
-        &demo,
-        Command::new(bin.join("vma-watchdog"))
-            .arg("--state-dir")
-            .arg(demo.join("vma"))
-            .arg("--api-token-file")
-            .arg(&vma_api)
-            .args([
-                "--oma-url",
-                &format!("http://{OMA_ADDR}"),
-                "--vma-id",
-                VMA_ID,
-            ])
-            .arg("--oma-token-file")
-            .arg(&vma_events)
-            .arg("--launch-program")
-            .arg(bin.join("migratekit"))
-            .arg("--launch-log-dir")
-            .arg(demo.join("jobs"))
-            .args([
-                "--launch-arg",
-                "migrate",
-                "--launch-arg",
-                "--job-id",
-                "--launch-arg",
-                "{job_id}",
-            ])
-            .args(["--launch-arg", "--vmware-path", "--launch-arg", "{vm_path}"])
-            .args([
-                "--launch-arg",
-                "--standin-run-for",
-                "--launch-arg",
-                &args.demo_seconds.to_string(),
-            ])
-            .args([
-                "--launch-arg",
-                "--standin-total-bytes",
-                "--launch-arg",
-                "10737418240",
-            ])
-            .args(["--launch-arg", "--standin-rate"])
-            .arg("--launch-arg")
-            .arg((10_737_418_240u64 / u64::from(args.demo_seconds.max(1))).to_string()),
-    )?;
-    wait_healthy(&watchdog, VMA_ADDR)?;
+    Ok(oma)
+}
 
-    let cli = || {
-        let mut cmd = Command::new(bin.join("job-recovery"));
-        cmd.args(["--oma-url", &format!("http://{OMA_ADDR}")])
-            .arg("--token-file")
-            .arg(&operator);
-        cmd
-    };
+/// The watchdog, delivering to the demo's OMA and launching the stand-in migratekit, which
+/// copies 10 GiB in `seconds`.
+fn start_watchdog(demo: &Demo, seconds: u32) -> Result<Daemon> {
+    const BYTES: u64 = 10_737_418_240;
+    let rate = (BYTES / u64::from(seconds.max(1))).to_string();
+    let (seconds, bytes) = (seconds.to_string(), BYTES.to_string());
+    let launch_args = [
+        "migrate",
+        "--job-id",
+        "{job_id}",
+        "--vmware-path",
+        "{vm_path}",
+        "--standin-run-for",
+        &seconds,
+        "--standin-total-bytes",
+        &bytes,
+        "--standin-rate",
+        &rate,
+    ];
+    let mut cmd = Command::new(demo.bin.join("vma-watchdog"));
+    cmd.arg("--state-dir")
+        .arg(demo.dir.join("vma"))
+        .arg("--api-token-file")
+        .arg(&demo.vma_api)
+        .args([
+            "--oma-url",
+            &format!("http://{OMA_ADDR}"),
+            "--vma-id",
+            VMA_ID,
+        ])
+        .arg("--oma-token-file")
+        .arg(&demo.vma_events)
+        .arg("--launch-program")
+        .arg(demo.bin.join("migratekit"))
+        .arg("--launch-log-dir")
+        .arg(demo.dir.join("jobs"));
+    for arg in launch_args {
+        cmd.args(["--launch-arg", arg]);
+    }
+    let watchdog = spawn("vma-watchdog", &demo.dir, &mut cmd)?;
+    wait_healthy(&watchdog, VMA_ADDR)?;
+    Ok(watchdog)
+}
+
+/// Registers the local VMA with the OMA and creates the demo job; returns its id.
+fn create_demo_job(demo: &Demo, cli: &dyn Fn() -> Command) -> Result<String> {
     setup::status(
         cli()
             .args(["register-vma", VMA_ID])
             .args(["--base-url", &format!("http://{VMA_ADDR}")])
             .arg("--vma-token-file")
-            .arg(&vma_events),
+            .arg(&demo.vma_events),
     )
     .context("registering the local VMA with the OMA")?;
     let created = setup::output(
         cli()
             .args(["--json", "create"])
-            .args([
-                "--vm-context",
-                "ctx-demo",
-                "--vm-name",
-                "demo-vm",
-                "--vma",
-                VMA_ID,
-            ])
-            .args(["--vm-path", "/Datacenter/vm/demo-vm"]),
+            .args(["--vm-context", "ctx-demo", "--vm-name", "demo-vm"])
+            .args(["--vma", VMA_ID, "--vm-path", "/Datacenter/vm/demo-vm"]),
     )
     .context("creating the demo job")?;
     let job: serde_json::Value =
@@ -206,31 +245,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .to_owned();
     println!(
         "run: demo job {job_id} created; progress every 2 s (logs in {})",
-        demo.display()
+        demo.dir.display()
     );
-
-    let final_status = follow_job(&cli, &job_id)?;
-    let _ = setup::status(cli().arg("status"));
-    if args.exit_when_done {
-        drop(watchdog);
-        drop(oma);
-        match final_status.as_deref() {
-            Some("completed") => return Ok(()),
-            Some(other) => bail!("the demo job ended `{other}`; see target/demo/*.log"),
-            None => bail!("interrupted before the demo job ended"),
-        }
-    }
-    println!(
-        "run: the system keeps running (OMA http://{OMA_ADDR}, watchdog http://{VMA_ADDR}); Ctrl-C stops it"
-    );
-    println!(
-        "run: try `target/debug/job-recovery --token-file {} status`",
-        operator.display()
-    );
-    while !INTERRUPTED.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(())
+    Ok(job_id)
 }
 
 /// Prints the job's progress every 2 s until it leaves the active states (or Ctrl-C).
