@@ -159,6 +159,37 @@ fn build(release: bool) -> Result<PathBuf> {
 fn summarize(outcome: &boot::Outcome) -> (String, usize) {
     let mut s =
         String::from("\n== kill-test --vm: Debian 12 6.1 cloud kernel under qemu (TCG) ==\n");
+    let mut problems = summarize_steps(&mut s, outcome);
+    problems += summarize_tests(&mut s, outcome);
+    let _ = writeln!(s, "kill-test scenarios:");
+    for row in &outcome.kill_test_table {
+        let _ = writeln!(s, "  {row}");
+    }
+    let report = match outcome.report_json {
+        Some(_) => "target/vm/kill-test-report.json",
+        None => "none",
+    };
+    let _ = writeln!(s, "kill-test report:     {report}");
+    if outcome.timed_out {
+        problems += 1;
+        let _ = writeln!(s, "TIMED OUT: the VM was killed at its time budget");
+    } else if !outcome.done {
+        problems += 1;
+        let _ = writeln!(
+            s,
+            "the guest stopped before its last step (see the console above)"
+        );
+    }
+    let elapsed = outcome.elapsed.as_secs_f64();
+    let _ = writeln!(s, "elapsed:              {elapsed:.0} s");
+    let verdict = if problems == 0 { "PASS" } else { "FAIL" };
+    let _ = writeln!(s, "verdict:              {verdict}");
+    (s, problems)
+}
+
+/// The guest's facts and its steps; returns the problems among them (fatal lines, failed
+/// steps).
+fn summarize_steps(s: &mut String, outcome: &boot::Outcome) -> usize {
     let mut problems = 0;
     let show = |key: &str| outcome.marker(key).unwrap_or("(not reported)").to_owned();
     let _ = writeln!(s, "kernel:               {}", show("kernel"));
@@ -171,20 +202,20 @@ fn summarize(outcome: &boot::Outcome) -> (String, usize) {
             let _ = writeln!(s, "FATAL:                {value}");
         }
         if key == "step" {
-            let step = value;
-            let failed = !step.contains(":rc=0:");
+            let failed = !value.contains(":rc=0:");
             problems += usize::from(failed);
             let verdict = if failed { "FAILED" } else { "ok" };
-            let _ = writeln!(s, "step {step:<40} {verdict}");
+            let _ = writeln!(s, "step {value:<40} {verdict}");
         }
     }
+    problems
+}
+
+/// The detector tests and the skips; returns the problems (failed tests, or none ran).
+fn summarize_tests(s: &mut String, outcome: &boot::Outcome) -> usize {
     let passed = outcome.tests.iter().filter(|t| t.passed).count();
-    let failed: Vec<_> = outcome.tests.iter().filter(|t| !t.passed).collect();
-    let _ = writeln!(
-        s,
-        "detector tests:       {passed} passed, {} failed",
-        failed.len()
-    );
+    let failed = outcome.tests.len() - passed;
+    let _ = writeln!(s, "detector tests:       {passed} passed, {failed} failed");
     for test in &outcome.tests {
         let verdict = if test.passed { "ok" } else { "FAILED" };
         let why = test.why.as_deref().filter(|_| !test.passed).unwrap_or("");
@@ -193,11 +224,11 @@ fn summarize(outcome: &boot::Outcome) -> (String, usize) {
     for line in &outcome.test_results {
         let _ = writeln!(s, "  {line}");
     }
+    let mut problems = failed;
     if outcome.tests.is_empty() {
         problems += 1;
         let _ = writeln!(s, "  no detector test ran");
     }
-    problems += failed.len();
     // Not counted as problems: a detector test for the group_dead path may rightly skip on a
     // kernel without that field. A missing BTF or tracefs fails the watchdog step instead.
     if !outcome.skips.is_empty() {
@@ -206,38 +237,5 @@ fn summarize(outcome: &boot::Outcome) -> (String, usize) {
             let _ = writeln!(s, "  {skip}");
         }
     }
-    let _ = writeln!(s, "kill-test scenarios:");
-    for row in &outcome.kill_test_table {
-        let _ = writeln!(s, "  {row}");
-    }
-    let _ = writeln!(
-        s,
-        "kill-test report:     {}",
-        if outcome.report_json.is_some() {
-            "target/vm/kill-test-report.json"
-        } else {
-            "none"
-        }
-    );
-    if outcome.timed_out {
-        problems += 1;
-        let _ = writeln!(s, "TIMED OUT: the VM was killed at its time budget");
-    } else if !outcome.done {
-        problems += 1;
-        let _ = writeln!(
-            s,
-            "the guest stopped before its last step (see the console above)"
-        );
-    }
-    let _ = writeln!(
-        s,
-        "elapsed:              {:.0} s",
-        outcome.elapsed.as_secs_f64()
-    );
-    let _ = writeln!(
-        s,
-        "verdict:              {}",
-        if problems == 0 { "PASS" } else { "FAIL" }
-    );
-    (s, problems)
+    problems
 }
