@@ -1,6 +1,7 @@
 //! `job-recovery`: the operators' client of the OMA's REST API: recovery, jobs, VMAs.
 
 mod commands;
+pub mod seed;
 mod tables;
 
 use crate::model::{Job, JobStatus};
