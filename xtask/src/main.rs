@@ -5,6 +5,13 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod build_ebpf;
 mod disk;
+// Shared with watchdog/build.rs, which checks the stamp this crate writes.
+#[path = "../../watchdog/build/ebpf_stamp.rs"]
+#[allow(
+    dead_code,
+    reason = "the freshness check is the build script's; xtask only writes the stamp"
+)]
+mod ebpf_stamp;
 mod kill_test;
 mod paths;
 mod postgres;

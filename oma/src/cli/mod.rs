@@ -1,6 +1,7 @@
 //! `job-recovery`: the operators' client of the OMA's REST API: recovery, jobs, VMAs.
 
 mod commands;
+pub mod seed;
 mod tables;
 
 use crate::model::{Job, JobStatus};
@@ -145,137 +146,130 @@ async fn call_with_status<T: DeserializeOwned>(
 
 /// Runs the command and returns what to print on stdout.
 pub async fn run(args: &CliArgs) -> Result<String, CliError> {
-    let token = match (&args.token, &args.token_file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path)
+    let client = Client {
+        args,
+        token: token(args)?,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| CliError::Decode(e.to_string()))?,
+        base: args.oma_url.trim_end_matches('/'),
+    };
+    match &args.command {
+        Command::Scan => client.scan().await,
+        Command::Recover { dry_run } => client.recover(*dry_run).await,
+        Command::Status => client.status().await,
+        Command::Jobs(filter) => client.jobs(filter).await,
+        Command::Create(create) => client.create(create).await,
+        Command::RegisterVma(vma) => client.register_vma(vma).await,
+    }
+}
+
+/// The operator token, from `--token`/`OMA_TOKEN` or else from the token file.
+fn token(args: &CliArgs) -> Result<String, CliError> {
+    match (&args.token, &args.token_file) {
+        (Some(t), _) => Ok(t.clone()),
+        (None, Some(path)) => Ok(std::fs::read_to_string(path)
             .map_err(|_| CliError::TokenFile(path.display().to_string()))?
             .trim()
-            .to_owned(),
-        (None, None) => return Err(CliError::NoToken),
-    };
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .map_err(|e| CliError::Decode(e.to_string()))?;
-    let base = args.oma_url.trim_end_matches('/');
-    let json = |v: &dyn erased::Json| v.pretty();
-    Ok(match &args.command {
-        Command::Scan => {
-            let orphans: Vec<Decision> = call(
-                args,
-                &token,
-                http.get(format!("{base}/api/v1/recovery/orphans")),
-            )
-            .await?;
-            if args.json {
-                json(&orphans)
-            } else {
-                decisions_table(orphans.iter().map(|d| (d, None)))
-            }
+            .to_owned()),
+        (None, None) => Err(CliError::NoToken),
+    }
+}
+
+/// What every command needs to call the OMA.
+struct Client<'a> {
+    args: &'a CliArgs,
+    token: String,
+    http: reqwest::Client,
+    /// The OMA's base URL without a trailing slash.
+    base: &'a str,
+}
+
+impl Client<'_> {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, CliError> {
+        call(self.args, &self.token, request).await
+    }
+
+    /// JSON with `--json`, else the table `table` makes.
+    fn render<T: serde::Serialize>(&self, value: &T, table: impl FnOnce(&T) -> String) -> String {
+        if self.args.json {
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        } else {
+            table(value)
         }
-        Command::Recover { dry_run } => {
-            let body = serde_json::json!({ "dry_run": dry_run });
-            let report: RunReport = call(
-                args,
-                &token,
-                http.post(format!("{base}/api/v1/recovery/run")).json(&body),
-            )
-            .await?;
-            if args.json {
-                json(&report)
-            } else {
-                let run = &report.run;
-                let mut out = format!(
-                    "{} run: examined {}, kept {}, finalized {}, waiting {}, superseded {}\n",
-                    if run.dry_run { "dry" } else { "real" },
-                    run.examined,
-                    run.kept,
-                    run.finalized,
-                    run.waiting,
-                    run.superseded
-                );
-                out.push_str(&decisions_table(
-                    report
-                        .decisions
-                        .iter()
-                        .map(|d| (&d.decision, Some(d.applied))),
-                ));
-                out
-            }
-        }
-        Command::Status => {
-            let status: RecoveryStatus = call(
-                args,
-                &token,
-                http.get(format!("{base}/api/v1/recovery/status")),
-            )
-            .await?;
-            if args.json {
-                json(&status)
-            } else {
-                status_table(&status)
-            }
-        }
-        Command::Jobs(filter) => {
-            let jobs: Vec<Job> = call(
-                args,
-                &token,
-                http.get(format!("{base}/api/v1/jobs"))
-                    .query(&filter.query()),
-            )
-            .await?;
-            if args.json {
-                json(&jobs)
-            } else {
-                jobs_table(&jobs)
-            }
-        }
-        Command::Create(create) => {
-            let body = create.body().map_err(CliError::BadArgument)?;
-            let (status, job): (u16, Job) = call_with_status(
-                args,
-                &token,
-                http.post(format!("{base}/api/v1/jobs")).json(&body),
-            )
-            .await?;
-            if args.json {
-                json(&job)
-            } else if status == 202 && job.status == JobStatus::Pending {
+    }
+
+    async fn scan(&self) -> Result<String, CliError> {
+        let url = format!("{}/api/v1/recovery/orphans", self.base);
+        let orphans: Vec<Decision> = self.call(self.http.get(url)).await?;
+        Ok(self.render(&orphans, |o| decisions_table(o.iter().map(|d| (d, None)))))
+    }
+
+    async fn recover(&self, dry_run: bool) -> Result<String, CliError> {
+        let url = format!("{}/api/v1/recovery/run", self.base);
+        let body = serde_json::json!({ "dry_run": dry_run });
+        let report: RunReport = self.call(self.http.post(url).json(&body)).await?;
+        Ok(self.render(&report, |report| {
+            let run = &report.run;
+            let mut out = format!(
+                "{} run: examined {}, kept {}, finalized {}, waiting {}, superseded {}\n",
+                if run.dry_run { "dry" } else { "real" },
+                run.examined,
+                run.kept,
+                run.finalized,
+                run.waiting,
+                run.superseded
+            );
+            out.push_str(&decisions_table(
+                report
+                    .decisions
+                    .iter()
+                    .map(|d| (&d.decision, Some(d.applied))),
+            ));
+            out
+        }))
+    }
+
+    async fn status(&self) -> Result<String, CliError> {
+        let url = format!("{}/api/v1/recovery/status", self.base);
+        let status: RecoveryStatus = self.call(self.http.get(url)).await?;
+        Ok(self.render(&status, status_table))
+    }
+
+    async fn jobs(&self, filter: &JobsArgs) -> Result<String, CliError> {
+        let url = format!("{}/api/v1/jobs", self.base);
+        let jobs: Vec<Job> = self.call(self.http.get(url).query(&filter.query())).await?;
+        Ok(self.render(&jobs, |jobs| jobs_table(jobs)))
+    }
+
+    async fn create(&self, create: &CreateArgs) -> Result<String, CliError> {
+        let body = create.body().map_err(CliError::BadArgument)?;
+        let url = format!("{}/api/v1/jobs", self.base);
+        let (status, job): (u16, Job) =
+            call_with_status(self.args, &self.token, self.http.post(url).json(&body)).await?;
+        Ok(self.render(&job, |job| {
+            if status == 202 && job.status == JobStatus::Pending {
                 format!(
                     "{}the VMA did not answer the start request; the job stays pending and \
                      recovery adopts its process or fails it (see `job-recovery jobs`)\n",
-                    job_line(&job)
+                    job_line(job)
                 )
             } else {
-                job_line(&job)
+                job_line(job)
             }
-        }
-        Command::RegisterVma(vma) => {
-            let body = vma.body().map_err(CliError::BadArgument)?;
-            let registered: serde_json::Value = call(
-                args,
-                &token,
-                http.put(format!("{base}/api/v1/vmas/{}", vma.id))
-                    .json(&body),
-            )
-            .await?;
-            if args.json {
-                json(&registered)
-            } else {
-                format!("VMA {} registered at {}\n", vma.id, vma.base_url)
-            }
-        }
-    })
-}
-
-mod erased {
-    /// Pretty JSON of anything serializable, without making `run` generic.
-    pub trait Json {
-        fn pretty(&self) -> String;
+        }))
     }
-    impl<T: serde::Serialize> Json for T {
-        fn pretty(&self) -> String {
-            serde_json::to_string_pretty(self).unwrap_or_default()
-        }
+
+    async fn register_vma(&self, vma: &RegisterVmaArgs) -> Result<String, CliError> {
+        let body = vma.body().map_err(CliError::BadArgument)?;
+        let url = format!("{}/api/v1/vmas/{}", self.base, vma.id);
+        let registered: serde_json::Value = self.call(self.http.put(url).json(&body)).await?;
+        Ok(self.render(&registered, |_| {
+            format!("VMA {} registered at {}\n", vma.id, vma.base_url)
+        }))
     }
 }
