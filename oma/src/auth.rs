@@ -23,43 +23,100 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Operator token hashes, from flags, environment or a file.
-#[derive(Clone, Default)]
+/// Shortest operator token accepted: a token is a password that never expires, and a short
+/// one can be guessed over the network.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Why operator tokens were refused. Messages name the line, never the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// A token is shorter than [`MIN_TOKEN_LEN`].
+    #[error(
+        "{source_name}: the token on line {line} has {len} characters; operator tokens need at \
+         least {MIN_TOKEN_LEN} (generate one with `openssl rand -hex 32`)"
+    )]
+    TooShort {
+        /// Where the token came from (a file's path, or the flag).
+        source_name: String,
+        /// Its 1-based line (1 for a flag).
+        line: usize,
+        /// Its length.
+        len: usize,
+    },
+}
+
+/// Reads operator tokens from `text`, one per line: blank lines and lines starting with `#`
+/// are skipped (a comment is never a token), the rest are trimmed and must be at least
+/// [`MIN_TOKEN_LEN`] characters long.
+pub fn parse_tokens(source_name: &str, text: &str) -> Result<Vec<String>, TokenError> {
+    let mut tokens = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let token = line.trim();
+        if token.is_empty() || token.starts_with('#') {
+            continue;
+        }
+        if token.chars().count() < MIN_TOKEN_LEN {
+            return Err(TokenError::TooShort {
+                source_name: source_name.to_owned(),
+                line: index + 1,
+                len: token.chars().count(),
+            });
+        }
+        tokens.push(token.to_owned());
+    }
+    Ok(tokens)
+}
+
+/// Operator token hashes, from flags, environment or a file; replaced in place on reload.
+#[derive(Default)]
 pub struct OperatorTokens {
-    hashes: Vec<String>,
+    hashes: std::sync::RwLock<Vec<String>>,
 }
 
 impl std::fmt::Debug for OperatorTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "OperatorTokens({} configured)", self.hashes.len())
+        write!(f, "OperatorTokens({} configured)", self.hashes().len())
     }
+}
+
+fn hash_all<I: IntoIterator<Item = String>>(tokens: I) -> Vec<String> {
+    tokens
+        .into_iter()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .map(|t| hash_token(&t))
+        .collect()
 }
 
 impl OperatorTokens {
     /// Hashes the given tokens; empty strings are ignored.
     pub fn new<I: IntoIterator<Item = String>>(tokens: I) -> Self {
         Self {
-            hashes: tokens
-                .into_iter()
-                .map(|t| t.trim().to_owned())
-                .filter(|t| !t.is_empty())
-                .map(|t| hash_token(&t))
-                .collect(),
+            hashes: std::sync::RwLock::new(hash_all(tokens)),
         }
+    }
+
+    /// Replaces every token (a reload). Requests already authenticated are not affected.
+    pub fn replace<I: IntoIterator<Item = String>>(&self, tokens: I) {
+        *self.hashes.write().unwrap_or_else(|e| e.into_inner()) = hash_all(tokens);
+    }
+
+    fn hashes(&self) -> std::sync::RwLockReadGuard<'_, Vec<String>> {
+        self.hashes.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// True when `token` is one of the operator tokens.
     pub fn accepts(&self, token: &str) -> bool {
         let hash = hash_token(token);
         // Check every hash, so the time does not tell which one matched.
-        self.hashes.iter().fold(false, |found, h| {
+        self.hashes().iter().fold(false, |found, h| {
             constant_time_eq(h.as_bytes(), hash.as_bytes()) | found
         })
     }
 
     /// True when no operator token is configured.
     pub fn is_empty(&self) -> bool {
-        self.hashes.is_empty()
+        self.hashes().is_empty()
     }
 }
 
@@ -144,5 +201,23 @@ mod tests {
         assert!(!tokens.accepts("secret-2"));
         assert!(!format!("{tokens:?}").contains("secret"));
         assert!(constant_time_eq(b"ab", b"ab") && !constant_time_eq(b"ab", b"ac"));
+        tokens.replace(["secret-2".to_owned()]);
+        assert!(tokens.accepts("secret-2") && !tokens.accepts("secret-1"));
+    }
+
+    #[test]
+    fn token_files_skip_comments_and_refuse_short_tokens_by_line() {
+        let text = "# operators of site A\n\n  0123456789abcdef0123  \n#short\n";
+        assert_eq!(parse_tokens("f", text).unwrap(), ["0123456789abcdef0123"]);
+        let err = parse_tokens("/etc/oma/operator.tokens", "0123456789abcdef\nx\n").unwrap_err();
+        assert_eq!(
+            err,
+            TokenError::TooShort {
+                source_name: "/etc/oma/operator.tokens".into(),
+                line: 2,
+                len: 1
+            }
+        );
+        assert!(!err.to_string().contains(": x"), "{err}");
     }
 }

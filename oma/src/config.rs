@@ -2,12 +2,13 @@
 
 use crate::poller::PollerConfig;
 use crate::recovery::RecoveryConfig;
-use crate::server::Settings;
+use crate::server::{NetSettings, Settings};
 use anyhow::Context;
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use transport::{ClientTlsFiles, ServerTlsFiles};
 
 /// `oma`: replication jobs, VM contexts and evidence-based recovery.
 #[derive(Parser)]
@@ -79,6 +80,33 @@ pub struct ServerArgs {
     #[arg(long, env = "OMA_NICE", default_value_t = -10, allow_hyphen_values = true,
         value_parser = clap::value_parser!(i32).range(-20..=19))]
     pub nice: i32,
+    /// Serve HTTPS with this certificate chain (PEM; needs --tls-key). Re-read on SIGHUP.
+    #[arg(long, env = "OMA_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "OMA_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require every client (VMAs, operators) to present a certificate signed by this CA
+    /// (PEM): mutual TLS. Needs --tls-cert.
+    #[arg(long, env = "OMA_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// CA that VMAs' HTTPS certificates must chain to (PEM); without it, `https://` VMAs are
+    /// refused at registration. Re-read on SIGHUP.
+    #[arg(long, env = "OMA_VMA_CA")]
+    pub vma_ca: Option<PathBuf>,
+    /// Certificate the OMA presents to VMAs that require one (PEM; needs --vma-client-key).
+    #[arg(long, env = "OMA_VMA_CLIENT_CERT", requires = "vma_client_key")]
+    pub vma_client_cert: Option<PathBuf>,
+    /// Private key of --vma-client-cert (PEM).
+    #[arg(long, env = "OMA_VMA_CLIENT_KEY", requires = "vma_client_cert")]
+    pub vma_client_key: Option<PathBuf>,
+    /// Connections served at once; more wait in the kernel's backlog.
+    #[arg(long, env = "OMA_MAX_CONNECTIONS", default_value_t = transport::DEFAULT_MAX_CONNECTIONS,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_connections: usize,
+    /// Seconds a connection has to send a request's headers; idle connections close after it.
+    #[arg(long, env = "OMA_HEADER_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub header_timeout_secs: f64,
 }
 
 impl std::fmt::Debug for ServerArgs {
@@ -99,7 +127,10 @@ fn secs(value: f64, flag: &str) -> anyhow::Result<Duration> {
         .with_context(|| format!("--{flag} must be a non-negative number of seconds"))
 }
 
+/// Reads a secret file, warning when other users may read it (the warning is logged, so it
+/// must be called after logging starts: `ServerArgs::settings` is).
 fn read_secret(path: &PathBuf) -> anyhow::Result<String> {
+    warn_if_shared(path);
     std::fs::read_to_string(path).with_context(|| {
         format!(
             "could not read token file {}; check the path and its permissions",
@@ -108,18 +139,89 @@ fn read_secret(path: &PathBuf) -> anyhow::Result<String> {
     })
 }
 
+/// Logs a warning when `path` may be read by users other than its owner.
+fn warn_if_shared(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(event = "secret_file_shared", file = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "a secret file may be read by other users; run `chmod 600` on it");
+    }
+}
+
+/// The operator tokens: those given as flags or in the environment, then the file's (see
+/// [`crate::auth::parse_tokens`] for the rules).
+pub fn operator_tokens(flags: &[String], file: Option<&PathBuf>) -> anyhow::Result<Vec<String>> {
+    let mut tokens = Vec::new();
+    for token in flags {
+        tokens.extend(crate::auth::parse_tokens("--operator-token", token)?);
+    }
+    if let Some(path) = file {
+        let text = read_secret(path)?;
+        tokens.extend(crate::auth::parse_tokens(
+            &path.display().to_string(),
+            &text,
+        )?);
+    }
+    Ok(tokens)
+}
+
+/// The token presented to VMAs: the file's first line when a file is given.
+pub fn vma_api_token(
+    flag: Option<&String>,
+    file: Option<&PathBuf>,
+) -> anyhow::Result<Option<String>> {
+    match file {
+        Some(path) => Ok(Some(read_secret(path)?.trim().to_owned())),
+        None => Ok(flag.cloned()),
+    }
+}
+
 impl ServerArgs {
+    /// What is re-read on SIGHUP: token files and TLS files.
+    fn net(&self) -> anyhow::Result<NetSettings> {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            _ => None,
+        };
+        if let Some(key) = &self.tls_key {
+            warn_if_shared(key);
+        }
+        Ok(NetSettings {
+            tls,
+            vma_tls: ClientTlsFiles {
+                ca: self.vma_ca.clone(),
+                cert: self.vma_client_cert.clone(),
+                key: self.vma_client_key.clone(),
+            },
+            limits: transport::Limits {
+                max_connections: self.max_connections,
+                header_read_timeout: secs(self.header_timeout_secs, "header-timeout-secs")?,
+                ..transport::Limits::default()
+            },
+            operator_token_flags: self.operator_tokens.clone(),
+            operator_token_file: self.operator_token_file.clone(),
+            vma_api_token_flag: self.vma_api_token.clone(),
+            vma_api_token_file: self.vma_api_token_file.clone(),
+        })
+    }
+
     /// Resolves token files and durations into [`Settings`].
     pub fn settings(&self) -> anyhow::Result<Settings> {
-        let mut operator_tokens = self.operator_tokens.clone();
-        if let Some(path) = &self.operator_token_file {
-            operator_tokens.extend(read_secret(path)?.lines().map(str::to_owned));
-        }
-        let vma_api_token = match &self.vma_api_token_file {
-            Some(path) => Some(read_secret(path)?.trim().to_owned()),
-            None => self.vma_api_token.clone(),
-        };
+        let operator_tokens =
+            operator_tokens(&self.operator_tokens, self.operator_token_file.as_ref())?;
+        let vma_api_token = vma_api_token(
+            self.vma_api_token.as_ref(),
+            self.vma_api_token_file.as_ref(),
+        )?;
         Ok(Settings {
+            net: self.net()?,
             database: self.database.clone(),
             operator_tokens,
             vma_api_token,

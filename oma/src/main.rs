@@ -3,9 +3,14 @@
 use anyhow::Context;
 use clap::Parser;
 use oma::config::ServerArgs;
+use tokio::signal::unix::{SignalKind, signal};
 
 fn main() -> anyhow::Result<()> {
     let args = ServerArgs::parse();
+    // Everything the OMA creates (the SQLite database, its WAL and shared-memory files) is
+    // its own: jobs, VMAs' token hashes and the audit trail are nobody else's to read.
+    // SAFETY: umask(2) cannot fail.
+    unsafe { libc::umask(0o077) };
     // Before any thread starts (the log's writer, the runtime's), so that they all inherit it.
     // A death's commit is a chain of short steps on several threads (HTTP, the database's
     // worker, the fsync); at normal priority each may wait behind bulk work for its turn on a
@@ -43,11 +48,19 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     let server = oma::server::start(settings, listener)
         .await
         .context("oma could not start")?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("could not install the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut term =
+        signal(SignalKind::terminate()).context("could not install the SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("could not install the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            // Token and TLS files re-read in place: connections and requests go on.
+            _ = hup.recv() => {
+                tracing::info!(event = "reload_requested", "SIGHUP: re-reading token and TLS files");
+                let _ = server.reload();
+            }
+        }
     }
     tracing::info!("shutting down");
     server.shutdown().await;

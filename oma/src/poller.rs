@@ -88,8 +88,11 @@ impl Poller {
         self.health.lock().map(|h| h.clone()).unwrap_or_default()
     }
 
-    /// Polls until the task is dropped.
-    pub async fn run_forever(self: Arc<Self>) {
+    /// Polls until `stop` says true (or the task is dropped). A cycle under way finishes
+    /// first: it only starts polls, which end on their own timeout.
+    pub async fn run_forever(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
+        let stopped = crate::server::stopped_signal(stop);
+        tokio::pin!(stopped);
         loop {
             if let Err(e) = self.cycle().await {
                 tracing::error!(error = %e, "poller cycle failed; retrying");
@@ -98,7 +101,10 @@ impl Poller {
                 }
             }
             let tick = self.config.interval.min(Duration::from_secs(1));
-            tokio::time::sleep(tick).await;
+            tokio::select! {
+                () = tokio::time::sleep(tick) => {}
+                () = &mut stopped => return,
+            }
         }
     }
 

@@ -10,8 +10,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use transport::{ClientTlsFiles, Limits, ServeStats, ServerTls, ServerTlsFiles, TlsError};
 
 /// Everything the server needs to start. Tokens are held in memory only.
 #[derive(Clone)]
@@ -28,6 +29,41 @@ pub struct Settings {
     pub recovery: RecoveryConfig,
     /// Poller settings.
     pub poller: PollerConfig,
+    /// TLS, connection limits, and the files re-read on SIGHUP.
+    pub net: NetSettings,
+}
+
+/// How the OMA talks over the network, and where its secrets come from so that a reload
+/// (SIGHUP) can read them again.
+#[derive(Clone, Default)]
+pub struct NetSettings {
+    /// Serve HTTPS from these files (plain HTTP when `None`).
+    pub tls: Option<ServerTlsFiles>,
+    /// What the OMA trusts and presents when it calls VMAs.
+    pub vma_tls: ClientTlsFiles,
+    /// Connection cap and timeouts.
+    pub limits: Limits,
+    /// Operator tokens given as flags (kept through reloads).
+    pub operator_token_flags: Vec<String>,
+    /// The operator token file, re-read on reload.
+    pub operator_token_file: Option<std::path::PathBuf>,
+    /// The token for VMAs given as a flag.
+    pub vma_api_token_flag: Option<String>,
+    /// The file of the token for VMAs, re-read on reload.
+    pub vma_api_token_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for NetSettings {
+    /// Tokens given as flags are left out.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetSettings")
+            .field("tls", &self.tls)
+            .field("vma_tls", &self.vma_tls)
+            .field("limits", &self.limits)
+            .field("operator_token_file", &self.operator_token_file)
+            .field("vma_api_token_file", &self.vma_api_token_file)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Settings {
@@ -37,6 +73,7 @@ impl std::fmt::Debug for Settings {
             .field("operator_tokens", &self.operator_tokens.len())
             .field("recovery", &self.recovery)
             .field("poller", &self.poller)
+            .field("net", &self.net)
             .finish_non_exhaustive()
     }
 }
@@ -53,7 +90,7 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Why the server could not start.
+/// Why the server could not start, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// No operator token: nobody could use the API.
@@ -67,7 +104,16 @@ pub enum StartError {
     /// The listener's address could not be read.
     #[error("could not read the listening address ({0})")]
     Listener(#[from] std::io::Error),
+    /// A TLS file could not be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A token file could not be read or holds a token that is refused.
+    #[error("{0:#}")]
+    Tokens(anyhow::Error),
 }
+
+/// How long the background loops get to finish at shutdown before they are cut off.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// A started server; dropping it does not stop it, [`RunningServer::shutdown`] does.
 #[derive(Debug)]
@@ -76,21 +122,29 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     /// The shared state (tests read the store through it).
     pub state: AppState,
-    stop: oneshot::Sender<()>,
+    /// What the HTTP server refused or cut.
+    pub stats: Arc<ServeStats>,
+    net: NetSettings,
+    tls: Option<ServerTls>,
+    stop: watch::Sender<bool>,
     http: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
 }
 
 impl RunningServer {
-    /// Stops the background loops and the HTTP server, and closes the database.
+    /// Stops accepting, lets requests and the background loops (recovery, poller) finish
+    /// their current step for a bounded time, and closes the database.
     pub async fn shutdown(self) {
-        for task in &self.background {
-            task.abort();
-        }
-        let _ = self.stop.send(());
+        let _ = self.stop.send(true);
         let _ = self.http.await;
-        for task in self.background {
-            let _ = task.await;
+        for mut task in self.background {
+            if tokio::time::timeout(STOP_GRACE, &mut task).await.is_err() {
+                tracing::warn!(
+                    grace_ms = STOP_GRACE.as_millis() as u64,
+                    "a background loop did not stop within its grace period and was cut off"
+                );
+                task.abort();
+            }
         }
         self.state.store.close().await;
     }
@@ -98,6 +152,45 @@ impl RunningServer {
     /// Waits until the HTTP server stops (it only stops through `shutdown`).
     pub async fn wait(self) {
         let _ = self.http.await;
+    }
+
+    /// Re-reads the token files and the TLS files (SIGHUP). Each part that fails keeps what
+    /// it had and is reported; the others take effect for new requests and connections.
+    pub fn reload(&self) -> Result<(), StartError> {
+        let net = &self.net;
+        let mut first_error = None;
+        let mut note = |part: &'static str, result: Result<(), StartError>| match result {
+            Ok(()) => tracing::info!(event = "reloaded", part, "reloaded"),
+            Err(error) => {
+                tracing::error!(event = "reload_failed", part, error = %error,
+                    "reload failed; the previous setting stays in force");
+                first_error.get_or_insert(error);
+            }
+        };
+        let operators = crate::config::operator_tokens(
+            &net.operator_token_flags,
+            net.operator_token_file.as_ref(),
+        )
+        .map_err(StartError::Tokens)
+        .and_then(|tokens| {
+            if tokens.is_empty() {
+                return Err(StartError::NoOperatorToken);
+            }
+            self.state.operators.replace(tokens);
+            Ok(())
+        });
+        note("operator_tokens", operators);
+        let client = crate::config::vma_api_token(
+            net.vma_api_token_flag.as_ref(),
+            net.vma_api_token_file.as_ref(),
+        )
+        .map_err(StartError::Tokens)
+        .and_then(|token| Ok(self.state.vma_client.reload(token, &net.vma_tls)?));
+        note("vma_client", client);
+        if let Some(tls) = &self.tls {
+            note("tls", tls.reload().map_err(StartError::from));
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -108,9 +201,15 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RunningS
     if operators.is_empty() {
         return Err(StartError::NoOperatorToken);
     }
+    let net = settings.net.clone();
+    let tls = net.tls.clone().map(ServerTls::load).transpose()?;
+    let client = VmaClient::with_tls(
+        settings.vma_timeout,
+        settings.vma_api_token.clone(),
+        &net.vma_tls,
+    )?;
     let store = Store::connect(&settings.database).await?;
     tracing::info!(database = %redact_url(&settings.database), backend = ?store.backend(), "database ready");
-    let client = VmaClient::new(settings.vma_timeout, settings.vma_api_token.clone());
     let recovery = Arc::new(Recovery::new(
         store.clone(),
         client.clone(),
@@ -128,29 +227,62 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RunningS
         poller: poller.clone(),
         vma_client: client,
     };
+    let (stop, stopped) = watch::channel(false);
     let background = vec![
-        tokio::spawn(recovery.run_forever()),
-        tokio::spawn(poller.run_forever()),
+        tokio::spawn(recovery.run_forever(stopped.clone())),
+        tokio::spawn(poller.run_forever(stopped.clone())),
     ];
     let addr = listener.local_addr()?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let router = app(state.clone());
-    let http = tokio::spawn(async move {
-        let serve = axum::serve(listener, router).with_graceful_shutdown(async {
-            let _ = stopped.await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    });
-    tracing::info!(%addr, "oma listening");
+    let mut limits = net.limits;
+    limits.max_connections = fit_connections(limits.max_connections);
+    let stats = Arc::new(ServeStats::default());
+    let http = tokio::spawn(transport::serve(
+        listener,
+        app(state.clone()),
+        tls.clone(),
+        limits,
+        stats.clone(),
+        stopped_signal(stopped),
+    ));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, mutual_tls = tls.as_ref().is_some_and(ServerTls::requires_client_certificates),
+        max_connections = limits.max_connections, "oma listening");
     Ok(RunningServer {
         addr,
         state,
+        stats,
+        net,
+        tls,
         stop,
         http,
         background,
     })
+}
+
+/// Completes once `stop` says true (or its sender is gone).
+pub async fn stopped_signal(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// The connection cap that fits under the file limit, raised as far as allowed.
+fn fit_connections(wanted: usize) -> usize {
+    match transport::raise_fd_limit(wanted) {
+        Ok(fits) if fits < wanted => {
+            tracing::warn!(
+                event = "connection_cap_lowered",
+                wanted,
+                fits,
+                "the file limit leaves room for fewer connections than configured; raise \
+                 LimitNOFILE= or lower --max-connections"
+            );
+            fits
+        }
+        Ok(fits) => fits,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the file limit; keeping the connection cap");
+            wanted
+        }
+    }
 }
 
 #[cfg(test)]

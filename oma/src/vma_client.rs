@@ -4,7 +4,16 @@
 use api::{ErrorBody, JobProcessState, StartJobRequest, StoredProgress, VmaJobStatus};
 use reqwest::StatusCode;
 use serde::Serialize;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use transport::{ClientTlsFiles, TlsError};
+
+fn authorized(request: reqwest::RequestBuilder, token: Option<String>) -> reqwest::RequestBuilder {
+    match token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    }
+}
 
 /// What a VMA said about one job, as recovery needs it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -42,44 +51,101 @@ pub enum VmaError {
 }
 
 /// HTTP client for VMA watchdogs. The bearer token for calls to VMAs is held in memory only.
+/// Clones share one client, which [`VmaClient::reload`] replaces in place (SIGHUP: a new
+/// token, CA or client certificate for every later call).
 #[derive(Clone)]
 pub struct VmaClient {
+    timeout: Duration,
+    current: Arc<RwLock<Current>>,
+}
+
+#[derive(Clone)]
+struct Current {
     http: reqwest::Client,
     token: Option<String>,
+    https: bool,
 }
 
 impl std::fmt::Debug for VmaClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let current = self.current();
         f.debug_struct("VmaClient")
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token", &current.token.as_ref().map(|_| "<redacted>"))
+            .field("https", &current.https)
             .finish()
     }
 }
 
+fn build(
+    timeout: Duration,
+    token: Option<String>,
+    tls: &ClientTlsFiles,
+) -> Result<Current, TlsError> {
+    let builder = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout);
+    let http = tls
+        .apply(builder)?
+        .build()
+        .map_err(|source| TlsError::Client {
+            path: tls.ca.clone().unwrap_or_default(),
+            source,
+        })?;
+    Ok(Current {
+        http,
+        token,
+        https: tls.can_verify_servers(),
+    })
+}
+
 impl VmaClient {
-    /// A client with the given per-request timeout and optional bearer token.
+    /// A client with the given per-request timeout and optional bearer token, for `http://`
+    /// VMAs only.
     pub fn new(timeout: Duration, token: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
-            .unwrap_or_default();
-        Self { http, token }
+        Self::with_tls(timeout, token, &ClientTlsFiles::default())
+            .expect("a client without TLS files reads no file")
+    }
+
+    /// A client that also calls `https://` VMAs, trusting `tls.ca` only and presenting the
+    /// client certificate when one is given.
+    pub fn with_tls(
+        timeout: Duration,
+        token: Option<String>,
+        tls: &ClientTlsFiles,
+    ) -> Result<Self, TlsError> {
+        Ok(Self {
+            timeout,
+            current: Arc::new(RwLock::new(build(timeout, token, tls)?)),
+        })
+    }
+
+    /// Replaces the token and TLS settings for every later call. On error nothing changes.
+    pub fn reload(&self, token: Option<String>, tls: &ClientTlsFiles) -> Result<(), TlsError> {
+        let next = build(self.timeout, token, tls)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(())
+    }
+
+    /// Whether `https://` VMAs can be called (a CA to verify them is configured).
+    pub fn speaks_https(&self) -> bool {
+        self.current().https
+    }
+
+    fn current(&self) -> Current {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn get(&self, url: String) -> reqwest::RequestBuilder {
-        self.authorized(self.http.get(url))
+        let current = self.current();
+        authorized(current.http.get(url), current.token)
     }
 
     fn post(&self, url: String) -> reqwest::RequestBuilder {
-        self.authorized(self.http.post(url))
-    }
-
-    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
-        }
+        let current = self.current();
+        authorized(current.http.post(url), current.token)
     }
 
     async fn error_detail(response: reqwest::Response) -> VmaError {

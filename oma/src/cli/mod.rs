@@ -33,6 +33,15 @@ pub struct CliArgs {
     /// File holding the operator token.
     #[arg(long, env = "OMA_TOKEN_FILE", global = true)]
     pub token_file: Option<std::path::PathBuf>,
+    /// CA that an `https://` OMA's certificate must chain to (PEM); nothing else is trusted.
+    #[arg(long, env = "OMA_CA_FILE", global = true)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for an OMA that requires one (mutual TLS).
+    #[arg(long, env = "OMA_CLIENT_CERT", global = true, requires = "client_key")]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// Private key of --client-cert (PEM).
+    #[arg(long, env = "OMA_CLIENT_KEY", global = true, requires = "client_cert")]
+    pub client_key: Option<std::path::PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -99,6 +108,14 @@ pub enum CliError {
     /// The answer did not parse.
     #[error("the OMA's answer did not parse ({0}); are client and server the same version?")]
     Decode(String),
+    /// An `https://` URL without a CA to verify it.
+    #[error(
+        "{0} is an https:// URL, but no CA is given to verify it; pass --ca-file (OMA_CA_FILE)"
+    )]
+    HttpsWithoutCa(String),
+    /// A TLS file is unusable.
+    #[error(transparent)]
+    Tls(#[from] transport::TlsError),
 }
 
 async fn call<T: DeserializeOwned>(
@@ -149,10 +166,7 @@ pub async fn run(args: &CliArgs) -> Result<String, CliError> {
     let client = Client {
         args,
         token: token(args)?,
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()
-            .map_err(|e| CliError::Decode(e.to_string()))?,
+        http: http_client(args)?,
         base: args.oma_url.trim_end_matches('/'),
     };
     match &args.command {
@@ -163,6 +177,23 @@ pub async fn run(args: &CliArgs) -> Result<String, CliError> {
         Command::Create(create) => client.create(create).await,
         Command::RegisterVma(vma) => client.register_vma(vma).await,
     }
+}
+
+/// The HTTP client: rustls, trusting `--ca-file` only, presenting the client certificate
+/// when given. An `https://` OMA without a CA is refused before any request.
+fn http_client(args: &CliArgs) -> Result<reqwest::Client, CliError> {
+    let tls = transport::ClientTlsFiles {
+        ca: args.ca_file.clone(),
+        cert: args.client_cert.clone(),
+        key: args.client_key.clone(),
+    };
+    if args.oma_url.starts_with("https://") && !tls.can_verify_servers() {
+        return Err(CliError::HttpsWithoutCa(args.oma_url.clone()));
+    }
+    let builder = reqwest::Client::builder().timeout(Duration::from_secs(120));
+    tls.apply(builder)?
+        .build()
+        .map_err(|e| CliError::Decode(e.to_string()))
 }
 
 /// The operator token, from `--token`/`OMA_TOKEN` or else from the token file.

@@ -367,8 +367,12 @@ impl Recovery {
         Ok(!stale)
     }
 
-    /// Runs at startup, then every interval, until the task is dropped.
-    pub async fn run_forever(self: Arc<Self>) {
+    /// Runs at startup, then every interval, until `stop` says true (a run under way is
+    /// finished first: it holds the recovery lock and writes each decision in its own
+    /// transaction) or the task is dropped.
+    pub async fn run_forever(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
+        let stopped = crate::server::stopped_signal(stop);
+        tokio::pin!(stopped);
         let mut trigger = Trigger::Startup;
         loop {
             match self.run(trigger, false).await {
@@ -381,7 +385,10 @@ impl Recovery {
                 }
             }
             trigger = Trigger::Periodic;
-            tokio::time::sleep(self.config.interval).await;
+            tokio::select! {
+                () = tokio::time::sleep(self.config.interval) => {}
+                () = &mut stopped => return,
+            }
         }
     }
 }

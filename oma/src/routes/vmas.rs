@@ -50,6 +50,14 @@ pub async fn register_vma(
             "field `base_url` must be an http(s) URL".into(),
         ));
     }
+    if body.base_url.starts_with("https://") && !state.vma_client.speaks_https() {
+        return Err(ApiError::BadRequest(
+            "field `base_url` is an https:// URL, but this OMA has no CA to verify VMAs with; \
+             start it with --vma-ca (and --vma-client-cert/--vma-client-key if the VMA requires \
+             a client certificate), or register the VMA's http:// URL"
+                .into(),
+        ));
+    }
     if body.token.len() < 16 {
         return Err(ApiError::BadRequest(
             "field `token` must be at least 16 characters".into(),

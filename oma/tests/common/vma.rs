@@ -63,6 +63,16 @@ pub struct StandInVma {
 
 impl StandInVma {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// The stand-in over HTTPS (its URL is `https://127.0.0.1:port`).
+    #[allow(dead_code)]
+    pub async fn start_tls(tls: transport::ServerTls) -> Self {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<transport::ServerTls>) -> Self {
         let inner = Arc::new(Mutex::new(Inner {
             jobs: HashMap::new(),
             progress: HashMap::new(),
@@ -82,8 +92,14 @@ impl StandInVma {
             .route("/api/v1/jobs/{id}/stop", post(stop))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
+        let stats = std::sync::Arc::new(transport::ServeStats::default());
+        let limits = transport::Limits::default();
+        let forever = std::future::pending::<()>();
+        tokio::spawn(transport::serve(
+            listener, router, tls, limits, stats, forever,
+        ));
         Self { url, inner }
     }
 
