@@ -52,30 +52,63 @@ fn death(job: &str, signal: i32) -> serde_json::Value {
     })
 }
 
-#[tokio::test]
-async fn jobs_contexts_and_watchdog_events_over_http() {
-    for db in test_dbs().await {
+/// A server with two VMAs registered, and a client of it.
+struct Api {
+    server: oma::server::RunningServer,
+    c: Client,
+    _vma: StandInVma,
+}
+
+impl Api {
+    async fn start(db: &common::TestDb) -> Self {
         let vma = StandInVma::start().await;
-        let server = start_server(settings(&db)).await;
-        let store = &server.state.store;
-        store
-            .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
-            .await
-            .unwrap();
-        store
-            .upsert_vma("vma-2", &vma.url, &hash_token(VMA2_TOKEN))
-            .await
-            .unwrap();
+        let server = start_server(settings(db)).await;
+        for (id, token) in [("vma-1", VMA1_TOKEN), ("vma-2", VMA2_TOKEN)] {
+            let store = &server.state.store;
+            store
+                .upsert_vma(id, &vma.url, &hash_token(token))
+                .await
+                .unwrap();
+        }
         let c = Client {
             http: reqwest::Client::new(),
             base: format!("http://{}", server.addr),
         };
-        use reqwest::Method as M;
+        Self {
+            server,
+            c,
+            _vma: vma,
+        }
+    }
 
+    /// Records `id` (not started) on context `ctx`; 201 expected.
+    async fn record_job(&self, id: &str, ctx: &str) {
+        let body = json!({"id": id, "vm_context_id": ctx, "vm_name": "web01", "vma_id": "vma-1",
+            "start": false});
+        let resp = self
+            .c
+            .send(M::POST, "/api/v1/jobs", Some(OPERATOR), Some(body))
+            .await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        let resp = self.c.send(M::GET, path, Some(OPERATOR), None).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        resp.json().await.unwrap()
+    }
+}
+
+use reqwest::Method as M;
+
+#[tokio::test]
+async fn tokens_are_required_and_each_role_keeps_to_its_routes() {
+    for db in test_dbs().await {
+        let api = Api::start(&db).await;
+        let c = &api.c;
         // Health needs no token.
         let health = c.send(M::GET, "/health", None, None).await;
         assert_eq!(health.status(), StatusCode::OK);
-
         // 401 without or with a wrong token, 403 with the wrong role; nothing leaked.
         let e = error(
             c.send(M::GET, "/api/v1/jobs", None, None).await,
@@ -83,66 +116,42 @@ async fn jobs_contexts_and_watchdog_events_over_http() {
         )
         .await;
         assert_eq!(e.error, "unauthorized");
-        error(
-            c.send(M::GET, "/api/v1/jobs", Some("wrong-token"), None)
-                .await,
-            StatusCode::UNAUTHORIZED,
-        )
-        .await;
-        let e = error(
-            c.send(M::GET, "/api/v1/jobs", Some(VMA1_TOKEN), None).await,
-            StatusCode::FORBIDDEN,
-        )
-        .await;
+        let wrong = c
+            .send(M::GET, "/api/v1/jobs", Some("wrong-token"), None)
+            .await;
+        error(wrong, StatusCode::UNAUTHORIZED).await;
+        let vma = c.send(M::GET, "/api/v1/jobs", Some(VMA1_TOKEN), None).await;
+        let e = error(vma, StatusCode::FORBIDDEN).await;
         assert!(!e.message.contains(VMA1_TOKEN));
         let empty = json!({"vma_id": "vma-1", "events": []});
-        error(
-            c.send(
+        let operator = c
+            .send(
                 M::POST,
                 "/api/v1/watchdog/events",
                 Some(OPERATOR),
                 Some(empty.clone()),
             )
-            .await,
-            StatusCode::FORBIDDEN,
-        )
-        .await;
-        error(
-            c.send(M::POST, "/api/v1/watchdog/events", None, Some(empty))
-                .await,
-            StatusCode::UNAUTHORIZED,
-        )
-        .await;
-
-        // Create a job; 400 names unknown fields and malformed bodies.
-        let body = json!({"id": "job-1", "vm_context_id": "ctx-1", "vm_name": "web01", "vma_id": "vma-1",
-                   "start": false});
-        let resp = c
-            .send(M::POST, "/api/v1/jobs", Some(OPERATOR), Some(body.clone()))
             .await;
-        assert_eq!(resp.status(), StatusCode::CREATED, "{}", db.backend);
-        let job: Job = resp.json().await.unwrap();
-        assert_eq!(job.status.as_str(), "pending");
-        let e = error(
-            c.send(
-                M::POST,
-                "/api/v1/jobs",
-                Some(OPERATOR),
-                Some(json!({"vm_context_id": "x", "vma_id": "vma-1", "colour": "red"})),
-            )
-            .await,
-            StatusCode::BAD_REQUEST,
-        )
-        .await;
+        error(operator, StatusCode::FORBIDDEN).await;
+        let anonymous = c
+            .send(M::POST, "/api/v1/watchdog/events", None, Some(empty))
+            .await;
+        error(anonymous, StatusCode::UNAUTHORIZED).await;
+        api.server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_what_was_wrong() {
+    for db in test_dbs().await {
+        let api = Api::start(&db).await;
+        let c = &api.c;
+        let post = |body| c.send(M::POST, "/api/v1/jobs", Some(OPERATOR), Some(body));
+        let colour = json!({"vm_context_id": "x", "vma_id": "vma-1", "colour": "red"});
+        let e = error(post(colour).await, StatusCode::BAD_REQUEST).await;
         assert!(e.message.contains("colour"), "{}", e.message);
         let e = error(
-            c.send(
-                M::POST,
-                "/api/v1/jobs",
-                Some(OPERATOR),
-                Some(json!({"vma_id": "vma-1"})),
-            )
-            .await,
+            post(json!({"vma_id": "vma-1"})).await,
             StatusCode::BAD_REQUEST,
         )
         .await;
@@ -157,98 +166,110 @@ async fn jobs_contexts_and_watchdog_events_over_http() {
             .await
             .unwrap();
         error(raw, StatusCode::BAD_REQUEST).await;
-        let e = error(
-            c.send(M::GET, "/api/v1/jobs?status=sleeping", Some(OPERATOR), None)
-                .await,
-            StatusCode::BAD_REQUEST,
-        )
-        .await;
+        let filter = c
+            .send(M::GET, "/api/v1/jobs?status=sleeping", Some(OPERATOR), None)
+            .await;
+        let e = error(filter, StatusCode::BAD_REQUEST).await;
         assert!(
             e.message.contains("sleeping") || e.message.contains("status"),
             "{}",
             e.message
         );
-        // 409: the context is held; 404: unknown job.
-        let e = error(
-            c.send(
+        let events = json!({"vma_id": "vma-1", "events": [{"bogus": 1}]});
+        let resp = c
+            .send(
                 M::POST,
-                "/api/v1/jobs",
-                Some(OPERATOR),
-                Some(json!({"id": "job-2", "vm_context_id": "ctx-1", "vma_id": "vma-1", "start": false})),
+                "/api/v1/watchdog/events",
+                Some(VMA1_TOKEN),
+                Some(events),
             )
-            .await,
-            StatusCode::CONFLICT,
-        )
-        .await;
-        assert_eq!(e.error, "vm_context_busy");
-        error(
-            c.send(M::GET, "/api/v1/jobs/nope", Some(OPERATOR), None)
-                .await,
-            StatusCode::NOT_FOUND,
-        )
-        .await;
-        error(
-            c.send(M::GET, "/api/v1/jobs/nope/audit", Some(OPERATOR), None)
-                .await,
-            StatusCode::NOT_FOUND,
-        )
-        .await;
-        error(
-            c.send(
+            .await;
+        let e = error(resp, StatusCode::BAD_REQUEST).await;
+        assert!(e.message.contains("bogus"), "{}", e.message);
+        // 413 over the body limit.
+        let huge = "x".repeat(oma::BODY_LIMIT + 10);
+        let resp = c
+            .http
+            .post(c.url("/api/v1/watchdog/events"))
+            .bearer_auth(VMA1_TOKEN)
+            .header("content-type", "application/json")
+            .body(huge)
+            .send()
+            .await
+            .unwrap();
+        error(resp, StatusCode::PAYLOAD_TOO_LARGE).await;
+        api.server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_held_context_is_409_and_unknown_things_are_404() {
+    for db in test_dbs().await {
+        let api = Api::start(&db).await;
+        let c = &api.c;
+        api.record_job("job-1", "ctx-1").await;
+        let job: Job = api.get("/api/v1/jobs/job-1").await;
+        assert_eq!(job.status.as_str(), "pending", "{}", db.backend);
+        let second =
+            json!({"id": "job-2", "vm_context_id": "ctx-1", "vma_id": "vma-1", "start": false});
+        let resp = c
+            .send(M::POST, "/api/v1/jobs", Some(OPERATOR), Some(second))
+            .await;
+        assert_eq!(
+            error(resp, StatusCode::CONFLICT).await.error,
+            "vm_context_busy"
+        );
+        for path in [
+            "/api/v1/jobs/nope",
+            "/api/v1/jobs/nope/audit",
+            "/api/v1/vm-contexts/nope",
+        ] {
+            let resp = c.send(M::GET, path, Some(OPERATOR), None).await;
+            error(resp, StatusCode::NOT_FOUND).await;
+        }
+        let cancel = c
+            .send(
                 M::POST,
                 "/api/v1/jobs/nope/cancel",
                 Some(OPERATOR),
                 Some(json!({})),
             )
-            .await,
-            StatusCode::NOT_FOUND,
-        )
-        .await;
-        error(
-            c.send(M::GET, "/api/v1/vm-contexts/nope", Some(OPERATOR), None)
-                .await,
-            StatusCode::NOT_FOUND,
-        )
-        .await;
+            .await;
+        error(cancel, StatusCode::NOT_FOUND).await;
+        api.server.shutdown().await;
+    }
+}
 
-        // A VMA may only report on its own jobs, and only under its own id.
+#[tokio::test]
+async fn a_vma_reports_only_on_its_own_jobs_and_under_its_own_id() {
+    for db in test_dbs().await {
+        let api = Api::start(&db).await;
+        let c = &api.c;
+        api.record_job("job-1", "ctx-1").await;
         let batch = json!({"vma_id": "vma-2", "events": [death("job-1", 9)]});
-        error(
-            c.send(
-                M::POST,
-                "/api/v1/watchdog/events",
-                Some(VMA2_TOKEN),
-                Some(batch.clone()),
-            )
-            .await,
-            StatusCode::FORBIDDEN,
-        )
-        .await;
-        error(
-            c.send(
-                M::POST,
-                "/api/v1/watchdog/events",
-                Some(VMA1_TOKEN),
-                Some(batch),
-            )
-            .await,
-            StatusCode::FORBIDDEN,
-        )
-        .await;
-        let e = error(
-            c.send(
-                M::POST,
-                "/api/v1/watchdog/events",
-                Some(VMA1_TOKEN),
-                Some(json!({"vma_id": "vma-1", "events": [{"bogus": 1}]})),
-            )
-            .await,
-            StatusCode::BAD_REQUEST,
-        )
-        .await;
-        assert!(e.message.contains("bogus"), "{}", e.message);
+        for token in [VMA2_TOKEN, VMA1_TOKEN] {
+            let resp = c
+                .send(
+                    M::POST,
+                    "/api/v1/watchdog/events",
+                    Some(token),
+                    Some(batch.clone()),
+                )
+                .await;
+            error(resp, StatusCode::FORBIDDEN).await;
+        }
+        let job: Job = api.get("/api/v1/jobs/job-1").await;
+        assert_eq!(job.status.as_str(), "pending", "{}", db.backend);
+        api.server.shutdown().await;
+    }
+}
 
-        // The death arrives twice: one transition, two acknowledgements.
+#[tokio::test]
+async fn a_death_delivered_twice_is_one_transition_and_frees_the_context() {
+    for db in test_dbs().await {
+        let api = Api::start(&db).await;
+        let c = &api.c;
+        api.record_job("job-1", "ctx-1").await;
         let batch = json!({"vma_id": "vma-1", "events": [death("job-1", 9)]});
         for expected_applied in [1, 0] {
             let resp = c
@@ -263,110 +284,75 @@ async fn jobs_contexts_and_watchdog_events_over_http() {
             let ack: EventBatchAck = resp.json().await.unwrap();
             assert_eq!((ack.acknowledged.len(), ack.applied), (1, expected_applied));
         }
-        let job: Job = c
-            .send(M::GET, "/api/v1/jobs/job-1", Some(OPERATOR), None)
-            .await
-            .json()
-            .await
-            .unwrap();
+        let job: Job = api.get("/api/v1/jobs/job-1").await;
         assert_eq!(
             (job.status.as_str(), job.failure_class.map(|c| c.as_str())),
-            ("failed", Some("process_killed"))
+            ("failed", Some("process_killed")),
+            "{}",
+            db.backend
         );
-        let ctx: VmContext = c
-            .send(M::GET, "/api/v1/vm-contexts/ctx-1", Some(OPERATOR), None)
-            .await
-            .json()
-            .await
-            .unwrap();
+        let ctx: VmContext = api.get("/api/v1/vm-contexts/ctx-1").await;
         assert_eq!(
             (ctx.current_job_id, ctx.current_status.as_str()),
             (None, "ready_for_failover")
         );
-        let audit: Vec<serde_json::Value> = c
-            .send(M::GET, "/api/v1/jobs/job-1/audit", Some(OPERATOR), None)
-            .await
-            .json()
-            .await
-            .unwrap();
+        let audit: Vec<serde_json::Value> = api.get("/api/v1/jobs/job-1/audit").await;
         assert_eq!(audit.last().unwrap()["evidence"]["exit"]["signal"], 9);
-
-        // 409 with the current state when cancelling a final job; cancel works on an active one.
-        let e = error(
-            c.send(
-                M::POST,
-                "/api/v1/jobs/job-1/cancel",
-                Some(OPERATOR),
-                Some(json!({})),
-            )
-            .await,
-            StatusCode::CONFLICT,
-        )
-        .await;
-        assert!(e.message.contains("failed"), "{}", e.message);
-        let body =
-            json!({"id": "job-3", "vm_context_id": "ctx-1", "vma_id": "vma-1", "start": false});
-        assert_eq!(
-            c.send(M::POST, "/api/v1/jobs", Some(OPERATOR), Some(body))
-                .await
-                .status(),
-            StatusCode::CREATED
-        );
-        let resp = c
-            .send(
-                M::POST,
-                "/api/v1/jobs/job-3/cancel",
-                Some(OPERATOR),
-                Some(json!({"reason": "test"})),
-            )
-            .await;
-        assert_eq!(resp.status(), StatusCode::OK);
-        let list: Vec<Job> = c
-            .send(
-                M::GET,
-                "/api/v1/jobs?status=cancelled&vm_context_id=ctx-1",
-                Some(OPERATOR),
-                None,
-            )
-            .await
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(list.len(), 1);
-
-        // 413 over the body limit.
-        let huge = "x".repeat(oma::BODY_LIMIT + 10);
-        let resp = c
-            .http
-            .post(c.url("/api/v1/watchdog/events"))
-            .bearer_auth(VMA1_TOKEN)
-            .header("content-type", "application/json")
-            .body(huge)
-            .send()
-            .await
-            .unwrap();
-        error(resp, StatusCode::PAYLOAD_TOO_LARGE).await;
-
-        // The OpenAPI document describes the endpoints.
-        let doc: serde_json::Value = c
-            .send(M::GET, "/api/v1/openapi.json", Some(OPERATOR), None)
-            .await
-            .json()
-            .await
-            .unwrap();
-        for path in [
-            "/api/v1/jobs",
-            "/api/v1/watchdog/events",
-            "/api/v1/recovery/run",
-            "/health",
-        ] {
-            assert!(
-                doc["paths"].get(path).is_some(),
-                "{path} missing from OpenAPI"
-            );
-        }
-        server.shutdown().await;
+        api.server.shutdown().await;
     }
+}
+
+#[tokio::test]
+async fn cancel_ends_an_active_job_and_a_final_one_is_409_with_its_status() {
+    for db in test_dbs().await {
+        let api = Api::start(&db).await;
+        let c = &api.c;
+        api.record_job("job-3", "ctx-1").await;
+        let cancel = |job: &'static str| {
+            let path = format!("/api/v1/jobs/{job}/cancel");
+            async move {
+                c.send(
+                    M::POST,
+                    &path,
+                    Some(OPERATOR),
+                    Some(json!({"reason": "test"})),
+                )
+                .await
+            }
+        };
+        assert_eq!(
+            cancel("job-3").await.status(),
+            StatusCode::OK,
+            "{}",
+            db.backend
+        );
+        let list: Vec<Job> = api
+            .get("/api/v1/jobs?status=cancelled&vm_context_id=ctx-1")
+            .await;
+        assert_eq!(list.len(), 1);
+        let e = error(cancel("job-3").await, StatusCode::CONFLICT).await;
+        assert!(e.message.contains("cancelled"), "{}", e.message);
+        api.server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_the_endpoints() {
+    let db = common::sqlite_db();
+    let api = Api::start(&db).await;
+    let doc: serde_json::Value = api.get("/api/v1/openapi.json").await;
+    for path in [
+        "/api/v1/jobs",
+        "/api/v1/watchdog/events",
+        "/api/v1/recovery/run",
+        "/health",
+    ] {
+        assert!(
+            doc["paths"].get(path).is_some(),
+            "{path} missing from OpenAPI"
+        );
+    }
+    api.server.shutdown().await;
 }
 
 /// VMA tokens are looked up from memory once known; replacing a VMA's token through the API
