@@ -10,7 +10,9 @@ use std::future::Future;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use api::{Detector as DetectorKind, ExitStatus, FoundBy, ProcessEventKind, ProcessIdentity};
+use api::{
+    Detector as DetectorKind, ExitStatus, FoundBy, JobId, ProcessEventKind, ProcessIdentity,
+};
 use chrono::Utc;
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::mpsc;
@@ -269,7 +271,7 @@ impl Core {
     pub(super) fn register(
         &self,
         p: ProcessIdentity,
-        job_id: &str,
+        job_id: &JobId,
         found_by: FoundBy,
     ) -> Result<bool, RegistryError> {
         if !self.registry.register(p, job_id, found_by)? {
@@ -277,7 +279,7 @@ impl Core {
         }
         let kind = self.detector.kind();
         match self.record(ProcessEventKind::ProcessStarted, job_id, p, None, kind) {
-            Ok(ev) => tracing::info!(event = "process_started", job_id, pid = p.pid,
+            Ok(ev) => tracing::info!(event = "process_started", job_id = %job_id, pid = p.pid,
                 start_time = p.start_time, found_by = found_by_name(found_by), detector = detector_name(kind),
                 event_id = %ev.event_id, "migratekit process started"),
             Err(e) => {
@@ -442,7 +444,7 @@ impl Core {
     fn record(
         &self,
         kind: ProcessEventKind,
-        job_id: &str,
+        job_id: &JobId,
         p: ProcessIdentity,
         exit: Option<ExitStatus>,
         detector: DetectorKind,
@@ -461,7 +463,7 @@ impl Core {
         let event = api::ProcessEvent {
             event_id: Uuid::now_v7(),
             kind,
-            job_id: job_id.to_owned(),
+            job_id: job_id.clone(),
             process: p,
             exit,
             observed_at: Utc::now(),

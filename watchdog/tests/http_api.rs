@@ -161,6 +161,24 @@ async fn oversized_bodies_are_413_and_malformed_ones_400_naming_the_field() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert_eq!(error_of(response).await.error, "invalid_job_id");
+    // The one rule of `api::JobId`, on every route, with its own message: ':' and a first
+    // character that is not a letter or digit are refused too.
+    for (path, says) in [
+        ("/api/v1/jobs/job:1", "position 3"),
+        ("/api/v1/jobs/-job/stop", "start with a letter or digit"),
+        ("/api/v1/progress/job%20x", "position 3"),
+    ] {
+        let request = if path.ends_with("stop") {
+            client.post(server.url(path))
+        } else {
+            client.get(server.url(path))
+        };
+        let response = request.bearer_auth(TOKEN).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
+        let body = error_of(response).await;
+        assert_eq!(body.error, "invalid_job_id", "{path}");
+        assert!(body.message.contains(says), "{path}: {}", body.message);
+    }
     assert!(server.state.progress.get("job-1").is_none());
     server.stop().await;
 }
@@ -276,7 +294,7 @@ async fn health_needs_no_token_and_shows_the_outbox_counters() {
         .append(api::ProcessEvent {
             event_id: uuid::Uuid::new_v4(),
             kind: api::ProcessEventKind::DiedWhileUnwatched,
-            job_id: "job-h".into(),
+            job_id: api::JobId::parse("job-h").unwrap(),
             process: api::ProcessIdentity {
                 pid: 1,
                 start_time: 1,

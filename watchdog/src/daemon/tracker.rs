@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::{ExitStatus, FoundBy, ProcessIdentity, VmaJobStatus};
+use api::{ExitStatus, FoundBy, JobId, ProcessIdentity, VmaJobStatus};
 
 use super::Core;
 use crate::outbox::Outbox;
@@ -47,7 +47,7 @@ impl Tracker {
     /// name is not checked here: the caller decides what it is willing to track.
     pub fn register_process(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         process: ProcessIdentity,
         found_by: FoundBy,
     ) -> Result<VmaJobStatus, TrackError> {
@@ -66,10 +66,10 @@ impl Tracker {
             .registry
             .running()
             .into_iter()
-            .find(|e| e.job_id == job_id && e.process != process);
+            .find(|e| &e.job_id == job_id && e.process != process);
         if let Some(other) = other {
             return Err(TrackError::JobRunning {
-                job_id: job_id.to_owned(),
+                job_id: job_id.clone(),
                 running: other.process,
             });
         }
@@ -89,7 +89,7 @@ impl Tracker {
     pub fn track_child(
         &self,
         child: std::process::Child,
-        job_id: &str,
+        job_id: &JobId,
     ) -> Result<ProcessIdentity, (TrackError, std::process::Child)> {
         let pid = child.id();
         let process = match procfs::read_stat(pid) {
@@ -171,7 +171,7 @@ pub enum TrackError {
     )]
     JobRunning {
         /// The job.
-        job_id: String,
+        job_id: JobId,
         /// Its live process.
         running: ProcessIdentity,
     },
