@@ -118,6 +118,15 @@ pub struct Cli {
     /// The nice value migratekit processes are started with.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub launch_nice: i32,
+    /// The migratekit binary: only a process running this file (compared by device and inode)
+    /// is adopted as a job's process. Default: the launcher's program. Give it when the
+    /// program is a wrapper that execs migratekit.
+    #[arg(long, env = "VMA_WATCHDOG_MIGRATEKIT_PATH")]
+    pub migratekit_path: Option<PathBuf>,
+    /// The uid migratekit runs as: a process of another user is not adopted. Default: the
+    /// watchdog's own (the launcher starts migratekit as it).
+    #[arg(long, env = "VMA_WATCHDOG_MIGRATEKIT_UID")]
+    pub migratekit_uid: Option<u32>,
 }
 
 /// Where and how deaths are delivered to the OMA.
@@ -245,7 +254,7 @@ impl Config {
         if cli.outbox_max_events == 0 || cli.outbox_max_bytes < 4096 {
             bail!("--outbox-max-events must be at least 1 and --outbox-max-bytes at least 4096");
         }
-        let launcher = launch::load(&launch::LaunchFlags {
+        let mut launcher = launch::load(&launch::LaunchFlags {
             file: cli.launch_config.as_deref(),
             program: cli.launch_program.as_deref(),
             args: &cli.launch_args,
@@ -255,6 +264,12 @@ impl Config {
                 .map_err(anyhow::Error::msg)?,
             match_names: &match_names,
         })?;
+        if let Some(path) = cli.migratekit_path {
+            launcher.migratekit.path = path;
+        }
+        if let Some(uid) = cli.migratekit_uid {
+            launcher.migratekit.uid = uid;
+        }
         let nice = crate::priority::check("--nice", cli.nice).map_err(anyhow::Error::msg)?;
         Ok(Self {
             state_dir,

@@ -25,6 +25,8 @@ use chrono::{DateTime, Utc};
 use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 
+use crate::trust::ExeId;
+
 /// File name of the registry inside the state directory.
 pub const FILE_NAME: &str = "registry.json";
 /// How many jobs' last exits are kept; the oldest are forgotten beyond that, so the file
@@ -89,6 +91,11 @@ pub struct Entry {
     pub first_seen: DateTime<Utc>,
     /// How the watchdog found it.
     pub found_by: FoundBy,
+    /// The executable it runs (device and inode) when it was registered: after a restart, a
+    /// process whose binary a package upgrade has since replaced on disk is still recognised
+    /// by it. Absent in files written before this field existed, and when it was unreadable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<ExeId>,
 }
 
 /// How the latest process of a job ended.
@@ -223,6 +230,17 @@ impl Registry {
         job_id: &JobId,
         found_by: FoundBy,
     ) -> Result<bool, RegistryError> {
+        self.register_exe(process, job_id, found_by, None)
+    }
+
+    /// [`Registry::register`], recording the executable the process runs (see [`Entry::exe`]).
+    pub fn register_exe(
+        &self,
+        process: ProcessIdentity,
+        job_id: &JobId,
+        found_by: FoundBy,
+        exe: Option<ExeId>,
+    ) -> Result<bool, RegistryError> {
         let explicit = |f: FoundBy| matches!(f, FoundBy::Started | FoundBy::Tracked);
         let undo = {
             let mut state = self.lock();
@@ -235,6 +253,7 @@ impl Registry {
                 let before = existing.clone();
                 existing.found_by = found_by;
                 existing.job_id = job_id.clone();
+                existing.exe = exe.or(existing.exe);
                 Undo::Restore(before)
             } else if state
                 .last_exits
@@ -250,6 +269,7 @@ impl Registry {
                     job_id: job_id.clone(),
                     first_seen: Utc::now(),
                     found_by,
+                    exe,
                 };
                 Arc::make_mut(&mut state.processes).insert(key(process), entry);
                 Undo::Remove

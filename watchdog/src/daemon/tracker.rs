@@ -13,6 +13,7 @@ use super::Core;
 use crate::outbox::Outbox;
 use crate::procfs;
 use crate::registry::{Registry, RegistryError};
+use crate::trust::ExeId;
 
 /// Shared handle on the daemon's state: the registry, the outbox and the detector.
 #[derive(Debug, Clone)]
@@ -73,7 +74,13 @@ impl Tracker {
                 running: other.process,
             });
         }
-        self.0.register(process, job_id, found_by)?;
+        // A process the launcher started is registered before it execs migratekit: the binary
+        // it is about to run is the configured one. Any other runs its binary already.
+        let exe = match found_by {
+            FoundBy::Started => ExeId::of_path(&self.0.migratekit.path),
+            _ => ExeId::of_process(process.pid),
+        };
+        self.0.register(process, job_id, found_by, exe.ok())?;
         self.0
             .registry
             .job_status(job_id)

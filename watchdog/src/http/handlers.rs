@@ -194,7 +194,9 @@ fn running_process(state: &AppState, job_id: &str) -> Option<api::ProcessIdentit
     }
 }
 
-/// `POST /api/v1/jobs/{job_id}/track`: adopt a running process after checking its name.
+/// `POST /api/v1/jobs/{job_id}/track`: adopt a running process after checking its name, its
+/// executable and its user (403 `not_migratekit` when it is not the configured migratekit,
+/// 409 `job_running` when the job already runs as another process).
 pub async fn track_job(
     State(state): State<AppState>,
     JobPath(job_id): JobPath,
@@ -211,15 +213,28 @@ pub async fn track_job(
     // two start times differ and we refuse rather than adopt the wrong process.
     let before = proc_identity(pid).map_err(|_| no_such())?;
     let comm = proc_comm(pid).map_err(|_| no_such())?;
-    let after = proc_identity(pid).map_err(|_| no_such())?;
-    if before != after {
-        return Err(no_such());
-    }
     let names = &state.launcher.config().match_names;
     if !names.contains(&comm) {
         return Err(ApiError::Unprocessable(
             "process_name_mismatch",
             format!("pid {pid} is named {comm:?}, not one of the watched names {names:?}"),
+        ));
+    }
+    // The name is not enough: any user can run a binary called migratekit.
+    let trusted = state.launcher.config().migratekit.check(pid);
+    let after = proc_identity(pid).map_err(|_| no_such())?;
+    if before != after {
+        return Err(no_such());
+    }
+    if let Err(refusal) = trusted {
+        tracing::warn!(event = "impostor_ignored", pid, start_time = after.start_time,
+            uid = crate::trust::process_uids(pid).ok().map(|(real, _)| real),
+            exe = crate::trust::exe_path(pid).map(|p| p.display().to_string()).as_deref(),
+            job_id = %job_id, reason = refusal.reason(), detail = %refusal, found_by = "tracked",
+            "refused to track a process that is not this VMA's migratekit");
+        return Err(ApiError::Forbidden(
+            "not_migratekit",
+            format!("pid {pid} is not this VMA's migratekit: {refusal}"),
         ));
     }
     let jobs = Arc::clone(&state.jobs);
