@@ -272,6 +272,21 @@ async fn track_adopts_a_matching_process_and_refuses_others() {
     let wrong_name = track("job-u", std::process::id()).await.unwrap();
     assert_eq!(wrong_name.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(error_of(wrong_name).await.error, "process_name_mismatch");
+    // The right name from another file: a copy is not the configured binary.
+    let copy = dir.path().join("sleep");
+    std::fs::copy("/bin/sleep", &copy).unwrap();
+    let mut impostor = std::process::Command::new(&copy).arg("30").spawn().unwrap();
+    let refused = track("job-w", impostor.id()).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let body = error_of(refused).await;
+    assert_eq!(body.error, "not_migratekit");
+    assert!(
+        body.message.contains("device and inode"),
+        "{}",
+        body.message
+    );
+    impostor.kill().unwrap();
+    impostor.wait().unwrap();
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
     let gone = track("job-v", pid).await.unwrap();
