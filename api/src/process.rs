@@ -100,7 +100,7 @@ pub struct ProcessEvent {
     /// What happened.
     pub kind: ProcessEventKind,
     /// The replication job the process runs.
-    pub job_id: String,
+    pub job_id: crate::JobId,
     /// The process the event is about.
     pub process: ProcessIdentity,
     /// How it ended (`process_exited` only; unknown fields for `died_while_unwatched`).
@@ -187,7 +187,7 @@ pub enum JobProcessState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct VmaJobStatus {
     /// The job.
-    pub job_id: String,
+    pub job_id: crate::JobId,
     /// Its latest process state.
     #[serde(flatten)]
     pub state: JobProcessState,
@@ -230,7 +230,7 @@ mod tests {
     #[test]
     fn job_status_serializes_with_a_state_tag() {
         let status = VmaJobStatus {
-            job_id: "job-1".into(),
+            job_id: crate::JobId::parse("job-1").unwrap(),
             state: JobProcessState::Running {
                 process: ProcessIdentity {
                     pid: 42,

@@ -90,7 +90,7 @@ pub struct ProgressUpdate {
 #[serde(deny_unknown_fields)]
 pub struct StoredProgress {
     /// The job.
-    pub job_id: String,
+    pub job_id: crate::JobId,
     /// The latest update, as migratekit sent it.
     pub update: ProgressUpdate,
     /// When the watchdog received it.

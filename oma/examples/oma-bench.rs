@@ -36,7 +36,7 @@ fn events_for(job: &str, n: u32) -> [ProcessEvent; 2] {
     let mk = |kind, exit| ProcessEvent {
         event_id: uuid::Uuid::new_v4(),
         kind,
-        job_id: job.into(),
+        job_id: api::JobId::parse(job).unwrap(),
         process,
         exit,
         observed_at: chrono::Utc::now(),
@@ -76,7 +76,7 @@ async fn start_vma() -> String {
     // Answers "running" for every job, as a healthy VMA would.
     let router = Router::new().route(
         "/api/v1/jobs/{id}",
-        get(|Path(id): Path<String>| async move {
+        get(|Path(id): Path<api::JobId>| async move {
             Json(VmaJobStatus {
                 job_id: id,
                 state: JobProcessState::Running {

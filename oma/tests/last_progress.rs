@@ -17,7 +17,7 @@ const TOTAL: u64 = 10_000;
 
 fn progress(job: &str, sequence: u64, bytes: u64, status: ProgressStatus) -> StoredProgress {
     StoredProgress {
-        job_id: job.into(),
+        job_id: api::JobId::parse(job).unwrap(),
         update: ProgressUpdate {
             stage: "Transfer".into(),
             status: Some(status),

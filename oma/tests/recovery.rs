@@ -47,7 +47,7 @@ impl ProcessEvent_ {
         api::ProcessEvent {
             event_id: uuid::Uuid::new_v4(),
             kind: ProcessEventKind::ProcessStarted,
-            job_id: job.into(),
+            job_id: api::JobId::parse(job).unwrap(),
             process: p,
             exit: None,
             observed_at: chrono::Utc::now(),

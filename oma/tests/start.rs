@@ -89,7 +89,7 @@ fn started_event(job: &str, p: api::ProcessIdentity) -> api::ProcessEvent {
     api::ProcessEvent {
         event_id: uuid::Uuid::new_v4(),
         kind: ProcessEventKind::ProcessStarted,
-        job_id: job.into(),
+        job_id: api::JobId::parse(job).unwrap(),
         process: p,
         exit: None,
         observed_at: chrono::Utc::now(),

@@ -107,9 +107,10 @@ impl Watchdog {
             Ok(p)
         };
         let progress_url = format!("http://127.0.0.1:{port}");
+        let migratekit = crate::bins::migratekit()?;
         let wrapper = write(
             "launch-mk.sh",
-            &wrapper_script(&crate::bins::migratekit()?, dir.path(), &progress_url),
+            &wrapper_script(&migratekit, dir.path(), &progress_url),
         )?;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| HarnessError::io("making the launch wrapper executable", e))?;
@@ -123,6 +124,7 @@ impl Watchdog {
             oma_token_file,
             api_token_file,
             wrapper,
+            migratekit,
             log_dir: dir.path().join("jobs"),
             detector: config.detector.clone(),
         });
@@ -276,6 +278,7 @@ struct WiringArgs {
     oma_token_file: PathBuf,
     api_token_file: PathBuf,
     wrapper: PathBuf,
+    migratekit: PathBuf,
     log_dir: PathBuf,
     detector: String,
 }
@@ -294,6 +297,8 @@ fn wiring_args(w: &WiringArgs) -> Vec<OsString> {
     flag("--oma-token-file", w.oma_token_file.clone().into());
     flag("--api-token-file", w.api_token_file.clone().into());
     flag("--launch-program", w.wrapper.clone().into());
+    // The program is a wrapper that execs the stand-in: the stand-in is what migratekit is.
+    flag("--migratekit-path", w.migratekit.clone().into());
     flag("--launch-arg", "{job_id}".into());
     flag("--launch-log-dir", w.log_dir.clone().into());
     flag("--detector", w.detector.clone().into());

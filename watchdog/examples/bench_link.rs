@@ -135,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
         unsafe { libc::kill(process.pid as i32, libc::SIGKILL) };
         let (event, at) = oma
             .wait_for(Duration::from_secs(20), |e| {
-                e.job_id == job && e.kind == ProcessEventKind::ProcessExited
+                e.job_id.as_str() == job && e.kind == ProcessEventKind::ProcessExited
             })
             .await
             .with_context(|| format!("the death of {job} never reached the OMA"))?;
@@ -274,7 +274,7 @@ fn fsync_cost(dir: &std::path::Path, n: usize) -> anyhow::Result<Vec<Duration>> 
         let event = api::ProcessEvent {
             event_id: uuid::Uuid::now_v7(),
             kind: ProcessEventKind::ProcessExited,
-            job_id: format!("fsync-{i}"),
+            job_id: api::JobId::parse(&format!("fsync-{i}")).unwrap(),
             process: api::ProcessIdentity {
                 pid: 1,
                 start_time: 1,

@@ -74,7 +74,7 @@ async fn main() {
         let event = ProcessEvent {
             event_id: uuid::Uuid::now_v7(),
             kind: ProcessEventKind::ProcessExited,
-            job_id: format!("job-{i}"),
+            job_id: api::JobId::parse(&format!("job-{i}")).unwrap(),
             process: ProcessIdentity {
                 pid: i as u32,
                 start_time: 1,

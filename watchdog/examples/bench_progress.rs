@@ -81,7 +81,10 @@ fn bench_store(dir: &Path, n: usize) {
     for i in 0..n {
         let t = Instant::now();
         store
-            .record(&format!("job-{}", i % JOBS), update(i as u64))
+            .record(
+                &api::JobId::parse(&format!("job-{}", i % JOBS)).unwrap(),
+                update(i as u64),
+            )
             .unwrap();
         samples.push(t.elapsed());
     }
@@ -108,7 +111,10 @@ fn bench_store_concurrent(dir: &Path, n: usize) {
                 for i in 0..n / JOBS {
                     let t = Instant::now();
                     store
-                        .record(&format!("job-{job}"), update(i as u64))
+                        .record(
+                            &api::JobId::parse(&format!("job-{job}")).unwrap(),
+                            update(i as u64),
+                        )
                         .unwrap();
                     samples.push(t.elapsed());
                 }

@@ -20,6 +20,10 @@ use vma_watchdog::registry::{FILE_NAME, Registry};
 
 const ROUNDS: usize = 20;
 
+fn job(text: &str) -> api::JobId {
+    api::JobId::parse(text).expect("the benchmark's job ids follow the rule")
+}
+
 fn identity(pid: u32) -> ProcessIdentity {
     ProcessIdentity {
         pid,
@@ -32,7 +36,7 @@ fn identity(pid: u32) -> ProcessIdentity {
 fn fill(dir: &Path, exits: usize) -> Registry {
     let registry = Registry::open(dir).expect("open");
     registry
-        .register(identity(1), "job-0", FoundBy::Started)
+        .register(identity(1), &job("job-0"), FoundBy::Started)
         .expect("register");
     registry.record_exit(identity(1), ExitStatus::default(), Detector::Ebpf);
     registry.flush().expect("flush");
@@ -68,7 +72,11 @@ fn run(exits: usize) {
     for round in 0..ROUNDS {
         let pid = 1_000 + round as u32;
         registry
-            .register(identity(pid), &format!("job-{round}"), FoundBy::Started)
+            .register(
+                identity(pid),
+                &job(&format!("job-{round}")),
+                FoundBy::Started,
+            )
             .expect("register");
         registry.record_exit(identity(pid), ExitStatus::default(), Detector::Ebpf);
         let start = Instant::now();
@@ -84,7 +92,7 @@ fn run(exits: usize) {
             let mut pid = 100_000;
             while !stop.load(Ordering::Relaxed) {
                 pid += 1;
-                let _ = registry.register(identity(pid), "job-writer", FoundBy::Scan);
+                let _ = registry.register(identity(pid), &job("job-writer"), FoundBy::Scan);
                 registry.record_exit(identity(pid), ExitStatus::default(), Detector::Ebpf);
                 registry.flush().expect("flush");
             }
@@ -124,7 +132,7 @@ fn run(exits: usize) {
 fn deaths(registry: &Arc<Registry>, first_pid: u32, rounds: u32, writing: bool) -> Vec<u128> {
     for pid in first_pid..first_pid + rounds {
         registry
-            .register(identity(pid), &format!("new-{pid}"), FoundBy::Started)
+            .register(identity(pid), &job(&format!("new-{pid}")), FoundBy::Started)
             .expect("register");
     }
     let stop = Arc::new(AtomicBool::new(false));

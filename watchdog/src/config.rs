@@ -118,6 +118,15 @@ pub struct Cli {
     /// The nice value migratekit processes are started with.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub launch_nice: i32,
+    /// The migratekit binary: only a process running this file (compared by device and inode)
+    /// is adopted as a job's process. Default: the launcher's program. Give it when the
+    /// program is a wrapper that execs migratekit.
+    #[arg(long, env = "VMA_WATCHDOG_MIGRATEKIT_PATH")]
+    pub migratekit_path: Option<PathBuf>,
+    /// The uid migratekit runs as: a process of another user is not adopted. Default: the
+    /// watchdog's own (the launcher starts migratekit as it).
+    #[arg(long, env = "VMA_WATCHDOG_MIGRATEKIT_UID")]
+    pub migratekit_uid: Option<u32>,
 }
 
 /// Where and how deaths are delivered to the OMA.
@@ -189,33 +198,11 @@ impl Config {
         if !state_dir.is_dir() {
             bail!("--state-dir {} is not a directory", state_dir.display());
         }
-        let mut match_names: Vec<String> = Vec::new();
-        for name in cli.match_names {
-            if name.is_empty() || name.contains('/') || name.contains('\0') {
-                bail!(
-                    "--match-name {name:?} is not a process name; give the executable's base name, e.g. migratekit"
-                );
-            }
-            if name.len() > COMM_MAX {
-                bail!(
-                    "--match-name {name:?} is longer than the {COMM_MAX} bytes the kernel keeps of a process name; give its first {COMM_MAX} bytes"
-                );
-            }
-            if !match_names.contains(&name) {
-                match_names.push(name);
-            }
-        }
+        let match_names = check_match_names(cli.match_names)?;
         if cli.scan_interval_ms == 0 {
             bail!("--scan-interval-ms must be at least 1");
         }
-        let (listen, listen_if_available) = if cli.listen.is_empty() {
-            (
-                vec![SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT))],
-                vec![SocketAddr::from((Ipv6Addr::LOCALHOST, DEFAULT_PORT))],
-            )
-        } else {
-            (cli.listen.clone(), Vec::new())
-        };
+        let (listen, listen_if_available) = listen_addresses(&cli.listen);
         let api_token = secrets::token(
             cli.api_token.as_ref(),
             cli.api_token_file.as_deref(),
@@ -237,11 +224,7 @@ impl Config {
             ),
             (None, _) => None,
         };
-        let vma_id = match cli.vma_id {
-            Some(id) if !id.trim().is_empty() => id,
-            Some(_) => bail!("--vma-id is empty; give this VMA's id as registered at the OMA"),
-            None => hostname(),
-        };
+        let vma_id = vma_id(cli.vma_id)?;
         if cli.outbox_max_events == 0 || cli.outbox_max_bytes < 4096 {
             bail!("--outbox-max-events must be at least 1 and --outbox-max-bytes at least 4096");
         }
@@ -254,6 +237,8 @@ impl Config {
             nice: crate::priority::check("--launch-nice", cli.launch_nice)
                 .map_err(anyhow::Error::msg)?,
             match_names: &match_names,
+            migratekit_path: cli.migratekit_path.as_deref(),
+            migratekit_uid: cli.migratekit_uid,
         })?;
         let nice = crate::priority::check("--nice", cli.nice).map_err(anyhow::Error::msg)?;
         Ok(Self {
@@ -279,6 +264,40 @@ impl Config {
     }
 }
 
+/// The `--match-name`s, each a process name the kernel can show, without duplicates.
+fn check_match_names(names: Vec<String>) -> anyhow::Result<Vec<String>> {
+    let mut match_names: Vec<String> = Vec::new();
+    for name in names {
+        if name.is_empty() || name.contains('/') || name.contains('\0') {
+            bail!(
+                "--match-name {name:?} is not a process name; give the executable's base name, e.g. migratekit"
+            );
+        }
+        if name.len() > COMM_MAX {
+            bail!(
+                "--match-name {name:?} is longer than the {COMM_MAX} bytes the kernel keeps of a process name; give its first {COMM_MAX} bytes"
+            );
+        }
+        if !match_names.contains(&name) {
+            match_names.push(name);
+        }
+    }
+    Ok(match_names)
+}
+
+/// The addresses the API must listen on and those it listens on when it can: an explicit
+/// `--listen` replaces the default pair of loopback addresses.
+fn listen_addresses(listen: &[SocketAddr]) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+    if listen.is_empty() {
+        (
+            vec![SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT))],
+            vec![SocketAddr::from((Ipv6Addr::LOCALHOST, DEFAULT_PORT))],
+        )
+    } else {
+        (listen.to_vec(), Vec::new())
+    }
+}
+
 fn check_url(url: &str) -> anyhow::Result<String> {
     let rest = url
         .strip_prefix("http://")
@@ -290,6 +309,15 @@ fn check_url(url: &str) -> anyhow::Result<String> {
         _ => bail!(
             "--oma-url {url:?} is not an http:// or https:// URL with a host, e.g. http://oma:8082"
         ),
+    }
+}
+
+/// `--vma-id`, else the host name.
+fn vma_id(given: Option<String>) -> anyhow::Result<String> {
+    match given {
+        Some(id) if !id.trim().is_empty() => Ok(id),
+        Some(_) => bail!("--vma-id is empty; give this VMA's id as registered at the OMA"),
+        None => Ok(hostname()),
     }
 }
 

@@ -10,7 +10,9 @@ use std::future::Future;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use api::{Detector as DetectorKind, ExitStatus, FoundBy, ProcessEventKind, ProcessIdentity};
+use api::{
+    Detector as DetectorKind, ExitStatus, FoundBy, JobId, ProcessEventKind, ProcessIdentity,
+};
 use chrono::Utc;
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::mpsc;
@@ -23,7 +25,9 @@ use crate::outbox::{Outbox, OutboxError};
 use crate::procfs::{self, FoundProcess};
 use crate::progress::{ProgressError, ProgressStore};
 use crate::registry::{Registry, RegistryError};
+use crate::trust::{ExeId, MigratekitIdentity};
 
+mod adopt;
 mod jobs_view;
 mod legacy;
 mod serve;
@@ -86,12 +90,16 @@ impl Daemon {
         // Opened before reconciliation, so a death found at start carries the last progress
         // too. Loading it reads one small file: fine to block the start for it.
         let progress = Arc::new(ProgressStore::open(&config.state_dir)?);
+        let migratekit = config.launcher.migratekit.clone();
+        warn_if_unreadable(&migratekit);
         let started = start::detector(&config)?;
         let tracker = Tracker(Arc::new(Core {
             registry,
             outbox,
             progress,
             detector: started.detector,
+            migratekit,
+            impostors: Mutex::new(HashSet::new()),
             unjobbed: Mutex::new(HashSet::new()),
             children: Mutex::new(HashMap::new()),
             reporting: Mutex::new(HashSet::new()),
@@ -148,6 +156,15 @@ impl Daemon {
     }
 }
 
+/// Says once at start when the configured migratekit binary cannot be read: no process can
+/// then be adopted by the detector or the scan, only registered by the launcher.
+fn warn_if_unreadable(migratekit: &MigratekitIdentity) {
+    if let Err(error) = ExeId::of_path(&migratekit.path) {
+        tracing::warn!(event = "migratekit_binary_unreadable", path = %migratekit.path.display(), %error,
+            "the configured migratekit binary cannot be read; no running process will be taken for migratekit until it can (set --migratekit-path)");
+    }
+}
+
 #[derive(Debug)]
 struct Core {
     registry: Arc<Registry>,
@@ -156,6 +173,11 @@ struct Core {
     /// Latest progress per job; a death event carries its job's, see [`Core::record`].
     progress: Arc<ProgressStore>,
     detector: Arc<dyn Detector>,
+    /// What migratekit is: only such processes are adopted (see [`crate::trust`]).
+    migratekit: MigratekitIdentity,
+    /// Processes with a matching name that were not adopted (see `adopt.rs`), so that each is
+    /// logged once and its death is not logged at all.
+    impostors: Mutex<HashSet<ProcessIdentity>>,
     /// Matching processes that name no job: watched so their death is logged, not reported.
     unjobbed: Mutex<HashSet<ProcessIdentity>>,
     /// Children handed over by [`Tracker::track_child`], reaped once their death is recorded.
@@ -174,7 +196,9 @@ impl Core {
             let p = entry.process;
             let alive = matches!(procfs::read_stat(p.pid),
                 Ok(Some(s)) if s.start_time == p.start_time && !s.is_dead());
-            if alive {
+            if alive && !self.still_registered_exe(&entry) {
+                self.registered_exe_replaced(&entry);
+            } else if alive {
                 // `watch` reports the death of a zombie itself, or logs why it cannot watch.
                 if self.watch(p) {
                     tracing::info!(event = "process_adopted", job_id = %entry.job_id, pid = p.pid,
@@ -202,7 +226,10 @@ impl Core {
     async fn handle(self: &Arc<Self>, event: DetectorEvent) {
         match event {
             DetectorEvent::Started { process, comm } => {
-                if self.registry.get(process).is_some() || self.is_unjobbed(process) {
+                if self.registry.get(process).is_some()
+                    || self.is_unjobbed(process)
+                    || self.is_impostor(process)
+                {
                     return;
                 }
                 let found = tokio::task::spawn_blocking(move || procfs::inspect(process, comm));
@@ -247,37 +274,21 @@ impl Core {
             .contains(&p)
     }
 
-    /// A running process seen for the first time: register it (or only watch it, when it
-    /// names no job) and record that it started.
-    fn adopt_new(&self, found: FoundProcess, found_by: FoundBy) {
-        let p = found.identity;
-        let Some(job_id) = found.job_id else {
-            self.unjobbed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(p);
-            tracing::warn!(event = "process_without_job", pid = p.pid, start_time = p.start_time,
-                comm = %found.comm, "matching process names no job (no --job-id, no MIGRATEKIT_JOB_ID); its death will be logged but not reported");
-            self.watch(p);
-            return;
-        };
-        if let Err(e) = self.register(p, &job_id, found_by) {
-            tracing::error!(event = "registry_error", error = %e, pid = p.pid, "cannot register a process");
-        }
-    }
-
     pub(super) fn register(
         &self,
         p: ProcessIdentity,
-        job_id: &str,
+        job_id: &JobId,
         found_by: FoundBy,
+        exe: Option<ExeId>,
     ) -> Result<bool, RegistryError> {
-        if !self.registry.register(p, job_id, found_by)? {
+        if !self.registry.register_exe(p, job_id, found_by, exe)? {
             return Ok(false);
         }
+        // Registered explicitly (started or tracked) after the detector had ignored it.
+        self.forget_impostor(p);
         let kind = self.detector.kind();
         match self.record(ProcessEventKind::ProcessStarted, job_id, p, None, kind) {
-            Ok(ev) => tracing::info!(event = "process_started", job_id, pid = p.pid,
+            Ok(ev) => tracing::info!(event = "process_started", job_id = %job_id, pid = p.pid,
                 start_time = p.start_time, found_by = found_by_name(found_by), detector = detector_name(kind),
                 event_id = %ev.event_id, "migratekit process started"),
             Err(e) => {
@@ -382,6 +393,10 @@ impl Core {
             (ProcessEventKind::ProcessExited, "process_exited")
         };
         let Some(entry) = self.registry.record_exit(p, exit, detector) else {
+            if self.forget_impostor(p) {
+                // Not this VMA's migratekit: its death is no news to anyone.
+                return;
+            }
             let was_unjobbed = self
                 .unjobbed
                 .lock()
@@ -442,7 +457,7 @@ impl Core {
     fn record(
         &self,
         kind: ProcessEventKind,
-        job_id: &str,
+        job_id: &JobId,
         p: ProcessIdentity,
         exit: Option<ExitStatus>,
         detector: DetectorKind,
@@ -461,7 +476,7 @@ impl Core {
         let event = api::ProcessEvent {
             event_id: Uuid::now_v7(),
             kind,
-            job_id: job_id.to_owned(),
+            job_id: job_id.clone(),
             process: p,
             exit,
             observed_at: Utc::now(),

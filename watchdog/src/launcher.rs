@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use api::ProcessIdentity;
 
 use crate::http::Secret;
+use crate::trust::MigratekitIdentity;
 pub use spawn::{LaunchError, Launched, Launcher};
 pub use template::{RenderedArg, TemplateError, render};
 
@@ -56,13 +57,22 @@ pub struct LauncherConfig {
     /// The nice value migratekit runs with (0, normal, by default), whatever the watchdog's
     /// own (see [`crate::priority`]).
     pub nice: i32,
+    /// What migratekit is: only a process running this binary as this user is adopted as a
+    /// job's process (by the detector, the `/proc` scan or the track endpoint).
+    pub migratekit: MigratekitIdentity,
 }
 
 impl LauncherConfig {
     /// A configuration that runs `program migrate --job-id {job_id}`.
     pub fn new(program: impl Into<PathBuf>) -> Self {
+        let program = program.into();
         Self {
-            program: program.into(),
+            // The launcher runs the program itself, as the watchdog's own user.
+            migratekit: MigratekitIdentity {
+                path: program.clone(),
+                uid: crate::trust::own_uid(),
+            },
+            program,
             args: ["migrate", "--job-id", "{job_id}"]
                 .map(String::from)
                 .to_vec(),

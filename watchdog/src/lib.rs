@@ -13,3 +13,4 @@ pub mod procfs;
 pub mod progress;
 pub mod registry;
 pub mod signal;
+pub mod trust;

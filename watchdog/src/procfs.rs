@@ -9,13 +9,10 @@ use std::fs;
 use std::io::{self, Read};
 use std::path::PathBuf;
 
-use api::ProcessIdentity;
+use api::{JobId, ProcessIdentity};
 
 /// Longest process name the kernel keeps (`TASK_COMM_LEN` - 1).
 pub const COMM_MAX: usize = 15;
-
-/// Longest job id accepted from a command line or environment.
-const JOB_ID_MAX: usize = 128;
 
 /// Flags of the original migratekit whose value is a secret: their value is skipped without
 /// being looked at, so that a password that happens to read `--job-id` is never taken for one.
@@ -148,8 +145,8 @@ pub struct FoundProcess {
     pub identity: ProcessIdentity,
     /// Its name.
     pub comm: String,
-    /// The job it runs, when its command line or environment says.
-    pub job_id: Option<String>,
+    /// The job it runs, when its command line or environment names a valid one.
+    pub job_id: Option<JobId>,
 }
 
 /// Scans `/proc` for processes whose name is one of `names`.
@@ -200,7 +197,7 @@ pub fn inspect(identity: ProcessIdentity, comm: String) -> Option<FoundProcess> 
 ///
 /// A leader thread that has exited has no memory map left, so its `cmdline` and `environ`
 /// read empty; the other threads' copies under `task/` are tried then.
-pub fn read_job_id(pid: u32) -> Option<String> {
+pub fn read_job_id(pid: u32) -> Option<JobId> {
     let mut dirs = vec![PathBuf::from(format!("/proc/{pid}"))];
     if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
         dirs.extend(tasks.flatten().map(|t| t.path()).take(8));
@@ -223,7 +220,7 @@ pub fn read_job_id(pid: u32) -> Option<String> {
 }
 
 /// Extracts the job id from a NUL-separated command line; nothing else is copied out.
-pub fn job_id_from_cmdline(cmdline: &[u8]) -> Option<String> {
+pub fn job_id_from_cmdline(cmdline: &[u8]) -> Option<JobId> {
     let mut args = cmdline.split(|&b| b == 0).filter(|a| !a.is_empty());
     while let Some(arg) = args.next() {
         if SECRET_FLAGS.iter().any(|f| arg == f.as_bytes()) {
@@ -246,7 +243,7 @@ pub fn job_id_from_cmdline(cmdline: &[u8]) -> Option<String> {
 }
 
 /// Extracts the job id from a NUL-separated environment block; nothing else is copied out.
-pub fn job_id_from_environ(environ: &[u8]) -> Option<String> {
+pub fn job_id_from_environ(environ: &[u8]) -> Option<JobId> {
     ["MIGRATEKIT_JOB_ID=", "MIGRATEKIT_PROGRESS_JOB_ID="]
         .iter()
         .find_map(|key| {
@@ -257,15 +254,11 @@ pub fn job_id_from_environ(environ: &[u8]) -> Option<String> {
         .and_then(valid_job_id)
 }
 
-/// A job id is short and made of `[A-Za-z0-9._:-]`; anything else is refused rather than
-/// copied, so a mangled command line can never leak a neighbouring secret through it.
-fn valid_job_id(raw: &[u8]) -> Option<String> {
-    let ok = !raw.is_empty()
-        && raw.len() <= JOB_ID_MAX
-        && raw
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(b));
-    ok.then(|| String::from_utf8_lossy(raw).into_owned())
+/// The job id in `raw`, checked by [`JobId::from_bytes`] before a byte is copied: anything
+/// that is not a job id is refused rather than copied, so a mangled command line can never
+/// leak a neighbouring secret through it.
+fn valid_job_id(raw: &[u8]) -> Option<JobId> {
+    JobId::from_bytes(raw).ok()
 }
 
 /// Bytes read from `cmdline` or `environ`, zeroed when dropped so no copy of a secret is left

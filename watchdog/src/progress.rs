@@ -20,7 +20,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use api::{ProgressUpdate, StoredProgress};
+use api::{JobId, ProgressUpdate, StoredProgress};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
@@ -62,26 +62,29 @@ pub enum ProgressError {
     #[error("cannot encode a progress update for job {job_id}: {source}")]
     Encode {
         /// The job.
-        job_id: String,
+        job_id: JobId,
         /// Why.
         #[source]
         source: serde_json::Error,
     },
 }
 
-/// One line of the log.
+/// One line of the log, as read. The update stays raw JSON and the forgotten id text until
+/// the job id has been checked, so that a line whose id a newer rule refuses (an older
+/// watchdog took `:` in job ids) is skipped on its own with a warning that says so, instead
+/// of passing for a corrupt line.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Record {
     /// The latest update of a job.
-    Update(StoredProgress),
+    Update(serde_json::Value),
     /// The job's progress was forgotten.
     Forget(String),
 }
 
 #[derive(Debug)]
 struct Inner {
-    latest: HashMap<String, StoredProgress>,
+    latest: HashMap<JobId, StoredProgress>,
     /// Shared so that a sync can run without holding the lock (group commit).
     log: Arc<File>,
     /// Lines in the log, for the compaction rule.
@@ -125,17 +128,7 @@ impl ProgressStore {
         if !damage.corrupt_lines.is_empty() {
             tracing::error!(file = %path.display(), lines = ?damage.corrupt_lines, "skipped corrupt lines in the progress log; the affected jobs keep their previous update");
         }
-        let mut latest = HashMap::new();
-        for record in records {
-            match record {
-                Record::Update(stored) => {
-                    latest.insert(stored.job_id.clone(), stored);
-                }
-                Record::Forget(job_id) => {
-                    latest.remove(&job_id);
-                }
-            }
-        }
+        let latest = replay(&path, records);
         let log = write_compacted(&path, &latest).map_err(open_err)?;
         disk::sync_dir(state_dir).map_err(open_err)?;
         let len = log.metadata().map_err(open_err)?.len();
@@ -159,19 +152,19 @@ impl ProgressStore {
     /// Stores `update` as the latest of `job_id`, durably, and returns what was stored.
     pub fn record(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         update: ProgressUpdate,
     ) -> Result<StoredProgress, ProgressError> {
         let mut inner = self.lock();
         let sequence = inner.latest.get(job_id).map_or(0, |p| p.sequence) + 1;
         let stored = StoredProgress {
-            job_id: job_id.to_owned(),
+            job_id: job_id.clone(),
             update,
             received_at: Utc::now(),
             sequence,
         };
         let mine = self.append(&mut inner, &RecordRef::Update(&stored), job_id)?;
-        inner.latest.insert(job_id.to_owned(), stored.clone());
+        inner.latest.insert(job_id.clone(), stored.clone());
         self.maybe_compact(&mut inner)?;
         self.wait_durable(inner, mine)?;
         Ok(stored)
@@ -189,7 +182,7 @@ impl ProgressStore {
 
     /// Forgets a job's progress (for example once the OMA has recorded its final state).
     /// Returns whether there was any.
-    pub fn forget(&self, job_id: &str) -> Result<bool, ProgressError> {
+    pub fn forget(&self, job_id: &JobId) -> Result<bool, ProgressError> {
         let mut inner = self.lock();
         if !inner.latest.contains_key(job_id) {
             return Ok(false);
@@ -209,10 +202,10 @@ impl ProgressStore {
         &self,
         inner: &mut Inner,
         record: &RecordRef<'_>,
-        job_id: &str,
+        job_id: &JobId,
     ) -> Result<u64, ProgressError> {
         let mut line = serde_json::to_vec(record).map_err(|source| ProgressError::Encode {
-            job_id: job_id.to_owned(),
+            job_id: job_id.clone(),
             source,
         })?;
         line.push(b'\n');
@@ -292,7 +285,7 @@ impl ProgressStore {
 
 /// Writes a new log with one line per job and renames it over the old one; the returned
 /// handle is on the new file (see [`disk::replace_keep_open`]). The caller syncs the dir.
-fn write_compacted(path: &Path, latest: &HashMap<String, StoredProgress>) -> std::io::Result<File> {
+fn write_compacted(path: &Path, latest: &HashMap<JobId, StoredProgress>) -> std::io::Result<File> {
     let mut contents = Vec::new();
     for stored in latest.values() {
         // Serializing a value we hold cannot fail except for a NaN percent, which
@@ -305,17 +298,62 @@ fn write_compacted(path: &Path, latest: &HashMap<String, StoredProgress>) -> std
     disk::replace_keep_open(path, &contents)
 }
 
+/// The latest update per job from the log's records, in order. A record whose job id breaks
+/// the rule is skipped with a warning; an update that is otherwise malformed is skipped as a
+/// corrupt one, with an error line.
+fn replay(path: &Path, records: Vec<Record>) -> HashMap<JobId, StoredProgress> {
+    let skipped = |error: &dyn std::fmt::Display| {
+        tracing::warn!(event = "progress_entry_skipped", file = %path.display(), reason = %error,
+            "skipped a progress record whose job id is not valid under the job-id rule; that job's progress is forgotten");
+    };
+    let mut latest = HashMap::new();
+    for record in records {
+        match record {
+            Record::Update(value) => {
+                let id = value
+                    .get("job_id")
+                    .and_then(|v| v.as_str())
+                    .map(JobId::parse);
+                if let Some(Err(error)) = id {
+                    skipped(&error);
+                    continue;
+                }
+                match serde_json::from_value::<StoredProgress>(value) {
+                    Ok(stored) => {
+                        latest.insert(stored.job_id.clone(), stored);
+                    }
+                    Err(error) => {
+                        tracing::error!(event = "progress_entry_skipped", file = %path.display(), %error,
+                            "skipped a corrupt progress record; the job keeps its previous update");
+                    }
+                }
+            }
+            Record::Forget(job_id) => match JobId::parse(&job_id) {
+                Ok(id) => {
+                    latest.remove(&id);
+                }
+                Err(error) => skipped(&error),
+            },
+        }
+    }
+    latest
+}
+
 /// Borrowing twin of [`Record`], so writing does not clone every update.
 #[derive(Serialize)]
 #[serde(rename_all = "snake_case")]
 enum RecordRef<'a> {
     Update(&'a StoredProgress),
-    Forget(&'a str),
+    Forget(&'a JobId),
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(text: &str) -> JobId {
+        JobId::parse(text).unwrap()
+    }
 
     fn update(bytes: u64) -> ProgressUpdate {
         serde_json::from_value(serde_json::json!({
@@ -328,14 +366,14 @@ mod tests {
     fn latest_update_and_sequence_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let store = ProgressStore::open(dir.path()).unwrap();
-        store.record("job-a", update(1)).unwrap();
-        store.record("job-a", update(2)).unwrap();
-        store.record("job-b", update(7)).unwrap();
+        store.record(&id("job-a"), update(1)).unwrap();
+        store.record(&id("job-a"), update(2)).unwrap();
+        store.record(&id("job-b"), update(7)).unwrap();
         drop(store);
         let store = ProgressStore::open(dir.path()).unwrap();
         let a = store.get("job-a").unwrap();
         assert_eq!((a.update.bytes_transferred, a.sequence), (2, 2));
-        assert_eq!(store.record("job-a", update(3)).unwrap().sequence, 3);
+        assert_eq!(store.record(&id("job-a"), update(3)).unwrap().sequence, 3);
         assert_eq!(store.get("job-b").unwrap().update.bytes_transferred, 7);
     }
 
@@ -343,7 +381,7 @@ mod tests {
     fn torn_last_line_keeps_the_previous_update() {
         let dir = tempfile::tempdir().unwrap();
         let store = ProgressStore::open(dir.path()).unwrap();
-        store.record("job-a", update(1)).unwrap();
+        store.record(&id("job-a"), update(1)).unwrap();
         drop(store);
         let mut log = disk::open_append(&dir.path().join(LOG_FILE)).unwrap();
         log.write_all(br#"{"update":{"job_id":"job-a","upd"#)
@@ -351,7 +389,7 @@ mod tests {
         let store = ProgressStore::open(dir.path()).unwrap();
         assert_eq!(store.get("job-a").unwrap().update.bytes_transferred, 1);
         // The log was rewritten clean, so the next append is not glued to the torn line.
-        store.record("job-a", update(5)).unwrap();
+        store.record(&id("job-a"), update(5)).unwrap();
         drop(store);
         let store = ProgressStore::open(dir.path()).unwrap();
         assert_eq!(store.get("job-a").unwrap().update.bytes_transferred, 5);
@@ -366,7 +404,7 @@ mod tests {
                 let store = Arc::clone(&store);
                 std::thread::spawn(move || {
                     for i in 1..=50 {
-                        let stored = store.record(&format!("job-{t}"), update(i)).unwrap();
+                        let stored = store.record(&id(&format!("job-{t}")), update(i)).unwrap();
                         assert_eq!(stored.sequence, i);
                     }
                 })
@@ -386,16 +424,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ProgressStore::open(dir.path()).unwrap();
         for i in 0..(COMPACT_MIN_LINES + 10) {
-            store.record("job-a", update(i)).unwrap();
+            store.record(&id("job-a"), update(i)).unwrap();
         }
         let lines = std::fs::read_to_string(dir.path().join(LOG_FILE))
             .unwrap()
             .lines()
             .count() as u64;
         assert!(lines < 100, "log not compacted: {lines} lines");
-        assert!(store.forget("job-a").unwrap());
+        assert!(store.forget(&id("job-a")).unwrap());
         drop(store);
         let store = ProgressStore::open(dir.path()).unwrap();
         assert!(store.get("job-a").is_none());
+    }
+
+    #[test]
+    fn a_record_with_an_id_the_rule_refuses_is_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ProgressStore::open(dir.path()).unwrap();
+        store.record(&id("job-a"), update(1)).unwrap();
+        drop(store);
+        // Lines an older watchdog could write: ':' was allowed in job ids then.
+        let mut log = disk::open_append(&dir.path().join(LOG_FILE)).unwrap();
+        let old = serde_json::json!({"update": {"job_id": "job:old", "update":
+            {"stage": "Transfer", "bytes_transferred": 3, "throughput_bps": 1},
+            "received_at": "2026-01-01T00:00:00Z", "sequence": 1}});
+        writeln!(log, "{old}").unwrap();
+        writeln!(log, r#"{{"forget":"job:old"}}"#).unwrap();
+        let store = ProgressStore::open(dir.path()).unwrap();
+        assert_eq!(store.get("job-a").unwrap().update.bytes_transferred, 1);
+        assert!(store.get("job:old").is_none());
+        assert_eq!(store.all().len(), 1);
     }
 }

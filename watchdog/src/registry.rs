@@ -20,10 +20,12 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use api::{Detector, ExitStatus, FoundBy, JobProcessState, ProcessIdentity, VmaJobStatus};
+use api::{Detector, ExitStatus, FoundBy, JobId, JobProcessState, ProcessIdentity, VmaJobStatus};
 use chrono::{DateTime, Utc};
 use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
+
+use crate::trust::ExeId;
 
 /// File name of the registry inside the state directory.
 pub const FILE_NAME: &str = "registry.json";
@@ -84,11 +86,16 @@ pub struct Entry {
     /// The process.
     pub process: ProcessIdentity,
     /// The job it runs.
-    pub job_id: String,
+    pub job_id: JobId,
     /// When the watchdog first saw it.
     pub first_seen: DateTime<Utc>,
     /// How the watchdog found it.
     pub found_by: FoundBy,
+    /// The executable it runs (device and inode) when it was registered: after a restart, a
+    /// process whose binary a package upgrade has since replaced on disk is still recognised
+    /// by it. Absent in files written before this field existed, and when it was unreadable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<ExeId>,
 }
 
 /// How the latest process of a job ended.
@@ -105,11 +112,14 @@ pub struct LastExit {
     pub detector: Detector,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// The file as read: entries stay raw JSON and last exits keep their keys as text until
+/// each job id has been checked, so that one id a newer rule refuses (an older watchdog took
+/// `:` in job ids) skips that entry instead of stopping the daemon.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OnDisk {
     version: u32,
-    processes: Vec<Entry>,
+    processes: Vec<serde_json::Value>,
     last_exits: BTreeMap<String, LastExit>,
 }
 
@@ -183,14 +193,10 @@ impl Registry {
                 found: disk.version,
             });
         }
+        let processes = valid_entries(&path, disk.processes)?;
         let state = State {
-            processes: Arc::new(
-                disk.processes
-                    .into_iter()
-                    .map(|e| (key(e.process), e))
-                    .collect(),
-            ),
-            last_exits: LastExits::from_file(disk.last_exits),
+            processes: Arc::new(processes.into_iter().map(|e| (key(e.process), e)).collect()),
+            last_exits: LastExits::from_file(valid_last_exits(&path, disk.last_exits)),
             generation: 0,
             written: 0,
         };
@@ -221,8 +227,19 @@ impl Registry {
     pub fn register(
         &self,
         process: ProcessIdentity,
-        job_id: &str,
+        job_id: &JobId,
         found_by: FoundBy,
+    ) -> Result<bool, RegistryError> {
+        self.register_exe(process, job_id, found_by, None)
+    }
+
+    /// [`Registry::register`], recording the executable the process runs (see [`Entry::exe`]).
+    pub fn register_exe(
+        &self,
+        process: ProcessIdentity,
+        job_id: &JobId,
+        found_by: FoundBy,
+        exe: Option<ExeId>,
     ) -> Result<bool, RegistryError> {
         let explicit = |f: FoundBy| matches!(f, FoundBy::Started | FoundBy::Tracked);
         let undo = {
@@ -235,7 +252,8 @@ impl Registry {
                 }
                 let before = existing.clone();
                 existing.found_by = found_by;
-                existing.job_id = job_id.to_owned();
+                existing.job_id = job_id.clone();
+                existing.exe = exe.or(existing.exe);
                 Undo::Restore(before)
             } else if state
                 .last_exits
@@ -248,9 +266,10 @@ impl Registry {
             } else {
                 let entry = Entry {
                     process,
-                    job_id: job_id.to_owned(),
+                    job_id: job_id.clone(),
                     first_seen: Utc::now(),
                     found_by,
+                    exe,
                 };
                 Arc::make_mut(&mut state.processes).insert(key(process), entry);
                 Undo::Remove
@@ -376,7 +395,7 @@ impl Registry {
     /// [`Self::job_status`] of every job the watchdog knows, sorted by job id.
     pub fn jobs(&self) -> Vec<VmaJobStatus> {
         let state = self.lock();
-        let mut ids: Vec<&String> = state.processes.values().map(|e| &e.job_id).collect();
+        let mut ids: Vec<&JobId> = state.processes.values().map(|e| &e.job_id).collect();
         ids.extend(state.last_exits.jobs());
         ids.sort();
         ids.dedup();
@@ -389,13 +408,13 @@ impl Registry {
 /// The registry as its file holds it: pretty JSON, so an operator can read it.
 fn encode(
     processes: &BTreeMap<(u32, u64), Entry>,
-    last_exits: &OrdMap<String, LastExit>,
+    last_exits: &OrdMap<JobId, LastExit>,
 ) -> io::Result<Vec<u8>> {
     #[derive(Serialize)]
     struct Borrowed<'a> {
         version: u32,
         processes: Vec<&'a Entry>,
-        last_exits: &'a OrdMap<String, LastExit>,
+        last_exits: &'a OrdMap<JobId, LastExit>,
     }
     let disk = Borrowed {
         version: FORMAT_VERSION,
@@ -427,10 +446,49 @@ fn status_of(state: &State, job_id: &str) -> Option<VmaJobStatus> {
         },
         (None, None) => return None,
     };
-    Some(VmaJobStatus {
-        job_id: job_id.to_owned(),
-        state,
-    })
+    // Only valid ids are ever stored, so an id that matched one parses.
+    let job_id = JobId::parse(job_id).ok()?;
+    Some(VmaJobStatus { job_id, state })
+}
+
+/// The registered processes of the file, less those whose job id breaks the rule (each
+/// skipped with a warning). Any other defect is corruption, as before.
+fn valid_entries(path: &Path, raw: Vec<serde_json::Value>) -> Result<Vec<Entry>, RegistryError> {
+    let mut entries = Vec::with_capacity(raw.len());
+    for value in raw {
+        let id = value
+            .get("job_id")
+            .and_then(|v| v.as_str())
+            .map(JobId::parse);
+        if let Some(Err(error)) = id {
+            let pid = value.pointer("/process/pid").and_then(|v| v.as_u64());
+            tracing::warn!(event = "registry_entry_skipped", file = %path.display(), pid,
+                reason = %error, "skipped a registered process whose job id is not valid under the job-id rule; it is no longer watched and its death will not be reported");
+            continue;
+        }
+        let entry = serde_json::from_value(value).map_err(|source| RegistryError::Corrupt {
+            path: path.to_owned(),
+            source,
+        })?;
+        entries.push(entry);
+    }
+    Ok(entries)
+}
+
+/// The last exits of the file, less those whose job id breaks the rule (each skipped with a
+/// warning).
+fn valid_last_exits(path: &Path, raw: BTreeMap<String, LastExit>) -> BTreeMap<JobId, LastExit> {
+    raw.into_iter()
+        .filter_map(|(id, last)| match JobId::parse(&id) {
+            Ok(id) => Some((id, last)),
+            Err(error) => {
+                tracing::warn!(event = "registry_entry_skipped", file = %path.display(),
+                    pid = last.process.pid, reason = %error,
+                    "skipped the last exit of a job whose id is not valid under the job-id rule");
+                None
+            }
+        })
+        .collect()
 }
 
 mod disk;

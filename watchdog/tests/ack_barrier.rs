@@ -13,7 +13,7 @@ fn death(process: ProcessIdentity) -> ProcessEvent {
     ProcessEvent {
         event_id: Uuid::now_v7(),
         kind: ProcessEventKind::ProcessExited,
-        job_id: "job-a".to_owned(),
+        job_id: api::JobId::parse("job-a").unwrap(),
         process,
         exit: Some(ExitStatus::from_wait_status(9, false)),
         observed_at: chrono::Utc::now(),
@@ -42,7 +42,9 @@ fn wired(state: &std::path::Path, outbox_dir: &std::path::Path) -> (Arc<Registry
 fn acknowledging_writes_the_registry_first() {
     let dir = tempfile::tempdir().unwrap();
     let (registry, outbox) = wired(dir.path(), &dir.path().join("outbox"));
-    registry.register(P, "job-a", FoundBy::Started).unwrap();
+    registry
+        .register(P, &api::JobId::parse("job-a").unwrap(), FoundBy::Started)
+        .unwrap();
     let exit = ExitStatus::from_wait_status(9, false);
     registry.record_exit(P, exit, Detector::Ebpf).unwrap();
     let event = death(P);
@@ -67,7 +69,9 @@ fn when_the_registry_cannot_be_written_the_events_stay_queued() {
     let state = dir.path().join("state");
     fs::create_dir(&state).unwrap();
     let (registry, outbox) = wired(&state, &dir.path().join("outbox"));
-    registry.register(P, "job-a", FoundBy::Started).unwrap();
+    registry
+        .register(P, &api::JobId::parse("job-a").unwrap(), FoundBy::Started)
+        .unwrap();
     registry.record_exit(P, ExitStatus::default(), Detector::Ebpf);
     let event = death(P);
     outbox.append(event.clone()).unwrap();

@@ -20,7 +20,7 @@ fn death() -> ProcessEvent {
     ProcessEvent {
         event_id: uuid::Uuid::now_v7(),
         kind: ProcessEventKind::ProcessExited,
-        job_id: "job-1".into(),
+        job_id: api::JobId::parse("job-1").unwrap(),
         process: ProcessIdentity {
             pid: 4321,
             start_time: 99,

@@ -161,6 +161,24 @@ async fn oversized_bodies_are_413_and_malformed_ones_400_naming_the_field() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert_eq!(error_of(response).await.error, "invalid_job_id");
+    // The one rule of `api::JobId`, on every route, with its own message: ':' and a first
+    // character that is not a letter or digit are refused too.
+    for (path, says) in [
+        ("/api/v1/jobs/job:1", "position 3"),
+        ("/api/v1/jobs/-job/stop", "start with a letter or digit"),
+        ("/api/v1/progress/job%20x", "position 3"),
+    ] {
+        let request = if path.ends_with("stop") {
+            client.post(server.url(path))
+        } else {
+            client.get(server.url(path))
+        };
+        let response = request.bearer_auth(TOKEN).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
+        let body = error_of(response).await;
+        assert_eq!(body.error, "invalid_job_id", "{path}");
+        assert!(body.message.contains(says), "{path}: {}", body.message);
+    }
     assert!(server.state.progress.get("job-1").is_none());
     server.stop().await;
 }
@@ -254,6 +272,21 @@ async fn track_adopts_a_matching_process_and_refuses_others() {
     let wrong_name = track("job-u", std::process::id()).await.unwrap();
     assert_eq!(wrong_name.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(error_of(wrong_name).await.error, "process_name_mismatch");
+    // The right name from another file: a copy is not the configured binary.
+    let copy = dir.path().join("sleep");
+    std::fs::copy("/bin/sleep", &copy).unwrap();
+    let mut impostor = std::process::Command::new(&copy).arg("30").spawn().unwrap();
+    let refused = track("job-w", impostor.id()).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let body = error_of(refused).await;
+    assert_eq!(body.error, "not_migratekit");
+    assert!(
+        body.message.contains("device and inode"),
+        "{}",
+        body.message
+    );
+    impostor.kill().unwrap();
+    impostor.wait().unwrap();
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
     let gone = track("job-v", pid).await.unwrap();
@@ -276,7 +309,7 @@ async fn health_needs_no_token_and_shows_the_outbox_counters() {
         .append(api::ProcessEvent {
             event_id: uuid::Uuid::new_v4(),
             kind: api::ProcessEventKind::DiedWhileUnwatched,
-            job_id: "job-h".into(),
+            job_id: api::JobId::parse("job-h").unwrap(),
             process: api::ProcessIdentity {
                 pid: 1,
                 start_time: 1,

@@ -25,13 +25,17 @@ async fn a_program_that_exits_at_once_is_registered_before_it_runs() {
     let seen: Arc<Mutex<Option<(ProcessIdentity, String)>>> = Arc::default();
     let record = Arc::clone(&seen);
     let (launched, registered) = launcher
-        .launch("job-quick", &StartJobRequest::default(), move |process| {
-            // At this point the child exists but has not exec'd: its name is still ours.
-            let comm = proc_comm(process.pid).expect("the process exists while registering");
-            assert_eq!(proc_identity(process.pid).unwrap(), process);
-            *record.lock().unwrap() = Some((process, comm));
-            Ok::<_, std::io::Error>(process)
-        })
+        .launch(
+            &api::JobId::parse("job-quick").unwrap(),
+            &StartJobRequest::default(),
+            move |process| {
+                // At this point the child exists but has not exec'd: its name is still ours.
+                let comm = proc_comm(process.pid).expect("the process exists while registering");
+                assert_eq!(proc_identity(process.pid).unwrap(), process);
+                *record.lock().unwrap() = Some((process, comm));
+                Ok::<_, std::io::Error>(process)
+            },
+        )
         .await
         .unwrap();
     let exit = launched.wait_for_exit().unwrap();
@@ -64,10 +68,14 @@ async fn a_refused_registration_means_the_program_never_runs() {
     let pid = Arc::new(Mutex::new(None));
     let seen_pid = Arc::clone(&pid);
     let result = launcher
-        .launch("job-refused", &request, move |process: ProcessIdentity| {
-            *seen_pid.lock().unwrap() = Some(process.pid);
-            Err::<(), _>("registry is full")
-        })
+        .launch(
+            &api::JobId::parse("job-refused").unwrap(),
+            &request,
+            move |process: ProcessIdentity| {
+                *seen_pid.lock().unwrap() = Some(process.pid);
+                Err::<(), _>("registry is full")
+            },
+        )
         .await;
     assert!(
         matches!(result, Err(LaunchError::Registration("registry is full"))),
@@ -109,7 +117,9 @@ async fn the_password_never_appears_in_the_logged_argv() {
         ..Default::default()
     };
     let (launched, ()) = launcher
-        .launch("job-pw", &request, |_| Ok::<_, std::io::Error>(()))
+        .launch(&api::JobId::parse("job-pw").unwrap(), &request, |_| {
+            Ok::<_, std::io::Error>(())
+        })
         .await
         .unwrap();
     let shown = format!("{:?} {:?}", launched.redacted_argv(), launched);
@@ -130,9 +140,11 @@ fn the_started_process_survives_the_death_of_the_launcher() {
         runtime.block_on(async {
             let launcher = Launcher::new(config("/bin/sleep", &["60"]));
             let (launched, ()) = launcher
-                .launch("job-survivor", &StartJobRequest::default(), |_| {
-                    Ok::<_, std::io::Error>(())
-                })
+                .launch(
+                    &api::JobId::parse("job-survivor").unwrap(),
+                    &StartJobRequest::default(),
+                    |_| Ok::<_, std::io::Error>(()),
+                )
                 .await
                 .unwrap();
             println!(

@@ -24,7 +24,7 @@ fn event(n: u32) -> ProcessEvent {
     ProcessEvent {
         event_id: Uuid::new_v4(),
         kind: ProcessEventKind::ProcessExited,
-        job_id: format!("job-{n}"),
+        job_id: api::JobId::parse(&format!("job-{n}")).unwrap(),
         process: ProcessIdentity {
             pid: 1000 + n,
             start_time: 5000 + u64::from(n),

@@ -151,10 +151,18 @@ fn pid_reuse(detector: &str) {
     };
     {
         let r = Registry::open(&state).unwrap();
-        r.register(old_on_sleeper, "job-old-a", FoundBy::Scan)
-            .unwrap();
-        r.register(old_on_newer, "job-old-b", FoundBy::Started)
-            .unwrap();
+        r.register(
+            old_on_sleeper,
+            &api::JobId::parse("job-old-a").unwrap(),
+            FoundBy::Scan,
+        )
+        .unwrap();
+        r.register(
+            old_on_newer,
+            &api::JobId::parse("job-old-b").unwrap(),
+            FoundBy::Started,
+        )
+        .unwrap();
     }
 
     let w = Watchdog::start(&state, detector);

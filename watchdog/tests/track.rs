@@ -58,19 +58,31 @@ async fn a_started_process_is_tracked_queried_and_its_exit_read() {
         start_time: s.start_time(),
     };
     let status = tracker
-        .register_process("job-tracked", me, FoundBy::Started)
+        .register_process(
+            &api::JobId::parse("job-tracked").unwrap(),
+            me,
+            FoundBy::Started,
+        )
         .unwrap();
     assert!(matches!(status.state, JobProcessState::Running { process, .. } if process == me));
     // Again: changes nothing.
     tracker
-        .register_process("job-tracked", me, FoundBy::Started)
+        .register_process(
+            &api::JobId::parse("job-tracked").unwrap(),
+            me,
+            FoundBy::Started,
+        )
         .unwrap();
     let bogus = ProcessIdentity {
         pid: s.pid,
         start_time: me.start_time + 1,
     };
     let err = tracker
-        .register_process("job-x", bogus, FoundBy::Tracked)
+        .register_process(
+            &api::JobId::parse("job-x").unwrap(),
+            bogus,
+            FoundBy::Tracked,
+        )
         .unwrap_err();
     assert!(matches!(err, TrackError::NotRunning { .. }), "{err}");
     // Another live process for a job that already runs is refused.
@@ -80,7 +92,11 @@ async fn a_started_process_is_tracked_queried_and_its_exit_read() {
         start_time: other.start_time(),
     };
     let err = tracker
-        .register_process("job-tracked", other_id, FoundBy::Tracked)
+        .register_process(
+            &api::JobId::parse("job-tracked").unwrap(),
+            other_id,
+            FoundBy::Tracked,
+        )
         .unwrap_err();
     assert!(
         matches!(err, TrackError::JobRunning { running, .. } if running == me),
@@ -95,7 +111,11 @@ async fn a_started_process_is_tracked_queried_and_its_exit_read() {
     );
     assert!(view.jobs().iter().any(|j| j.job_id == "job-tracked"));
     assert!(matches!(
-        view.register_process("job-tracked", other_id, FoundBy::Tracked),
+        view.register_process(
+            &api::JobId::parse("job-tracked").unwrap(),
+            other_id,
+            FoundBy::Tracked
+        ),
         Err(RegisterError::JobRunning { .. } | RegisterError::Watch(_))
     ));
 
@@ -187,7 +207,7 @@ async fn a_child_handed_over_is_reported_then_reaped() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let pid = child.id();
     let process = tracker
-        .track_child(child, "job-child")
+        .track_child(child, &api::JobId::parse("job-child").unwrap())
         .map_err(|(e, _)| e)
         .unwrap();
     assert_eq!(process.pid, pid);
@@ -267,7 +287,11 @@ async fn a_status_handed_over_by_the_launcher_is_recorded_once() {
         start_time: s.start_time(),
     };
     tracker
-        .register_process("job-launched", me, FoundBy::Started)
+        .register_process(
+            &api::JobId::parse("job-launched").unwrap(),
+            me,
+            FoundBy::Started,
+        )
         .unwrap();
     s.trigger();
     while !vma_watchdog::procfs::read_stat(me.pid)
@@ -321,7 +345,11 @@ async fn journaled_events_are_queued_in_the_outbox() {
         start_time: s.start_time(),
     };
     tracker
-        .register_process("job-outbox", me, FoundBy::Started)
+        .register_process(
+            &api::JobId::parse("job-outbox").unwrap(),
+            me,
+            FoundBy::Started,
+        )
         .unwrap();
     s.kill(libc::SIGKILL);
     // The outbox appends an event to its file before it queues it in memory: once both events

@@ -23,7 +23,7 @@ pub fn event(
     ProcessEvent {
         event_id: uuid::Uuid::new_v4(),
         kind,
-        job_id: job.into(),
+        job_id: api::JobId::parse(job).expect("the tests' job ids follow the job-id rule"),
         process: p,
         exit,
         observed_at: chrono::Utc::now(),

@@ -141,7 +141,7 @@ impl StandInVma {
                 .map(|_| "disk read error".into()),
         };
         let stored = StoredProgress {
-            job_id: job.into(),
+            job_id: api::JobId::parse(job).expect("the tests' job ids follow the job-id rule"),
             update,
             received_at: Utc::now(),
             sequence,
@@ -210,7 +210,19 @@ async fn job(State(inner): State<Arc<Mutex<Inner>>>, Path(id): Path<String>) -> 
             detector: Detector::Ebpf,
         },
     };
-    Json(VmaJobStatus { job_id: id, state }).into_response()
+    match api::JobId::parse(&id) {
+        Ok(job_id) => Json(VmaJobStatus { job_id, state }).into_response(),
+        Err(e) => invalid_job_id(&e),
+    }
+}
+
+/// The real watchdog's answer to a job id that breaks the rule.
+fn invalid_job_id(e: &api::JobIdError) -> Response {
+    let body = ErrorBody {
+        error: "invalid_job_id".into(),
+        message: e.to_string(),
+    };
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
 }
 
 async fn progress(State(inner): State<Arc<Mutex<Inner>>>, Path(id): Path<String>) -> Response {
@@ -289,17 +301,17 @@ async fn start(
             "the template needs {vm_path}, which the request does not give".into(),
         ),
         StartMode::Run(process) => {
-            inner.jobs.insert(id.clone(), Answer::Running(process));
+            let job_id = match api::JobId::parse(&id) {
+                Ok(job_id) => job_id,
+                Err(e) => return invalid_job_id(&e),
+            };
+            inner.jobs.insert(id, Answer::Running(process));
             let state = JobProcessState::Running {
                 process,
                 since: inner.epoch,
                 found_by: FoundBy::Started,
             };
-            (
-                StatusCode::CREATED,
-                Json(VmaJobStatus { job_id: id, state }),
-            )
-                .into_response()
+            (StatusCode::CREATED, Json(VmaJobStatus { job_id, state })).into_response()
         }
     }
 }

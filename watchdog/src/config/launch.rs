@@ -80,6 +80,11 @@ pub struct LaunchFlags<'a> {
     pub nice: i32,
     /// `--match-name`s, the names the track endpoint accepts.
     pub match_names: &'a [String],
+    /// `--migratekit-path`: the binary a process must run to be migratekit (default: the
+    /// program).
+    pub migratekit_path: Option<&'a Path>,
+    /// `--migratekit-uid`: the user it must run as (default: the watchdog's own).
+    pub migratekit_uid: Option<u32>,
 }
 
 /// Builds the launcher's configuration from the flags and the file they name.
@@ -113,6 +118,12 @@ pub fn load(flags: &LaunchFlags<'_>) -> anyhow::Result<LauncherConfig> {
     }
     config.match_names = flags.match_names.to_vec();
     config.nice = flags.nice;
+    if let Some(path) = flags.migratekit_path {
+        config.migratekit.path = path.to_owned();
+    }
+    if let Some(uid) = flags.migratekit_uid {
+        config.migratekit.uid = uid;
+    }
     Ok(config)
 }
 
@@ -217,6 +228,27 @@ mod tests {
         assert_eq!(c.credentials["b"].password.expose(), "from-file-pw");
         let shown = format!("{c:?}");
         assert!(!shown.contains("inline-pw") && !shown.contains("from-file-pw"));
+    }
+
+    #[test]
+    fn migratekit_is_the_program_run_as_the_watchdog_unless_told_otherwise() {
+        let program = Path::new("/opt/wrapper.sh");
+        let flags = LaunchFlags {
+            program: Some(program),
+            ..Default::default()
+        };
+        let c = load(&flags).unwrap();
+        assert_eq!(c.migratekit.path, program);
+        assert_eq!(c.migratekit.uid, crate::trust::own_uid());
+        let flags = LaunchFlags {
+            program: Some(program),
+            migratekit_path: Some(Path::new("/usr/bin/migratekit")),
+            migratekit_uid: Some(4242),
+            ..Default::default()
+        };
+        let c = load(&flags).unwrap();
+        assert_eq!(c.migratekit.path, Path::new("/usr/bin/migratekit"));
+        assert_eq!(c.migratekit.uid, 4242);
     }
 
     #[test]

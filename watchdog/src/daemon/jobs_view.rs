@@ -2,7 +2,7 @@
 
 use std::io;
 
-use api::{ExitStatus, FoundBy, ProcessIdentity, VmaJobStatus};
+use api::{ExitStatus, FoundBy, JobId, ProcessIdentity, VmaJobStatus};
 
 use super::{TrackError, Tracker};
 use crate::http::{JobsHealth, JobsView, RegisterError};
@@ -18,7 +18,7 @@ impl JobsView for Tracker {
 
     fn register_process(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         process: ProcessIdentity,
         found_by: FoundBy,
     ) -> Result<VmaJobStatus, RegisterError> {
@@ -35,7 +35,7 @@ impl JobsView for Tracker {
         })
     }
 
-    fn launched_child_exited(&self, _job_id: &str, process: ProcessIdentity, exit: ExitStatus) {
+    fn launched_child_exited(&self, _job_id: &JobId, process: ProcessIdentity, exit: ExitStatus) {
         self.child_exited(process, exit);
     }
 

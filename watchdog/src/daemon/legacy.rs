@@ -68,7 +68,7 @@ mod tests {
         ProcessEvent {
             event_id: uuid::Uuid::now_v7(),
             kind: ProcessEventKind::DiedWhileUnwatched,
-            job_id: "job".into(),
+            job_id: api::JobId::parse("job").unwrap(),
             process: ProcessIdentity { pid, start_time: 1 },
             exit: None,
             observed_at: chrono::Utc::now(),

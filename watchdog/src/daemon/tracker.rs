@@ -7,12 +7,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::{ExitStatus, FoundBy, ProcessIdentity, VmaJobStatus};
+use api::{ExitStatus, FoundBy, JobId, ProcessIdentity, VmaJobStatus};
 
 use super::Core;
 use crate::outbox::Outbox;
 use crate::procfs;
 use crate::registry::{Registry, RegistryError};
+use crate::trust::ExeId;
 
 /// Shared handle on the daemon's state: the registry, the outbox and the detector.
 #[derive(Debug, Clone)]
@@ -47,7 +48,7 @@ impl Tracker {
     /// name is not checked here: the caller decides what it is willing to track.
     pub fn register_process(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         process: ProcessIdentity,
         found_by: FoundBy,
     ) -> Result<VmaJobStatus, TrackError> {
@@ -66,14 +67,20 @@ impl Tracker {
             .registry
             .running()
             .into_iter()
-            .find(|e| e.job_id == job_id && e.process != process);
+            .find(|e| &e.job_id == job_id && e.process != process);
         if let Some(other) = other {
             return Err(TrackError::JobRunning {
-                job_id: job_id.to_owned(),
+                job_id: job_id.clone(),
                 running: other.process,
             });
         }
-        self.0.register(process, job_id, found_by)?;
+        // A process the launcher started is registered before it execs migratekit: the binary
+        // it is about to run is the configured one. Any other runs its binary already.
+        let exe = match found_by {
+            FoundBy::Started => ExeId::of_path(&self.0.migratekit.path),
+            _ => ExeId::of_process(process.pid),
+        };
+        self.0.register(process, job_id, found_by, exe.ok())?;
         self.0
             .registry
             .job_status(job_id)
@@ -89,7 +96,7 @@ impl Tracker {
     pub fn track_child(
         &self,
         child: std::process::Child,
-        job_id: &str,
+        job_id: &JobId,
     ) -> Result<ProcessIdentity, (TrackError, std::process::Child)> {
         let pid = child.id();
         let process = match procfs::read_stat(pid) {
@@ -171,7 +178,7 @@ pub enum TrackError {
     )]
     JobRunning {
         /// The job.
-        job_id: String,
+        job_id: JobId,
         /// Its live process.
         running: ProcessIdentity,
     },

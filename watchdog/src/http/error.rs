@@ -3,7 +3,8 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
@@ -18,6 +19,8 @@ pub enum ApiError {
     NotLoopback,
     /// 400 with a code and a message (which names the offending field).
     BadRequest(&'static str, String),
+    /// 403 with a code.
+    Forbidden(&'static str, String),
     /// 404 with a code.
     NotFound(&'static str, String),
     /// 409 with a code.
@@ -44,6 +47,7 @@ impl ApiError {
                 "progress updates are accepted only from processes on this VMA".into(),
             ),
             Self::BadRequest(code, message) => (StatusCode::BAD_REQUEST, code, message),
+            Self::Forbidden(code, message) => (StatusCode::FORBIDDEN, code, message),
             Self::NotFound(code, message) => (StatusCode::NOT_FOUND, code, message),
             Self::Conflict(code, message) => (StatusCode::CONFLICT, code, message),
             Self::Unprocessable(code, message) => (StatusCode::UNPROCESSABLE_ENTITY, code, message),
@@ -106,20 +110,26 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// Job ids become file names and unit names: 1 to 128 characters from `[A-Za-z0-9._-]`,
-/// starting with a letter or digit.
-pub fn check_job_id(job_id: &str) -> Result<(), ApiError> {
-    let valid = (1..=128).contains(&job_id.len())
-        && job_id.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && job_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::BadRequest(
-            "invalid_job_id",
-            "job ids are 1 to 128 characters of letters, digits, '.', '_' and '-', starting with a letter or digit".into(),
-        ))
+/// A job id taken from the request path (`{job_id}`), checked by [`api::JobId`]'s one rule:
+/// an id that breaks it is a 400 `invalid_job_id` whose message states the rule (never the
+/// text sent), before any handler sees it.
+#[derive(Debug)]
+pub struct JobPath(pub api::JobId);
+
+impl<S: Send + Sync> FromRequestParts<S> for JobPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| {
+                ApiError::BadRequest(
+                    "invalid_job_id",
+                    format!("the job id in the path could not be read: {rejection}"),
+                )
+            })?;
+        api::JobId::parse(&raw)
+            .map(JobPath)
+            .map_err(|e| ApiError::BadRequest("invalid_job_id", e.to_string()))
     }
 }

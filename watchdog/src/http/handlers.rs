@@ -3,14 +3,14 @@
 use std::sync::Arc;
 
 use api::{
-    FoundBy, JobProcessState, ProgressUpdate, StartJobRequest, StoredProgress, TrackJobRequest,
-    VmaJobStatus,
+    FoundBy, JobId, JobProcessState, ProgressUpdate, StartJobRequest, StoredProgress,
+    TrackJobRequest, VmaJobStatus,
 };
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 
-use super::error::{ApiError, JsonBody, check_job_id};
+use super::error::{ApiError, JobPath, JsonBody};
 use super::{AppState, RegisterError};
 use crate::launcher::{LaunchError, TemplateError, proc_comm, proc_identity};
 
@@ -18,10 +18,9 @@ use crate::launcher::{LaunchError, TemplateError, proc_comm, proc_identity};
 /// which the route's `require_loopback` layer has checked before the body is read).
 pub async fn post_progress(
     State(state): State<AppState>,
-    Path(job_id): Path<String>,
+    JobPath(job_id): JobPath,
     JsonBody(update): JsonBody<ProgressUpdate>,
 ) -> Result<Json<StoredProgress>, ApiError> {
-    check_job_id(&job_id)?;
     let store = Arc::clone(&state.progress);
     let stored = tokio::task::spawn_blocking(move || store.record(&job_id, update))
         .await
@@ -36,9 +35,8 @@ pub async fn post_progress(
 /// `GET /api/v1/progress/{job_id}`: the latest update, for the OMA's poller.
 pub async fn get_progress(
     State(state): State<AppState>,
-    Path(job_id): Path<String>,
+    JobPath(job_id): JobPath,
 ) -> Result<Json<StoredProgress>, ApiError> {
-    check_job_id(&job_id)?;
     state.progress.get(&job_id).map(Json).ok_or_else(|| {
         ApiError::NotFound(
             "no_progress",
@@ -55,9 +53,8 @@ pub async fn list_jobs(State(state): State<AppState>) -> Json<Vec<VmaJobStatus>>
 /// `GET /api/v1/jobs/{job_id}`: 200 with the state, or 404 `unknown_job`.
 pub async fn get_job(
     State(state): State<AppState>,
-    Path(job_id): Path<String>,
+    JobPath(job_id): JobPath,
 ) -> Result<Json<VmaJobStatus>, ApiError> {
-    check_job_id(&job_id)?;
     state
         .jobs
         .job(&job_id)
@@ -71,9 +68,8 @@ pub async fn get_job(
 /// 404 `unknown_job`, 409 `not_running`.
 pub async fn stop_job(
     State(state): State<AppState>,
-    Path(job_id): Path<String>,
+    JobPath(job_id): JobPath,
 ) -> Result<(StatusCode, Json<VmaJobStatus>), ApiError> {
-    check_job_id(&job_id)?;
     let status = state
         .jobs
         .job(&job_id)
@@ -121,10 +117,9 @@ fn unknown_job(job_id: &str) -> ApiError {
 /// `POST /api/v1/jobs/{job_id}/start`: launch migratekit from the VMA's template.
 pub async fn start_job(
     State(state): State<AppState>,
-    Path(job_id): Path<String>,
+    JobPath(job_id): JobPath,
     JsonBody(request): JsonBody<StartJobRequest>,
 ) -> Result<(StatusCode, Json<VmaJobStatus>), ApiError> {
-    check_job_id(&job_id)?;
     if let Some(running) = running_process(&state, &job_id) {
         return Err(job_running(&job_id, running));
     }
@@ -137,7 +132,7 @@ pub async fn start_job(
 
 async fn launch_and_reap(
     state: AppState,
-    job_id: String,
+    job_id: JobId,
     request: StartJobRequest,
 ) -> Result<(StatusCode, Json<VmaJobStatus>), ApiError> {
     let jobs = Arc::clone(&state.jobs);
@@ -168,7 +163,7 @@ async fn launch_and_reap(
     Ok((StatusCode::CREATED, Json(status)))
 }
 
-fn launch_error(job_id: &str, error: LaunchError<RegisterError>) -> ApiError {
+fn launch_error(job_id: &JobId, error: LaunchError<RegisterError>) -> ApiError {
     match error {
         LaunchError::Template(e @ TemplateError::Unclosed(_)) => ApiError::Internal(e.to_string()),
         LaunchError::Template(e) => ApiError::BadRequest("invalid_parameters", e.to_string()),
@@ -176,7 +171,7 @@ fn launch_error(job_id: &str, error: LaunchError<RegisterError>) -> ApiError {
             job_running(job_id, running)
         }
         other => {
-            tracing::error!(job_id, error = %other, "could not start migratekit");
+            tracing::error!(job_id = %job_id, error = %other, "could not start migratekit");
             ApiError::Internal(other.to_string())
         }
     }
@@ -199,13 +194,14 @@ fn running_process(state: &AppState, job_id: &str) -> Option<api::ProcessIdentit
     }
 }
 
-/// `POST /api/v1/jobs/{job_id}/track`: adopt a running process after checking its name.
+/// `POST /api/v1/jobs/{job_id}/track`: adopt a running process after checking its name, its
+/// executable and its user (403 `not_migratekit` when it is not the configured migratekit,
+/// 409 `job_running` when the job already runs as another process).
 pub async fn track_job(
     State(state): State<AppState>,
-    Path(job_id): Path<String>,
+    JobPath(job_id): JobPath,
     JsonBody(request): JsonBody<TrackJobRequest>,
 ) -> Result<Json<VmaJobStatus>, ApiError> {
-    check_job_id(&job_id)?;
     let pid = request.pid;
     let no_such = || {
         ApiError::NotFound(
@@ -217,15 +213,28 @@ pub async fn track_job(
     // two start times differ and we refuse rather than adopt the wrong process.
     let before = proc_identity(pid).map_err(|_| no_such())?;
     let comm = proc_comm(pid).map_err(|_| no_such())?;
-    let after = proc_identity(pid).map_err(|_| no_such())?;
-    if before != after {
-        return Err(no_such());
-    }
     let names = &state.launcher.config().match_names;
     if !names.contains(&comm) {
         return Err(ApiError::Unprocessable(
             "process_name_mismatch",
             format!("pid {pid} is named {comm:?}, not one of the watched names {names:?}"),
+        ));
+    }
+    // The name is not enough: any user can run a binary called migratekit.
+    let trusted = state.launcher.config().migratekit.check(pid);
+    let after = proc_identity(pid).map_err(|_| no_such())?;
+    if before != after {
+        return Err(no_such());
+    }
+    if let Err(refusal) = trusted {
+        tracing::warn!(event = "impostor_ignored", pid, start_time = after.start_time,
+            uid = crate::trust::process_uids(pid).ok().map(|(real, _)| real),
+            exe = crate::trust::exe_path(pid).map(|p| p.display().to_string()).as_deref(),
+            job_id = %job_id, reason = refusal.reason(), detail = %refusal, found_by = "tracked",
+            "refused to track a process that is not this VMA's migratekit");
+        return Err(ApiError::Forbidden(
+            "not_migratekit",
+            format!("pid {pid} is not this VMA's migratekit: {refusal}"),
         ));
     }
     let jobs = Arc::clone(&state.jobs);

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use api::{Detector, ExitStatus, FoundBy, JobProcessState, ProcessIdentity, VmaJobStatus};
+use api::{Detector, ExitStatus, FoundBy, JobId, JobProcessState, ProcessIdentity, VmaJobStatus};
 use chrono::Utc;
 
 use super::{JobsView, RegisterError};
@@ -12,7 +12,7 @@ use super::{JobsView, RegisterError};
 /// Jobs kept in memory only: a restart forgets them. The daemon uses its registry instead.
 #[derive(Debug, Default)]
 pub struct MemoryJobs {
-    jobs: Mutex<BTreeMap<String, VmaJobStatus>>,
+    jobs: Mutex<BTreeMap<JobId, VmaJobStatus>>,
 }
 
 impl MemoryJobs {
@@ -21,7 +21,7 @@ impl MemoryJobs {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, VmaJobStatus>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<JobId, VmaJobStatus>> {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -37,7 +37,7 @@ impl JobsView for MemoryJobs {
 
     fn register_process(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         process: ProcessIdentity,
         found_by: FoundBy,
     ) -> Result<VmaJobStatus, RegisterError> {
@@ -53,24 +53,24 @@ impl JobsView for MemoryJobs {
             }
             if crate::launcher::proc_identity(running.pid).is_ok_and(|now| now == running) {
                 return Err(RegisterError::JobRunning {
-                    job_id: job_id.to_owned(),
+                    job_id: job_id.clone(),
                     running,
                 });
             }
         }
         let status = VmaJobStatus {
-            job_id: job_id.to_owned(),
+            job_id: job_id.clone(),
             state: JobProcessState::Running {
                 process,
                 since: Utc::now(),
                 found_by,
             },
         };
-        jobs.insert(job_id.to_owned(), status.clone());
+        jobs.insert(job_id.clone(), status.clone());
         Ok(status)
     }
 
-    fn launched_child_exited(&self, job_id: &str, process: ProcessIdentity, exit: ExitStatus) {
+    fn launched_child_exited(&self, job_id: &JobId, process: ProcessIdentity, exit: ExitStatus) {
         let mut jobs = self.lock();
         let Some(status) = jobs.get_mut(job_id) else {
             return;

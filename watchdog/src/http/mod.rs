@@ -14,14 +14,14 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use api::{ExitStatus, FoundBy, ProcessIdentity, VmaJobStatus};
+use api::{ExitStatus, FoundBy, JobId, ProcessIdentity, VmaJobStatus};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
 pub use auth::{BearerToken, InvalidToken, Secret, is_loopback_peer};
-pub use error::{ApiError, JsonBody, check_job_id};
+pub use error::{ApiError, JobPath, JsonBody};
 pub use memory_jobs::MemoryJobs;
 
 use crate::launcher::Launcher;
@@ -48,14 +48,14 @@ pub trait JobsView: Send + Sync + 'static {
     /// the launcher lets a started process run only after it returns `Ok`.
     fn register_process(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         process: ProcessIdentity,
         found_by: FoundBy,
     ) -> Result<VmaJobStatus, RegisterError>;
     /// A process started by the launcher has exited with `exit` (from `waitid`); it is still
     /// a zombie and is reaped right after this returns. The detectors report the death
     /// anyway; this is the exact status, for a registry that records it first.
-    fn launched_child_exited(&self, job_id: &str, process: ProcessIdentity, exit: ExitStatus) {
+    fn launched_child_exited(&self, job_id: &JobId, process: ProcessIdentity, exit: ExitStatus) {
         let _ = (job_id, process, exit);
     }
     /// What `/health` shows about processes. By default counted from [`JobsView::jobs`].
@@ -91,7 +91,7 @@ pub enum RegisterError {
     #[error("job {job_id} already runs as pid {} (start time {}); stop it or track that process instead", running.pid, running.start_time)]
     JobRunning {
         /// The job.
-        job_id: String,
+        job_id: JobId,
         /// Its live process.
         running: ProcessIdentity,
     },

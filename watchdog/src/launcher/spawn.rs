@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use api::{ProcessIdentity, StartJobRequest};
+use api::{JobId, ProcessIdentity, StartJobRequest};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 
@@ -158,7 +158,7 @@ impl Launcher {
     /// stopped at the gate and the error is returned.
     pub async fn launch<T, R>(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         request: &StartJobRequest,
         register: impl FnOnce(ProcessIdentity) -> Result<T, R> + Send + 'static,
     ) -> Result<(Launched, T), LaunchError<R>>
@@ -240,7 +240,7 @@ impl Launcher {
             placement,
             argv,
         };
-        tracing::info!(job_id, pid = process.pid, start_time = process.start_time, placement = ?launched.placement, argv = ?launched.redacted_argv(), "started migratekit");
+        tracing::info!(job_id = %job_id, pid = process.pid, start_time = process.start_time, placement = ?launched.placement, argv = ?launched.redacted_argv(), "started migratekit");
         Ok((launched, registered))
     }
 

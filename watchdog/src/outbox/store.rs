@@ -429,7 +429,7 @@ mod tests {
         ProcessEvent {
             event_id: Uuid::new_v4(),
             kind: ProcessEventKind::DiedWhileUnwatched,
-            job_id: format!("job-{n}"),
+            job_id: api::JobId::parse(&format!("job-{n}")).unwrap(),
             process: ProcessIdentity {
                 pid: n,
                 start_time: 1,

@@ -67,8 +67,8 @@ fn cmdline(args: &[&str]) -> Vec<u8> {
 fn job_id_is_taken_from_the_command_line_in_both_spellings() {
     let c = cmdline(&["migratekit", "migrate", "--job-id", "job-20251001-abc"]);
     assert_eq!(job_id_from_cmdline(&c).as_deref(), Some("job-20251001-abc"));
-    let c = cmdline(&["migratekit", "migrate", "--job-id=j.1:2"]);
-    assert_eq!(job_id_from_cmdline(&c).as_deref(), Some("j.1:2"));
+    let c = cmdline(&["migratekit", "migrate", "--job-id=j.1_2"]);
+    assert_eq!(job_id_from_cmdline(&c).as_deref(), Some("j.1_2"));
     let c = cmdline(&["migratekit", "migrate", "-job-id", "j2"]);
     assert_eq!(job_id_from_cmdline(&c).as_deref(), Some("j2"));
     assert_eq!(
@@ -100,11 +100,12 @@ fn the_password_is_never_taken_for_a_job_id() {
 
 #[test]
 fn job_ids_with_strange_bytes_are_refused_not_copied() {
-    for bad in ["a b", "p@ss", "x/y", "é"] {
+    // The one rule of `api::JobId`: no ':' (unit names), and a letter or digit first.
+    for bad in ["a b", "p@ss", "x/y", "é", "j:1", "-job", ".job"] {
         let c = cmdline(&["migratekit", "--job-id", bad]);
         assert_eq!(job_id_from_cmdline(&c), None, "{bad:?}");
     }
-    let long = "j".repeat(JOB_ID_MAX + 1);
+    let long = "j".repeat(api::JobId::MAX_LEN + 1);
     assert_eq!(
         job_id_from_cmdline(&cmdline(&["m", "--job-id", &long])),
         None

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use api::JobId;
 use chrono::{DateTime, Utc};
 use imbl::{OrdMap, OrdSet};
 
@@ -18,15 +19,15 @@ use super::{LastExit, MAX_LAST_EXITS};
 /// Last exits by job, with an index by age for pruning.
 #[derive(Debug, Clone, Default)]
 pub(super) struct LastExits {
-    by_job: OrdMap<String, LastExit>,
+    by_job: OrdMap<JobId, LastExit>,
     /// `(exited_at, job id)` of every entry, oldest first (ties by job id).
-    by_age: OrdSet<(DateTime<Utc>, String)>,
+    by_age: OrdSet<(DateTime<Utc>, JobId)>,
 }
 
 impl LastExits {
     /// The last exits as the registry's file holds them, pruned to the newest
     /// [`MAX_LAST_EXITS`] (a file written with a larger limit is cut down as it is read).
-    pub(super) fn from_file(exits: BTreeMap<String, LastExit>) -> Self {
+    pub(super) fn from_file(exits: BTreeMap<JobId, LastExit>) -> Self {
         let mut this = Self::default();
         for (job, last) in exits {
             this.insert(job, last);
@@ -36,7 +37,7 @@ impl LastExits {
 
     /// Records `last` as `job`'s last exit, replacing any earlier one, and returns the
     /// oldest entries dropped beyond [`MAX_LAST_EXITS`].
-    pub(super) fn insert(&mut self, job: String, last: LastExit) -> Vec<(String, LastExit)> {
+    pub(super) fn insert(&mut self, job: JobId, last: LastExit) -> Vec<(JobId, LastExit)> {
         if let Some(before) = self.by_job.get(&job) {
             self.by_age.remove(&(before.exited_at, job.clone()));
         }
@@ -60,7 +61,7 @@ impl LastExits {
     }
 
     /// Every job with a last exit, in id order.
-    pub(super) fn jobs(&self) -> impl Iterator<Item = &String> {
+    pub(super) fn jobs(&self) -> impl Iterator<Item = &JobId> {
         self.by_job.keys()
     }
 
@@ -70,7 +71,7 @@ impl LastExits {
     }
 
     /// The map by job, for encoding (an O(1) clone of it is a consistent snapshot).
-    pub(super) fn by_job(&self) -> &OrdMap<String, LastExit> {
+    pub(super) fn by_job(&self) -> &OrdMap<JobId, LastExit> {
         &self.by_job
     }
 
