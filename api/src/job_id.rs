@@ -197,8 +197,13 @@ mod tests {
         for id in ["-job", ".job", "_job", ":job"] {
             assert_eq!(JobId::parse(id), Err(JobIdError::BadFirst), "{id}");
         }
-        for (id, position) in [("job/1", 3), ("job 1", 3), ("job\n1", 3), ("j:1", 1), ("jé", 1)]
-        {
+        for (id, position) in [
+            ("job/1", 3),
+            ("job 1", 3),
+            ("job\n1", 3),
+            ("j:1", 1),
+            ("jé", 1),
+        ] {
             assert_eq!(
                 JobId::parse(id),
                 Err(JobIdError::BadChar { position }),
