@@ -251,6 +251,7 @@ pub async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
         "detector": jobs.detector,
         "registry": { "running": jobs.running, "jobs": jobs.jobs },
         "outbox": outbox,
+        "progress": { "refused_updates": super::refused_updates() },
         "log": { "dropped_lines": crate::logging::dropped_lines() },
     }))
 }
