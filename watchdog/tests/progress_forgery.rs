@@ -6,80 +6,15 @@
 mod common;
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 
 use api::{ErrorBody, FoundBy, ProgressStatus};
-use support::{Server, sleep_launcher, start};
+use support::{JobProcess, Server, sleep_launcher, start};
 use vma_watchdog::http::JobsView;
 use vma_watchdog::launcher::proc_identity;
 
 /// The user the cross-user tests forge as (created when missing; root only).
 const FORGER: &str = "mkit-test-forger";
-
-/// A bash process that posts progress for a job when told to, one line on stdin per post
-/// (`self BYTES STATUS` or `child BYTES STATUS`), and prints each answer's status code.
-/// `self` posts from bash itself (`/dev/tcp` and builtins: no other process is involved),
-/// so it is the process that was registered; `child` posts through a `curl` it starts.
-const POSTER: &str = r#"
-port=$1; job=$2
-while read -r mode bytes status; do
-  body="{\"stage\":\"Transfer\",\"status\":\"$status\",\"bytes_transferred\":$bytes,\"total_bytes\":1000,\"throughput_bps\":100,\"disk_id\":\"disk-2000\",\"sync_type\":\"full\"}"
-  if [ "$mode" = child ]; then
-    curl -s -o /dev/null -w '%{http_code}\n' --data-binary "$body" "http://127.0.0.1:$port/api/v1/progress/$job/update"
-  else
-    exec 3<>"/dev/tcp/127.0.0.1/$port"
-    printf 'POST /api/v1/progress/%s/update HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s' "$job" "${#body}" "$body" >&3
-    read -r _ code _ <&3
-    exec 3<&-
-    echo "$code"
-  fi
-done
-"#;
-
-/// The job's own process: the bash [`POSTER`], registered for the job.
-struct JobProcess {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl JobProcess {
-    fn start(port: u16, job: &str) -> Self {
-        let mut child = Command::new("/bin/bash")
-            .args(["-c", POSTER, "poster", &port.to_string(), job])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start bash");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Self {
-            child,
-            stdin,
-            stdout,
-        }
-    }
-
-    /// Posts `bytes` with `status` (from itself, or from a child when `from_child`).
-    fn post(&mut self, from_child: bool, bytes: u64, status: &str) -> u16 {
-        let mode = if from_child { "child" } else { "self" };
-        writeln!(self.stdin, "{mode} {bytes} {status}").unwrap();
-        self.stdin.flush().unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        line.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("no status code from the poster: {line:?}"))
-    }
-}
-
-impl Drop for JobProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A forged update (`status: failed`) for `job` from a new `curl` process, run as `uid`
 /// when given. Returns the status code and the body of the answer.
@@ -126,8 +61,8 @@ async fn refused_count(server: &Server) -> u64 {
 /// A server and job `job-a` registered as a running [`JobProcess`] that has reported once.
 async fn job_a(dir: &std::path::Path) -> (Server, JobProcess) {
     let server = start(dir, sleep_launcher()).await;
-    let job = JobProcess::start(server.addr.port(), "job-a");
-    let identity = proc_identity(job.child.id()).unwrap();
+    let job = JobProcess::start(&[], server.addr.port(), "job-a");
+    let identity = proc_identity(job.pid()).unwrap();
     server
         .jobs
         .register_process("job-a", identity, FoundBy::Tracked)
