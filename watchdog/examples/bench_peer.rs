@@ -6,8 +6,10 @@
 //! tables are of a realistic size. Then it times, ROUNDS times each (default 2,000):
 //!
 //! - `peer::verify` for one of its own connections (the check every update pays): the
-//!   start time read twice, `/proc/<pid>/net/tcp` read and searched, one readlink per fd;
+//!   start time read twice, one exact `sock_diag` query, one readlink per fd;
 //! - the same check for a process that does not hold the socket (a refusal);
+//! - one read of `/proc/<pid>/net/tcp`, what the check costs more when the socket is not in
+//!   the watchdog's network namespace (and what every check cost before `sock_diag`);
 //! - `find_any_holder`, the search of every process on the host that a refusal's log line
 //!   makes at most once a second;
 //! - `ProgressStore::record` (the update's own cost without the check: encode, append,
@@ -94,6 +96,13 @@ fn bench_lookup(rounds: usize, conn: Connection) {
     );
     let _ = other.kill();
     let _ = other.wait();
+    let table = format!("/proc/{}/net/tcp", std::process::id());
+    report(
+        "read /proc/<pid>/net/tcp (fallback path)",
+        time(rounds.min(500), || {
+            std::fs::read_to_string(&table).unwrap();
+        }),
+    );
     let inode = peer::verify(me, conn).unwrap().inode;
     report(
         "find_any_holder (whole host, log only)",
@@ -121,7 +130,8 @@ async fn bench_http(rounds: usize) {
     let dir = tempfile::tempdir().unwrap();
     let jobs = Arc::new(MemoryJobs::new());
     let me = proc_identity(std::process::id()).unwrap();
-    jobs.register_process("job-b", me, FoundBy::Tracked).unwrap();
+    jobs.register_process("job-b", me, FoundBy::Tracked)
+        .unwrap();
     let state = AppState {
         progress: Arc::new(ProgressStore::open(dir.path()).unwrap()),
         jobs,
@@ -141,7 +151,12 @@ async fn bench_http(rounds: usize) {
     let mut samples = Vec::with_capacity(rounds);
     for i in 0..rounds {
         let t = Instant::now();
-        let r = client.post(&url).json(&update(i as u64)).send().await.unwrap();
+        let r = client
+            .post(&url)
+            .json(&update(i as u64))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         samples.push(t.elapsed());
     }

@@ -4,8 +4,10 @@
 //! job's own process from any other local process is to look the connection up in `/proc`:
 //! the peer's address and port give the row of its socket in `/proc/<pid>/net/tcp` (or
 //! `tcp6`) and that row the socket's inode; the process holds that inode if one of the links
-//! in its `/proc/<pid>/fd` reads `socket:[<inode>]`. The tables are read through the job's
-//! own process (`/proc/<pid>/net`), so they are those of its network namespace.
+//! in its `/proc/<pid>/fd` reads `socket:[<inode>]`. The row is asked of the kernel first
+//! with an exact `sock_diag` query (`diag.rs`: a hash lookup, where reading the table walks
+//! every bucket); only when that finds nothing are the tables read, through the job's own
+//! process (`/proc/<pid>/net`), so that they are those of its network namespace.
 //!
 //! A process is `(pid, start time)`: the start time is checked before and after the lookup,
 //! so a pid that is reused in between is never mistaken for the job's process. Threads share
@@ -19,6 +21,8 @@ use std::path::{Path, PathBuf};
 use api::ProcessIdentity;
 
 use crate::launcher::proc_start_time;
+
+mod diag;
 
 /// The two ends of an accepted connection, as the server sees them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +113,12 @@ pub fn verify(process: ProcessIdentity, conn: Connection) -> Result<SocketRow, P
     let pid = process.pid;
     check_identity(process)?;
     let views = views_of(pid);
-    let row = find_row(&views, conn)?.ok_or(PeerError::NoSocket { pid, conn })?;
+    let row = match diag::lookup(conn.peer, conn.local) {
+        Ok(Some(row)) => row,
+        // Not in the watchdog's network namespace (or no sock_diag in this kernel): the
+        // tables of the job's own namespace, read the slow way.
+        Ok(None) | Err(_) => find_row(&views, conn)?.ok_or(PeerError::NoSocket { pid, conn })?,
+    };
     let held = holds_inode(&views, row.inode)?;
     // Checked again after the lookup: if the pid died and was reused while we read its
     // fds, the start time differs now and the answer is about another process.

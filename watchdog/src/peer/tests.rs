@@ -177,3 +177,37 @@ fn a_wrong_start_time_or_a_closed_connection_is_refused() {
     };
     assert!(matches!(verify(gone, conn), Err(PeerError::Gone { .. })));
 }
+
+#[test]
+fn sock_diag_finds_the_same_socket_as_the_proc_table() {
+    for (listen, to) in [
+        ("127.0.0.1:0", "127.0.0.1"),
+        ("[::]:0", "127.0.0.1"),
+        ("[::]:0", "::ffff:127.0.0.1"),
+        ("[::1]:0", "::1"),
+    ] {
+        if TcpListener::bind(listen).is_err() {
+            eprintln!("SKIP: cannot listen on {listen}");
+            continue;
+        }
+        let to: IpAddr = to.parse().unwrap();
+        let (ends, conn) = connect(listen, |p| SocketAddr::new(to, p));
+        let from_diag = diag::lookup(conn.peer, conn.local)
+            .expect("sock_diag answers")
+            .expect("sock_diag finds the client socket");
+        let views = views_of(std::process::id());
+        let from_proc = find_row(&views, conn).unwrap().expect("the table has it");
+        assert_eq!(
+            (from_diag.inode, from_diag.uid),
+            (from_proc.inode, from_proc.uid),
+            "{listen} -> {to}"
+        );
+        // The server's own end is another socket; asked the other way round, the kernel
+        // finds the accepted one, never the client's.
+        let reverse = diag::lookup(conn.local, conn.peer).unwrap().unwrap();
+        assert_ne!(reverse.inode, from_diag.inode);
+        drop(ends);
+    }
+    let nothing = diag::lookup(addr("127.0.0.1:1"), addr("127.0.0.1:2")).unwrap();
+    assert_eq!(nothing, None);
+}
