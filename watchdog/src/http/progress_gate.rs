@@ -101,7 +101,7 @@ pub async fn require_job_process(
     check_job_id(&job_id)?;
     match check(&state, &job_id, conn).await {
         Ok(()) => Ok(next.run(request).await),
-        Err(refusal) => Err(refuse(&job_id, conn, refusal)),
+        Err(refusal) => Err(refuse(&job_id, conn, &refusal)),
     }
 }
 
@@ -150,9 +150,9 @@ fn registered(state: &AppState, job_id: &str) -> Result<ProcessIdentity, Refusal
 /// called when that is known: the socket's uid whenever its row was found, the pid when the
 /// search of every process's fds ran (see [`wide_scan_allowed`]). Never the body: it is not
 /// read.
-fn refuse(job_id: &str, conn: Connection, refusal: Refusal) -> ApiError {
+fn refuse(job_id: &str, conn: Connection, refusal: &Refusal) -> ApiError {
     REFUSED.fetch_add(1, Ordering::Relaxed);
-    let (peer_uid, peer_pid) = match &refusal {
+    let (peer_uid, peer_pid) = match refusal {
         Refusal::NotJobProcess { source, holder, .. } => (source.row().map(|r| r.uid), *holder),
         _ => (None, None),
     };
