@@ -80,7 +80,7 @@ pub enum Refusal {
         source: PeerError,
     },
     /// The lookup could not run.
-    #[error("the caller of job {job_id}'s progress update could not be checked: {0}", .reason)]
+    #[error("the caller of job {job_id}'s progress update could not be checked: {reason}")]
     Unchecked {
         /// The job.
         job_id: String,
