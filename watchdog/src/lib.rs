@@ -8,6 +8,7 @@ pub mod http;
 pub mod launcher;
 pub mod logging;
 pub mod outbox;
+pub mod peer;
 pub mod priority;
 pub mod procfs;
 pub mod progress;

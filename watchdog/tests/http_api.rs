@@ -9,6 +9,17 @@ use reqwest::StatusCode;
 use support::{TOKEN, get_json, progress_body, sleep_launcher, start};
 use vma_watchdog::progress::ProgressStore;
 
+/// Registers this test process as the job's process: progress updates count only from the
+/// job's own process, and here the test's HTTP client plays migratekit.
+fn register_self(server: &support::Server, job_id: &str) {
+    use vma_watchdog::http::JobsView;
+    let me = vma_watchdog::launcher::proc_identity(std::process::id()).unwrap();
+    server
+        .jobs
+        .register_process(job_id, me, FoundBy::Tracked)
+        .unwrap();
+}
+
 async fn error_of(response: reqwest::Response) -> ErrorBody {
     response
         .json::<ErrorBody>()
@@ -20,6 +31,7 @@ async fn error_of(response: reqwest::Response) -> ErrorBody {
 async fn progress_from_loopback_is_stored_and_survives_a_new_store() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), sleep_launcher()).await;
+    register_self(&server, "job-1");
     let client = reqwest::Client::new();
     // Exactly like migratekit's client: no credentials, 5 s timeout, expects 200.
     for bytes in [100, 200, 300] {
@@ -111,6 +123,8 @@ async fn unknown_job_and_missing_progress_are_404_with_a_json_body() {
 async fn oversized_bodies_are_413_and_malformed_ones_400_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), sleep_launcher()).await;
+    // From the job's own process, so that what is checked is the body, not the caller.
+    register_self(&server, "job-1");
     let client = reqwest::Client::new();
     let mut huge = progress_body(1);
     huge["stage"] = serde_json::Value::String("x".repeat(200 * 1024));

@@ -13,7 +13,8 @@ use std::net::{TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use support::{progress_body, serve_on, sleep_launcher, state};
+use support::{JobProcess, progress_body, serve_on, sleep_launcher, state};
+use vma_watchdog::http::JobsView;
 
 const ADDRESS: &str = "10.231.77.1";
 
@@ -132,15 +133,27 @@ async fn progress_update_from_a_non_loopback_peer_is_refused() {
         state,
         jobs,
     );
+    // The loopback post comes from job-n's own process, inside the namespace: progress
+    // counts only from the job's process, which the watchdog finds in that process's own
+    // network namespace (the server's thread is in another one).
+    let netns = format!("/var/run/netns/{}", ns.0);
+    let job = JobProcess::start(&["nsenter", &format!("--net={netns}")], port, "job-n");
+    let identity = vma_watchdog::launcher::proc_identity(job.pid()).unwrap();
+    server
+        .jobs
+        .register_process("job-n", identity, api::FoundBy::Tracked)
+        .unwrap();
 
     let remote = tokio::task::spawn_blocking(move || {
-        ns.run(move || (post_via(ADDRESS, port), post_via("127.0.0.1", port)))
+        let remote = ns.run(move || post_via(ADDRESS, port));
+        let mut job = job;
+        (remote, job.post(false, 5, "in_progress"), ns)
     });
-    let (remote, local) = remote.await.unwrap();
+    let (remote, local, _ns) = remote.await.unwrap();
     assert_eq!(remote, 403, "a peer at {ADDRESS} must be refused");
     assert_eq!(
         local, 200,
-        "a loopback peer in the same namespace is accepted"
+        "the job's process on a loopback address in the same namespace is accepted"
     );
     assert_eq!(server.state.progress.get("job-n").unwrap().sequence, 1);
     server.stop().await;

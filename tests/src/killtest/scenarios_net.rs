@@ -166,21 +166,32 @@ pub fn bad_input(run: &Run) -> RunOutcome {
             json(br#"{"command":"/bin/sh"}"#),
             &[400],
         ),
+        // These come from the harness, not from the victim's migratekit: refused before
+        // the body is read (the body checks, 413 and 400, are tested from the job's own
+        // process in vma-watchdog's tests/http_api.rs).
         (
-            "oversized progress",
+            "oversized progress from another process",
             Method::POST,
             "/api/v1/progress/victim/update",
             None,
             Some(("application/json", wd_big)),
-            &[413],
+            &[403],
         ),
         (
-            "malformed progress",
+            "malformed progress from another process",
             Method::POST,
             "/api/v1/progress/victim/update",
             None,
             json(b"[1,2"),
-            &[400, 422],
+            &[403],
+        ),
+        (
+            "forged failure from another process",
+            Method::POST,
+            "/api/v1/progress/victim/update",
+            None,
+            json(br#"{"stage":"Transfer","status":"failed","bytes_transferred":1,"throughput_bps":0}"#),
+            &[403],
         ),
         ("no token", Method::GET, "/api/v1/jobs", None, None, &[401]),
         (

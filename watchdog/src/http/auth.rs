@@ -95,10 +95,11 @@ pub fn is_loopback_peer(peer: &SocketAddr) -> bool {
 
 /// Middleware: 403 unless the peer is on this host (progress updates).
 pub async fn require_loopback(
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(conn): ConnectInfo<crate::peer::Connection>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    let peer = conn.peer;
     if is_loopback_peer(&peer) {
         Ok(next.run(request).await)
     } else {

@@ -17,6 +17,8 @@ pub enum ApiError {
     Unauthorized,
     /// 403: a progress update from another host.
     NotLoopback,
+    /// 403 with a code: a caller on this host that may not make this call.
+    Forbidden(&'static str, String),
     /// 400 with a code and a message (which names the offending field).
     BadRequest(&'static str, String),
     /// 403 with a code.
@@ -46,6 +48,7 @@ impl ApiError {
                 "forbidden",
                 "progress updates are accepted only from processes on this VMA".into(),
             ),
+            Self::Forbidden(code, message) => (StatusCode::FORBIDDEN, code, message),
             Self::BadRequest(code, message) => (StatusCode::BAD_REQUEST, code, message),
             Self::Forbidden(code, message) => (StatusCode::FORBIDDEN, code, message),
             Self::NotFound(code, message) => (StatusCode::NOT_FOUND, code, message),

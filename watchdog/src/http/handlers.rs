@@ -14,8 +14,9 @@ use super::error::{ApiError, JobPath, JsonBody};
 use super::{AppState, RegisterError};
 use crate::launcher::{LaunchError, TemplateError, proc_comm, proc_identity};
 
-/// `POST /api/v1/progress/{job_id}/update`: migratekit's own client (from this host only,
-/// which the route's `require_loopback` layer has checked before the body is read).
+/// `POST /api/v1/progress/{job_id}/update`: migratekit's own client (from this host only and
+/// from the job's own registered process, which the route's `require_loopback` and
+/// `require_job_process` layers have checked before the body is read).
 pub async fn post_progress(
     State(state): State<AppState>,
     JobPath(job_id): JobPath,
@@ -260,6 +261,7 @@ pub async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
         "detector": jobs.detector,
         "registry": { "running": jobs.running, "jobs": jobs.jobs },
         "outbox": outbox,
+        "progress": { "refused_updates": super::refused_updates() },
         "log": { "dropped_lines": crate::logging::dropped_lines() },
     }))
 }

@@ -1,17 +1,18 @@
 //! The watchdog's REST API: progress from migratekit, job status and job start for the OMA.
 //!
 //! `router(state)` builds the axum router; `serve(listener, state, shutdown)` runs it with
-//! the peer address available to handlers (progress updates are accepted from loopback
-//! peers only). Every route but `/health` and progress updates needs the bearer token.
+//! both ends of each connection available to handlers: progress updates are accepted from
+//! loopback peers only, and only from the job's own registered process (`progress_gate`).
+//! Every route but `/health` and progress updates needs the bearer token.
 
 mod auth;
 mod error;
 mod handlers;
 mod memory_jobs;
+mod progress_gate;
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use api::{ExitStatus, FoundBy, JobId, ProcessIdentity, VmaJobStatus};
@@ -23,6 +24,7 @@ use tokio::net::TcpListener;
 pub use auth::{BearerToken, InvalidToken, Secret, is_loopback_peer};
 pub use error::{ApiError, JobPath, JsonBody};
 pub use memory_jobs::MemoryJobs;
+pub use progress_gate::{Refusal, refused_updates};
 
 use crate::launcher::Launcher;
 use crate::outbox::Outbox;
@@ -156,6 +158,11 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/progress/{job_id}/update",
             post(handlers::post_progress),
         )
+        // Inside the loopback check: only the job's own process may report its progress.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            progress_gate::require_job_process,
+        ))
         .route_layer(axum::middleware::from_fn(auth::require_loopback));
     Router::new()
         .merge(protected)
@@ -173,7 +180,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let app = router(state).into_make_service_with_connect_info::<crate::peer::Connection>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -2,8 +2,10 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 
 use vma_watchdog::http::{self, AppState, BearerToken, DEFAULT_BODY_LIMIT, MemoryJobs};
@@ -121,5 +123,77 @@ pub async fn exit_signal(client: &reqwest::Client, url: &str) -> Option<i32> {
             "the death was never recorded"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A bash process that posts progress for a job when told to, one line on stdin per post
+/// (`self BYTES STATUS` or `child BYTES STATUS`), and prints each answer's status code.
+/// `self` posts from bash itself (`/dev/tcp` and builtins: no other process is involved),
+/// so it is the process that was registered; `child` posts through a `curl` it starts.
+const POSTER: &str = r#"
+port=$1; job=$2
+while read -r mode bytes status; do
+  body="{\"stage\":\"Transfer\",\"status\":\"$status\",\"bytes_transferred\":$bytes,\"total_bytes\":1000,\"throughput_bps\":100,\"disk_id\":\"disk-2000\",\"sync_type\":\"full\"}"
+  if [ "$mode" = child ]; then
+    curl -s -o /dev/null -w '%{http_code}\n' --data-binary "$body" "http://127.0.0.1:$port/api/v1/progress/$job/update"
+  else
+    exec 3<>"/dev/tcp/127.0.0.1/$port"
+    printf 'POST /api/v1/progress/%s/update HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s' "$job" "${#body}" "$body" >&3
+    read -r _ code _ <&3
+    exec 3<&-
+    echo "$code"
+  fi
+done
+"#;
+
+/// The job's own process: the bash [`POSTER`], registered for the job.
+pub struct JobProcess {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl JobProcess {
+    /// Starts it; `prefix` is a command that execs it (`ip netns exec NAME`), or empty.
+    pub fn start(prefix: &[&str], port: u16, job: &str) -> Self {
+        let command = [prefix, &["/bin/bash", "-c", POSTER, "poster"]].concat();
+        let mut child = Command::new(command[0])
+            .args(&command[1..])
+            .args([&port.to_string(), job])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start bash");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Its pid (the prefix execs, so it is bash's).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Posts `bytes` with `status` (from itself, or from a child when `from_child`).
+    pub fn post(&mut self, from_child: bool, bytes: u64, status: &str) -> u16 {
+        let mode = if from_child { "child" } else { "self" };
+        writeln!(self.stdin, "{mode} {bytes} {status}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("no status code from the poster: {line:?}"))
+    }
+}
+
+impl Drop for JobProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
