@@ -120,7 +120,7 @@ fn bench_store(rounds: usize) {
         "ProgressStore::record (update, no check)",
         time(rounds, || {
             i += 1;
-            store.record("job-b", update(i)).unwrap();
+            store.record(&job_b(), update(i)).unwrap();
         }),
     );
 }
@@ -130,7 +130,7 @@ async fn bench_http(rounds: usize) {
     let dir = tempfile::tempdir().unwrap();
     let jobs = Arc::new(MemoryJobs::new());
     let me = proc_identity(std::process::id()).unwrap();
-    jobs.register_process("job-b", me, FoundBy::Tracked)
+    jobs.register_process(&job_b(), me, FoundBy::Tracked)
         .unwrap();
     let state = AppState {
         progress: Arc::new(ProgressStore::open(dir.path()).unwrap()),
@@ -187,4 +187,8 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(bench_http(rounds));
     drop((files, held));
+}
+
+fn job_b() -> api::JobId {
+    api::JobId::parse("job-b").expect("a valid job id")
 }

@@ -16,7 +16,7 @@ fn register_self(server: &support::Server, job_id: &str) {
     let me = vma_watchdog::launcher::proc_identity(std::process::id()).unwrap();
     server
         .jobs
-        .register_process(job_id, me, FoundBy::Tracked)
+        .register_process(&api::JobId::parse(job_id).unwrap(), me, FoundBy::Tracked)
         .unwrap();
 }
 

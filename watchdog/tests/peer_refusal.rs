@@ -141,7 +141,11 @@ async fn progress_update_from_a_non_loopback_peer_is_refused() {
     let identity = vma_watchdog::launcher::proc_identity(job.pid()).unwrap();
     server
         .jobs
-        .register_process("job-n", identity, api::FoundBy::Tracked)
+        .register_process(
+            &api::JobId::parse("job-n").unwrap(),
+            identity,
+            api::FoundBy::Tracked,
+        )
         .unwrap();
 
     let remote = tokio::task::spawn_blocking(move || {

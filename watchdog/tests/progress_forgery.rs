@@ -65,7 +65,11 @@ async fn job_a(dir: &std::path::Path) -> (Server, JobProcess) {
     let identity = proc_identity(job.pid()).unwrap();
     server
         .jobs
-        .register_process("job-a", identity, FoundBy::Tracked)
+        .register_process(
+            &api::JobId::parse("job-a").unwrap(),
+            identity,
+            FoundBy::Tracked,
+        )
         .unwrap();
     (server, job)
 }

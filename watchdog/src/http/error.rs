@@ -21,8 +21,6 @@ pub enum ApiError {
     Forbidden(&'static str, String),
     /// 400 with a code and a message (which names the offending field).
     BadRequest(&'static str, String),
-    /// 403 with a code.
-    Forbidden(&'static str, String),
     /// 404 with a code.
     NotFound(&'static str, String),
     /// 409 with a code.
@@ -50,7 +48,6 @@ impl ApiError {
             ),
             Self::Forbidden(code, message) => (StatusCode::FORBIDDEN, code, message),
             Self::BadRequest(code, message) => (StatusCode::BAD_REQUEST, code, message),
-            Self::Forbidden(code, message) => (StatusCode::FORBIDDEN, code, message),
             Self::NotFound(code, message) => (StatusCode::NOT_FOUND, code, message),
             Self::Conflict(code, message) => (StatusCode::CONFLICT, code, message),
             Self::Unprocessable(code, message) => (StatusCode::UNPROCESSABLE_ENTITY, code, message),

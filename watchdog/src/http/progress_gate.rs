@@ -10,14 +10,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use api::{JobProcessState, ProcessIdentity};
 use axum::extract::connect_info::Connected;
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::serve::IncomingStream;
 use tokio::net::TcpListener;
 
 use super::AppState;
-use super::error::{ApiError, check_job_id};
+use super::error::{ApiError, JobPath};
 use crate::peer::{self, Connection, PeerError};
 
 /// Progress updates refused because they did not come from the job's process.
@@ -52,7 +52,7 @@ pub enum Refusal {
     )]
     UnknownJob {
         /// The job.
-        job_id: String,
+        job_id: api::JobId,
     },
     /// The job's registered process has exited.
     #[error(
@@ -60,7 +60,7 @@ pub enum Refusal {
     )]
     NotRunning {
         /// The job.
-        job_id: String,
+        job_id: api::JobId,
         /// The process that ran it.
         pid: u32,
     },
@@ -70,7 +70,7 @@ pub enum Refusal {
     )]
     NotJobProcess {
         /// The job.
-        job_id: String,
+        job_id: api::JobId,
         /// The job's process.
         pid: u32,
         /// The process that holds the caller's socket, when it was looked for and found.
@@ -83,7 +83,7 @@ pub enum Refusal {
     #[error("the caller of job {job_id}'s progress update could not be checked: {reason}")]
     Unchecked {
         /// The job.
-        job_id: String,
+        job_id: api::JobId,
         /// Why.
         reason: tokio::task::JoinError,
     },
@@ -94,18 +94,17 @@ pub enum Refusal {
 pub async fn require_job_process(
     State(state): State<AppState>,
     ConnectInfo(conn): ConnectInfo<Connection>,
-    Path(job_id): Path<String>,
+    JobPath(job_id): JobPath,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    check_job_id(&job_id)?;
     match check(&state, &job_id, conn).await {
         Ok(()) => Ok(next.run(request).await),
         Err(refusal) => Err(refuse(&job_id, conn, &refusal)),
     }
 }
 
-async fn check(state: &AppState, job_id: &str, conn: Connection) -> Result<(), Refusal> {
+async fn check(state: &AppState, job_id: &api::JobId, conn: Connection) -> Result<(), Refusal> {
     let process = registered(state, job_id)?;
     // Blocking reads of /proc (a few hundred microseconds at most): off the runtime's
     // workers, like the store's write that follows.
@@ -133,7 +132,7 @@ async fn check(state: &AppState, job_id: &str, conn: Connection) -> Result<(), R
         })
 }
 
-fn registered(state: &AppState, job_id: &str) -> Result<ProcessIdentity, Refusal> {
+fn registered(state: &AppState, job_id: &api::JobId) -> Result<ProcessIdentity, Refusal> {
     match state.jobs.job(job_id).map(|status| status.state) {
         Some(JobProcessState::Running { process, .. }) => Ok(process),
         Some(JobProcessState::Exited { process, .. }) => Err(Refusal::NotRunning {
