@@ -116,3 +116,36 @@ pub fn read_to_end_within(mut reader: PipeReader, limit: Duration) -> Option<Vec
     });
     read.recv_timeout(limit).ok()
 }
+
+/// The uid and gid of the system user `name`, created (no home, no login shell) when it does
+/// not exist: attack tests run their processes as another real user. Needs root to create.
+/// Two tests may create the same user at once, so it looks again whatever `useradd` said.
+pub fn ensure_user(name: &str) -> Result<(u32, u32), String> {
+    let id = |flag: &str| -> Option<u32> {
+        let out = std::process::Command::new("id")
+            .args([flag, name])
+            .output()
+            .ok()?;
+        out.status.success().then_some(())?;
+        String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+    };
+    if id("-u").is_none() {
+        let out = std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
+            .arg(name)
+            .output()
+            .map_err(|e| format!("running useradd: {e}"))?;
+        if id("-u").is_none() {
+            return Err(format!(
+                "cannot create the user {name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    Ok((id("-u").ok_or("no uid")?, id("-g").ok_or("no gid")?))
+}

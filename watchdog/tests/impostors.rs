@@ -26,29 +26,13 @@ const ATTACKER: &str = "mkit-test-attacker";
 
 /// The uid of [`ATTACKER`], created when missing; `None` (with a `SKIP:` line) when it cannot be.
 fn attacker_uid(test: &str) -> Option<u32> {
-    let lookup = || {
-        let out = Command::new("id").args(["-u", ATTACKER]).output().ok()?;
-        let text = String::from_utf8(out.stdout).ok()?;
-        out.status.success().then(|| text.trim().parse().ok())?
-    };
-    if let Some(uid) = lookup() {
-        return Some(uid);
+    match test_support::ensure_user(ATTACKER) {
+        Ok((uid, _)) => Some(uid),
+        Err(why) => {
+            eprintln!("SKIP: {test}: {why}");
+            None
+        }
     }
-    let created = Command::new("useradd")
-        .args([
-            "--system",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-        ])
-        .arg(ATTACKER)
-        .status();
-    // Two tests may create the user at the same moment: look again whatever useradd said.
-    let uid = lookup();
-    if uid.is_none() {
-        eprintln!("SKIP: {test}: cannot create the user {ATTACKER} ({created:?})");
-    }
-    uid
 }
 
 /// A directory every user may enter, with a copy of the stand-in named `migratekit` in it.

@@ -44,8 +44,15 @@ fn assert_refused((code, body): (u16, String), who: &str) {
     );
 }
 
+/// Whether `curl` (the forger's tool) is installed. `cargo xtask setup` installs it, so in CI
+/// (`CI` set) a missing curl is a failure, not a skip.
 fn curl_available() -> bool {
-    Command::new("curl").arg("--version").output().is_ok()
+    let present = Command::new("curl").arg("--version").output().is_ok();
+    assert!(
+        present || std::env::var_os("CI").is_none(),
+        "curl is missing in CI: `cargo xtask setup` installs it"
+    );
+    present
 }
 
 async fn refused_count(server: &Server) -> u64 {
@@ -132,20 +139,7 @@ async fn forged_updates_from_other_processes_of_the_same_user_are_refused() {
 
 /// The forger's uid and gid, creating the user when it does not exist.
 fn forger() -> Result<(u32, u32), String> {
-    let id = |flag: &str| -> Option<u32> {
-        let out = Command::new("id").args([flag, FORGER]).output().ok()?;
-        String::from_utf8(out.stdout).ok()?.trim().parse().ok()
-    };
-    if id("-u").is_none() {
-        let out = Command::new("useradd")
-            .args(["--system", "--no-create-home", FORGER])
-            .output()
-            .map_err(|e| format!("useradd: {e}"))?;
-        if !out.status.success() && id("-u").is_none() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-    }
-    Ok((id("-u").ok_or("no uid")?, id("-g").ok_or("no gid")?))
+    test_support::ensure_user(FORGER)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

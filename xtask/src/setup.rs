@@ -18,12 +18,53 @@ pub fn run() -> Result<()> {
     changed |= ensure_rust_src(true)?;
     changed |= ensure_bpf_linker(true)?;
     changed |= ensure_tracefs(true)?;
+    // The attack tests run forgers and impostors as another real user from another real
+    // process: `curl` posts the forged progress, `useradd` makes the user.
+    changed |= ensure_debian_packages("setup", &[("curl", "curl"), ("useradd", "passwd")])?;
     if changed {
         println!("setup: done");
     } else {
         println!("setup: everything is present; nothing to do");
     }
     Ok(())
+}
+
+/// Whether `program` is on the PATH or in the system's sbin directories (root's tools, which a
+/// user's PATH may leave out).
+pub fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .any(|dir| dir.join(program).is_file())
+    })
+}
+
+/// Installs with apt-get the Debian package of every `(program, package)` whose program is not
+/// on the PATH; returns whether it installed anything. `who` prefixes the line it prints.
+pub fn ensure_debian_packages(who: &str, wanted: &[(&str, &str)]) -> Result<bool> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(program, _)| !on_path(program))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(false);
+    }
+    println!("{who}: installing {} (apt-get)", missing.join(" "));
+    let install = || {
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if install().is_err() {
+        // A fresh machine may not have package lists yet.
+        status(Command::new("apt-get").arg("update")).context("apt-get update")?;
+        install().with_context(|| format!("apt-get install {}", missing.join(" ")))?;
+    }
+    Ok(true)
 }
 
 /// What `build-ebpf` needs: rust-src and bpf-linker, installed quietly when missing.

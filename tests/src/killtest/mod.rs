@@ -5,6 +5,7 @@ pub mod bench;
 mod report;
 mod scenarios;
 mod scenarios_net;
+mod scenarios_trust;
 
 use std::time::{Duration, Instant};
 
@@ -85,6 +86,12 @@ pub fn all() -> Vec<Scenario> {
             name: "bad-input",
             proves: "malformed, oversized, unauthenticated and wrong-VMA requests to both APIs are refused, change nothing, and both daemons stay up",
             run: scenarios_net::bad_input,
+        },
+        Scenario {
+            number: 9,
+            name: "trust",
+            proves: "a local user's impostor migratekit processes (a copy, the real binary as another user, a copy run by root) and forged progress (a failed report) change nothing; the real death is reported as usual",
+            run: scenarios_trust::trust,
         },
     ]
 }

@@ -31,45 +31,18 @@ pub struct Kernel {
     pub version: String,
 }
 
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path)
-            .chain(["/usr/sbin".into(), "/sbin".into()])
-            .any(|dir| dir.join(program).is_file())
-    })
-}
-
 /// Installs qemu, debootstrap and e2fsprogs with apt-get when one of them is missing.
 pub fn ensure_host_tools() -> Result<()> {
-    let wanted = [
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("debootstrap", "debootstrap"),
-        ("mkfs.ext4", "e2fsprogs"),
-        ("dpkg-deb", "dpkg"),
-    ];
-    let missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(program, _)| !on_path(program))
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!("vm: installing {} (apt-get)", missing.join(" "));
-    let install = || {
-        setup::status(
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    };
-    if install().is_err() {
-        // A fresh machine may not have package lists yet.
-        setup::status(Command::new("apt-get").arg("update")).context("apt-get update")?;
-        install().with_context(|| format!("apt-get install {}", missing.join(" ")))?;
-    }
-    Ok(())
+    setup::ensure_debian_packages(
+        "vm",
+        &[
+            ("qemu-system-x86_64", "qemu-system-x86"),
+            ("debootstrap", "debootstrap"),
+            ("mkfs.ext4", "e2fsprogs"),
+            ("dpkg-deb", "dpkg"),
+        ],
+    )
+    .map(|_| ())
 }
 
 /// Downloads and extracts Debian 12's 6.1 cloud kernel into `dir` unless it is there.

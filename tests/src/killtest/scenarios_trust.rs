@@ -1,0 +1,145 @@
+//! Scenario 9: the attacks of a local unprivileged user of the VMA, against the whole system:
+//! impostor migratekit processes claiming a live job, and forged progress (a `failed` report)
+//! from other processes. Nothing may change; the real process's death is reported as usual.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use oma::model::{FailureClass, JobStatus};
+
+use super::scenarios::{expect_final, started, system};
+use super::{Run, RunOutcome, check, fail};
+
+/// The attacker's account, created when missing.
+const ATTACKER: &str = "mkit-test-attacker";
+
+/// Scenario 9: impostors and forged progress change nothing.
+pub fn trust(run: &Run) -> RunOutcome {
+    let (uid, gid) = test_support::ensure_user(ATTACKER).map_err(fail("the attacker's user"))?;
+    let sys = system(run)?;
+    let real = started(&sys, "victim", "")?;
+    let audit_before = sys
+        .oma
+        .audit("victim")
+        .map_err(fail("reading the audit"))?
+        .len();
+    let public = tempfile::Builder::new()
+        .prefix("trust-")
+        .tempdir()
+        .map_err(fail("a directory for the impostors"))?;
+    let copy = public_copy(public.path()).map_err(fail("copying the stand-in"))?;
+    // Impostors: a copy run by the attacker, the same copy run by root, and the real binary
+    // run by the attacker, each claiming the live job and ending at once with exit 0.
+    let standin = crate::bins::migratekit().map_err(fail("the stand-in binary"))?;
+    for (program, as_user) in [
+        (&copy, Some((uid, gid))),
+        (&copy, None),
+        (&standin, Some((uid, gid))),
+    ] {
+        let status = impostor(program, as_user, public.path())
+            .status()
+            .map_err(fail("running an impostor"))?;
+        check(status.success(), || {
+            format!("impostor {program:?} ended {status}")
+        })?;
+    }
+    // Forged progress: a `failed` report from the attacker's process and from another root
+    // process.
+    let url = format!("{}/api/v1/progress/victim/update", sys.watchdog.url);
+    for as_user in [Some((uid, gid)), None] {
+        let code = forge(&url, as_user).map_err(fail("posting forged progress"))?;
+        check(code == "403", || {
+            format!("forged progress as {as_user:?}: HTTP {code}, expected 403")
+        })?;
+    }
+    // Two poll intervals and more: had anything been believed, the OMA would have acted.
+    std::thread::sleep(Duration::from_secs(2));
+    let job = sys.oma.job("victim").map_err(fail("reading the job"))?;
+    check(
+        job.status == JobStatus::Replicating
+            && job.pid == Some(i64::from(real.pid))
+            && job.failure_class.is_none()
+            && job.error_message.is_none(),
+        || format!("the attacks changed the job: {job:?}"),
+    )?;
+    let audit = sys.oma.audit("victim").map_err(fail("reading the audit"))?;
+    check(audit.len() == audit_before, || {
+        format!(
+            "the attacks reached the audit trail: {:?}",
+            &audit[audit_before..]
+        )
+    })?;
+    let context = sys
+        .oma
+        .context("ctx-victim")
+        .map_err(fail("reading the context"))?;
+    check(context.current_job_id.as_deref() == Some("victim"), || {
+        format!("the VM context was released: {context:?}")
+    })?;
+    let log =
+        std::fs::read_to_string(sys.watchdog.log_path()).map_err(fail("the watchdog's log"))?;
+    check(log.matches("impostor_ignored").count() >= 3, || {
+        "fewer than three impostor_ignored lines in the watchdog's log".into()
+    })?;
+    check(log.matches("progress_refused").count() >= 2, || {
+        "fewer than two progress_refused lines in the watchdog's log".into()
+    })?;
+    // The real process's death is reported as usual.
+    let (_, latency) = sys
+        .kill_and_wait("victim", real, libc::SIGKILL)
+        .map_err(fail("killing the real process"))?;
+    expect_final(
+        &sys,
+        "victim",
+        JobStatus::Failed,
+        Some(FailureClass::ProcessKilled),
+    )?;
+    Ok(vec![latency])
+}
+
+/// A directory every user may enter, holding a copy of the stand-in named `migratekit`.
+fn public_copy(root: &Path) -> std::io::Result<PathBuf> {
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))?;
+    let bin = root.join("migratekit");
+    std::fs::copy(
+        crate::bins::migratekit().map_err(std::io::Error::other)?,
+        &bin,
+    )?;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+    Ok(bin)
+}
+
+/// `program migrate --job-id victim`, as `user` (root when `None`), ending after 300 ms.
+fn impostor(program: &Path, user: Option<(u32, u32)>, cwd: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(["migrate", "--job-id", "victim", "--standin-run-for", "0.3"])
+        .current_dir(cwd);
+    if let Some((uid, gid)) = user {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
+}
+
+/// Posts a `failed` progress report to `url` with curl, as `user`; returns the HTTP status.
+fn forge(url: &str, user: Option<(u32, u32)>) -> std::io::Result<String> {
+    let body = r#"{"stage":"Transfer","status":"failed","bytes_transferred":1,"throughput_bps":0,"error_message":"forged"}"#;
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "content-type: application/json",
+    ])
+    .args(["--data", body, url]);
+    if let Some((uid, gid)) = user {
+        cmd.uid(uid).gid(gid);
+    }
+    let out = cmd.output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
