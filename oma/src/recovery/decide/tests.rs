@@ -36,14 +36,20 @@ fn unreachable() -> VmaAnswer {
     }
 }
 
-fn outcome(
-    d: &Decision,
-) -> (
+/// What a decision does, in one comparable value.
+type Outcome = (
     Action,
     JobStatus,
     Option<FailureClass>,
     Option<ProcessIdentity>,
-) {
+);
+
+/// The outcome of a finalize to `failed` with `class`.
+fn finalized_as(class: FailureClass) -> Outcome {
+    (Action::Finalize, JobStatus::Failed, Some(class), None)
+}
+
+fn outcome(d: &Decision) -> Outcome {
     (d.action, d.to_status, d.failure_class, d.adopt)
 }
 
@@ -158,15 +164,7 @@ fn exited_as_a_newer_process_finalizes_from_its_exit() {
 fn exited_as_an_older_attempt_is_job_lost() {
     let rec = running(JobStatus::Replicating, proc(10, 100));
     let d = decide(&rec, &exited_answer(proc(9, 50), exit(0)), None, NOW, STALE);
-    assert_eq!(
-        outcome(&d),
-        (
-            Action::Finalize,
-            JobStatus::Failed,
-            Some(FailureClass::JobLost),
-            None
-        )
-    );
+    assert_eq!(outcome(&d), finalized_as(FailureClass::JobLost));
     assert!(d.message.unwrap().contains("earlier attempt"));
 }
 
@@ -177,15 +175,7 @@ fn exited_after_a_newer_failure_report_is_the_reported_failure() {
     let answer = exited_answer(proc(10, 100), exit(0));
     let failed = progress(5, Some(ProgressStatus::Failed));
     let d = decide(&rec, &answer, Some(&failed), NOW, STALE);
-    assert_eq!(
-        outcome(&d),
-        (
-            Action::Finalize,
-            JobStatus::Failed,
-            Some(FailureClass::VmaReportedFailure),
-            None
-        )
-    );
+    assert_eq!(outcome(&d), finalized_as(FailureClass::VmaReportedFailure));
     assert_eq!(d.last_progress, Some(failed));
     assert_eq!(d.evidence["vma_last_progress"]["applied"], true);
     // The same report, already applied (not newer): the exit alone decides.
@@ -203,15 +193,7 @@ fn exited_after_a_newer_failure_report_is_the_reported_failure() {
 fn unknown_to_the_vma_is_job_lost() {
     let rec = running(JobStatus::Replicating, proc(10, 100));
     let d = decide(&rec, &VmaAnswer::UnknownJob, None, NOW, STALE);
-    assert_eq!(
-        outcome(&d),
-        (
-            Action::Finalize,
-            JobStatus::Failed,
-            Some(FailureClass::JobLost),
-            None
-        )
-    );
+    assert_eq!(outcome(&d), finalized_as(FailureClass::JobLost));
     assert!(d.message.unwrap().contains("never heard of this job"));
 }
 
@@ -234,12 +216,7 @@ fn unreachable_and_silent_for_the_threshold_is_a_timeout() {
     let d = decide(&rec, &unreachable(), None, NOW, STALE);
     assert_eq!(
         outcome(&d),
-        (
-            Action::Finalize,
-            JobStatus::Failed,
-            Some(FailureClass::VmaUnreachableTimeout),
-            None
-        )
+        finalized_as(FailureClass::VmaUnreachableTimeout)
     );
     assert!(d.message.unwrap().contains("600 s"));
 }
