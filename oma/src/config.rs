@@ -5,6 +5,7 @@ use crate::recovery::RecoveryConfig;
 use crate::server::{NetSettings, Settings};
 use anyhow::Context;
 use clap::Parser;
+use daemon_support::LogFormat;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -67,11 +68,11 @@ pub struct ServerArgs {
     #[arg(long, env = "OMA_STALL_THRESHOLD_SECS", default_value_t = 900.0)]
     pub stall_threshold_secs: f64,
     /// Log format: `text` or `json`.
-    #[arg(long, env = "OMA_LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
+    #[arg(long, env = "OMA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Log lines that may wait for a slow or stuck stdout before new ones are dropped (and
     /// counted in `/health`).
-    #[arg(long, env = "OMA_LOG_QUEUE_LINES", default_value_t = log_queue::DEFAULT_LINES,
+    #[arg(long, env = "OMA_LOG_QUEUE_LINES", default_value_t = daemon_support::log_queue::DEFAULT_LINES,
         value_parser = clap::value_parser!(u32).range(1..))]
     pub log_queue_lines: u32,
     /// CPU priority (nice value, -20 to 19). The default puts the OMA above the bulk

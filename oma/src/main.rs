@@ -15,18 +15,14 @@ fn main() -> anyhow::Result<()> {
     // A death's commit is a chain of short steps on several threads (HTTP, the database's
     // worker, the fsync); at normal priority each may wait behind bulk work for its turn on a
     // busy host.
-    // SAFETY: a plain system call; `0` names the calling thread.
-    let niced = match unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, args.nice) } {
-        0 => Ok(()),
-        _ => Err(std::io::Error::last_os_error()),
-    };
+    let niced = daemon_support::priority::set_nice(args.nice);
     // Held to the end of `main`, when the queued lines are written out.
-    let _log = oma::logging::init(args.log_format == "json", args.log_queue_lines);
+    let _log = oma::logging::init(args.log_format, args.log_queue_lines);
     if let Err(error) = niced {
-        tracing::warn!(nice = args.nice, %error,
+        tracing::warn!(event = "priority_not_set", nice = args.nice, %error,
             "cannot set the OMA's CPU priority; deaths may be committed late on a busy host; run with CAP_SYS_NICE (systemd: Nice=) or pass --nice 0");
     } else {
-        tracing::info!(nice = args.nice, "CPU priority set");
+        tracing::info!(event = "priority_set", nice = args.nice, "CPU priority set");
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

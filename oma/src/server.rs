@@ -128,7 +128,7 @@ pub struct RunningServer {
     tls: Option<ServerTls>,
     stop: watch::Sender<bool>,
     http: JoinHandle<()>,
-    background: Vec<JoinHandle<()>>,
+    background: Vec<(&'static str, JoinHandle<()>)>,
 }
 
 impl RunningServer {
@@ -137,14 +137,13 @@ impl RunningServer {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.http.await;
-        for mut task in self.background {
-            if tokio::time::timeout(STOP_GRACE, &mut task).await.is_err() {
-                tracing::warn!(
-                    grace_ms = STOP_GRACE.as_millis() as u64,
-                    "a background loop did not stop within its grace period and was cut off"
-                );
-                task.abort();
-            }
+        for task in daemon_support::join_within(self.background, STOP_GRACE).await {
+            tracing::warn!(
+                event = "stop_cut_off",
+                task,
+                grace_ms = STOP_GRACE.as_millis() as u64,
+                "a background loop did not stop within its grace period and was cut off"
+            );
         }
         self.state.store.close().await;
     }
@@ -229,8 +228,11 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RunningS
     };
     let (stop, stopped) = watch::channel(false);
     let background = vec![
-        tokio::spawn(recovery.run_forever(stopped.clone())),
-        tokio::spawn(poller.run_forever(stopped.clone())),
+        (
+            "recovery",
+            tokio::spawn(recovery.run_forever(stopped.clone())),
+        ),
+        ("poller", tokio::spawn(poller.run_forever(stopped.clone()))),
     ];
     let addr = listener.local_addr()?;
     let mut limits = net.limits;

@@ -48,7 +48,7 @@ pub struct Cli {
     pub log_format: LogFormat,
     /// Log lines that may wait for a slow or stuck stderr before new ones are dropped (and
     /// counted in `/health`).
-    #[arg(long, default_value_t = log_queue::DEFAULT_LINES,
+    #[arg(long, default_value_t = daemon_support::log_queue::DEFAULT_LINES,
         value_parser = clap::value_parser!(u32).range(1..))]
     pub log_queue_lines: u32,
     /// Which detector to run.
@@ -113,7 +113,7 @@ pub struct Cli {
     pub launch_no_systemd: bool,
     /// The watchdog's CPU priority (nice value, -20 to 19). The default puts it above the
     /// migratekit processes it watches, so that a death is reported at once on busy cores.
-    #[arg(long, env = "VMA_WATCHDOG_NICE", default_value_t = crate::priority::DEFAULT_NICE, allow_hyphen_values = true)]
+    #[arg(long, env = "VMA_WATCHDOG_NICE", default_value_t = daemon_support::priority::DEFAULT_NICE, allow_hyphen_values = true)]
     pub nice: i32,
     /// The nice value migratekit processes are started with.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
@@ -234,13 +234,14 @@ impl Config {
             args: &cli.launch_args,
             log_dir: cli.launch_log_dir.as_deref(),
             no_systemd: cli.launch_no_systemd,
-            nice: crate::priority::check("--launch-nice", cli.launch_nice)
+            nice: daemon_support::priority::check("--launch-nice", cli.launch_nice)
                 .map_err(anyhow::Error::msg)?,
             match_names: &match_names,
             migratekit_path: cli.migratekit_path.as_deref(),
             migratekit_uid: cli.migratekit_uid,
         })?;
-        let nice = crate::priority::check("--nice", cli.nice).map_err(anyhow::Error::msg)?;
+        let nice =
+            daemon_support::priority::check("--nice", cli.nice).map_err(anyhow::Error::msg)?;
         Ok(Self {
             state_dir,
             match_names,

@@ -9,7 +9,6 @@ pub mod launcher;
 pub mod logging;
 pub mod outbox;
 pub mod peer;
-pub mod priority;
 pub mod procfs;
 pub mod progress;
 pub mod registry;

@@ -1,6 +1,6 @@
 //! Logging: human text or JSON lines on stderr, and the one structured line per death.
 //!
-//! Lines go through the queue of the `log_queue` crate (`--log-queue-lines`), so that a stderr
+//! Lines go through the queue of `daemon_support::log_queue` (`--log-queue-lines`), so that a stderr
 //! that takes nothing never stalls the threads that see and deliver deaths; lines dropped once
 //! it is full are counted in `/health` ([`dropped_lines`]).
 //!
@@ -20,27 +20,20 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-/// Output format of the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable lines.
-    Text,
-}
+pub use daemon_support::LogFormat;
 
 /// The global logger could not be installed.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot install the logger: {0}; was a logger already installed in this process?")]
 pub struct LoggingError(#[source] Box<dyn std::error::Error + Send + Sync>);
 
-pub use log_queue::{LogGuard, dropped_lines};
+pub use daemon_support::log_queue::{LogGuard, dropped_lines};
 
 /// Installs the global logger on stderr, with at most `queued_lines` lines waiting for it. The
 /// level comes from `RUST_LOG` (default `info`).
 pub fn init(format: LogFormat, queued_lines: u32) -> Result<LogGuard, LoggingError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = log_queue::queued(std::io::stderr(), queued_lines);
+    let (writer, guard) = daemon_support::log_queue::queued(std::io::stderr(), queued_lines);
     // Colours only on a terminal: escape codes in a log file or the journal are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

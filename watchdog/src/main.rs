@@ -3,12 +3,12 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use vma_watchdog::{config::Config, daemon, logging, priority};
+use vma_watchdog::{config::Config, daemon, logging};
 
 fn main() -> anyhow::Result<ExitCode> {
     let config = Config::from_args()?;
     // Before any thread starts (the log's writer, the runtime's), so that they all inherit it.
-    let niced = priority::set_nice(config.nice);
+    let niced = daemon_support::priority::set_nice(config.nice);
     // Held to the end of `main`, so that the last lines are written out.
     let _log = logging::init(config.log_format, config.log_queue_lines)?;
     match niced {
