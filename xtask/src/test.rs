@@ -5,6 +5,8 @@
 //! PostgreSQL server for the OMA's store tests. After the test suites it runs the kill tests
 //! (`cargo xtask kill-test`, see docs/RELIABILITY.md).
 
+use std::process::Command;
+
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
@@ -38,18 +40,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
 fn steps(args: &TestArgs, root: bool) -> Result<()> {
     setup::run().context("setting up the toolchain for the tests")?;
     build_ebpf::run().context("building the eBPF object the watchdog embeds")?;
-    // The OMA's store tests run on SQLite and on PostgreSQL; in CI a skipped PostgreSQL run
-    // is a failure, so the server must start. Elsewhere, say so and go on with SQLite only.
-    let postgres_url = match postgres::start_test_server() {
-        Ok(url) => Some(url),
-        Err(err) if args.ci => {
-            return Err(err.context("CI needs PostgreSQL for the OMA's store tests"));
-        }
-        Err(err) => {
-            eprintln!("test: SKIP PostgreSQL store tests: {err:#}");
-            None
-        }
-    };
+    let postgres_url = postgres(args)?;
     let cargo = || {
         let mut cmd = setup::cargo();
         if let Some(url) = &postgres_url {
@@ -60,30 +51,68 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
         }
         cmd
     };
+    checks(&cargo)?;
+    // The system tests and the watchdog's tests run the daemons and the stand-in as real
+    // processes: build every binary first, so they never test a stale one.
+    setup::build_bins(false)?;
+    setup::status(&mut test_command(&cargo))
+        .context("tests failed: the output above says which")?;
+    // The kill tests need root (signals to other users' processes, namespaces, cgroups, eBPF).
+    if root {
+        kill_test::run(&kill_test::KillTestArgs::for_test_suite())
+            .context("kill tests failed: the table above says which scenario")?;
+        kill_test::run(&kill_test::KillTestArgs::for_test_suite_procfs()).context(
+            "kill tests on the procfs detector failed: the table above says which scenario",
+        )?;
+    } else {
+        eprintln!("test: SKIP kill tests: they need root (run `sudo -E cargo xtask test`)");
+    }
+    // The README's run command, end to end: OMA + watchdog + a demo job that must complete.
+    run_cmd::run(&run_cmd::RunArgs::for_test_suite())
+        .context("the README's run command (`cargo xtask run`) failed; see target/demo/*.log")?;
+    println!("test: all checks passed");
+    Ok(())
+}
+
+/// The OMA's store tests run on SQLite and on PostgreSQL; in CI a skipped PostgreSQL run is a
+/// failure, so the server must start. Elsewhere, say so and go on with SQLite only.
+fn postgres(args: &TestArgs) -> Result<Option<String>> {
+    match postgres::start_test_server() {
+        Ok(url) => Ok(Some(url)),
+        Err(err) if args.ci => Err(err.context("CI needs PostgreSQL for the OMA's store tests")),
+        Err(err) => {
+            eprintln!("test: SKIP PostgreSQL store tests: {err:#}");
+            Ok(None)
+        }
+    }
+}
+
+/// Formatting, clippy, and the docs' links: a link to a renamed or private item is a warning
+/// that nobody reads otherwise (dependencies' check builds are shared with clippy's).
+fn checks(cargo: &dyn Fn() -> Command) -> Result<()> {
     setup::status(cargo().args(["fmt", "--all", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
-    setup::status(cargo().args([
+    let clippy = [
         "clippy",
         "--workspace",
         "--all-targets",
         "--",
         "-D",
         "warnings",
-    ]))
-    .context("clippy found problems: fix them before committing")?;
-    // The docs' links are checked too: a link to a renamed or private item is a warning that
-    // nobody reads otherwise. (Dependencies' check builds are shared with clippy's.)
+    ];
+    setup::status(cargo().args(clippy))
+        .context("clippy found problems: fix them before committing")?;
     setup::status(
         cargo()
             .args(["doc", "--no-deps", "--workspace", "--quiet"])
             .env("RUSTDOCFLAGS", "-D warnings"),
     )
-    .context("rustdoc found problems (broken or private links): fix them before committing")?;
-    // The system tests and the watchdog's tests run the daemons and the stand-in as real
-    // processes: build every binary first, so they never test a stale one.
-    setup::build_bins(false)?;
-    // nextest runs the privileged tests one at a time (.config/nextest.toml); without it,
-    // `cargo test` with one thread per binary keeps them apart too, only slower.
+    .context("rustdoc found problems (broken or private links): fix them before committing")
+}
+
+/// nextest runs the privileged tests one at a time (.config/nextest.toml); without it,
+/// `cargo test` with one thread per binary keeps them apart too, only slower.
+fn test_command(cargo: &dyn Fn() -> Command) -> Command {
     let nextest = cargo()
         .args(["nextest", "--version"])
         .output()
@@ -101,20 +130,5 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
             "--test-threads=1",
         ]);
     }
-    setup::status(&mut tests).context("tests failed: the output above says which")?;
-    // The kill tests need root (signals to other users' processes, namespaces, cgroups, eBPF).
-    if root {
-        kill_test::run(&kill_test::KillTestArgs::for_test_suite())
-            .context("kill tests failed: the table above says which scenario")?;
-        kill_test::run(&kill_test::KillTestArgs::for_test_suite_procfs()).context(
-            "kill tests on the procfs detector failed: the table above says which scenario",
-        )?;
-    } else {
-        eprintln!("test: SKIP kill tests: they need root (run `sudo -E cargo xtask test`)");
-    }
-    // The README's run command, end to end: OMA + watchdog + a demo job that must complete.
-    run_cmd::run(&run_cmd::RunArgs::for_test_suite())
-        .context("the README's run command (`cargo xtask run`) failed; see target/demo/*.log")?;
-    println!("test: all checks passed");
-    Ok(())
+    tests
 }

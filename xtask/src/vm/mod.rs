@@ -57,35 +57,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
         kernel.vmlinuz.display()
     );
 
-    let profile = if args.release { "release" } else { "debug" };
-    let profile_dir = root.join("target").join(profile);
-    let detector_test = build(args.release)?;
-    let names = [
-        "vma-watchdog",
-        "migratekit",
-        "ebpf-test-child",
-        "oma",
-        "kill-test",
-    ];
-    let mut binaries: Vec<PathBuf> = names.iter().map(|b| profile_dir.join(b)).collect();
-    binaries.push(detector_test.clone());
-    let only = if args.only.is_empty() {
-        DEFAULT_SCENARIOS.to_owned()
-    } else {
-        let only: Vec<String> = args.only.iter().map(u8::to_string).collect();
-        only.join(",")
-    };
-    let plan = image::GuestPlan {
-        host_profile_dir: profile_dir,
-        detector_test: file_name(&detector_test)?,
-        kill_test_runs: args.runs,
-        // About 4 times what each step took in the VM here (the detector tests 65-100 s, a
-        // scenario run 30-60 s), so a slow host still finishes and a hang ends in minutes.
-        watchdog_timeout_s: 120,
-        detector_timeout_s: 300,
-        kill_test_timeout_s: 90 + 90 * (args.runs * only.split(',').count()) as u64,
-        kill_test_only: only,
-    };
+    let (binaries, plan) = guest_plan(args, &root)?;
     let payload = image::payload(&vm_dir, &scripts, &kernel, &binaries, &plan)?;
     let initramfs = image::initramfs(&vm_dir, &scripts, &busybox, &kernel)?;
 
@@ -116,6 +88,40 @@ pub fn run(args: &VmArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The binaries the guest runs (built for the host's profile) and its plan.
+fn guest_plan(args: &VmArgs, root: &Path) -> Result<(Vec<PathBuf>, image::GuestPlan)> {
+    let profile = if args.release { "release" } else { "debug" };
+    let profile_dir = root.join("target").join(profile);
+    let detector_test = build(args.release)?;
+    let names = [
+        "vma-watchdog",
+        "migratekit",
+        "ebpf-test-child",
+        "oma",
+        "kill-test",
+    ];
+    let mut binaries: Vec<PathBuf> = names.iter().map(|b| profile_dir.join(b)).collect();
+    binaries.push(detector_test.clone());
+    let only = if args.only.is_empty() {
+        DEFAULT_SCENARIOS.to_owned()
+    } else {
+        let only: Vec<String> = args.only.iter().map(u8::to_string).collect();
+        only.join(",")
+    };
+    let plan = image::GuestPlan {
+        host_profile_dir: profile_dir,
+        detector_test: file_name(&detector_test)?,
+        kill_test_runs: args.runs,
+        // About 4 times what each step took in the VM here (the detector tests 65-100 s, a
+        // scenario run 30-60 s), so a slow host still finishes and a hang ends in minutes.
+        watchdog_timeout_s: 120,
+        detector_timeout_s: 300,
+        kill_test_timeout_s: 90 + 90 * (args.runs * only.split(',').count()) as u64,
+        kill_test_only: only,
+    };
+    Ok((binaries, plan))
 }
 
 fn file_name(path: &Path) -> Result<String> {
