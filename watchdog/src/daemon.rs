@@ -28,6 +28,7 @@ use crate::registry::{Registry, RegistryError};
 use crate::trust::{ExeId, MigratekitIdentity};
 
 mod adopt;
+mod forget_progress;
 mod jobs_view;
 mod legacy;
 mod serve;
@@ -90,6 +91,10 @@ impl Daemon {
         // Opened before reconciliation, so a death found at start carries the last progress
         // too. Loading it reads one small file: fine to block the start for it.
         let progress = Arc::new(ProgressStore::open(&config.state_dir)?);
+        let _ = outbox.set_ack_observer(Arc::new(forget_progress::ForgetProgress {
+            registry: Arc::clone(&registry),
+            progress: Arc::clone(&progress),
+        }));
         let migratekit = config.launcher.migratekit.clone();
         warn_if_unreadable(&migratekit);
         let started = start::detector(&config)?;
