@@ -315,7 +315,10 @@ mod tests {
                 .unwrap_err();
             assert_eq!(err.field(), "pid");
             assert!(err.to_string().contains("4194304"), "{err}");
-            assert_eq!(TrackJobRequest { pid }.validate().unwrap_err().field(), "pid");
+            assert_eq!(
+                TrackJobRequest { pid }.validate().unwrap_err().field(),
+                "pid"
+            );
         }
     }
 

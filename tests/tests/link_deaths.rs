@@ -66,7 +66,10 @@ fn exit_zero_after_full_progress_completes_the_job() {
     assert_eq!(job.progress_percent, 100.0, "{job:?}");
     let deadline = std::time::Instant::now() + PATIENCE;
     while sys.watchdog.progress("done-0").unwrap().is_some() {
-        assert!(std::time::Instant::now() < deadline, "progress never forgotten");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "progress never forgotten"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let ctx = sys.oma.context("ctx-done-0").unwrap();

@@ -358,9 +358,7 @@ impl ProgressStore {
 fn oldest_job(latest: &HashMap<JobId, StoredProgress>) -> Option<JobId> {
     latest
         .values()
-        .min_by(|a, b| {
-            (a.received_at, &a.job_id).cmp(&(b.received_at, &b.job_id))
-        })
+        .min_by(|a, b| (a.received_at, &a.job_id).cmp(&(b.received_at, &b.job_id)))
         .map(|p| p.job_id.clone())
 }
 
