@@ -26,7 +26,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::outbox::disk;
 
-const LOG_FILE: &str = "progress.jsonl";
+/// File name of the progress log inside the state directory.
+pub const LOG_FILE: &str = "progress.jsonl";
 /// The log is compacted when it holds more lines than this and more than
 /// [`COMPACT_FACTOR`] lines per job, which keeps compaction cost amortised O(1) per update.
 const COMPACT_MIN_LINES: u64 = if cfg!(test) { 64 } else { 4096 };

@@ -12,6 +12,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::File;
+use std::os::unix::fs::DirBuilderExt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -84,7 +85,11 @@ impl Outbox {
             let path = path.to_path_buf();
             move |source| OutboxError::Open { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(open_err(dir))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(open_err(dir))?;
         let events_path = dir.join(EVENTS_FILE);
         let acks_path = dir.join(ACKS_FILE);
         let (events, damage) =
