@@ -289,7 +289,10 @@ impl Launcher {
         // business: a token in its environment is readable by whatever it runs and in every
         // crash report of it.
         for (name, _) in std::env::vars_os() {
-            if name.as_encoded_bytes().starts_with(CHILD_ENV_REMOVED_PREFIX.as_bytes()) {
+            if name
+                .as_encoded_bytes()
+                .starts_with(CHILD_ENV_REMOVED_PREFIX.as_bytes())
+            {
                 cmd.env_remove(name);
             }
         }
