@@ -175,22 +175,7 @@ impl Launcher {
         let (pid_r, pid_w) = pipe().map_err(LaunchError::Spawn)?;
         let (go_r, go_w) = pipe().map_err(LaunchError::Spawn)?;
         let (mut cmd, placement) = self.command(job_id, &argv).map_err(LaunchError::Spawn)?;
-        let (pid_w_raw, go_r_raw) = (pid_w.as_raw_fd(), go_r.as_raw_fd());
-        let nice = self.config.nice;
-        let umask = CHILD_UMASK.load(Ordering::Relaxed);
-        let held = (pid_w, go_r);
-        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-        // system calls (umask, setpriority, setsid, getpid, write, read) on descriptors it
-        // keeps alive.
-        unsafe {
-            cmd.pre_exec(move || {
-                let _keep_open = &held;
-                if umask != KEEP_UMASK {
-                    libc::umask(umask as libc::mode_t);
-                }
-                child_gate(pid_w_raw, go_r_raw, nice)
-            });
-        }
+        install_gate(&mut cmd, pid_w, go_r, self.config.nice);
         let spawned = Arc::new(AtomicBool::new(false));
         let spawned_flag = Arc::clone(&spawned);
         let spawner = tokio::task::spawn_blocking(move || {
@@ -342,6 +327,27 @@ fn stop<R>(child: Result<Child, LaunchError<R>>, error: LaunchError<R>) -> Launc
         let _ = child.wait();
     }
     error
+}
+
+/// Makes the child, between fork and exec, take migratekit's umask and priority, start its
+/// own session, report its pid on `pid_w` and wait for the go byte on `go_r` (see
+/// [`child_gate`]). The command keeps both descriptors open until it is dropped.
+fn install_gate(cmd: &mut Command, pid_w: OwnedFd, go_r: OwnedFd, nice: i32) {
+    let (pid_w_raw, go_r_raw) = (pid_w.as_raw_fd(), go_r.as_raw_fd());
+    let umask = CHILD_UMASK.load(Ordering::Relaxed);
+    let held = (pid_w, go_r);
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+    // system calls (umask, setpriority, setsid, getpid, write, read) on descriptors it
+    // keeps alive.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep_open = &held;
+            if umask != KEEP_UMASK {
+                libc::umask(umask as libc::mode_t);
+            }
+            child_gate(pid_w_raw, go_r_raw, nice)
+        });
+    }
 }
 
 /// Runs in the forked child: migratekit's own priority (not the watchdog's), new session,
