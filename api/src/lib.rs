@@ -4,11 +4,13 @@
 //! at once. Every struct rejects unknown fields: a peer that sends something we do not
 //! understand gets a 400 that names the field instead of having it silently dropped.
 
+pub mod bounds;
 pub mod job_id;
 pub mod launch;
 pub mod process;
 pub mod progress;
 
+pub use bounds::FieldError;
 pub use job_id::{JobId, JobIdError};
 pub use launch::{StartJobRequest, TrackJobRequest};
 pub use process::{

@@ -265,6 +265,76 @@ async fn a_vma_reports_only_on_its_own_jobs_and_under_its_own_id() {
 }
 
 #[tokio::test]
+async fn an_event_with_a_start_time_or_pid_out_of_range_is_400_naming_the_field() {
+    for db in test_dbs().await {
+        let api = Api::start(&db).await;
+        let c = &api.c;
+        api.record_job("job-r", "ctx-r").await;
+        // 2^63 does not fit the OMA's i64 column; pid 0 and 4194305 are no Linux pid.
+        let cases = [
+            ("start_time", json!(1u64 << 63), "2^63 - 1"),
+            ("pid", json!(0), "4194304"),
+            ("pid", json!(4_194_305), "4194304"),
+        ];
+        for (field, value, rule) in cases {
+            let mut event = death("job-r", 9);
+            event["process"][field] = value;
+            let batch = json!({"vma_id": "vma-1", "events": [death("job-r", 15), event]});
+            let resp = c
+                .send(
+                    M::POST,
+                    "/api/v1/watchdog/events",
+                    Some(VMA1_TOKEN),
+                    Some(batch),
+                )
+                .await;
+            let e = error(resp, StatusCode::BAD_REQUEST).await;
+            assert!(
+                e.message.contains(&format!("`events[1].process.{field}`"))
+                    && e.message.contains(rule),
+                "{field}: {}",
+                e.message
+            );
+        }
+        // Nothing of a refused batch was applied, not even its valid first event.
+        let job: Job = api.get("/api/v1/jobs/job-r").await;
+        assert!(!job.status.is_final(), "{job:?}");
+        api.server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_last_progress_out_of_range_is_dropped_and_the_death_applied() {
+    for db in test_dbs().await {
+        let api = Api::start(&db).await;
+        let c = &api.c;
+        api.record_job("job-p", "ctx-p").await;
+        let mut event = death("job-p", 9);
+        event["last_progress"] = json!({"job_id": "job-p", "sequence": 3,
+            "received_at": chrono::Utc::now(),
+            "update": {"stage": "Transfer", "status": "completed", "bytes_transferred": 10,
+                "throughput_bps": 1, "percent": -50.0}});
+        let batch = json!({"vma_id": "vma-1", "events": [event]});
+        let resp = c
+            .send(
+                M::POST,
+                "/api/v1/watchdog/events",
+                Some(VMA1_TOKEN),
+                Some(batch),
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let ack: EventBatchAck = resp.json().await.unwrap();
+        assert_eq!((ack.acknowledged.len(), ack.applied), (1, 1));
+        // The death decides, not the dropped `completed` report.
+        let job: Job = api.get("/api/v1/jobs/job-p").await;
+        assert_eq!(job.status.as_str(), "failed", "{job:?}");
+        assert!(job.progress_percent >= 0.0, "{job:?}");
+        api.server.shutdown().await;
+    }
+}
+
+#[tokio::test]
 async fn a_death_delivered_twice_is_one_transition_and_frees_the_context() {
     for db in test_dbs().await {
         let api = Api::start(&db).await;

@@ -16,7 +16,10 @@ use crate::procfs::COMM_MAX;
 mod launch;
 mod secrets;
 
-pub use secrets::{SecretArg, unguessable as unguessable_token};
+pub use secrets::{
+    SecretArg, is_secret_variable, log_deferred_warnings, scrub_environment,
+    unguessable as unguessable_token,
+};
 
 /// Port of the API by default: the one migratekit's progress client posts to.
 pub const DEFAULT_PORT: u16 = 8081;

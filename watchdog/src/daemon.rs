@@ -28,12 +28,14 @@ use crate::registry::{Registry, RegistryError};
 use crate::trust::{ExeId, MigratekitIdentity};
 
 mod adopt;
+mod forget_progress;
 mod jobs_view;
 mod legacy;
 mod serve;
 mod start;
 mod tracker;
 
+pub use legacy::LEGACY_JOURNAL;
 pub use serve::{ServeError, run};
 pub use start::{DetectorStartError, shutdown_signal};
 pub use tracker::{TrackError, Tracker};
@@ -41,6 +43,17 @@ pub use tracker::{TrackError, Tracker};
 /// What stops the daemon from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The state directory's modes cannot be read or made private.
+    #[error(
+        "cannot make the state directory {path} private (0700, files 0600): {source}; check its owner, the watchdog must own it"
+    )]
+    StateDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The registry cannot be loaded.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -75,6 +88,11 @@ impl Daemon {
     /// with the registry on disk. Every event is written once, to the outbox in
     /// `<state dir>/outbox`, whether or not anything delivers it.
     pub async fn start(config: Config) -> Result<Self, DaemonError> {
+        // Before anything in it is opened, and after logging starts, so that a fix is seen.
+        crate::state_dir::secure(&config.state_dir).map_err(|source| DaemonError::StateDir {
+            path: config.state_dir.clone(),
+            source,
+        })?;
         let registry = Arc::new(Registry::open(&config.state_dir)?);
         let outbox = Arc::new(Outbox::open(
             &config.state_dir.join(crate::outbox::DIR_NAME),
@@ -90,6 +108,10 @@ impl Daemon {
         // Opened before reconciliation, so a death found at start carries the last progress
         // too. Loading it reads one small file: fine to block the start for it.
         let progress = Arc::new(ProgressStore::open(&config.state_dir)?);
+        let _ = outbox.set_ack_observer(Arc::new(forget_progress::ForgetProgress {
+            registry: Arc::clone(&registry),
+            progress: Arc::clone(&progress),
+        }));
         let migratekit = config.launcher.migratekit.clone();
         warn_if_unreadable(&migratekit);
         let started = start::detector(&config)?;

@@ -34,7 +34,7 @@ use api::ProcessIdentity;
 
 use crate::http::Secret;
 use crate::trust::MigratekitIdentity;
-pub use spawn::{LaunchError, Launched, Launcher};
+pub use spawn::{CHILD_ENV_REMOVED_PREFIX, LaunchError, Launched, Launcher, set_child_umask};
 pub use template::{RenderedArg, TemplateError, render};
 
 /// Where migratekit comes from and how it is called. Lives in the VMA's configuration.

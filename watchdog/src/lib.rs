@@ -13,4 +13,5 @@ pub mod procfs;
 pub mod progress;
 pub mod registry;
 pub mod signal;
+pub mod state_dir;
 pub mod trust;

@@ -3,14 +3,31 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use vma_watchdog::{config::Config, daemon, logging};
+use vma_watchdog::config::{self, Config};
+use vma_watchdog::{daemon, launcher, logging};
 
 fn main() -> anyhow::Result<ExitCode> {
+    // Before any file or directory is created (the configuration creates the state
+    // directory): the registry, the outbox and the progress log are nobody else's to read.
+    // migratekit gets the umask the watchdog was started with back (see the launcher).
+    // SAFETY: umask(2) cannot fail.
+    let started_with = unsafe { libc::umask(0o077) };
+    launcher::set_child_umask(started_with);
     let config = Config::from_args()?;
+    // The tokens are read: out of the environment with them, while no other thread can read
+    // it, so that neither migratekit nor a reader of /proc/<pid>/environ finds them.
+    // SAFETY: no thread has been started yet (the log's writer and the runtime come later).
+    let scrubbed = unsafe { config::scrub_environment() };
     // Before any thread starts (the log's writer, the runtime's), so that they all inherit it.
     let niced = daemon_support::priority::set_nice(config.nice);
     // Held to the end of `main`, so that the last lines are written out.
     let _log = logging::init(config.log_format, config.log_queue_lines)?;
+    config::log_deferred_warnings();
+    if !scrubbed.is_empty() {
+        tracing::info!(event = "environment_scrubbed",
+            variables = ?scrubbed.iter().map(|n| n.to_string_lossy()).collect::<Vec<_>>(),
+            "removed the secret variables from the watchdog's environment once read");
+    }
     match niced {
         Ok(()) => tracing::info!(
             event = "priority_set",

@@ -26,11 +26,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::outbox::disk;
 
-const LOG_FILE: &str = "progress.jsonl";
+/// File name of the progress log inside the state directory.
+pub const LOG_FILE: &str = "progress.jsonl";
 /// The log is compacted when it holds more lines than this and more than
 /// [`COMPACT_FACTOR`] lines per job, which keeps compaction cost amortised O(1) per update.
 const COMPACT_MIN_LINES: u64 = if cfg!(test) { 64 } else { 4096 };
 const COMPACT_FACTOR: u64 = 8;
+/// At most this many jobs' progress is kept, as many as the registry keeps last exits of
+/// (`crate::registry::MAX_LAST_EXITS`). A job's progress is normally forgotten once the OMA
+/// has acknowledged its death (see `crate::daemon`); this bound holds when nothing is
+/// acknowledged (no `--oma-url`, an OMA down for weeks). Each entry is at most about 2 KB
+/// (`api::bounds`), so the store stays under about 20 MB in memory.
+pub const MAX_JOBS: usize = 10_000;
 
 /// Errors of the progress store. Each says which file failed; the fix is usually disk space
 /// or permissions on the state directory.
@@ -105,6 +112,8 @@ struct Inner {
 #[derive(Debug)]
 pub struct ProgressStore {
     path: PathBuf,
+    /// At most this many jobs; see [`MAX_JOBS`].
+    max_jobs: usize,
     inner: Mutex<Inner>,
     synced: Condvar,
 }
@@ -115,6 +124,13 @@ impl ProgressStore {
     /// A torn last line (a crash in the middle of a write) is skipped with a warning; the
     /// previous update of that job is kept.
     pub fn open(state_dir: &Path) -> Result<Self, ProgressError> {
+        Self::open_bounded(state_dir, MAX_JOBS)
+    }
+
+    /// [`ProgressStore::open`] keeping at most `max_jobs` jobs (at least 1): past it, the job
+    /// whose latest update is the oldest is forgotten to make room for a new one.
+    pub fn open_bounded(state_dir: &Path, max_jobs: usize) -> Result<Self, ProgressError> {
+        let max_jobs = max_jobs.max(1);
         let path = state_dir.join(LOG_FILE);
         let open_err = |source| ProgressError::Open {
             path: path.clone(),
@@ -128,7 +144,15 @@ impl ProgressStore {
         if !damage.corrupt_lines.is_empty() {
             tracing::error!(file = %path.display(), lines = ?damage.corrupt_lines, "skipped corrupt lines in the progress log; the affected jobs keep their previous update");
         }
-        let latest = replay(&path, records);
+        let mut latest = replay(&path, records);
+        // A log written with a larger bound (or none) is cut down as it is read.
+        while latest.len() > max_jobs {
+            let Some(oldest) = oldest_job(&latest) else {
+                break;
+            };
+            latest.remove(&oldest);
+            evicted(&oldest, max_jobs);
+        }
         let log = write_compacted(&path, &latest).map_err(open_err)?;
         disk::sync_dir(state_dir).map_err(open_err)?;
         let len = log.metadata().map_err(open_err)?.len();
@@ -136,6 +160,7 @@ impl ProgressStore {
         let lines = latest.len() as u64;
         Ok(Self {
             path,
+            max_jobs,
             inner: Mutex::new(Inner {
                 latest,
                 log,
@@ -156,6 +181,9 @@ impl ProgressStore {
         update: ProgressUpdate,
     ) -> Result<StoredProgress, ProgressError> {
         let mut inner = self.lock();
+        if !inner.latest.contains_key(job_id) && inner.latest.len() >= self.max_jobs {
+            self.evict_oldest(&mut inner)?;
+        }
         let sequence = inner.latest.get(job_id).map_or(0, |p| p.sequence) + 1;
         let stored = StoredProgress {
             job_id: job_id.clone(),
@@ -191,6 +219,50 @@ impl ProgressStore {
         inner.latest.remove(job_id);
         self.wait_durable(inner, mine)?;
         Ok(true)
+    }
+
+    /// Forgets the progress of each of `job_ids` that has any, with one sync for all.
+    /// Returns how many had some.
+    pub fn forget_many(&self, job_ids: &[JobId]) -> Result<usize, ProgressError> {
+        let mut inner = self.lock();
+        let mut mine = None;
+        let mut forgotten = 0;
+        for job_id in job_ids {
+            if inner.latest.contains_key(job_id) {
+                mine = Some(self.append(&mut inner, &RecordRef::Forget(job_id), job_id)?);
+                inner.latest.remove(job_id);
+                forgotten += 1;
+            }
+        }
+        if let Some(mine) = mine {
+            self.wait_durable(inner, mine)?;
+        }
+        Ok(forgotten)
+    }
+
+    /// How many jobs have progress.
+    pub fn len(&self) -> usize {
+        self.lock().latest.len()
+    }
+
+    /// True when no job has progress.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Makes room for a new job at the bound: forgets the job whose latest update is the
+    /// oldest. A running job posts every few seconds, so that is one long finished, whose
+    /// death the OMA has had all that time to record. The scan is O(jobs), and runs only
+    /// when a new job arrives at a full store.
+    fn evict_oldest(&self, inner: &mut Inner) -> Result<(), ProgressError> {
+        let Some(oldest) = oldest_job(&inner.latest) else {
+            return Ok(());
+        };
+        // Not synced here: the caller's own line follows, and its sync covers both.
+        self.append(inner, &RecordRef::Forget(&oldest), &oldest)?;
+        inner.latest.remove(&oldest);
+        evicted(&oldest, self.max_jobs);
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -281,6 +353,19 @@ impl ProgressStore {
         })?;
         Ok(())
     }
+}
+
+/// The job whose latest update came first (ties by job id, so the choice is stable).
+fn oldest_job(latest: &HashMap<JobId, StoredProgress>) -> Option<JobId> {
+    latest
+        .values()
+        .min_by(|a, b| (a.received_at, &a.job_id).cmp(&(b.received_at, &b.job_id)))
+        .map(|p| p.job_id.clone())
+}
+
+fn evicted(job_id: &JobId, max_jobs: usize) {
+    tracing::warn!(event = "progress_evicted", job_id = %job_id, max_jobs,
+        "the progress store is full; forgot the job whose latest update is the oldest");
 }
 
 /// Writes a new log with one line per job and renames it over the old one; the returned
@@ -435,6 +520,66 @@ mod tests {
         drop(store);
         let store = ProgressStore::open(dir.path()).unwrap();
         assert!(store.get("job-a").is_none());
+    }
+
+    #[test]
+    fn past_the_bound_the_oldest_job_is_forgotten_also_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ProgressStore::open_bounded(dir.path(), 3).unwrap();
+        for job in ["job-1", "job-2", "job-3"] {
+            store.record(&id(job), update(1)).unwrap();
+        }
+        // An update of a known job takes no room.
+        store.record(&id("job-1"), update(2)).unwrap();
+        assert_eq!(store.len(), 3);
+        // A new job makes room by forgetting the one updated longest ago: job-2.
+        store.record(&id("job-4"), update(1)).unwrap();
+        assert_eq!(store.len(), 3);
+        assert!(store.get("job-2").is_none());
+        assert_eq!(store.get("job-1").unwrap().update.bytes_transferred, 2);
+        drop(store);
+        let store = ProgressStore::open_bounded(dir.path(), 3).unwrap();
+        assert!(store.get("job-2").is_none(), "the eviction is durable");
+        assert_eq!(store.len(), 3);
+        drop(store);
+        // A smaller bound cuts the log down as it is read, oldest first.
+        let store = ProgressStore::open_bounded(dir.path(), 2).unwrap();
+        assert_eq!(store.len(), 2);
+        assert!(store.get("job-3").is_none());
+        assert!(store.get("job-1").is_some() && store.get("job-4").is_some());
+    }
+
+    #[test]
+    fn a_flood_of_new_jobs_stays_within_the_bound_on_disk_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ProgressStore::open_bounded(dir.path(), 10).unwrap();
+        for i in 0..(COMPACT_MIN_LINES * 4) {
+            store.record(&id(&format!("job-{i}")), update(i)).unwrap();
+        }
+        assert_eq!(store.len(), 10);
+        let lines = std::fs::read_to_string(dir.path().join(LOG_FILE))
+            .unwrap()
+            .lines()
+            .count() as u64;
+        // Compaction keeps it at one line per job once it passes its threshold.
+        let threshold = COMPACT_MIN_LINES.max(COMPACT_FACTOR * 10);
+        assert!(lines <= threshold + 2, "log not bounded: {lines} lines");
+    }
+
+    #[test]
+    fn forget_many_forgets_those_with_progress_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ProgressStore::open(dir.path()).unwrap();
+        store.record(&id("job-a"), update(1)).unwrap();
+        store.record(&id("job-b"), update(1)).unwrap();
+        let forgotten = store
+            .forget_many(&[id("job-a"), id("job-b"), id("job-none")])
+            .unwrap();
+        assert_eq!(forgotten, 2);
+        assert!(store.is_empty());
+        assert_eq!(store.forget_many(&[id("job-a")]).unwrap(), 0);
+        drop(store);
+        assert!(ProgressStore::open(dir.path()).unwrap().is_empty());
     }
 
     #[test]

@@ -399,13 +399,22 @@ async fn a_death_carries_the_last_progress_migratekit_posted() {
     assert_eq!(carried.update.status, Some(api::ProgressStatus::Completed));
     assert_eq!(carried.update.percent, Some(100.0));
     assert_eq!(carried.update.bytes_transferred, 1_000_000_000);
-    let shown: StoredProgress = api
-        .get(&format!("/api/v1/progress/{job}"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(carried, shown, "the event holds the latest update");
+    // The OMA acknowledged the death, which carries the last progress: the watchdog then
+    // forgets the job's progress, so the store does not grow with every job ever run.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let response = api.get(&format!("/api/v1/progress/{job}")).await;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            let body: api::ErrorBody = response.json().await.unwrap();
+            assert_eq!(body.error, "no_progress");
+            break;
+        }
+        let shown: StoredProgress = response.json().await.unwrap();
+        assert_eq!(carried, shown, "the event holds the latest update");
+        assert!(Instant::now() < deadline, "progress never forgotten");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    w.wait_for("progress_forgotten", |v| v["event"] == "progress_forgotten");
     let started = oma
         .events_of(job)
         .into_iter()

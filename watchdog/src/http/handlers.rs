@@ -20,8 +20,18 @@ use crate::launcher::{LaunchError, TemplateError, proc_comm, proc_identity};
 pub async fn post_progress(
     State(state): State<AppState>,
     JobPath(job_id): JobPath,
-    JsonBody(update): JsonBody<ProgressUpdate>,
+    JsonBody(mut update): JsonBody<ProgressUpdate>,
 ) -> Result<Json<StoredProgress>, ApiError> {
+    // A long failure reason is cut rather than refused: it is migratekit's last word, and a
+    // refused update would lose its `failed` status too.
+    if let Some(len) = update.truncate_error_message() {
+        tracing::warn!(event = "progress_error_message_cut", job_id = %job_id, len,
+            max = api::bounds::MAX_ERROR_MESSAGE_CHARS,
+            "migratekit's error message was longer than the limit; stored its beginning and end");
+    }
+    update
+        .validate()
+        .map_err(|e| field_refused(&job_id, "progress", &e))?;
     let store = Arc::clone(&state.progress);
     let stored = tokio::task::spawn_blocking(move || store.record(&job_id, update))
         .await
@@ -31,6 +41,14 @@ pub async fn post_progress(
             ApiError::Internal(e.to_string())
         })?;
     Ok(Json(stored))
+}
+
+/// A 400 `invalid_field` for a value that breaks its rule in `api::bounds`, logged
+/// (`field_refused`) with the field and the rule, never the value.
+fn field_refused(job_id: &JobId, route: &'static str, error: &api::FieldError) -> ApiError {
+    tracing::warn!(event = "field_refused", job_id = %job_id, route, field = error.field(),
+        reason = %error, "refused a request with a value out of range");
+    ApiError::BadRequest("invalid_field", error.to_string())
 }
 
 /// `GET /api/v1/progress/{job_id}`: the latest update, for the OMA's poller.
@@ -203,6 +221,9 @@ pub async fn track_job(
     JobPath(job_id): JobPath,
     JsonBody(request): JsonBody<TrackJobRequest>,
 ) -> Result<Json<VmaJobStatus>, ApiError> {
+    request
+        .validate()
+        .map_err(|e| field_refused(&job_id, "track", &e))?;
     let pid = request.pid;
     let no_such = || {
         ApiError::NotFound(

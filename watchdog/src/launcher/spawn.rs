@@ -4,7 +4,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use api::{JobId, ProcessIdentity, StartJobRequest};
@@ -175,18 +175,7 @@ impl Launcher {
         let (pid_r, pid_w) = pipe().map_err(LaunchError::Spawn)?;
         let (go_r, go_w) = pipe().map_err(LaunchError::Spawn)?;
         let (mut cmd, placement) = self.command(job_id, &argv).map_err(LaunchError::Spawn)?;
-        let (pid_w_raw, go_r_raw) = (pid_w.as_raw_fd(), go_r.as_raw_fd());
-        let nice = self.config.nice;
-        let held = (pid_w, go_r);
-        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-        // system calls (setpriority, setsid, getpid, write, read) on descriptors it keeps
-        // alive.
-        unsafe {
-            cmd.pre_exec(move || {
-                let _keep_open = &held;
-                child_gate(pid_w_raw, go_r_raw, nice)
-            });
-        }
+        install_gate(&mut cmd, pid_w, go_r, self.config.nice);
         let spawned = Arc::new(AtomicBool::new(false));
         let spawned_flag = Arc::clone(&spawned);
         let spawner = tokio::task::spawn_blocking(move || {
@@ -280,6 +269,18 @@ impl Launcher {
         } else {
             (Command::new(program), Placement::Session)
         };
+        // The watchdog's own settings, its tokens among them (`VMA_WATCHDOG_API_TOKEN`,
+        // `VMA_WATCHDOG_OMA_TOKEN`, the files they are read from), are none of migratekit's
+        // business: a token in its environment is readable by whatever it runs and in every
+        // crash report of it.
+        for (name, _) in std::env::vars_os() {
+            if name
+                .as_encoded_bytes()
+                .starts_with(CHILD_ENV_REMOVED_PREFIX.as_bytes())
+            {
+                cmd.env_remove(name);
+            }
+        }
         cmd.args(argv.iter().map(|a| &a.value))
             .env("MIGRATEKIT_JOB_ID", job_id)
             .env("MIGRATEKIT_PROGRESS_JOB_ID", job_id)
@@ -300,6 +301,23 @@ impl Launcher {
     }
 }
 
+/// Every environment variable whose name starts with this is removed from migratekit's
+/// environment: the watchdog's settings and secrets.
+pub const CHILD_ENV_REMOVED_PREFIX: &str = "VMA_WATCHDOG_";
+
+/// [`CHILD_UMASK`] when the child keeps the watchdog's umask.
+const KEEP_UMASK: u32 = u32::MAX;
+
+/// The umask migratekit is started with, see [`set_child_umask`].
+static CHILD_UMASK: AtomicU32 = AtomicU32::new(KEEP_UMASK);
+
+/// Starts migratekit with `umask` rather than the watchdog's own. The watchdog runs with
+/// 0o077 so that its state is nobody else's to read; migratekit keeps the umask the
+/// watchdog was started with, so the files it creates are as they were before.
+pub fn set_child_umask(umask: u32) {
+    CHILD_UMASK.store(umask & 0o777, Ordering::Relaxed);
+}
+
 /// A child can only get past its gate with the go byte, so a failed gate means a failed
 /// spawn; should a child exist anyway, it is killed and reaped rather than left running
 /// unregistered.
@@ -309,6 +327,27 @@ fn stop<R>(child: Result<Child, LaunchError<R>>, error: LaunchError<R>) -> Launc
         let _ = child.wait();
     }
     error
+}
+
+/// Makes the child, between fork and exec, take migratekit's umask and priority, start its
+/// own session, report its pid on `pid_w` and wait for the go byte on `go_r` (see
+/// [`child_gate`]). The command keeps both descriptors open until it is dropped.
+fn install_gate(cmd: &mut Command, pid_w: OwnedFd, go_r: OwnedFd, nice: i32) {
+    let (pid_w_raw, go_r_raw) = (pid_w.as_raw_fd(), go_r.as_raw_fd());
+    let umask = CHILD_UMASK.load(Ordering::Relaxed);
+    let held = (pid_w, go_r);
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+    // system calls (umask, setpriority, setsid, getpid, write, read) on descriptors it
+    // keeps alive.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep_open = &held;
+            if umask != KEEP_UMASK {
+                libc::umask(umask as libc::mode_t);
+            }
+            child_gate(pid_w_raw, go_r_raw, nice)
+        });
+    }
 }
 
 /// Runs in the forked child: migratekit's own priority (not the watchdog's), new session,

@@ -36,6 +36,17 @@ impl AckBarrier for crate::registry::Registry {
     }
 }
 
+/// Told which events the OMA has acknowledged, once the outbox has forgotten them.
+///
+/// An acknowledged death means the OMA has recorded how the job ended, with the job's last
+/// progress (the event carries it): the daemon then forgets that progress, so the store does
+/// not keep every job the VMA ever ran.
+pub trait AckObserver: Send + Sync + std::fmt::Debug {
+    /// `events` were acknowledged and are forgotten. Called on the delivery's blocking
+    /// thread, outside the outbox's lock; it may block on disk I/O.
+    fn acknowledged(&self, events: &[api::ProcessEvent]);
+}
+
 /// Bounds of the outbox on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutboxLimits {

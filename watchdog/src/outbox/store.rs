@@ -13,6 +13,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -22,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::disk;
-use super::{AckBarrier, OutboxError, OutboxLimits, OutboxStats};
+use super::{AckBarrier, AckObserver, OutboxError, OutboxLimits, OutboxStats};
 
 const EVENTS_FILE: &str = "events.jsonl";
 const ACKS_FILE: &str = "acks.jsonl";
@@ -70,6 +71,8 @@ pub struct Outbox {
     oma_seen: tokio::sync::Notify,
     /// Made durable before acknowledged events are forgotten, see [`AckBarrier`].
     barrier: OnceLock<Arc<dyn AckBarrier>>,
+    /// Told which events were acknowledged, see [`AckObserver`].
+    observer: OnceLock<Arc<dyn AckObserver>>,
 }
 
 impl Outbox {
@@ -82,7 +85,11 @@ impl Outbox {
             let path = path.to_path_buf();
             move |source| OutboxError::Open { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(open_err(dir))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(open_err(dir))?;
         let events_path = dir.join(EVENTS_FILE);
         let acks_path = dir.join(ACKS_FILE);
         let (events, damage) =
@@ -132,6 +139,7 @@ impl Outbox {
             notify: tokio::sync::Notify::new(),
             oma_seen: tokio::sync::Notify::new(),
             barrier: OnceLock::new(),
+            observer: OnceLock::new(),
         };
         // A restart with a backlog says so at once, not at the next append.
         outbox.check_filling(&mut outbox.lock());
@@ -224,6 +232,15 @@ impl Outbox {
         self.barrier.set(barrier)
     }
 
+    /// Sets who is told of acknowledged events (once; a second one is refused and handed
+    /// back).
+    pub fn set_ack_observer(
+        &self,
+        observer: Arc<dyn AckObserver>,
+    ) -> Result<(), Arc<dyn AckObserver>> {
+        self.observer.set(observer)
+    }
+
     /// The queued death (`process_exited` or `died_while_unwatched`) of `process`, if any.
     pub fn pending_death(&self, process: api::ProcessIdentity) -> Option<ProcessEvent> {
         let inner = self.lock();
@@ -263,40 +280,51 @@ impl Outbox {
         };
         inner.acks.write_all(&lines).map_err(write_err)?;
         inner.acks.sync_data().map_err(write_err)?;
-        let before = inner.pending.len();
         let mut removed_bytes = 0;
+        let mut removed = Vec::new();
         inner.pending.retain(|p| {
             let keep = !ids.contains(&p.stored.event.event_id);
             if !keep {
                 removed_bytes += p.bytes;
+                removed.push(p.stored.event.clone());
             }
             keep
         });
-        let removed = before - inner.pending.len();
         inner.pending_bytes -= removed_bytes;
-        inner.delivered += removed as u64;
-        inner.acks_since_compaction += removed;
+        inner.delivered += removed.len() as u64;
+        inner.acks_since_compaction += removed.len();
         self.check_filling(&mut inner);
-        if inner.acks_since_compaction >= COMPACT_MIN_ACKS.max(inner.pending.len()) {
-            // The acknowledgement is already durable; a failed compaction only means the
-            // files stay longer, so it is logged, not returned.
-            let inner = &mut *inner;
-            let (mut events, mut acks) = (None, None);
-            let result = compact(&self.dir, &inner.pending, &mut events, &mut acks);
-            if let Some(events) = events {
-                inner.events = events;
-            }
-            if let Some(acks) = acks {
-                inner.acks = acks;
-            }
-            match result {
-                Ok(()) => inner.acks_since_compaction = 0,
-                Err(error) => {
-                    tracing::warn!(%error, dir = %self.dir.display(), "could not compact the outbox; it keeps working and retries at the next acknowledgement")
-                }
+        self.maybe_compact(&mut inner);
+        drop(inner);
+        // Outside the lock, like the barrier: what the observer does (forget a job's
+        // progress, one fsync) must not hold up deaths being appended.
+        if let Some(observer) = self.observer.get() {
+            observer.acknowledged(&removed);
+        }
+        Ok(removed.len())
+    }
+
+    /// Rewrites the files without the acknowledged events once enough have been.
+    fn maybe_compact(&self, inner: &mut Inner) {
+        if inner.acks_since_compaction < COMPACT_MIN_ACKS.max(inner.pending.len()) {
+            return;
+        }
+        // The acknowledgement is already durable; a failed compaction only means the files
+        // stay longer, so it is logged, not returned.
+        let (mut events, mut acks) = (None, None);
+        let result = compact(&self.dir, &inner.pending, &mut events, &mut acks);
+        if let Some(events) = events {
+            inner.events = events;
+        }
+        if let Some(acks) = acks {
+            inner.acks = acks;
+        }
+        match result {
+            Ok(()) => inner.acks_since_compaction = 0,
+            Err(error) => {
+                tracing::warn!(%error, dir = %self.dir.display(), "could not compact the outbox; it keeps working and retries at the next acknowledgement")
             }
         }
-        Ok(removed)
     }
 
     /// Counts one failed delivery attempt (for the metrics).

@@ -12,8 +12,19 @@ use super::{FILE_NAME, Registry};
 /// Writes `bytes` to a temporary file in `dir`, syncs it, renames it over the registry file
 /// and syncs the directory, so the rename itself survives a power cut.
 pub(super) fn replace(dir: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(format!("{FILE_NAME}.tmp"));
-    let mut f = fs::File::create(&tmp)?;
+    // A leftover from a crash goes first, so the file is created anew with mode 0600 (an
+    // existing file would keep its mode): the registry names every job and process.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     fs::rename(&tmp, dir.join(FILE_NAME))?;
