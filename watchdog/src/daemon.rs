@@ -30,6 +30,7 @@ use crate::trust::{ExeId, MigratekitIdentity};
 mod adopt;
 mod jobs_view;
 mod legacy;
+mod reload;
 mod serve;
 mod start;
 mod tracker;
