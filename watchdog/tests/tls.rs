@@ -250,6 +250,42 @@ fn an_https_oma_without_a_ca_is_refused_at_start() {
     assert!(stderr.contains("--oma-ca"), "{stderr}");
 }
 
+/// The fake OMA's HTTPS, requiring client certificates of the site CA.
+fn oma_tls(pki: &Pki) -> ServerTls {
+    let pair = pki.ca.server("oma").unwrap();
+    ServerTls::load(ServerTlsFiles {
+        cert: pair.cert,
+        key: pair.key,
+        client_ca: Some(pki.ca.cert.clone()),
+    })
+    .unwrap()
+}
+
+/// A watchdog with mutual TLS both ways: its API requires the OMA's certificate, and it
+/// presents its own to the OMA at `oma_url`.
+fn mutual_tls_args(pki: &Pki, oma_url: &str) -> Vec<String> {
+    let server = pki.ca.server("watchdog").unwrap();
+    let me = pki.ca.client("vma").unwrap();
+    let pairs = [
+        ("--listen", "127.0.0.1:0"),
+        ("--progress-listen", "127.0.0.1:0"),
+        ("--tls-cert", s(&server.cert)),
+        ("--tls-key", s(&server.key)),
+        ("--tls-client-ca", s(&pki.ca.cert)),
+        ("--api-token", API_TOKEN),
+        ("--oma-url", oma_url),
+        ("--oma-token", OMA_TOKEN),
+        ("--vma-id", VMA_ID),
+        ("--oma-ca", s(&pki.ca.cert)),
+        ("--oma-client-cert", s(&me.cert)),
+        ("--oma-client-key", s(&me.key)),
+    ];
+    pairs
+        .iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value.to_string()])
+        .collect()
+}
+
 /// Root: a real stand-in posts its progress to the plain loopback listener while the API is
 /// HTTPS, is killed, and its death reaches an OMA that requires the watchdog's client
 /// certificate, carrying that progress.
@@ -259,43 +295,9 @@ async fn a_death_reaches_an_https_oma_with_mutual_tls_and_the_progress_of_the_pl
         return;
     }
     let pki = pki();
-    let oma_pair = pki.ca.server("oma").unwrap();
-    let oma_tls = ServerTls::load(ServerTlsFiles {
-        cert: oma_pair.cert,
-        key: oma_pair.key,
-        client_ca: Some(pki.ca.cert.clone()),
-    })
-    .unwrap();
-    let oma = FakeOma::start_tls(OMA_TOKEN, VMA_ID, oma_tls).await;
-    let server = pki.ca.server("watchdog").unwrap();
-    let me = pki.ca.client("vma").unwrap();
-    let oma_url = oma.url();
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--progress-listen",
-        "127.0.0.1:0",
-        "--tls-cert",
-        s(&server.cert),
-        "--tls-key",
-        s(&server.key),
-        "--tls-client-ca",
-        s(&pki.ca.cert),
-        "--api-token",
-        API_TOKEN,
-        "--oma-url",
-        &oma_url,
-        "--oma-token",
-        OMA_TOKEN,
-        "--vma-id",
-        VMA_ID,
-        "--oma-ca",
-        s(&pki.ca.cert),
-        "--oma-client-cert",
-        s(&me.cert),
-        "--oma-client-key",
-        s(&me.key),
-    ];
+    let oma = FakeOma::start_tls(OMA_TOKEN, VMA_ID, oma_tls(&pki)).await;
+    let args = mutual_tls_args(&pki, &oma.url());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let w = Watchdog::start_with(&pki.state(), "procfs", &args, &[]);
     let progress = addr_of(&w, "progress_listening");
     let standin_url = format!("http://{progress}");
