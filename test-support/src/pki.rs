@@ -1,5 +1,6 @@
 //! Certificates made at test time: a CA, server and client certificates it signs (for
-//! `localhost` and 127.0.0.1), an expired server certificate, and a second, unrelated CA.
+//! `localhost` and 127.0.0.1), expired server and client certificates, and a second, unrelated
+//! CA.
 //! Written as PEM files into a directory the test owns.
 
 use std::fs;
@@ -83,6 +84,11 @@ impl TestCa {
     /// A client certificate.
     pub fn client(&self, file: &str) -> io::Result<Pair> {
         self.sign(file, ExtendedKeyUsagePurpose::ClientAuth, false)
+    }
+
+    /// A client certificate that expired in 2021.
+    pub fn expired_client(&self, file: &str) -> io::Result<Pair> {
+        self.sign(file, ExtendedKeyUsagePurpose::ClientAuth, true)
     }
 
     fn sign(&self, file: &str, usage: ExtendedKeyUsagePurpose, expired: bool) -> io::Result<Pair> {

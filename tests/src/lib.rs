@@ -18,6 +18,7 @@ pub mod netns;
 pub mod oma;
 pub mod procs;
 pub mod system;
+pub mod tls;
 pub mod watchdog;
 
 pub use error::HarnessError;

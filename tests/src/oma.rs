@@ -31,6 +31,8 @@ pub struct OmaConfig {
     pub poll_max_backoff_secs: f64,
     /// `--vma-timeout-secs`.
     pub vma_timeout_secs: f64,
+    /// HTTPS with client certificates both ways (its API, its calls to VMAs).
+    pub tls: Option<crate::tls::DaemonTls>,
 }
 
 impl Default for OmaConfig {
@@ -43,6 +45,7 @@ impl Default for OmaConfig {
             stale_threshold_secs: 1800.0,
             poll_max_backoff_secs: 1.0,
             vma_timeout_secs: 2.0,
+            tls: None,
         }
     }
 }
@@ -86,6 +89,22 @@ pub struct Oma {
     client: JsonClient,
 }
 
+/// HTTPS requiring client certificates of the CA, and the same CA and a client certificate
+/// for its calls to VMAs.
+fn tls_args(tls: &crate::tls::DaemonTls) -> Vec<OsString> {
+    [
+        ("--tls-cert", &tls.server.cert),
+        ("--tls-key", &tls.server.key),
+        ("--tls-client-ca", &tls.ca),
+        ("--vma-ca", &tls.ca),
+        ("--vma-client-cert", &tls.client.cert),
+        ("--vma-client-key", &tls.client.key),
+    ]
+    .into_iter()
+    .flat_map(|(flag, path)| [OsString::from(flag), path.into()])
+    .collect()
+}
+
 fn token() -> String {
     format!("tok-{}", uuid::Uuid::new_v4().simple())
 }
@@ -114,7 +133,7 @@ impl Oma {
         let operator_file = write("operator.token", &operator_token)?;
         let vma_file = write("vma-api.token", &vma_api_token)?;
         let f = |v: f64| OsString::from(v.to_string());
-        let args: Vec<OsString> = vec![
+        let mut args: Vec<OsString> = vec![
             "--listen".into(),
             format!("{}:{port}", config.ip).into(),
             "--database".into(),
@@ -136,6 +155,9 @@ impl Oma {
             "--log-format".into(),
             "json".into(),
         ];
+        if let Some(tls) = &config.tls {
+            args.extend(tls_args(tls));
+        }
         let daemon = Daemon::new(
             "oma",
             crate::bins::oma()?,
@@ -145,7 +167,12 @@ impl Oma {
         )
         // The timing lines of event intake, for the kill-to-commit benchmark's split.
         .with_env("RUST_LOG", "info,oma::latency=debug");
-        let url = format!("http://{}:{port}", config.ip);
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{}:{port}", config.ip);
         let client = JsonClient::new(http, url.clone(), Some(operator_token.clone()));
         let mut oma = Self {
             daemon,

@@ -30,6 +30,9 @@ pub struct SystemOptions {
     pub detector: String,
     /// Run OMA and VMA in two namespaces joined by a veth pair.
     pub partitioned: bool,
+    /// Both daemons over HTTPS with mutual TLS (certificates for 127.0.0.1: not with
+    /// `partitioned`).
+    pub tls: bool,
 }
 
 impl Default for SystemOptions {
@@ -38,6 +41,7 @@ impl Default for SystemOptions {
             oma: OmaConfig::default(),
             detector: "auto".into(),
             partitioned: false,
+            tls: false,
         }
     }
 }
@@ -54,6 +58,8 @@ pub struct System {
     // Declared last so it is dropped after the daemons that run inside it.
     /// The namespaces, when partitioned.
     pub net: Option<NetPair>,
+    /// The certificates, with TLS.
+    pub pki: Option<crate::tls::Pki>,
 }
 
 impl System {
@@ -105,6 +111,15 @@ impl System {
                 (crate::http::client(), crate::http::client(), lo, lo)
             }
         };
+        let (pki, oma_http, vma_http) = match options.tls {
+            true => {
+                let pki = crate::tls::Pki::new()?;
+                oma_config.tls = Some(pki.daemon("oma")?);
+                let (oma_http, vma_http) = (pki.harness_client()?, pki.harness_client()?);
+                (Some(pki), oma_http, vma_http)
+            }
+            false => (None, oma_http, vma_http),
+        };
         let oma = Oma::start(&oma_config, oma_http)?;
         let watchdog = Watchdog::start(
             &WatchdogConfig {
@@ -115,6 +130,7 @@ impl System {
                 oma_url: oma.url.clone(),
                 api_token: oma.vma_api_token.clone(),
                 detector: options.detector.clone(),
+                tls: pki.as_ref().map(|p| p.daemon("vma-1")).transpose()?,
             },
             vma_http,
         )?;
@@ -124,6 +140,7 @@ impl System {
             watchdog,
             jobs: Mutex::new(Vec::new()),
             net,
+            pki,
         })
     }
 

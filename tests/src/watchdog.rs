@@ -43,6 +43,9 @@ pub struct WatchdogConfig {
     pub api_token: String,
     /// `--detector`: `auto`, `ebpf` or `procfs`.
     pub detector: String,
+    /// HTTPS with client certificates both ways (its API, its delivery to the OMA);
+    /// migratekit's progress then goes to a plain loopback listener of its own.
+    pub tls: Option<crate::tls::DaemonTls>,
 }
 
 /// A running (or stopped) watchdog; its state directory outlives restarts.
@@ -106,7 +109,13 @@ impl Watchdog {
                 .map_err(|e| HarnessError::io(format!("writing {}", p.display()), e))?;
             Ok(p)
         };
-        let progress_url = format!("http://127.0.0.1:{port}");
+        // With TLS the API's port speaks HTTPS only: migratekit posts to the plain progress
+        // listener on a port of its own.
+        let progress_port = match config.tls {
+            Some(_) => free_port(IpAddr::from([127, 0, 0, 1]))?,
+            None => port,
+        };
+        let progress_url = format!("http://127.0.0.1:{progress_port}");
         let migratekit = crate::bins::migratekit()?;
         let wrapper = write(
             "launch-mk.sh",
@@ -116,7 +125,7 @@ impl Watchdog {
             .map_err(|e| HarnessError::io("making the launch wrapper executable", e))?;
         let oma_token_file = write("oma.token", &vma_token)?;
         let api_token_file = write("api.token", &config.api_token)?;
-        let args = wiring_args(&WiringArgs {
+        let mut args = wiring_args(&WiringArgs {
             state_dir: dir.path().join("state"),
             listen: format!("{}:{port}", config.ip),
             oma_url: config.oma_url.clone(),
@@ -128,6 +137,9 @@ impl Watchdog {
             log_dir: dir.path().join("jobs"),
             detector: config.detector.clone(),
         });
+        if let Some(tls) = &config.tls {
+            args.extend(tls_args(tls, progress_port));
+        }
         let daemon = Daemon::new(
             "vma-watchdog",
             crate::bins::watchdog()?,
@@ -137,7 +149,12 @@ impl Watchdog {
         )
         // The timing lines of each death, for the kill-to-commit benchmark's split.
         .with_env("RUST_LOG", "info,vma_watchdog::latency=debug");
-        let url = format!("http://{}:{port}", config.advertised_ip);
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{}:{port}", config.advertised_ip);
         let client = JsonClient::new(http, url.clone(), Some(config.api_token.clone()));
         let mut w = Self {
             daemon,
@@ -284,6 +301,25 @@ struct WiringArgs {
 }
 
 /// The watchdog's command line, in one place so that a renamed flag is fixed once.
+/// HTTPS requiring client certificates of the CA, the plain progress listener on
+/// `progress_port`, and the CA and a client certificate for the delivery to the OMA.
+fn tls_args(tls: &crate::tls::DaemonTls, progress_port: u16) -> Vec<OsString> {
+    let mut args: Vec<OsString> = [
+        ("--tls-cert", &tls.server.cert),
+        ("--tls-key", &tls.server.key),
+        ("--tls-client-ca", &tls.ca),
+        ("--oma-ca", &tls.ca),
+        ("--oma-client-cert", &tls.client.cert),
+        ("--oma-client-key", &tls.client.key),
+    ]
+    .into_iter()
+    .flat_map(|(flag, path)| [OsString::from(flag), path.into()])
+    .collect();
+    args.push("--progress-listen".into());
+    args.push(format!("127.0.0.1:{progress_port}").into());
+    args
+}
+
 fn wiring_args(w: &WiringArgs) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut flag = |name: &str, value: OsString| {

@@ -9,7 +9,7 @@
 mod serve;
 mod tls;
 
-pub use serve::{DEFAULT_MAX_CONNECTIONS, Limits, ServeStats, serve};
+pub use serve::{DEFAULT_MAX_CONNECTIONS, Ends, Limits, ServeStats, serve};
 pub use tls::{ClientTlsFiles, ServerTls, ServerTlsFiles, TlsError};
 
 /// File descriptors kept free of connections for the daemon's own work (database, logs,

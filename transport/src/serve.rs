@@ -8,7 +8,9 @@
 //! headers within [`Limits::header_read_timeout`] (a slow client, or an idle keep-alive
 //! connection waiting for its next request) is closed, and so is one whose TLS handshake takes
 //! longer than [`Limits::handshake_timeout`]. The handler sees the peer's address as axum's
-//! `ConnectInfo<SocketAddr>`.
+//! `ConnectInfo<SocketAddr>`, and both ends of the connection as `ConnectInfo<Ends>`: a
+//! server that must tell which local process made a loopback call (the watchdog's progress
+//! gate) needs its own end too, since the listener's address may be a wildcard.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -55,6 +57,17 @@ impl Default for Limits {
             shutdown_grace: Duration::from_secs(5),
         }
     }
+}
+
+/// Both ends of an accepted connection, as the server sees them; handlers get it as
+/// `ConnectInfo<Ends>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ends {
+    /// The client's address and port.
+    pub peer: SocketAddr,
+    /// The server's own address and port on this connection (not the listener's, which may
+    /// be a wildcard).
+    pub local: SocketAddr,
 }
 
 /// Counters of what the server refused or cut, for `/health`.
@@ -163,9 +176,17 @@ impl Connection {
         watcher: hyper_util::server::graceful::Watcher,
     ) {
         let _ = stream.set_nodelay(true);
+        // An accepted socket always has a local address; should the call fail, the peer's
+        // own address stands in, which matches no client socket, so a handler that checks
+        // the connection's owner refuses rather than accepts it unchecked.
+        let ends = Ends {
+            peer,
+            local: stream.local_addr().unwrap_or(peer),
+        };
         let router = self.router;
         let service = tower::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
+            request.extensions_mut().insert(ConnectInfo(ends));
             let mut router = router.clone();
             async move {
                 let response = tower::Service::call(&mut router, request).await;

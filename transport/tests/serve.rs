@@ -13,7 +13,7 @@ use test_support::pki::TestCa;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-use transport::{ClientTlsFiles, Limits, ServeStats, ServerTls, ServerTlsFiles, serve};
+use transport::{ClientTlsFiles, Ends, Limits, ServeStats, ServerTls, ServerTlsFiles, serve};
 
 struct Server {
     addr: SocketAddr,
@@ -95,6 +95,44 @@ async fn the_handler_sees_the_peer_address() {
     stream.read_to_string(&mut answer).await.unwrap();
     assert!(answer.ends_with(&local.to_string()), "{answer}");
     server.stop().await;
+}
+
+#[tokio::test]
+async fn the_handler_sees_both_ends_of_the_connection_also_on_a_wildcard_listener() {
+    // Bound to the wildcard: the server's own end is the address the client dialled, not
+    // the listener's 0.0.0.0.
+    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let router = Router::new().route(
+        "/ends",
+        get(|ConnectInfo(ends): ConnectInfo<Ends>| async move {
+            format!("{} {}", ends.peer, ends.local)
+        }),
+    );
+    let (stop, stopped) = oneshot::channel::<()>();
+    let stats = Arc::new(ServeStats::default());
+    let task = tokio::spawn(serve(
+        listener,
+        router,
+        None,
+        limits(5_000, 8),
+        stats,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (client, server) = (stream.local_addr().unwrap(), stream.peer_addr().unwrap());
+    stream
+        .write_all(b"GET /ends HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.ends_with(&format!("{client} {server}")), "{answer}");
+    assert_eq!(server.ip().to_string(), "127.0.0.1");
+    let _ = stop.send(());
+    task.await.unwrap();
 }
 
 #[tokio::test]

@@ -136,7 +136,7 @@ async fn bench_http(rounds: usize) {
         progress: Arc::new(ProgressStore::open(dir.path()).unwrap()),
         jobs,
         launcher: Arc::new(Launcher::new(LauncherConfig::new("/bin/false"))),
-        token: BearerToken::new("bench-token").unwrap(),
+        token: BearerToken::new("bench-token").unwrap().into(),
         outbox: None,
         body_limit: DEFAULT_BODY_LIMIT,
         stopped: Arc::default(),

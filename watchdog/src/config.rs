@@ -14,8 +14,10 @@ use crate::outbox::OutboxLimits;
 use crate::procfs::COMM_MAX;
 
 mod launch;
+mod net;
 mod secrets;
 
+pub use net::{NetArgs, NetConfig, reread_token};
 pub use secrets::{
     SecretArg, is_secret_variable, log_deferred_warnings, scrub_environment,
     unguessable as unguessable_token,
@@ -130,6 +132,9 @@ pub struct Cli {
     /// watchdog's own (the launcher starts migratekit as it).
     #[arg(long, env = "VMA_WATCHDOG_MIGRATEKIT_UID")]
     pub migratekit_uid: Option<u32>,
+    /// TLS both ways, the progress listener, connection bounds (`config/net.rs`).
+    #[command(flatten)]
+    pub net: NetArgs,
 }
 
 /// Where and how deaths are delivered to the OMA.
@@ -176,6 +181,8 @@ pub struct Config {
     pub outbox_limits: OutboxLimits,
     /// How migratekit is started.
     pub launcher: LauncherConfig,
+    /// TLS, the progress listener, connection bounds, and the files re-read on SIGHUP.
+    pub net: NetConfig,
 }
 
 impl Config {
@@ -206,6 +213,9 @@ impl Config {
             bail!("--scan-interval-ms must be at least 1");
         }
         let (listen, listen_if_available) = listen_addresses(&cli.listen);
+        let mut net = net::load(&cli.net, &cli.listen, cli.oma_url.as_deref())?;
+        net.api_token_file.clone_from(&cli.api_token_file);
+        net.oma_token_file.clone_from(&cli.oma_token_file);
         let api_token = secrets::token(
             cli.api_token.as_ref(),
             cli.api_token_file.as_deref(),
@@ -264,6 +274,7 @@ impl Config {
                 max_bytes: cli.outbox_max_bytes,
             },
             launcher,
+            net,
         })
     }
 }

@@ -31,6 +31,7 @@ mod adopt;
 mod forget_progress;
 mod jobs_view;
 mod legacy;
+mod reload;
 mod serve;
 mod start;
 mod tracker;

@@ -34,6 +34,15 @@ pub struct Connection {
     pub local: SocketAddr,
 }
 
+impl From<transport::Ends> for Connection {
+    fn from(ends: transport::Ends) -> Self {
+        Self {
+            peer: ends.peer,
+            local: ends.local,
+        }
+    }
+}
+
 /// One row of `/proc/net/tcp` or `/proc/net/tcp6`: what the lookup needs of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SocketRow {

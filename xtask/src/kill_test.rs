@@ -32,6 +32,9 @@ pub struct KillTestArgs {
     /// With --bench: the OMA polls every 0.2 s (the tests' setting) instead of every 5 s.
     #[arg(long, requires = "bench")]
     busy: bool,
+    /// With --bench: both daemons over HTTPS with mutual TLS.
+    #[arg(long, requires = "bench")]
+    tls: bool,
     /// List the scenarios and what each proves.
     #[arg(long)]
     list: bool,
@@ -66,6 +69,7 @@ impl KillTestArgs {
             json: None,
             bench: None,
             busy: false,
+            tls: false,
             list: false,
             release: false,
             vm: false,
@@ -105,6 +109,9 @@ pub fn run(args: &KillTestArgs) -> Result<()> {
         runner.args(["--bench", &kills.to_string()]);
         if args.busy {
             runner.arg("--busy");
+        }
+        if args.tls {
+            runner.arg("--tls");
         }
     }
     if args.list {

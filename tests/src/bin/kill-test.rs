@@ -34,6 +34,9 @@ struct Args {
     /// instead of the shipped ones (every 5 s).
     #[arg(long, requires = "bench")]
     busy: bool,
+    /// With --bench: both daemons over HTTPS with mutual TLS.
+    #[arg(long, requires = "bench")]
+    tls: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,7 +56,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(kills) = args.bench {
-        let figures = bench::kill_to_commit(kills, args.busy, &args.detector)
+        let figures = bench::kill_to_commit(kills, args.busy, &args.detector, args.tls)
             .context("kill-to-commit benchmark")?;
         println!("{figures}");
         write_json(&args.json, &figures)?;

@@ -12,14 +12,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use transport::{Limits, ServeStats, ServerTls, TlsError};
 
-use super::{Daemon, DaemonError};
+use super::reload::Reloader;
+use super::{Daemon, DaemonError, Tracker};
 use crate::config::Config;
-use crate::http::{self, AppState, DEFAULT_BODY_LIMIT};
+use crate::http::{self, AppState, DEFAULT_BODY_LIMIT, SharedToken};
 use crate::launcher::Launcher;
-use crate::outbox::{DeliveryConfig, run_delivery};
+use crate::outbox::{DeliveryConfig, OmaClient, run_delivery_with};
 use crate::progress::ProgressError;
 
 /// How long the tasks get to finish (requests in flight, a delivery attempt) after the
@@ -46,15 +49,13 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
-    /// The HTTP server stopped on its own.
-    #[error("the REST API on {addr} stopped: {source}; restart the watchdog")]
-    Serve {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A TLS file (the API's certificate, key or client CA, or the OMA's CA or this
+    /// watchdog's client certificate) could not be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The SIGHUP handler could not be installed.
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signal(#[source] std::io::Error),
     /// A task ended before the shutdown signal (the detector stopped delivering events).
     #[error(
         "the {0} stopped on its own; exiting so that a supervisor restarts the watchdog (the registry and outbox on disk carry over)"
@@ -62,11 +63,87 @@ pub enum ServeError {
     TaskEnded(&'static str),
 }
 
+/// The tasks of a running daemon, each named for the log when it ends.
+type Tasks = JoinSet<(&'static str, Result<(), ServeError>)>;
+
+/// Which router a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The whole API (HTTPS when configured).
+    Api,
+    /// Progress updates only, plain HTTP on loopback, for migratekit when the API is HTTPS.
+    Progress,
+}
+
 /// Runs the daemon until `shutdown` completes (SIGTERM/SIGINT in `main`).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    // Every file is read before anything starts, so a bad one stops the start with its name.
+    let tls = config.net.tls.clone().map(ServerTls::load).transpose()?;
+    let oma_client = oma_client(&config)?;
+    let hup = signal(SignalKind::hangup()).map_err(ServeError::Signal)?;
     let daemon = Daemon::start(config.clone()).await?;
     let tracker = daemon.tracker();
     let listeners = bind(&config).await?;
+    let state = app_state(&config, &tracker);
+    let (stop, stopped) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stopped.clone();
+        async move {
+            // An error means the sender is gone: stop as well.
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let mut tasks: Tasks = JoinSet::new();
+    let limits = fit_limits(config.net.limits, listeners.len());
+    let stats = Arc::new(ServeStats::default());
+    for (kind, listener) in listeners {
+        let (router, tls) = match kind {
+            Kind::Api => (http::router(state.clone()), tls.clone()),
+            Kind::Progress => (http::progress_router(state.clone()), None),
+        };
+        let serving = transport::serve(listener, router, tls, limits, stats.clone(), stopped());
+        tasks.spawn(async move {
+            serving.await;
+            ("REST API", Ok(()))
+        });
+    }
+    if let Some(client) = &oma_client {
+        start_delivery(&mut tasks, &config, &tracker, client.clone(), stopped());
+    } else {
+        tracing::warn!(
+            event = "delivery_disabled",
+            queued = tracker.outbox().stats().queued,
+            "no --oma-url: deaths are recorded in the outbox on disk but not delivered; start with --oma-url and --oma-token-file to deliver them"
+        );
+    }
+    let reloader = Reloader::new(&config, state.token.clone(), oma_client, tls);
+    let reload_stopped = stopped();
+    tasks.spawn(async move {
+        reloader.run(hup, reload_stopped).await;
+        ("SIGHUP handler", Ok(()))
+    });
+    let detector_stopped = stopped();
+    tasks.spawn(async move {
+        daemon.run(detector_stopped).await;
+        ("detector", Ok(()))
+    });
+    let result = wait(&mut tasks, shutdown).await;
+    let _ = stop.send(true);
+    drain(tasks).await;
+    result
+}
+
+/// The client for the OMA, when deaths are delivered; its TLS files are read here.
+fn oma_client(config: &Config) -> Result<Option<Arc<OmaClient>>, ServeError> {
+    let Some(oma) = &config.oma else {
+        return Ok(None);
+    };
+    let timeout = DeliveryConfig::new(&oma.url, &config.vma_id, oma.token.clone()).request_timeout;
+    let client = OmaClient::new(timeout, oma.token.clone(), &config.net.oma_tls)?;
+    Ok(Some(Arc::new(client)))
+}
+
+fn app_state(config: &Config, tracker: &Tracker) -> AppState {
     let token = config.api_token.clone().unwrap_or_else(|| {
         tracing::warn!(event = "api_token_missing", "no API token configured (--api-token-file, --api-token or VMA_WATCHDOG_API_TOKEN): the job API refuses every call; only /health and progress updates from this host are served");
         crate::config::unguessable_token()
@@ -77,60 +154,40 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         template_args = config.launcher.args.len(),
         credentials = ?config.launcher.credentials.keys().collect::<Vec<_>>(),
         "migratekit is started from the configured template");
-    let state = AppState {
+    AppState {
         progress: Arc::clone(tracker.progress()),
         jobs: Arc::new(tracker.clone()),
         launcher: Arc::new(Launcher::new(config.launcher.clone())),
-        token,
+        token: SharedToken::new(token),
         outbox: Some(Arc::clone(tracker.outbox())),
         body_limit: DEFAULT_BODY_LIMIT,
         stopped: Arc::default(),
-    };
+    }
+}
 
-    let (stop, stopped) = watch::channel(false);
-    let stopped = move || {
-        let mut rx = stopped.clone();
-        async move {
-            // An error means the sender is gone: stop as well.
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
-    let mut tasks: JoinSet<(&'static str, Result<(), ServeError>)> = JoinSet::new();
-    for (addr, listener) in listeners {
-        let (state, stopped) = (state.clone(), stopped());
-        tasks.spawn(async move {
-            let result = http::serve(listener, state, stopped).await;
-            (
-                "REST API",
-                result.map_err(|source| ServeError::Serve { addr, source }),
-            )
-        });
-    }
-    match &config.oma {
-        Some(oma) => {
-            let mut delivery = DeliveryConfig::new(&oma.url, &config.vma_id, oma.token.clone());
-            delivery.max_backoff = oma.max_backoff;
-            tracing::info!(event = "delivery_started", oma_url = %oma.url, vma_id = %config.vma_id,
-                queued = tracker.outbox().stats().queued, "delivering events to the OMA");
-            let outbox = Arc::clone(tracker.outbox());
-            let stopped = stopped();
-            tasks.spawn(async move {
-                run_delivery(outbox, delivery, stopped).await;
-                ("delivery to the OMA", Ok(()))
-            });
-        }
-        None => tracing::warn!(
-            event = "delivery_disabled",
-            queued = tracker.outbox().stats().queued,
-            "no --oma-url: deaths are recorded in the outbox on disk but not delivered; start with --oma-url and --oma-token-file to deliver them"
-        ),
-    }
-    let detector_stopped = stopped();
+fn start_delivery(
+    tasks: &mut Tasks,
+    config: &Config,
+    tracker: &Tracker,
+    client: Arc<OmaClient>,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) {
+    let Some(oma) = &config.oma else { return };
+    let mut delivery = DeliveryConfig::new(&oma.url, &config.vma_id, oma.token.clone());
+    delivery.max_backoff = oma.max_backoff;
+    delivery.tls = config.net.oma_tls.clone();
+    tracing::info!(event = "delivery_started", oma_url = %oma.url, vma_id = %config.vma_id,
+        https = oma.url.starts_with("https://"), client_certificate = config.net.oma_tls.cert.is_some(),
+        queued = tracker.outbox().stats().queued, "delivering events to the OMA");
+    let outbox = Arc::clone(tracker.outbox());
     tasks.spawn(async move {
-        daemon.run(detector_stopped).await;
-        ("detector", Ok(()))
+        run_delivery_with(outbox, delivery, client, stopped).await;
+        ("delivery to the OMA", Ok(()))
     });
+}
 
+/// Waits for `shutdown`, or for a task that ends before it (a failure).
+async fn wait(tasks: &mut Tasks, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     tokio::pin!(shutdown);
     let result = tokio::select! {
         () = &mut shutdown => Ok(()),
@@ -145,7 +202,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Err(error) = &result {
         tracing::error!(event = "watchdog_stopping", %error, "a part of the watchdog stopped; stopping the rest");
     }
-    let _ = stop.send(true);
+    result
+}
+
+/// Waits (bounded) for every task to stop after the stop signal.
+async fn drain(mut tasks: Tasks) {
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while let Some(ended) = tasks.join_next().await {
             if let Ok((name, Err(error))) = ended {
@@ -161,24 +222,68 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
         tasks.shutdown().await;
     }
-    result
 }
 
-/// Binds every configured address; the optional ones (`[::1]` with the default) are
-/// skipped with a log line when the host cannot have them.
-async fn bind(config: &Config) -> Result<Vec<(SocketAddr, TcpListener)>, ServeError> {
-    let mut out = Vec::new();
-    for &addr in &config.listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServeError::Bind { addr, source })?;
-        out.push(listening(listener, addr)?);
+/// The limits with a connection cap per listener that fits, for all `listeners`, under the
+/// file limit (raised as far as the hard limit allows): a full table of connections must
+/// never leave the detector without descriptors for its `/proc` scans.
+fn fit_limits(mut limits: Limits, listeners: usize) -> Limits {
+    let listeners = listeners.max(1);
+    let wanted = limits.max_connections;
+    match transport::raise_fd_limit(wanted.saturating_mul(listeners)) {
+        Ok(fits) if fits / listeners < wanted => {
+            let per_listener = (fits / listeners).max(1);
+            tracing::warn!(
+                event = "connection_cap_lowered",
+                wanted,
+                fits = per_listener,
+                listeners,
+                "the file limit leaves room for fewer connections than configured; raise LimitNOFILE= or lower --max-connections"
+            );
+            limits.max_connections = per_listener;
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(event = "connection_cap_unchecked", %error,
+            "cannot read the file limit; keeping the connection cap"),
     }
-    for &addr in &config.listen_if_available {
-        match TcpListener::bind(addr).await {
-            Ok(listener) => out.push(listening(listener, addr)?),
-            Err(error) => {
-                tracing::info!(%addr, %error, "not listening on this address (no IPv6 loopback here, or it is taken); migratekit reaches the API over 127.0.0.1")
+    tracing::info!(
+        event = "connection_limits",
+        max_connections = limits.max_connections,
+        listeners,
+        header_timeout_ms = limits.header_read_timeout.as_millis() as u64,
+        handshake_timeout_ms = limits.handshake_timeout.as_millis() as u64,
+        "connections are bounded per listener"
+    );
+    limits
+}
+
+/// Binds every configured address: the API's, then the progress listeners'. The optional
+/// ones (`[::1]` with the defaults) are skipped with a log line when the host cannot have
+/// them.
+async fn bind(config: &Config) -> Result<Vec<(Kind, TcpListener)>, ServeError> {
+    let tls = config.net.tls.is_some();
+    let mut out = Vec::new();
+    let groups = [
+        (Kind::Api, &config.listen, &config.listen_if_available),
+        (
+            Kind::Progress,
+            &config.net.progress_listen,
+            &config.net.progress_listen_if_available,
+        ),
+    ];
+    for (kind, required, optional) in groups {
+        for &addr in required {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            out.push((kind, listening(listener, addr, kind, tls)?));
+        }
+        for &addr in optional {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => out.push((kind, listening(listener, addr, kind, tls)?)),
+                Err(error) => {
+                    tracing::info!(%addr, %error, "not listening on this address (no IPv6 loopback here, or it is taken); migratekit reaches the API over 127.0.0.1")
+                }
             }
         }
     }
@@ -188,10 +293,21 @@ async fn bind(config: &Config) -> Result<Vec<(SocketAddr, TcpListener)>, ServeEr
 fn listening(
     listener: TcpListener,
     addr: SocketAddr,
-) -> Result<(SocketAddr, TcpListener), ServeError> {
+    kind: Kind,
+    tls: bool,
+) -> Result<TcpListener, ServeError> {
     let local = listener
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
-    tracing::info!(event = "api_listening", addr = %local, "REST API listening");
-    Ok((local, listener))
+    match kind {
+        Kind::Api => {
+            let scheme = if tls { "https" } else { "http" };
+            tracing::info!(event = "api_listening", addr = %local, scheme, "REST API listening");
+        }
+        Kind::Progress => {
+            tracing::info!(event = "progress_listening", addr = %local, scheme = "http",
+            "plain-HTTP loopback listener for migratekit's progress updates (only that route)")
+        }
+    }
+    Ok(listener)
 }

@@ -2,7 +2,7 @@
 //! which come from migratekit on this host without credentials.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::AUTHORIZATION;
@@ -95,11 +95,11 @@ pub fn is_loopback_peer(peer: &SocketAddr) -> bool {
 
 /// Middleware: 403 unless the peer is on this host (progress updates).
 pub async fn require_loopback(
-    ConnectInfo(conn): ConnectInfo<crate::peer::Connection>,
+    ConnectInfo(ends): ConnectInfo<transport::Ends>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let peer = conn.peer;
+    let peer = ends.peer;
     if is_loopback_peer(&peer) {
         Ok(next.run(request).await)
     } else {
@@ -108,9 +108,41 @@ pub async fn require_loopback(
     }
 }
 
+/// The API token in force, replaced in place when its file is re-read (SIGHUP): requests
+/// already checked keep their answer, later ones are checked against the new token. Clones
+/// share it.
+#[derive(Debug, Clone)]
+pub struct SharedToken(Arc<RwLock<BearerToken>>);
+
+impl SharedToken {
+    /// Holds `token`.
+    pub fn new(token: BearerToken) -> Self {
+        Self(Arc::new(RwLock::new(token)))
+    }
+
+    /// Puts `token` in force for every later request.
+    pub fn replace(&self, token: BearerToken) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = token;
+    }
+
+    /// Whether `presented` equals the token in force (see [`BearerToken::matches`]).
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .matches(presented)
+    }
+}
+
+impl From<BearerToken> for SharedToken {
+    fn from(token: BearerToken) -> Self {
+        Self::new(token)
+    }
+}
+
 /// Middleware: 401 (no detail) unless `Authorization: Bearer <token>` matches.
 pub async fn require_token(
-    State(token): State<BearerToken>,
+    State(token): State<SharedToken>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {

@@ -1,9 +1,11 @@
 //! The watchdog's REST API: progress from migratekit, job status and job start for the OMA.
 //!
-//! `router(state)` builds the axum router; `serve(listener, state, shutdown)` runs it with
-//! both ends of each connection available to handlers: progress updates are accepted from
-//! loopback peers only, and only from the job's own registered process (`progress_gate`).
-//! Every route but `/health` and progress updates needs the bearer token.
+//! `router(state)` builds the axum router; the daemon serves it through `transport::serve`
+//! (connection cap, header and idle timeouts, optional TLS), which gives handlers both ends
+//! of each connection: progress updates are accepted from loopback peers only, and only from
+//! the job's own registered process (`progress_gate`). Every route but `/health` and progress
+//! updates needs the bearer token. `progress_router(state)` is the progress route alone, for
+//! the plain-HTTP loopback listener migratekit posts to when the API itself is HTTPS.
 
 mod auth;
 mod error;
@@ -21,7 +23,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
-pub use auth::{BearerToken, InvalidToken, Secret, is_loopback_peer};
+pub use auth::{BearerToken, InvalidToken, Secret, SharedToken, is_loopback_peer};
 pub use error::{ApiError, JobPath, JsonBody};
 pub use memory_jobs::MemoryJobs;
 pub use progress_gate::{Refusal, refused_updates};
@@ -114,8 +116,8 @@ pub struct AppState {
     pub jobs: Arc<dyn JobsView>,
     /// Starts migratekit.
     pub launcher: Arc<Launcher>,
-    /// Token required on every route but `/health` and progress updates.
-    pub token: BearerToken,
+    /// Token required on every route but `/health` and progress updates; re-read on SIGHUP.
+    pub token: SharedToken,
     /// The outbox, whose counters `/health` shows.
     pub outbox: Option<Arc<Outbox>>,
     /// Largest request body accepted.
@@ -153,7 +155,29 @@ pub fn router(state: AppState) -> Router {
             state.token.clone(),
             auth::require_token,
         ));
-    let local = Router::new()
+    Router::new()
+        .merge(protected)
+        .merge(progress_routes(&state))
+        .route("/health", get(handlers::health))
+        .fallback(handlers::not_found)
+        .layer(DefaultBodyLimit::max(state.body_limit))
+        .with_state(state)
+}
+
+/// The router of the plain-HTTP loopback listener kept for migratekit when the API is
+/// served over HTTPS: migratekit's progress client cannot speak TLS, so its one route is
+/// served here alone, with the same loopback and job-process checks; every other path is
+/// 404, so no token-protected route is ever reachable without TLS.
+pub fn progress_router(state: AppState) -> Router {
+    Router::new()
+        .merge(progress_routes(&state))
+        .fallback(handlers::not_found)
+        .layer(DefaultBodyLimit::max(state.body_limit))
+        .with_state(state)
+}
+
+fn progress_routes(state: &AppState) -> Router<AppState> {
+    Router::new()
         .route(
             "/api/v1/progress/{job_id}/update",
             post(handlers::post_progress),
@@ -163,25 +187,25 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             progress_gate::require_job_process,
         ))
-        .route_layer(axum::middleware::from_fn(auth::require_loopback));
-    Router::new()
-        .merge(protected)
-        .merge(local)
-        .route("/health", get(handlers::health))
-        .fallback(handlers::not_found)
-        .layer(DefaultBodyLimit::max(state.body_limit))
-        .with_state(state)
+        .route_layer(axum::middleware::from_fn(auth::require_loopback))
 }
 
-/// Serves the API on `listener` until `shutdown` resolves, then finishes the requests in
-/// flight and returns.
+/// Serves the API on `listener` in plain HTTP with the transport's default limits until
+/// `shutdown` resolves, then finishes the requests in flight (bounded) and returns. It never
+/// fails; the result is kept for callers that treat a server as fallible.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state).into_make_service_with_connect_info::<crate::peer::Connection>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    transport::serve(
+        listener,
+        router(state),
+        None,
+        transport::Limits::default(),
+        Arc::default(),
+        shutdown,
+    )
+    .await;
+    Ok(())
 }

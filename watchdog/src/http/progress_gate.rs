@@ -9,12 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use api::{JobProcessState, ProcessIdentity};
-use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use axum::serve::IncomingStream;
-use tokio::net::TcpListener;
 
 use super::AppState;
 use super::error::{ApiError, JobPath};
@@ -30,17 +27,6 @@ static LAST_WIDE_SCAN: AtomicU64 = AtomicU64::new(0);
 /// (`/health`, `progress.refused_updates`).
 pub fn refused_updates() -> u64 {
     REFUSED.load(Ordering::Relaxed)
-}
-
-impl Connected<IncomingStream<'_, TcpListener>> for Connection {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        let peer = *stream.remote_addr();
-        // An accepted socket always has a local address; should the call fail, the peer's
-        // own address stands in, which matches no client socket, so the update is refused
-        // rather than accepted unchecked.
-        let local = stream.io().local_addr().unwrap_or(peer);
-        Self { peer, local }
-    }
 }
 
 /// Why a progress update was refused.
@@ -93,11 +79,12 @@ pub enum Refusal {
 /// `not_job_process` unless the connection comes from the job's registered process.
 pub async fn require_job_process(
     State(state): State<AppState>,
-    ConnectInfo(conn): ConnectInfo<Connection>,
+    ConnectInfo(ends): ConnectInfo<transport::Ends>,
     JobPath(job_id): JobPath,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    let conn = Connection::from(ends);
     match check(&state, &job_id, conn).await {
         Ok(()) => Ok(next.run(request).await),
         Err(refusal) => Err(refuse(&job_id, conn, &refusal)),

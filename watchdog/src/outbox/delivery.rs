@@ -2,11 +2,12 @@
 //! acknowledged.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use api::{EventBatch, EventBatchAck};
 use rand::Rng;
+use transport::{ClientTlsFiles, TlsError};
 use uuid::Uuid;
 
 use super::{Outbox, OutboxError};
@@ -29,6 +30,8 @@ pub struct DeliveryConfig {
     pub max_backoff: Duration,
     /// Timeout of one request.
     pub request_timeout: Duration,
+    /// What the client trusts (an `https://` OMA needs a CA) and presents.
+    pub tls: ClientTlsFiles,
 }
 
 impl DeliveryConfig {
@@ -42,6 +45,7 @@ impl DeliveryConfig {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
+            tls: ClientTlsFiles::default(),
         }
     }
 
@@ -75,13 +79,84 @@ enum AttemptError {
 /// must not turn into a stream of attempts.
 pub const EARLY_RETRY_GAP: Duration = Duration::from_secs(1);
 
-/// Delivers the outbox until `shutdown` resolves. Never gives up: every failure is counted,
-/// logged and retried after a capped, jittered exponential backoff.
-pub async fn run(outbox: Arc<Outbox>, config: DeliveryConfig, shutdown: impl Future<Output = ()>) {
-    let client = reqwest::Client::builder()
-        .timeout(config.request_timeout)
+/// The HTTP client and the token the delivery uses, replaced together in place when their
+/// files are re-read (SIGHUP): the next attempt uses the new ones, one in flight finishes
+/// with the old. A new client also means new connections, so a replaced CA or client
+/// certificate is used at once rather than when a kept-alive connection happens to close.
+#[derive(Debug)]
+pub struct OmaClient {
+    timeout: Duration,
+    current: RwLock<Arc<ClientState>>,
+}
+
+#[derive(Debug)]
+struct ClientState {
+    http: reqwest::Client,
+    token: BearerToken,
+}
+
+impl OmaClient {
+    /// A client with `timeout` per request, presenting `token`, trusting `tls.ca` only.
+    pub fn new(
+        timeout: Duration,
+        token: BearerToken,
+        tls: &ClientTlsFiles,
+    ) -> Result<Self, TlsError> {
+        let http = build_client(timeout, tls)?;
+        Ok(Self {
+            timeout,
+            current: RwLock::new(Arc::new(ClientState { http, token })),
+        })
+    }
+
+    /// Puts a new token and TLS files in force; on error nothing changes.
+    pub fn reload(&self, token: BearerToken, tls: &ClientTlsFiles) -> Result<(), TlsError> {
+        let http = build_client(self.timeout, tls)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(ClientState { http, token });
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<ClientState> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+fn build_client(timeout: Duration, tls: &ClientTlsFiles) -> Result<reqwest::Client, TlsError> {
+    tls.apply(reqwest::Client::builder().timeout(timeout))?
         .build()
-        .unwrap_or_else(|_| reqwest::Client::new());
+        .map_err(|source| TlsError::Client {
+            path: tls
+                .ca
+                .clone()
+                .or_else(|| tls.cert.clone())
+                .unwrap_or_default(),
+            source,
+        })
+}
+
+/// Delivers the outbox until `shutdown` resolves, with a client built from `config` (a
+/// client whose TLS files cannot be read logs why and delivers nothing; the daemon builds
+/// its client at start instead, see [`run_with`]).
+pub async fn run(outbox: Arc<Outbox>, config: DeliveryConfig, shutdown: impl Future<Output = ()>) {
+    match OmaClient::new(config.request_timeout, config.token.clone(), &config.tls) {
+        Ok(client) => run_with(outbox, config, Arc::new(client), shutdown).await,
+        Err(error) => tracing::error!(event = "delivery_client_failed", %error,
+            "cannot build the client for the OMA; nothing is delivered"),
+    }
+}
+
+/// Delivers the outbox through `client` until `shutdown` resolves. Never gives up: every
+/// failure is counted, logged and retried after a capped, jittered exponential backoff.
+pub async fn run_with(
+    outbox: Arc<Outbox>,
+    config: DeliveryConfig,
+    client: Arc<OmaClient>,
+    shutdown: impl Future<Output = ()>,
+) {
     let url = config.events_url();
     tokio::pin!(shutdown);
     let mut failures: u32 = 0;
@@ -97,7 +172,8 @@ pub async fn run(outbox: Arc<Outbox>, config: DeliveryConfig, shutdown: impl Fut
             continue;
         }
         let sent = batch.len();
-        let attempt = attempt(&client, &url, &config, &outbox, batch);
+        let current = client.current();
+        let attempt = attempt(&current, &url, &config, &outbox, batch);
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
             () = &mut shutdown => return,
@@ -148,7 +224,7 @@ pub async fn run(outbox: Arc<Outbox>, config: DeliveryConfig, shutdown: impl Fut
 }
 
 async fn attempt(
-    client: &reqwest::Client,
+    client: &ClientState,
     url: &str,
     config: &DeliveryConfig,
     outbox: &Arc<Outbox>,
@@ -162,8 +238,9 @@ async fn attempt(
     let post_us = crate::clock::monotonic_us();
     let first = sent.first().map(Uuid::to_string);
     let response = client
+        .http
         .post(url)
-        .bearer_auth(config.token.expose())
+        .bearer_auth(client.token.expose())
         .json(&batch)
         .send()
         .await

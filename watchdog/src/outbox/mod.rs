@@ -11,7 +11,7 @@ mod store;
 
 use std::path::PathBuf;
 
-pub use delivery::{DeliveryConfig, run as run_delivery};
+pub use delivery::{DeliveryConfig, OmaClient, run as run_delivery, run_with as run_delivery_with};
 pub use store::{Outbox, read_pending};
 
 /// Name of the outbox's directory inside the state directory. The outbox is also the

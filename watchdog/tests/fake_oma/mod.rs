@@ -27,6 +27,8 @@ struct Shared {
 pub struct FakeOma {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// `https` when it serves TLS.
+    scheme: &'static str,
     shared: Shared,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -74,7 +76,14 @@ async fn intake(
 impl FakeOma {
     /// Serves on `addr` (`127.0.0.1:0` for any free port), expecting `token` from `vma_id`.
     pub async fn start(addr: SocketAddr, token: &str, vma_id: &str) -> Self {
-        Self::start_with(addr, token, vma_id, None).await
+        Self::start_with(addr, token, vma_id, None, None).await
+    }
+
+    /// [`FakeOma::start`] over HTTPS (through the appliances' own transport), requiring a
+    /// client certificate when `tls` has a client CA.
+    pub async fn start_tls(token: &str, vma_id: &str, tls: transport::ServerTls) -> Self {
+        let addr = ([127, 0, 0, 1], 0).into();
+        Self::start_with(addr, token, vma_id, None, Some(tls)).await
     }
 
     /// [`FakeOma::start`] that makes each batch durable in `commit_file` (one `fdatasync`,
@@ -86,7 +95,7 @@ impl FakeOma {
         commit_file: &std::path::Path,
     ) -> Self {
         let file = std::fs::File::create(commit_file).unwrap();
-        Self::start_with(addr, token, vma_id, Some(file)).await
+        Self::start_with(addr, token, vma_id, Some(file), None).await
     }
 
     async fn start_with(
@@ -94,6 +103,7 @@ impl FakeOma {
         token: &str,
         vma_id: &str,
         commit_log: Option<std::fs::File>,
+        tls: Option<transport::ServerTls>,
     ) -> Self {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -109,16 +119,30 @@ impl FakeOma {
             .route("/api/v1/watchdog/events", axum::routing::post(intake))
             .with_state(shared.clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let task = match tls {
+            Some(tls) => tokio::spawn(transport::serve(
+                listener,
+                app,
+                Some(tls),
+                transport::Limits::default(),
+                Arc::default(),
+                async move {
                     let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
+                },
+            )),
+            None => tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .unwrap();
+            }),
+        };
         Self {
             addr,
+            scheme,
             shared,
             stop: Some(stop),
             task: Some(task),
@@ -127,7 +151,7 @@ impl FakeOma {
 
     /// Its base URL.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// When the event was made durable (only with [`FakeOma::start_durable`]).

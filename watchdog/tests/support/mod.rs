@@ -54,7 +54,7 @@ pub fn state(dir: &Path, launcher: LauncherConfig) -> (AppState, Arc<MemoryJobs>
         progress: Arc::new(ProgressStore::open(dir).unwrap()),
         jobs: jobs.clone(),
         launcher: Arc::new(Launcher::new(launcher)),
-        token: BearerToken::new(TOKEN).unwrap(),
+        token: BearerToken::new(TOKEN).unwrap().into(),
         outbox: None,
         body_limit: DEFAULT_BODY_LIMIT,
         stopped: Arc::default(),

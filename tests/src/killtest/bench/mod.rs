@@ -82,19 +82,29 @@ impl fmt::Display for BenchFigures {
 /// Starts one system and measures `kills` SIGKILLs, one job at a time. The OMA runs with the
 /// intervals it ships with (polling every 5 s), or with `busy` with the tests' (polling every
 /// 0.2 s, recovery every 2 s), so that polls and recovery runs share the disk and the
-/// database with the deaths far more often. The watchdog runs with `--detector detector`.
-pub fn kill_to_commit(kills: usize, busy: bool, detector: &str) -> crate::Result<BenchFigures> {
+/// database with the deaths far more often. The watchdog runs with `--detector detector`;
+/// with `tls`, both daemons run HTTPS with mutual TLS, so a death's delivery pays for TLS
+/// (a handshake only when the kept-alive connection was closed).
+pub fn kill_to_commit(
+    kills: usize,
+    busy: bool,
+    detector: &str,
+    tls: bool,
+) -> crate::Result<BenchFigures> {
     let oma = if busy {
         OmaConfig::default()
     } else {
         OmaConfig::shipped()
     };
     let intervals = format!(
-        "OMA polling every {} s, recovery every {} s",
-        oma.poll_interval_secs, oma.recovery_interval_secs
+        "OMA polling every {} s, recovery every {} s, {}",
+        oma.poll_interval_secs,
+        oma.recovery_interval_secs,
+        if tls { "mutual TLS" } else { "plain HTTP" }
     );
     let sys = System::start(&SystemOptions {
         oma,
+        tls,
         detector: detector.to_owned(),
         ..SystemOptions::default()
     })?;
