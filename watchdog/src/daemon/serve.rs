@@ -81,9 +81,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let tls = config.net.tls.clone().map(ServerTls::load).transpose()?;
     let oma_client = oma_client(&config)?;
     let hup = signal(SignalKind::hangup()).map_err(ServeError::Signal)?;
+    // Bound before the daemon starts, so that once it says `watchdog_ready` its API takes
+    // connections (they wait in the backlog until the listeners are served, a moment later),
+    // and a port already taken stops the start before the detector is loaded.
+    let listeners = bind(&config).await?;
     let daemon = Daemon::start(config.clone()).await?;
     let tracker = daemon.tracker();
-    let listeners = bind(&config).await?;
     let state = app_state(&config, &tracker);
     let (stop, stopped) = watch::channel(false);
     let stopped = move || {
