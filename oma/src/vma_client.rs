@@ -48,6 +48,10 @@ pub enum VmaError {
         /// Its error code and message, when it sent an ErrorBody.
         detail: String,
     },
+    /// The VMA's answer breaks the contract's rules (`api::bounds`), or is about another job:
+    /// nothing of it is believed.
+    #[error("the VMA's answer is not usable ({0}); check the VMA's watchdog version")]
+    Contract(String),
 }
 
 /// HTTP client for VMA watchdogs. The bearer token for calls to VMAs is held in memory only.
@@ -206,9 +210,18 @@ impl VmaClient {
         );
         let response = self.get(url).send().await.map_err(|e| e.without_url())?;
         match response.status() {
-            StatusCode::OK => Ok(Some(
-                response.json().await.map_err(reqwest::Error::without_url)?,
-            )),
+            StatusCode::OK => {
+                let stored: StoredProgress =
+                    response.json().await.map_err(reqwest::Error::without_url)?;
+                if stored.job_id.as_str() != job_id {
+                    let other = format!("progress of job {} instead", stored.job_id);
+                    return Err(VmaError::Contract(other));
+                }
+                stored
+                    .validate()
+                    .map_err(|e| VmaError::Contract(e.to_string()))?;
+                Ok(Some(stored))
+            }
             StatusCode::NOT_FOUND => Ok(None),
             _ => Err(Self::error_detail(response).await),
         }

@@ -176,6 +176,47 @@ async fn a_failure_report_keeps_the_vm_busy_until_the_process_is_gone() {
     }
 }
 
+/// A VMA's progress that breaks the contract's rules (a negative percent) is not believed:
+/// the poll counts as failed, the job keeps its figures.
+#[tokio::test]
+async fn progress_out_of_range_is_not_believed() {
+    let db = common::sqlite_db();
+    let vma = StandInVma::start().await;
+    let server = start_server(settings(&db)).await;
+    let store = server.state.store.clone();
+    store
+        .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
+        .await
+        .unwrap();
+    vma.set("odd", Answer::Running(pid(3, 3)));
+    create(&store, "odd").await;
+    vma.set_progress("odd", 1, 100, None);
+    eventually(10, "first progress", || bytes(&store, "odd", 100)).await;
+    vma.set_progress("odd", 2, 200, None);
+    vma.inner
+        .lock()
+        .unwrap()
+        .progress
+        .get_mut("odd")
+        .unwrap()
+        .update
+        .percent = Some(-50.0);
+    let calls = vma.progress_calls("odd");
+    eventually(10, "polls of the odd answer", || async {
+        (vma.progress_calls("odd") >= calls + 3).then_some(())
+    })
+    .await;
+    let job = store.get_job("odd").await.unwrap().job;
+    assert_eq!(job.bytes_transferred, 100, "the odd answer changed the job");
+    let health = server.state.poller.health();
+    assert!(health.polls_failed > 0, "{health:?}");
+    assert!(
+        health.last_error.unwrap_or_default().contains("percent"),
+        "the error names the field"
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn errors_back_off_but_polling_never_stops() {
     let db = common::sqlite_db();
