@@ -15,8 +15,8 @@ use api::{
 use axum::Json;
 use axum::extract::State;
 use tokio::sync::mpsc;
-use vma_watchdog::http::BearerToken;
 use vma_watchdog::outbox::{DeliveryConfig, Outbox, OutboxLimits, run_delivery};
+use vma_watchdog::secret::BearerToken;
 
 async fn intake(
     State(tx): State<mpsc::UnboundedSender<Instant>>,

@@ -7,11 +7,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 
-use crate::http::BearerToken;
 use crate::launcher::LauncherConfig;
 use crate::logging::LogFormat;
 use crate::outbox::OutboxLimits;
 use crate::procfs::COMM_MAX;
+use crate::secret::BearerToken;
 
 mod launch;
 mod net;

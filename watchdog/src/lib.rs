@@ -12,6 +12,7 @@ pub mod peer;
 pub mod procfs;
 pub mod progress;
 pub mod registry;
+pub mod secret;
 pub mod signal;
 pub mod state_dir;
 pub mod trust;

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use api::{Detector, ExitStatus, ProcessEvent, ProcessEventKind, ProcessIdentity};
 use fake_oma::{FakeOma, free_port};
-use vma_watchdog::http::BearerToken;
 use vma_watchdog::outbox::{DeliveryConfig, Outbox, OutboxLimits, run_delivery};
+use vma_watchdog::secret::BearerToken;
 
 const OMA_TOKEN: &str = "oma-token-for-this-vma";
 

@@ -15,8 +15,8 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use uuid::Uuid;
-use vma_watchdog::http::BearerToken;
 use vma_watchdog::outbox::{DeliveryConfig, Outbox, OutboxError, OutboxLimits, run_delivery};
+use vma_watchdog::secret::BearerToken;
 
 const TOKEN: &str = "vma-token-42";
 

@@ -13,8 +13,9 @@ use tokio::signal::unix::Signal;
 use transport::{ClientTlsFiles, ServerTls};
 
 use crate::config::{Config, reread_token};
-use crate::http::{BearerToken, SharedToken};
+use crate::http::SharedToken;
 use crate::outbox::OmaClient;
+use crate::secret::BearerToken;
 
 /// What a SIGHUP re-reads, and where it puts the result.
 #[derive(Debug)]

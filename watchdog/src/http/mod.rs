@@ -23,7 +23,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
-pub use auth::{BearerToken, InvalidToken, Secret, SharedToken, is_loopback_peer};
+pub use auth::{SharedToken, is_loopback_peer};
 pub use error::{ApiError, JobPath, JsonBody};
 pub use memory_jobs::MemoryJobs;
 pub use progress_gate::{Refusal, refused_updates};

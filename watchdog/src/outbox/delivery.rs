@@ -11,7 +11,7 @@ use transport::{ClientTlsFiles, TlsError};
 use uuid::Uuid;
 
 use super::{Outbox, OutboxError};
-use crate::http::BearerToken;
+use crate::secret::BearerToken;
 
 /// Where and how to deliver.
 #[derive(Debug, Clone)]
