@@ -4,6 +4,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod detector;
+pub(crate) mod disk;
 pub mod http;
 pub mod launcher;
 pub mod logging;

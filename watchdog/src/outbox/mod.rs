@@ -6,7 +6,6 @@
 //! takes. A restart resumes from the files.
 
 pub mod delivery;
-pub(crate) mod disk;
 mod store;
 
 use std::path::PathBuf;
