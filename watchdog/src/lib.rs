@@ -10,6 +10,7 @@ pub mod launcher;
 pub mod logging;
 pub mod outbox;
 pub mod peer;
+pub mod pidfd;
 pub mod procfs;
 pub mod progress;
 pub mod registry;
