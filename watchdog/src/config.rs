@@ -10,7 +10,7 @@ use clap::Parser;
 use crate::launcher::LauncherConfig;
 use crate::logging::LogFormat;
 use crate::outbox::OutboxLimits;
-use crate::procfs::COMM_MAX;
+use crate::proc_reader::COMM_MAX;
 use crate::secret::BearerToken;
 
 mod launch;

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::detector::{Detector, DetectorEvent};
 use crate::logging::{death, detector_name, found_by_name};
 use crate::outbox::{Outbox, OutboxError};
-use crate::procfs::{self, FoundProcess};
+use crate::proc_reader::{self, FoundProcess};
 use crate::progress::{ProgressError, ProgressStore};
 use crate::registry::{Registry, RegistryError};
 use crate::trust::{ExeId, MigratekitIdentity};
@@ -129,7 +129,7 @@ impl Daemon {
             claimed: Condvar::new(),
         }));
         let names = config.match_names.clone();
-        let found = tokio::task::spawn_blocking(move || procfs::scan(&names))
+        let found = tokio::task::spawn_blocking(move || proc_reader::scan(&names))
             .await
             .map_err(|e| DaemonError::Scan(std::io::Error::other(e)))?
             .map_err(DaemonError::Scan)?;
@@ -217,7 +217,7 @@ impl Core {
     fn reconcile(&self, found: Vec<FoundProcess>) {
         for entry in self.registry.running() {
             let p = entry.process;
-            let alive = matches!(procfs::read_stat(p.pid),
+            let alive = matches!(proc_reader::read_stat(p.pid),
                 Ok(Some(s)) if s.start_time == p.start_time && !s.is_dead());
             if alive && !self.still_registered_exe(&entry) {
                 self.registered_exe_replaced(&entry);
@@ -255,7 +255,8 @@ impl Core {
                 {
                     return;
                 }
-                let found = tokio::task::spawn_blocking(move || procfs::inspect(process, comm));
+                let found =
+                    tokio::task::spawn_blocking(move || proc_reader::inspect(process, comm));
                 // Gone already: its exit event follows and is logged then.
                 if let Ok(Some(found)) = found.await {
                     self.adopt_new(found, FoundBy::Exec);
@@ -328,7 +329,7 @@ impl Core {
     fn watch(&self, p: ProcessIdentity) -> bool {
         // A process that is already dead (a zombie not yet reaped) would never produce an exit
         // event for a tracepoint: report it now, with the status its zombie still holds.
-        if let Ok(Some(s)) = procfs::read_stat(p.pid)
+        if let Ok(Some(s)) = proc_reader::read_stat(p.pid)
             && s.start_time == p.start_time
             && s.is_dead()
         {
@@ -341,7 +342,7 @@ impl Core {
         }
         match self.detector.watch(p) {
             Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound || procfs::gone(&e) => {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound || proc_reader::gone(&e) => {
                 if self.detector.kind() != DetectorKind::Ebpf {
                     let kind = self.detector.kind();
                     self.report_death(p, ExitStatus::default(), kind);

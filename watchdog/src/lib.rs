@@ -11,7 +11,7 @@ pub mod logging;
 pub mod outbox;
 pub mod peer;
 pub mod pidfd;
-pub mod procfs;
+pub mod proc_reader;
 pub mod progress;
 pub mod registry;
 pub mod secret;

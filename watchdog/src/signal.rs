@@ -4,7 +4,7 @@ use std::io;
 
 use api::ProcessIdentity;
 
-use crate::{pidfd, procfs};
+use crate::{pidfd, proc_reader};
 
 /// Why a process could not be signalled.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,7 @@ pub fn send(process: ProcessIdentity, signal: i32) -> Result<(), SignalError> {
     };
     // The pidfd now holds the process that had this pid when it was opened: if that one has
     // the start time asked for, the signal below can only reach it.
-    match procfs::read_stat(process.pid) {
+    match proc_reader::read_stat(process.pid) {
         Ok(Some(s)) if s.start_time == process.start_time && !s.is_dead() => {}
         Ok(_) => return Err(gone()),
         Err(e) => return Err(kernel(e)),

@@ -168,7 +168,9 @@ fn leader_exit(detector: &str) {
     );
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let stat = vma_watchdog::procfs::read_stat(s.pid).unwrap().unwrap();
+        let stat = vma_watchdog::proc_reader::read_stat(s.pid)
+            .unwrap()
+            .unwrap();
         if stat.leader_exited_early() {
             break;
         }

@@ -135,7 +135,7 @@ fn pid_reuse(detector: &str) {
     let secret = secret();
     let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
     let sleeper_pid = sleeper.id();
-    let sleeper_start = vma_watchdog::procfs::read_stat(sleeper_pid)
+    let sleeper_start = vma_watchdog::proc_reader::read_stat(sleeper_pid)
         .unwrap()
         .unwrap()
         .start_time;

@@ -236,7 +236,7 @@ async fn a_child_handed_over_is_reported_then_reaped() {
         (None, Some(9), false)
     );
     // Reaped by the watchdog: the pid no longer exists (not even as a zombie).
-    while vma_watchdog::procfs::read_stat(pid)
+    while vma_watchdog::proc_reader::read_stat(pid)
         .unwrap()
         .is_some_and(|s| s.start_time == process.start_time)
     {
@@ -294,7 +294,7 @@ async fn a_status_handed_over_by_the_launcher_is_recorded_once() {
         )
         .unwrap();
     s.trigger();
-    while !vma_watchdog::procfs::read_stat(me.pid)
+    while !vma_watchdog::proc_reader::read_stat(me.pid)
         .unwrap()
         .is_some_and(|st| st.is_dead())
     {

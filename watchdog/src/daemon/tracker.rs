@@ -11,7 +11,7 @@ use api::{ExitStatus, FoundBy, JobId, ProcessIdentity, VmaJobStatus};
 
 use super::Core;
 use crate::outbox::Outbox;
-use crate::procfs;
+use crate::proc_reader;
 use crate::registry::{Registry, RegistryError};
 use crate::trust::ExeId;
 
@@ -52,7 +52,7 @@ impl Tracker {
         process: ProcessIdentity,
         found_by: FoundBy,
     ) -> Result<VmaJobStatus, TrackError> {
-        let stat = procfs::read_stat(process.pid).map_err(|source| TrackError::Proc {
+        let stat = proc_reader::read_stat(process.pid).map_err(|source| TrackError::Proc {
             pid: process.pid,
             source,
         })?;
@@ -99,7 +99,7 @@ impl Tracker {
         job_id: &JobId,
     ) -> Result<ProcessIdentity, (TrackError, std::process::Child)> {
         let pid = child.id();
-        let process = match procfs::read_stat(pid) {
+        let process = match proc_reader::read_stat(pid) {
             Ok(Some(s)) => s.identity(),
             Ok(None) => {
                 let e = TrackError::NotRunning { pid, start_time: 0 };

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::{Detector, DetectorEvent};
-use crate::{pidfd, procfs};
+use crate::{pidfd, proc_reader};
 
 /// Capacity of the event channel; the daemon drains it continuously.
 const CHANNEL_CAPACITY: usize = 4096;
@@ -130,7 +130,7 @@ fn watch(
     let fd = pidfd::open(process.pid)?;
     // The pidfd pins whatever process holds the pid now; make sure it is ours. A zombie is
     // still ours: its stat stays until it is reaped, and the pidfd reports it at once.
-    match procfs::read_stat(process.pid)? {
+    match proc_reader::read_stat(process.pid)? {
         Some(s) if s.start_time == process.start_time => {}
         _ => {
             return Err(io::Error::new(
@@ -180,7 +180,7 @@ async fn wait_for_death(
 
 /// How a process whose pidfd became readable died, as far as the kernel can still tell.
 fn exit_status(fd: &OwnedFd, process: ProcessIdentity) -> (ExitStatus, String) {
-    let comm = procfs::read_stat(process.pid)
+    let comm = proc_reader::read_stat(process.pid)
         .ok()
         .flatten()
         .filter(|s| s.start_time == process.start_time);
@@ -234,7 +234,7 @@ async fn scan_loop(
     loop {
         ticker.tick().await;
         let names2 = names.clone();
-        let found = match tokio::task::spawn_blocking(move || procfs::scan(&names2)).await {
+        let found = match tokio::task::spawn_blocking(move || proc_reader::scan(&names2)).await {
             Ok(Ok(found)) => found,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "procfs detector: scanning /proc failed; retrying at the next interval");

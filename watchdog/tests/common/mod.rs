@@ -300,7 +300,7 @@ impl Standin {
 
     /// Its start time (field 22 of /proc/<pid>/stat).
     pub fn start_time(&self) -> u64 {
-        vma_watchdog::procfs::read_stat(self.pid)
+        vma_watchdog::proc_reader::read_stat(self.pid)
             .unwrap()
             .unwrap()
             .start_time

@@ -6,7 +6,7 @@ fn zombie_child(script: &str) -> std::process::Child {
     let pid = child.id();
     // Wait until it has exited (a zombie: we have not reaped it).
     for _ in 0..500 {
-        if procfs::read_stat(pid)
+        if proc_reader::read_stat(pid)
             .unwrap()
             .is_some_and(|s| s.is_zombie())
         {
@@ -65,7 +65,9 @@ fn a_zombie_that_is_not_our_child_is_read_from_proc() {
     let (mut sh, pid) = sh_with_grandchild("sh -c 'sleep 0.3; exit 6' & echo $!; exec sleep 5");
     let mut stat = None;
     for _ in 0..500 {
-        stat = procfs::read_stat(pid).unwrap().filter(|s| s.is_zombie());
+        stat = proc_reader::read_stat(pid)
+            .unwrap()
+            .filter(|s| s.is_zombie());
         if stat.is_some() {
             break;
         }
@@ -89,7 +91,7 @@ fn a_gone_process_cannot_be_opened() {
     let pid = child.id();
     child.wait().unwrap();
     let err = pidfd::open(pid).unwrap_err();
-    assert!(procfs::gone(&err), "{err}");
+    assert!(proc_reader::gone(&err), "{err}");
 }
 
 /// Whether this kernel keeps a reaped process's status for its pidfds (`PIDFD_INFO_EXIT`,
@@ -114,11 +116,11 @@ fn reaped_grandchild(end: &str) -> (OwnedFd, ProcessIdentity, std::process::Chil
         go = go.display()
     );
     let (mut sh, pid) = sh_with_grandchild(&script);
-    let process = procfs::read_stat(pid).unwrap().unwrap().identity();
+    let process = proc_reader::read_stat(pid).unwrap().unwrap().identity();
     let fd = pidfd::open(pid).unwrap();
     std::fs::write(&go, b"").unwrap();
     for _ in 0..1000 {
-        if procfs::read_stat(pid).unwrap().is_none() {
+        if proc_reader::read_stat(pid).unwrap().is_none() {
             return (fd, process, sh);
         }
         std::thread::sleep(Duration::from_millis(10));
