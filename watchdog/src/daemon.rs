@@ -116,7 +116,7 @@ impl Daemon {
         let migratekit = config.launcher.migratekit.clone();
         warn_if_unreadable(&migratekit);
         let started = start::detector(&config)?;
-        let tracker = Tracker(Arc::new(Core {
+        let tracker = Tracker::new(Arc::new(Core {
             registry,
             outbox,
             progress,
@@ -133,11 +133,11 @@ impl Daemon {
             .await
             .map_err(|e| DaemonError::Scan(std::io::Error::other(e)))?
             .map_err(DaemonError::Scan)?;
-        tracker.0.reconcile(found);
+        tracker.core().reconcile(found);
         tracing::info!(
             event = "watchdog_ready",
-            detector = detector_name(tracker.0.detector.kind()),
-            watched = tracker.0.registry.running().len(),
+            detector = detector_name(tracker.core().detector.kind()),
+            watched = tracker.core().registry.running().len(),
             state_dir = %config.state_dir.display(),
             "watchdog ready"
         );
@@ -162,7 +162,7 @@ impl Daemon {
                     break;
                 }
                 event = self.events.recv() => match event {
-                    Some(event) => self.tracker.0.handle(event).await,
+                    Some(event) => self.tracker.core().handle(event).await,
                     None => {
                         tracing::error!(event = "detector_stopped", "the detector stopped delivering events; stopping so a supervisor restarts the watchdog");
                         break;
@@ -170,7 +170,7 @@ impl Daemon {
                 },
             }
         }
-        let registry = Arc::clone(&self.tracker.0.registry);
+        let registry = Arc::clone(&self.tracker.core().registry);
         let flushed = tokio::task::spawn_blocking(move || registry.flush()).await;
         if let Ok(Err(e)) = flushed {
             tracing::error!(event = "registry_error", error = %e,
