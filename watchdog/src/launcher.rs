@@ -55,7 +55,7 @@ pub struct LauncherConfig {
     /// Whether to use `systemd-run --scope` when systemd runs.
     pub systemd: SystemdMode,
     /// The nice value migratekit runs with (0, normal, by default), whatever the watchdog's
-    /// own (see [`crate::priority`]).
+    /// own (see [`daemon_support::priority`]).
     pub nice: i32,
     /// What migratekit is: only a process running this binary as this user is adopted as a
     /// job's process (by the detector, the `/proc` scan or the track endpoint).

@@ -35,7 +35,7 @@ pub struct NetArgs {
     #[arg(long, env = "VMA_WATCHDOG_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
     /// Loopback address of a plain-HTTP listener that serves only migratekit's progress
-    /// updates; repeatable. Default with --tls-cert: 127.0.0.1:8081, plus [::1]:8081 when the
+    /// updates; repeatable. Default with --tls-cert: 127.0.0.1:8081, plus `[::1]:8081` when the
     /// host has IPv6 loopback (migratekit posts to http://localhost:8081).
     #[arg(long)]
     pub progress_listen: Vec<SocketAddr>,
