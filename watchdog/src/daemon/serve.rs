@@ -23,7 +23,6 @@ use crate::config::Config;
 use crate::http::{self, AppState, DEFAULT_BODY_LIMIT, SharedToken};
 use crate::launcher::Launcher;
 use crate::outbox::{DeliveryConfig, OmaClient, run_delivery_with};
-use crate::progress::ProgressError;
 
 /// How long the tasks get to finish (requests in flight, a delivery attempt) after the
 /// shutdown signal before they are cut off.
@@ -35,9 +34,6 @@ pub enum ServeError {
     /// Detector, registry or outbox could not start.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
-    /// The progress store could not be opened.
-    #[error(transparent)]
-    Progress(#[from] ProgressError),
     /// An API address could not be bound.
     #[error(
         "cannot listen on {addr}: {source}; another watchdog (or another program) may use it: stop it or give --listen another address"
