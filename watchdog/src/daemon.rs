@@ -153,7 +153,7 @@ impl Daemon {
     }
 
     /// Follows detector events until `shutdown` completes or the detector stops.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+    pub async fn follow_events(mut self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {

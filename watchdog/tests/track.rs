@@ -42,7 +42,7 @@ async fn a_started_process_is_tracked_queried_and_its_exit_read() {
         .unwrap();
     let tracker = daemon.tracker();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(daemon.run(async {
+    let running = tokio::spawn(daemon.follow_events(async {
         let _ = stopped.await;
     }));
 
@@ -181,7 +181,7 @@ async fn a_child_handed_over_is_reported_then_reaped() {
         .unwrap();
     let tracker = daemon.tracker();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(daemon.run(async {
+    let running = tokio::spawn(daemon.follow_events(async {
         let _ = stopped.await;
     }));
 
@@ -272,7 +272,7 @@ async fn a_status_handed_over_by_the_launcher_is_recorded_once() {
         .unwrap();
     let tracker = daemon.tracker();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(daemon.run(async {
+    let running = tokio::spawn(daemon.follow_events(async {
         let _ = stopped.await;
     }));
     let secret = secret();
@@ -335,7 +335,7 @@ async fn journaled_events_are_queued_in_the_outbox() {
     let tracker = daemon.tracker();
     let outbox = tracker.outbox().clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(daemon.run(async {
+    let running = tokio::spawn(daemon.follow_events(async {
         let _ = stopped.await;
     }));
     let secret = secret();

@@ -61,7 +61,7 @@ impl Reloader {
     }
 
     /// Reloads at every SIGHUP until `stopped` completes.
-    pub(super) async fn run(self, mut hup: Signal, stopped: impl Future<Output = ()>) {
+    pub(super) async fn reload_on_sighup(self, mut hup: Signal, stopped: impl Future<Output = ()>) {
         tokio::pin!(stopped);
         loop {
             tokio::select! {

@@ -22,7 +22,7 @@ use super::{Daemon, DaemonError, Tracker};
 use crate::config::Config;
 use crate::http::{self, AppState, DEFAULT_BODY_LIMIT, SharedToken};
 use crate::launcher::Launcher;
-use crate::outbox::{DeliveryConfig, OmaClient, run_delivery_with};
+use crate::outbox::{DeliveryConfig, OmaClient, deliver_with};
 
 /// How long the tasks get to finish (requests in flight, a delivery attempt) after the
 /// shutdown signal before they are cut off.
@@ -115,12 +115,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let reloader = Reloader::new(&config, state.token.clone(), oma_client, tls);
     let reload_stopped = stopped();
     tasks.spawn(async move {
-        reloader.run(hup, reload_stopped).await;
+        reloader.reload_on_sighup(hup, reload_stopped).await;
         ("SIGHUP handler", Ok(()))
     });
     let detector_stopped = stopped();
     tasks.spawn(async move {
-        daemon.run(detector_stopped).await;
+        daemon.follow_events(detector_stopped).await;
         ("detector", Ok(()))
     });
     let result = wait(&mut tasks, shutdown).await;
@@ -177,7 +177,7 @@ fn start_delivery(
         queued = tracker.outbox().stats().queued, "delivering events to the OMA");
     let outbox = Arc::clone(tracker.outbox());
     tasks.spawn(async move {
-        run_delivery_with(outbox, delivery, client, stopped).await;
+        deliver_with(outbox, delivery, client, stopped).await;
         ("delivery to the OMA", Ok(()))
     });
 }

@@ -193,7 +193,7 @@ impl EbpfDetector {
         ] {
             attach(&mut ebpf, program, category, name)?;
         }
-        let reader = runtime.spawn(reader::run(ring, tx));
+        let reader = runtime.spawn(reader::read_ring(ring, tx));
         tracing::info!(exit_mode = %layout.exit_mode, names = ?options.match_names, "eBPF detector attached; deaths decided by {}", layout.exit_mode);
         let detector = EbpfDetector {
             watched: Mutex::new(watched),
