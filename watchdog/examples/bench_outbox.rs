@@ -15,8 +15,8 @@ use api::{
 use axum::Json;
 use axum::extract::State;
 use tokio::sync::mpsc;
-use vma_watchdog::http::BearerToken;
-use vma_watchdog::outbox::{DeliveryConfig, Outbox, OutboxLimits, run_delivery};
+use vma_watchdog::outbox::{DeliveryConfig, Outbox, OutboxLimits, deliver};
+use vma_watchdog::secret::BearerToken;
 
 async fn intake(
     State(tx): State<mpsc::UnboundedSender<Instant>>,
@@ -64,11 +64,7 @@ async fn main() {
         "vma-bench",
         BearerToken::new("t").unwrap(),
     );
-    tokio::spawn(run_delivery(
-        Arc::clone(&outbox),
-        config,
-        std::future::pending(),
-    ));
+    tokio::spawn(deliver(Arc::clone(&outbox), config, std::future::pending()));
     let (mut appends, mut receipts) = (Vec::new(), Vec::new());
     for i in 0..n {
         let event = ProcessEvent {

@@ -23,10 +23,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api::{FoundBy, ProgressUpdate};
-use vma_watchdog::http::{self, AppState, BearerToken, DEFAULT_BODY_LIMIT, JobsView, MemoryJobs};
+use vma_watchdog::http::{self, AppState, DEFAULT_BODY_LIMIT, JobsView, MemoryJobs};
 use vma_watchdog::launcher::{Launcher, LauncherConfig, proc_identity};
 use vma_watchdog::peer::{self, Connection};
 use vma_watchdog::progress::ProgressStore;
+use vma_watchdog::secret::BearerToken;
 
 fn report(name: &str, mut samples: Vec<Duration>) {
     samples.sort();

@@ -1,17 +1,17 @@
 //! Command line and configuration: the one place where the daemon's settings are read.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
 
-use crate::http::BearerToken;
 use crate::launcher::LauncherConfig;
 use crate::logging::LogFormat;
 use crate::outbox::OutboxLimits;
-use crate::procfs::COMM_MAX;
+use crate::proc_reader::COMM_MAX;
+use crate::secret::BearerToken;
 
 mod launch;
 mod net;
@@ -193,21 +193,7 @@ impl Config {
 
     /// Validates `cli` and prepares the state directory. Every error says what to change.
     pub fn load(cli: Cli) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&cli.state_dir).with_context(|| {
-            format!(
-                "cannot create the state directory {}; give --state-dir a writable path",
-                cli.state_dir.display()
-            )
-        })?;
-        let state_dir = cli.state_dir.canonicalize().with_context(|| {
-            format!(
-                "cannot resolve the state directory {}",
-                cli.state_dir.display()
-            )
-        })?;
-        if !state_dir.is_dir() {
-            bail!("--state-dir {} is not a directory", state_dir.display());
-        }
+        let state_dir = prepare_state_dir(&cli.state_dir)?;
         let match_names = check_match_names(cli.match_names)?;
         if cli.scan_interval_ms == 0 {
             bail!("--scan-interval-ms must be at least 1");
@@ -226,17 +212,7 @@ impl Config {
             cli.oma_token_file.as_deref(),
             "--oma-token",
         )?;
-        let oma = match (cli.oma_url, oma_token) {
-            (Some(url), Some(token)) => Some(OmaConfig {
-                url: check_url(&url)?,
-                token,
-                max_backoff: Duration::from_millis(cli.oma_max_backoff_ms.max(1)),
-            }),
-            (Some(_), None) => bail!(
-                "--oma-url needs the token this VMA presents to the OMA: give --oma-token-file (or --oma-token, or VMA_WATCHDOG_OMA_TOKEN)"
-            ),
-            (None, _) => None,
-        };
+        let oma = oma_config(cli.oma_url, oma_token, cli.oma_max_backoff_ms)?;
         let vma_id = vma_id(cli.vma_id)?;
         if cli.outbox_max_events == 0 || cli.outbox_max_bytes < 4096 {
             bail!("--outbox-max-events must be at least 1 and --outbox-max-bytes at least 4096");
@@ -277,6 +253,43 @@ impl Config {
             net,
         })
     }
+}
+
+/// Creates the state directory when missing and returns its canonical path.
+fn prepare_state_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "cannot create the state directory {}; give --state-dir a writable path",
+            dir.display()
+        )
+    })?;
+    let state_dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve the state directory {}", dir.display()))?;
+    if !state_dir.is_dir() {
+        bail!("--state-dir {} is not a directory", state_dir.display());
+    }
+    Ok(state_dir)
+}
+
+/// Where and how to deliver to the OMA: nothing without `--oma-url`, and an error when the
+/// URL is given without the token this VMA presents.
+fn oma_config(
+    url: Option<String>,
+    token: Option<BearerToken>,
+    max_backoff_ms: u64,
+) -> anyhow::Result<Option<OmaConfig>> {
+    Ok(match (url, token) {
+        (Some(url), Some(token)) => Some(OmaConfig {
+            url: check_url(&url)?,
+            token,
+            max_backoff: Duration::from_millis(max_backoff_ms.max(1)),
+        }),
+        (Some(_), None) => bail!(
+            "--oma-url needs the token this VMA presents to the OMA: give --oma-token-file (or --oma-token, or VMA_WATCHDOG_OMA_TOKEN)"
+        ),
+        (None, _) => None,
+    })
 }
 
 /// The `--match-name`s, each a process name the kernel can show, without duplicates.

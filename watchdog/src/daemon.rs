@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::detector::{Detector, DetectorEvent};
 use crate::logging::{death, detector_name, found_by_name};
 use crate::outbox::{Outbox, OutboxError};
-use crate::procfs::{self, FoundProcess};
+use crate::proc_reader::{self, FoundProcess};
 use crate::progress::{ProgressError, ProgressStore};
 use crate::registry::{Registry, RegistryError};
 use crate::trust::{ExeId, MigratekitIdentity};
@@ -116,7 +116,7 @@ impl Daemon {
         let migratekit = config.launcher.migratekit.clone();
         warn_if_unreadable(&migratekit);
         let started = start::detector(&config)?;
-        let tracker = Tracker(Arc::new(Core {
+        let tracker = Tracker::new(Arc::new(Core {
             registry,
             outbox,
             progress,
@@ -129,15 +129,15 @@ impl Daemon {
             claimed: Condvar::new(),
         }));
         let names = config.match_names.clone();
-        let found = tokio::task::spawn_blocking(move || procfs::scan(&names))
+        let found = tokio::task::spawn_blocking(move || proc_reader::scan(&names))
             .await
             .map_err(|e| DaemonError::Scan(std::io::Error::other(e)))?
             .map_err(DaemonError::Scan)?;
-        tracker.0.reconcile(found);
+        tracker.core().reconcile(found);
         tracing::info!(
             event = "watchdog_ready",
-            detector = detector_name(tracker.0.detector.kind()),
-            watched = tracker.0.registry.running().len(),
+            detector = detector_name(tracker.core().detector.kind()),
+            watched = tracker.core().registry.running().len(),
             state_dir = %config.state_dir.display(),
             "watchdog ready"
         );
@@ -153,7 +153,7 @@ impl Daemon {
     }
 
     /// Follows detector events until `shutdown` completes or the detector stops.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+    pub async fn follow_events(mut self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -162,7 +162,7 @@ impl Daemon {
                     break;
                 }
                 event = self.events.recv() => match event {
-                    Some(event) => self.tracker.0.handle(event).await,
+                    Some(event) => self.tracker.core().handle(event).await,
                     None => {
                         tracing::error!(event = "detector_stopped", "the detector stopped delivering events; stopping so a supervisor restarts the watchdog");
                         break;
@@ -170,7 +170,7 @@ impl Daemon {
                 },
             }
         }
-        let registry = Arc::clone(&self.tracker.0.registry);
+        let registry = Arc::clone(&self.tracker.core().registry);
         let flushed = tokio::task::spawn_blocking(move || registry.flush()).await;
         if let Ok(Err(e)) = flushed {
             tracing::error!(event = "registry_error", error = %e,
@@ -217,7 +217,7 @@ impl Core {
     fn reconcile(&self, found: Vec<FoundProcess>) {
         for entry in self.registry.running() {
             let p = entry.process;
-            let alive = matches!(procfs::read_stat(p.pid),
+            let alive = matches!(proc_reader::read_stat(p.pid),
                 Ok(Some(s)) if s.start_time == p.start_time && !s.is_dead());
             if alive && !self.still_registered_exe(&entry) {
                 self.registered_exe_replaced(&entry);
@@ -255,7 +255,8 @@ impl Core {
                 {
                     return;
                 }
-                let found = tokio::task::spawn_blocking(move || procfs::inspect(process, comm));
+                let found =
+                    tokio::task::spawn_blocking(move || proc_reader::inspect(process, comm));
                 // Gone already: its exit event follows and is logged then.
                 if let Ok(Some(found)) = found.await {
                     self.adopt_new(found, FoundBy::Exec);
@@ -328,7 +329,7 @@ impl Core {
     fn watch(&self, p: ProcessIdentity) -> bool {
         // A process that is already dead (a zombie not yet reaped) would never produce an exit
         // event for a tracepoint: report it now, with the status its zombie still holds.
-        if let Ok(Some(s)) = procfs::read_stat(p.pid)
+        if let Ok(Some(s)) = proc_reader::read_stat(p.pid)
             && s.start_time == p.start_time
             && s.is_dead()
         {
@@ -341,7 +342,7 @@ impl Core {
         }
         match self.detector.watch(p) {
             Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound || procfs::gone(&e) => {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound || proc_reader::gone(&e) => {
                 if self.detector.kind() != DetectorKind::Ebpf {
                     let kind = self.detector.kind();
                     self.report_death(p, ExitStatus::default(), kind);

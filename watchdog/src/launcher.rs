@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 use api::ProcessIdentity;
 
-use crate::http::Secret;
+use crate::secret::Secret;
 use crate::trust::MigratekitIdentity;
 pub use spawn::{CHILD_ENV_REMOVED_PREFIX, LaunchError, Launched, Launcher, set_child_umask};
 pub use template::{RenderedArg, TemplateError, render};

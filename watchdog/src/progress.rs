@@ -24,7 +24,7 @@ use api::{JobId, ProgressUpdate, StoredProgress};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
-use crate::outbox::disk;
+use crate::disk;
 
 /// File name of the progress log inside the state directory.
 pub const LOG_FILE: &str = "progress.jsonl";

@@ -25,6 +25,7 @@ use chrono::{DateTime, Utc};
 use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 
+use crate::disk;
 use crate::trust::ExeId;
 
 /// File name of the registry inside the state directory.
@@ -350,7 +351,9 @@ impl Registry {
             )
         };
         encode(&processes, &last_exits)
-            .and_then(|bytes| disk::replace(&self.dir, &bytes))
+            // Replaced whole and created anew with mode 0600: the registry names every job
+            // and process.
+            .and_then(|bytes| disk::replace_atomically(&self.path(), &bytes))
             .map_err(|source| RegistryError::Write {
                 path: self.path(),
                 source,
@@ -491,12 +494,12 @@ fn valid_last_exits(path: &Path, raw: BTreeMap<String, LastExit>) -> BTreeMap<Jo
         .collect()
 }
 
-mod disk;
+mod flush;
 mod last_exits;
 
 use last_exits::LastExits;
 
-pub use disk::FLUSH_DELAY;
+pub use flush::FLUSH_DELAY;
 
 #[cfg(test)]
 mod tests;

@@ -1,12 +1,10 @@
 //! Signalling a watched process without ever hitting another one that reuses its pid.
 
 use std::io;
-use std::os::fd::AsRawFd;
 
 use api::ProcessIdentity;
 
-use crate::detector::procfs::pidfd_open;
-use crate::procfs;
+use crate::{pidfd, proc_reader};
 
 /// Why a process could not be signalled.
 #[derive(Debug, thiserror::Error)]
@@ -40,35 +38,21 @@ pub fn send(process: ProcessIdentity, signal: i32) -> Result<(), SignalError> {
         pid: process.pid,
         source,
     };
-    let fd = match pidfd_open(process.pid) {
+    let fd = match pidfd::open(process.pid) {
         Ok(fd) => fd,
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Err(gone()),
         Err(e) => return Err(kernel(e)),
     };
     // The pidfd now holds the process that had this pid when it was opened: if that one has
     // the start time asked for, the signal below can only reach it.
-    match procfs::read_stat(process.pid) {
+    match proc_reader::read_stat(process.pid) {
         Ok(Some(s)) if s.start_time == process.start_time && !s.is_dead() => {}
         Ok(_) => return Err(gone()),
         Err(e) => return Err(kernel(e)),
     }
-    // SAFETY: a plain syscall on a pidfd we own; no siginfo.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ESRCH) {
-        Err(gone())
-    } else {
-        Err(kernel(e))
+    match pidfd::send_signal(&fd, signal) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Err(gone()),
+        Err(e) => Err(kernel(e)),
     }
 }

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use api::ProcessEventKind;
-use common::{Standin, TIMEOUT, journal_for, privileged, secret};
+use common::{Standin, TIMEOUT, outbox_events_for, privileged, secret};
 use test_support::{KillOnDrop, read_to_end_within, stuffed_pipe, wait_within};
 
 /// Starts the watchdog on `state` at `port`, logging at debug level into `stderr`, which is
@@ -78,7 +78,7 @@ async fn a_stderr_that_takes_nothing_stalls_no_death() {
     // A stand-in found by the scan or the exec event, killed: its death is queued for the OMA.
     let s = Standin::start(dir.path(), "job-blocked-log", &secret(), &[]);
     let deadline = Instant::now() + TIMEOUT;
-    while journal_for(&state, s.pid).is_empty() {
+    while outbox_events_for(&state, s.pid).is_empty() {
         assert!(
             Instant::now() < deadline,
             "the stand-in was not seen within {TIMEOUT:?}"
@@ -88,7 +88,7 @@ async fn a_stderr_that_takes_nothing_stalls_no_death() {
     s.kill(libc::SIGKILL);
     let pid = s.pid;
     let deadline = Instant::now() + TIMEOUT;
-    while !journal_for(&state, pid)
+    while !outbox_events_for(&state, pid)
         .iter()
         .any(|e| e.kind == ProcessEventKind::ProcessExited)
     {

@@ -17,14 +17,14 @@ use serde_json::Value;
 struct Case {
     dir: tempfile::TempDir,
     secret: String,
-    watchdog: Watchdog,
+    watchdog: WatchdogProcess,
 }
 
 impl Case {
     fn start(detector: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("state")).unwrap();
-        let watchdog = Watchdog::start(&dir.path().join("state"), detector);
+        let watchdog = WatchdogProcess::start(&dir.path().join("state"), detector);
         Self {
             dir,
             secret: secret(),
@@ -56,7 +56,7 @@ impl Case {
         let line = self.watchdog.wait_event("process_exited", s.pid);
         assert_eq!(line["job_id"], job);
         assert_eq!(line["detector"], self.watchdog.detector.as_str());
-        let journal = journal_for(&self.state(), s.pid);
+        let journal = outbox_events_for(&self.state(), s.pid);
         let exits: Vec<_> = journal
             .iter()
             .filter(|e| e.kind == ProcessEventKind::ProcessExited)
@@ -168,7 +168,9 @@ fn leader_exit(detector: &str) {
     );
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let stat = vma_watchdog::procfs::read_stat(s.pid).unwrap().unwrap();
+        let stat = vma_watchdog::proc_reader::read_stat(s.pid)
+            .unwrap()
+            .unwrap();
         if stat.leader_exited_early() {
             break;
         }

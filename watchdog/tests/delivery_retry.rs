@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use api::{Detector, ExitStatus, ProcessEvent, ProcessEventKind, ProcessIdentity};
 use fake_oma::{FakeOma, free_port};
-use vma_watchdog::http::BearerToken;
-use vma_watchdog::outbox::{DeliveryConfig, Outbox, OutboxLimits, run_delivery};
+use vma_watchdog::outbox::{DeliveryConfig, Outbox, OutboxLimits, deliver};
+use vma_watchdog::secret::BearerToken;
 
 const OMA_TOKEN: &str = "oma-token-for-this-vma";
 
@@ -50,7 +50,7 @@ fn delivering(
     let mut config = DeliveryConfig::new(oma_url, "vma-1", BearerToken::new(OMA_TOKEN).unwrap());
     tune(&mut config);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let delivery = tokio::spawn(run_delivery(Arc::clone(&outbox), config, async move {
+    let delivery = tokio::spawn(deliver(Arc::clone(&outbox), config, async move {
         let _ = stopped.await;
     }));
     (outbox, event, stop, delivery)

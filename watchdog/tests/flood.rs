@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Standin, Watchdog, privileged, secret};
+use common::{Standin, WatchdogProcess, privileged, secret};
 use tokio::io::AsyncReadExt;
 
 const CONNECTIONS: usize = 5_000;
@@ -56,10 +56,10 @@ fn open_fds(pid: u32) -> usize {
 /// Starts the watchdog with a soft file limit of [`WATCHDOG_NOFILE`] (inherited from this
 /// process, whose own limit is lowered for the spawn only) and idle connections cut after
 /// 3 s. It raises its own limit to fit its connection cap.
-fn start_low_limit(state: &std::path::Path) -> Watchdog {
+fn start_low_limit(state: &std::path::Path) -> WatchdogProcess {
     set_soft_nofile(WATCHDOG_NOFILE);
     let args = ["--listen", "127.0.0.1:0", "--header-timeout-secs", "3"];
-    let w = Watchdog::start_with(state, "procfs", &args, &[]);
+    let w = WatchdogProcess::start_with(state, "procfs", &args, &[]);
     // The test itself needs a descriptor per connection.
     set_soft_nofile(u64::MAX);
     w

@@ -58,7 +58,7 @@ fn claim(program: &Path, uid: Option<u32>, job: &str, secret: &str, cwd: &Path) 
 }
 
 /// Waits for the `impostor_ignored` line of `pid` and checks its reason and what it shows.
-fn ignored(w: &Watchdog, pid: u32, reason: &str, found_by: &str) -> Value {
+fn ignored(w: &WatchdogProcess, pid: u32, reason: &str, found_by: &str) -> Value {
     let line = w.wait_event("impostor_ignored", pid);
     assert_eq!(line["reason"], reason, "{line}");
     assert_eq!(line["found_by"], found_by, "{line}");
@@ -73,7 +73,12 @@ fn ignored(w: &Watchdog, pid: u32, reason: &str, found_by: &str) -> Value {
 
 /// After the impostors have exited 0: nothing about them anywhere, one line each, and the job
 /// still runs as the real process; then the real death is reported as usual.
-fn nothing_about_impostors(w: Watchdog, state: &Path, real: Standin, impostors: Vec<Standin>) {
+fn nothing_about_impostors(
+    w: WatchdogProcess,
+    state: &Path,
+    real: Standin,
+    impostors: Vec<Standin>,
+) {
     let pids: Vec<u32> = impostors.iter().map(|s| s.pid).collect();
     for mut s in impostors {
         s.trigger();
@@ -86,7 +91,7 @@ fn nothing_about_impostors(w: Watchdog, state: &Path, real: Standin, impostors: 
         let events: Vec<_> = lines.iter().map(|v| v["event"].clone()).collect();
         assert_eq!(events, ["impostor_ignored"], "pid {pid}: {lines:?}");
         assert!(
-            journal_for(state, *pid).is_empty(),
+            outbox_events_for(state, *pid).is_empty(),
             "pid {pid} reached the outbox"
         );
     }
@@ -112,7 +117,7 @@ fn found_by_exec(detector: &str) {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let secret = secret();
-    let w = Watchdog::start(&state, detector);
+    let w = WatchdogProcess::start(&state, detector);
     let real = Standin::start(dir.path(), "job-b", &secret, &[]);
     w.wait_event("process_started", real.pid);
     let copy = public_copy(dir.path(), "attacker");
@@ -139,14 +144,14 @@ fn found_by_scan(detector: &str) {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let secret = secret();
-    let w = Watchdog::start(&state, detector);
+    let w = WatchdogProcess::start(&state, detector);
     let real = Standin::start(dir.path(), "job-b", &secret, &[]);
     w.wait_event("process_started", real.pid);
     w.stop();
     let copy = public_copy(dir.path(), "attacker");
     let as_other_user = claim(&copy, Some(uid), "job-b", &secret, copy.parent().unwrap());
     let second = claim(&standin_bin(), None, "job-b", &secret, dir.path());
-    let w = Watchdog::start(&state, detector);
+    let w = WatchdogProcess::start(&state, detector);
     w.wait_event("process_adopted", real.pid);
     ignored(&w, as_other_user.pid, "wrong_executable", "scan");
     ignored(&w, second.pid, "job_has_live_process", "scan");
@@ -166,7 +171,7 @@ fn upgraded_binary(detector: &str) {
         .into_iter()
         .chain([bin.to_str().unwrap()])
         .collect();
-    let w = Watchdog::start_with(&state, detector, &args, &[]);
+    let w = WatchdogProcess::start_with(&state, detector, &args, &[]);
     let secret = secret();
     let s = claim(&bin, None, "job-up", &secret, dir.path());
     w.wait_event("process_started", s.pid);
@@ -178,10 +183,10 @@ fn upgraded_binary(detector: &str) {
     let exe = std::fs::read_link(format!("/proc/{}/exe", s.pid)).unwrap();
     assert!(exe.to_string_lossy().ends_with("(deleted)"), "{exe:?}");
 
-    let w = Watchdog::start_with(&state, detector, &args, &[]);
+    let w = WatchdogProcess::start_with(&state, detector, &args, &[]);
     let adopted = w.wait_event("process_adopted", s.pid);
     assert_eq!(adopted["job_id"], "job-up");
-    let fresh = Watchdog::start_with(&dir.path().join("fresh"), detector, &args, &[]);
+    let fresh = WatchdogProcess::start_with(&dir.path().join("fresh"), detector, &args, &[]);
     ignored(&fresh, s.pid, "wrong_executable", "scan");
     fresh.stop();
     s.kill(libc::SIGTERM);

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use api::{JobProcessState, ProcessIdentity, VmaJobStatus};
-use common::{Watchdog, privileged};
+use common::{WatchdogProcess, privileged};
 
 const API_TOKEN: &str = "api-token-oom-3d9";
 const ROUNDS: usize = 10;
@@ -108,7 +108,7 @@ async fn a_launched_standin_killed_by_the_oom_killer_is_reported_oom_killed() {
         args.extend(["--launch-arg", arg]);
     }
     let env = [("MIGRATEKIT_STANDIN_PROGRESS_URL", "http://127.0.0.1:9")];
-    let w = Watchdog::start_with(state.path(), "auto", &args, &env);
+    let w = WatchdogProcess::start_with(state.path(), "auto", &args, &env);
     if w.detector != "ebpf" {
         eprintln!(
             "SKIP: launched_oom: the eBPF detector is not available (run `cargo xtask build-ebpf`); the procfs detector never knows of OOM kills"

@@ -108,7 +108,7 @@ async fn the_password_never_appears_in_the_logged_argv() {
         vma_watchdog::launcher::VmwareCredentials {
             endpoint: "vc".into(),
             username: "u".into(),
-            password: vma_watchdog::http::Secret::new("hunter2-secret"),
+            password: vma_watchdog::secret::Secret::new("hunter2-secret"),
         },
     );
     let launcher = Launcher::new(config);

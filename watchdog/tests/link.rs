@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use api::{JobProcessState, ProcessEventKind, ProcessIdentity, StoredProgress, VmaJobStatus};
-use common::{TIMEOUT, Watchdog, privileged, signal, standin_bin};
+use common::{TIMEOUT, WatchdogProcess, privileged, signal, standin_bin};
 use fake_oma::{FakeOma, free_port};
 
 const API_TOKEN: &str = "api-token-e2e-5b1";
@@ -18,7 +18,7 @@ const VMA_ID: &str = "vma-e2e";
 
 /// A watchdog on `127.0.0.1:port` that delivers to `oma_url` and launches the stand-in,
 /// which posts progress to this same port every 100 ms; `extra` template arguments follow.
-fn watchdog(state: &Path, port: u16, oma_url: &str, extra: &[&str]) -> Watchdog {
+fn watchdog(state: &Path, port: u16, oma_url: &str, extra: &[&str]) -> WatchdogProcess {
     let listen = format!("127.0.0.1:{port}");
     let progress = format!("http://127.0.0.1:{port}");
     let program = standin_bin();
@@ -53,7 +53,7 @@ fn watchdog(state: &Path, port: u16, oma_url: &str, extra: &[&str]) -> Watchdog 
     for arg in template.iter().chain(extra) {
         args.extend(["--launch-arg", arg]);
     }
-    let w = Watchdog::start_with(
+    let w = WatchdogProcess::start_with(
         state,
         "auto",
         &args,

@@ -15,8 +15,8 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use uuid::Uuid;
-use vma_watchdog::http::BearerToken;
-use vma_watchdog::outbox::{DeliveryConfig, Outbox, OutboxError, OutboxLimits, run_delivery};
+use vma_watchdog::outbox::{DeliveryConfig, Outbox, OutboxError, OutboxLimits, deliver};
+use vma_watchdog::secret::BearerToken;
 
 const TOKEN: &str = "vma-token-42";
 
@@ -233,7 +233,7 @@ fn start_delivery(
     tokio::task::JoinHandle<()>,
 ) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(run_delivery(Arc::clone(outbox), config(addr), async move {
+    let task = tokio::spawn(deliver(Arc::clone(outbox), config(addr), async move {
         let _ = stopped.await;
     }));
     (stop, task)

@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{TIMEOUT, Watchdog, privileged, standin_bin};
+use common::{TIMEOUT, WatchdogProcess, privileged, standin_bin};
 
 const API_TOKEN: &str = "api-token-env-secret-93f1";
 const OMA_TOKEN: &str = "oma-token-file-secret-4ab7";
@@ -17,7 +17,7 @@ const OMA_TOKEN: &str = "oma-token-file-secret-4ab7";
 /// A watchdog whose API token comes from `VMA_WATCHDOG_API_TOKEN` and whose OMA token comes
 /// from a file named by `VMA_WATCHDOG_OMA_TOKEN_FILE`, made 0644 on purpose. Its OMA does not
 /// listen: deaths stay queued, which changes nothing here.
-fn watchdog(root: &Path, state: &Path) -> (Watchdog, u16, std::path::PathBuf) {
+fn watchdog(root: &Path, state: &Path) -> (WatchdogProcess, u16, std::path::PathBuf) {
     let token_file = root.join("oma.token");
     std::fs::write(&token_file, format!("{OMA_TOKEN}\n")).unwrap();
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -44,7 +44,7 @@ fn watchdog(root: &Path, state: &Path) -> (Watchdog, u16, std::path::PathBuf) {
     ] {
         args.extend(["--launch-arg", arg]);
     }
-    let w = Watchdog::start_with(
+    let w = WatchdogProcess::start_with(
         state,
         "procfs",
         &args,

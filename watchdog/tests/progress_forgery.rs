@@ -197,7 +197,7 @@ impl Drop for KillOnDrop {
 /// The real watchdog on `127.0.0.1:port`, launching stand-ins whose leader thread exits right
 /// after start (the workers run on and report progress every 100 ms): the harder case for
 /// the lookup, whose leader's `/proc/<pid>/fd` then lists nothing.
-fn leaderless_watchdog(state: &std::path::Path, port: u16) -> common::Watchdog {
+fn leaderless_watchdog(state: &std::path::Path, port: u16) -> common::WatchdogProcess {
     let listen = format!("127.0.0.1:{port}");
     let progress = format!("http://127.0.0.1:{port}");
     let program = common::standin_bin();
@@ -221,7 +221,7 @@ fn leaderless_watchdog(state: &std::path::Path, port: u16) -> common::Watchdog {
     for arg in &template {
         args.extend(["--launch-arg", arg]);
     }
-    common::Watchdog::start_with(
+    common::WatchdogProcess::start_with(
         state,
         "auto",
         &args,

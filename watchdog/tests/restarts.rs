@@ -21,7 +21,7 @@ fn started_before(detector: &str) {
     let state = dir.path().join("state");
     let secret = secret();
     let s = Standin::start(dir.path(), "job-before", &secret, &[]);
-    let w = Watchdog::start(&state, detector);
+    let w = WatchdogProcess::start(&state, detector);
     let started = w.wait_event("process_started", s.pid);
     assert_eq!(
         (started["job_id"].as_str(), started["found_by"].as_str()),
@@ -43,7 +43,7 @@ fn downtime(detector: &str) {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let secret = secret();
-    let w = Watchdog::start(&state, detector);
+    let w = WatchdogProcess::start(&state, detector);
     let dead = Standin::start(dir.path(), "job-down-dead", &secret, &[]);
     let live = Standin::start(dir.path(), "job-down-live", &secret, &[]);
     // Killed during the downtime too, but not reaped: a zombie is dead as well.
@@ -59,7 +59,7 @@ fn downtime(detector: &str) {
     dead.kill(libc::SIGKILL);
     dead.reap();
 
-    let w = Watchdog::start(&state, detector);
+    let w = WatchdogProcess::start(&state, detector);
     let line = w.wait_event("died_while_unwatched", dead_pid);
     assert_eq!(line["job_id"], "job-down-dead");
     assert_eq!(line["start_time"], dead_start);
@@ -71,7 +71,7 @@ fn downtime(detector: &str) {
     let adopted = w.wait_event("process_adopted", live.pid);
     assert_eq!(adopted["job_id"], "job-down-live");
 
-    let events = journal_for(&state, dead_pid);
+    let events = outbox_events_for(&state, dead_pid);
     let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
     assert_eq!(
         kinds,
@@ -90,7 +90,7 @@ fn downtime(detector: &str) {
         "{unwatched:?}"
     );
     // Adopted silently: nothing new in the journal, no second start in the log.
-    let live_kinds: Vec<_> = journal_for(&state, live.pid)
+    let live_kinds: Vec<_> = outbox_events_for(&state, live.pid)
         .iter()
         .map(|e| e.kind)
         .collect();
@@ -109,7 +109,7 @@ fn downtime(detector: &str) {
     let log2 = w.stop();
 
     // A third start reports nothing again about either.
-    let w = Watchdog::start(&state, detector);
+    let w = WatchdogProcess::start(&state, detector);
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         w.lines_for(dead_pid).is_empty(),
@@ -118,7 +118,7 @@ fn downtime(detector: &str) {
     );
     let log3 = w.stop();
     assert_eq!(
-        journal_for(&state, dead_pid).len(),
+        outbox_events_for(&state, dead_pid).len(),
         2,
         "reported exactly once"
     );
@@ -135,7 +135,7 @@ fn pid_reuse(detector: &str) {
     let secret = secret();
     let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
     let sleeper_pid = sleeper.id();
-    let sleeper_start = vma_watchdog::procfs::read_stat(sleeper_pid)
+    let sleeper_start = vma_watchdog::proc_reader::read_stat(sleeper_pid)
         .unwrap()
         .unwrap()
         .start_time;
@@ -165,7 +165,7 @@ fn pid_reuse(detector: &str) {
         .unwrap();
     }
 
-    let w = Watchdog::start(&state, detector);
+    let w = WatchdogProcess::start(&state, detector);
     for (old, job) in [(old_on_sleeper, "job-old-a"), (old_on_newer, "job-old-b")] {
         let line = w.wait_for(&format!("died_while_unwatched of {job}"), |v| {
             v["event"] == "died_while_unwatched" && v["job_id"] == job
@@ -232,7 +232,7 @@ fn job_from_environment(detector: &str) {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let secret = secret();
-    let w = Watchdog::start(&state, detector);
+    let w = WatchdogProcess::start(&state, detector);
     let mut cmd = Command::new(standin_bin());
     cmd.args([
         "migrate",
@@ -262,7 +262,7 @@ fn crash_before_the_registry_is_written(detector: &str) {
     let state = dir.path().join("state");
     let secret = secret();
     let slow = ["--listen", "127.0.0.1:0", "--registry-flush-ms", "600000"];
-    let w = Watchdog::start_with(&state, detector, &slow, &[]);
+    let w = WatchdogProcess::start_with(&state, detector, &slow, &[]);
     let s = Standin::start(dir.path(), "job-crash", &secret, &[]);
     w.wait_event("process_started", s.pid);
     let pid = s.pid;
@@ -278,11 +278,14 @@ fn crash_before_the_registry_is_written(detector: &str) {
     );
     drop(on_disk);
 
-    let w = Watchdog::start(&state, detector);
+    let w = WatchdogProcess::start(&state, detector);
     let queued = w.wait_event("death_already_queued", pid);
     assert_eq!(queued["event_id"], exited["event_id"]);
     let log2 = w.stop();
-    let kinds: Vec<_> = journal_for(&state, pid).iter().map(|e| e.kind).collect();
+    let kinds: Vec<_> = outbox_events_for(&state, pid)
+        .iter()
+        .map(|e| e.kind)
+        .collect();
     assert_eq!(
         kinds,
         [

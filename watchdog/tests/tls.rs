@@ -10,7 +10,7 @@ mod fake_oma;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Standin, Watchdog, privileged, secret, signal};
+use common::{Standin, WatchdogProcess, privileged, secret, signal};
 use fake_oma::FakeOma;
 use reqwest::StatusCode;
 use test_support::pki::{Pair, TestCa};
@@ -65,7 +65,7 @@ fn client(ca: &TestCa, identity: Option<&Pair>) -> reqwest::Client {
 }
 
 /// The watchdog's address for `event` (`api_listening`, `progress_listening`).
-fn addr_of(w: &Watchdog, event: &str) -> std::net::SocketAddr {
+fn addr_of(w: &WatchdogProcess, event: &str) -> std::net::SocketAddr {
     let line = w.wait_for(event, |v| v["event"] == event);
     line["addr"].as_str().unwrap().parse().unwrap()
 }
@@ -93,7 +93,7 @@ async fn the_api_is_https_for_client_certificates_of_its_ca_only_and_progress_st
         "--api-token",
         API_TOKEN,
     ];
-    let w = Watchdog::start_with(&pki.state(), "procfs", &args, &[]);
+    let w = WatchdogProcess::start_with(&pki.state(), "procfs", &args, &[]);
     let api = addr_of(&w, "api_listening");
     let url = format!("https://127.0.0.1:{}/api/v1/jobs", api.port());
     let oma = pki.ca.client("oma").unwrap();
@@ -171,7 +171,7 @@ async fn replaced_certificates_and_tokens_take_effect_on_sighup_without_a_restar
         "--api-token-file",
         &token_file,
     ];
-    let w = Watchdog::start_with(&pki.state(), "procfs", &args, &[]);
+    let w = WatchdogProcess::start_with(&pki.state(), "procfs", &args, &[]);
     let pid = w.pid();
     let url = format!(
         "https://127.0.0.1:{}/api/v1/jobs",
@@ -298,7 +298,7 @@ async fn a_death_reaches_an_https_oma_with_mutual_tls_and_the_progress_of_the_pl
     let oma = FakeOma::start_tls(OMA_TOKEN, VMA_ID, oma_tls(&pki)).await;
     let args = mutual_tls_args(&pki, &oma.url());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let w = Watchdog::start_with(&pki.state(), "procfs", &args, &[]);
+    let w = WatchdogProcess::start_with(&pki.state(), "procfs", &args, &[]);
     let progress = addr_of(&w, "progress_listening");
     let standin_url = format!("http://{progress}");
     // As the launcher starts migratekit: the job id in the environment turns its progress

@@ -42,7 +42,7 @@ async fn a_started_process_is_tracked_queried_and_its_exit_read() {
         .unwrap();
     let tracker = daemon.tracker();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(daemon.run(async {
+    let running = tokio::spawn(daemon.follow_events(async {
         let _ = stopped.await;
     }));
 
@@ -151,7 +151,7 @@ async fn a_started_process_is_tracked_queried_and_its_exit_read() {
     );
     // The watchdog peeked at its child's status without reaping it: the owner still can.
     assert_eq!(s.reap().code(), Some(7));
-    let journal = wait_journal(&state, me.pid, 2).await;
+    let journal = wait_outbox_events(&state, me.pid, 2).await;
     assert_eq!(journal.len(), 2, "started and exited: {journal:?}");
     stop.send(()).unwrap();
     running.await.unwrap();
@@ -181,7 +181,7 @@ async fn a_child_handed_over_is_reported_then_reaped() {
         .unwrap();
     let tracker = daemon.tracker();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(daemon.run(async {
+    let running = tokio::spawn(daemon.follow_events(async {
         let _ = stopped.await;
     }));
 
@@ -236,14 +236,17 @@ async fn a_child_handed_over_is_reported_then_reaped() {
         (None, Some(9), false)
     );
     // Reaped by the watchdog: the pid no longer exists (not even as a zombie).
-    while vma_watchdog::procfs::read_stat(pid)
+    while vma_watchdog::proc_reader::read_stat(pid)
         .unwrap()
         .is_some_and(|s| s.start_time == process.start_time)
     {
         assert!(Instant::now() < deadline, "the child was not reaped");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let kinds: Vec<_> = journal_for(&state, pid).iter().map(|e| e.kind).collect();
+    let kinds: Vec<_> = outbox_events_for(&state, pid)
+        .iter()
+        .map(|e| e.kind)
+        .collect();
     assert_eq!(
         kinds,
         [
@@ -272,7 +275,7 @@ async fn a_status_handed_over_by_the_launcher_is_recorded_once() {
         .unwrap();
     let tracker = daemon.tracker();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(daemon.run(async {
+    let running = tokio::spawn(daemon.follow_events(async {
         let _ = stopped.await;
     }));
     let secret = secret();
@@ -294,7 +297,7 @@ async fn a_status_handed_over_by_the_launcher_is_recorded_once() {
         )
         .unwrap();
     s.trigger();
-    while !vma_watchdog::procfs::read_stat(me.pid)
+    while !vma_watchdog::proc_reader::read_stat(me.pid)
         .unwrap()
         .is_some_and(|st| st.is_dead())
     {
@@ -308,7 +311,7 @@ async fn a_status_handed_over_by_the_launcher_is_recorded_once() {
     tracker.child_exited(me, exit);
     // Give the detector time to report the same death.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let events = journal_for(&state, me.pid);
+    let events = outbox_events_for(&state, me.pid);
     let exits: Vec<_> = events
         .iter()
         .filter(|e| e.kind == ProcessEventKind::ProcessExited)
@@ -335,7 +338,7 @@ async fn journaled_events_are_queued_in_the_outbox() {
     let tracker = daemon.tracker();
     let outbox = tracker.outbox().clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(daemon.run(async {
+    let running = tokio::spawn(daemon.follow_events(async {
         let _ = stopped.await;
     }));
     let secret = secret();
@@ -374,7 +377,7 @@ async fn journaled_events_are_queued_in_the_outbox() {
         tracker.registry().job_status("job-outbox").map(|j| j.state),
         Some(JobProcessState::Exited { .. })
     ));
-    let journal = journal_for(&state, me.pid);
+    let journal = outbox_events_for(&state, me.pid);
     assert_eq!(
         queued, journal,
         "the file on disk holds exactly the queued events"

@@ -38,6 +38,54 @@ fn spawn_holders(n: usize) {
     }
 }
 
+/// Dies of SIGSEGV with a core dump allowed, once `threads` threads hold.
+fn segv(threads: usize) -> ! {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &unlimited) };
+    spawn_holders(threads);
+    say("ready");
+    // Rust's runtime installs a SIGSEGV handler (stack-overflow detection) that would
+    // swallow a raised signal; restore the default action, which dumps core.
+    // SAFETY: resetting a handler to SIG_DFL and raising a signal on ourselves.
+    unsafe {
+        libc::signal(libc::SIGSEGV, libc::SIG_DFL);
+        libc::raise(libc::SIGSEGV);
+    }
+    unreachable!("SIGSEGV did not kill the process");
+}
+
+/// The leader thread exits on its own while `threads` workers run on; the first line on
+/// stdin then ends the process with exit code `code`, or, when `code` is not a number, lets
+/// the workers return one by one.
+fn leader_exit(threads: usize, code: String) -> ! {
+    let (tx, rx) = mpsc::channel::<()>();
+    let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+    for _ in 0..threads {
+        let rx = rx.clone();
+        // Workers park until the stdin reader says go, then return.
+        std::thread::spawn(move || {
+            let _ = rx.lock().map(|r| r.recv());
+        });
+    }
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
+        if let Ok(code) = code.parse::<i32>() {
+            std::process::exit(code);
+        }
+        drop(tx);
+    });
+    say("ready");
+    // SAFETY: SYS_exit ends only the calling thread, exactly as pthread_exit does in
+    // the kernel, without unwinding Rust frames; the other threads keep running.
+    unsafe { libc::syscall(libc::SYS_exit, 0) };
+    unreachable!("SYS_exit returned");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let threads: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(4);
@@ -54,24 +102,7 @@ fn main() {
             say("ready");
             std::process::exit(arg.parse().unwrap_or(1));
         }
-        "segv" => {
-            let unlimited = libc::rlimit {
-                rlim_cur: libc::RLIM_INFINITY,
-                rlim_max: libc::RLIM_INFINITY,
-            };
-            // SAFETY: setrlimit reads a valid struct.
-            unsafe { libc::setrlimit(libc::RLIMIT_CORE, &unlimited) };
-            spawn_holders(threads);
-            say("ready");
-            // Rust's runtime installs a SIGSEGV handler (stack-overflow detection) that would
-            // swallow a raised signal; restore the default action, which dumps core.
-            // SAFETY: resetting a handler to SIG_DFL and raising a signal on ourselves.
-            unsafe {
-                libc::signal(libc::SIGSEGV, libc::SIG_DFL);
-                libc::raise(libc::SIGSEGV);
-            }
-            unreachable!("SIGSEGV did not kill the process");
-        }
+        "segv" => segv(threads),
         "thread-exit" => {
             spawn_holders(threads);
             let short = std::thread::spawn(|| ());
@@ -80,31 +111,7 @@ fn main() {
             say("thread-exited");
             hold_forever();
         }
-        "leader-exit" => {
-            let (tx, rx) = mpsc::channel::<()>();
-            let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
-            for _ in 0..threads {
-                let rx = rx.clone();
-                // Workers park until the stdin reader says go, then return.
-                std::thread::spawn(move || {
-                    let _ = rx.lock().map(|r| r.recv());
-                });
-            }
-            let code = arg;
-            std::thread::spawn(move || {
-                let mut line = String::new();
-                let _ = std::io::stdin().lock().read_line(&mut line);
-                if let Ok(code) = code.parse::<i32>() {
-                    std::process::exit(code);
-                }
-                drop(tx);
-            });
-            say("ready");
-            // SAFETY: SYS_exit ends only the calling thread, exactly as pthread_exit does in
-            // the kernel, without unwinding Rust frames; the other threads keep running.
-            unsafe { libc::syscall(libc::SYS_exit, 0) };
-            unreachable!("SYS_exit returned");
-        }
+        "leader-exit" => leader_exit(threads, arg),
         "oom" => {
             spawn_holders(threads);
             say("ready");

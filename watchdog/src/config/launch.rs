@@ -9,8 +9,8 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use super::secrets::read_secret_file;
-use crate::http::Secret;
 use crate::launcher::{LauncherConfig, SystemdMode, VmwareCredentials};
+use crate::secret::Secret;
 
 /// The `--launch-config` file.
 ///

@@ -11,7 +11,7 @@ use anyhow::bail;
 use transport::{ClientTlsFiles, Limits, ServerTlsFiles};
 
 use super::DEFAULT_PORT;
-use crate::http::BearerToken;
+use crate::secret::BearerToken;
 
 /// Connections each listener holds at once by default: a VMA's API has one caller (the
 /// OMA) and a handful of local migratekits, so far fewer than the OMA's default; a flood

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use anyhow::{Context, bail};
 
-use crate::http::{BearerToken, Secret};
+use crate::secret::{BearerToken, Secret};
 
 /// A secret given as a flag or environment value. clap stores it as this type, so that
 /// neither `Cli`'s `Debug` nor a clap error ever prints it.

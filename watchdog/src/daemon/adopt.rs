@@ -11,7 +11,7 @@ use api::{ExitStatus, FoundBy, JobId, ProcessIdentity};
 
 use super::Core;
 use crate::logging::found_by_name;
-use crate::procfs::{self, FoundProcess};
+use crate::proc_reader::{self, FoundProcess};
 use crate::registry::Entry;
 use crate::trust::{self, ExeId, Refusal};
 
@@ -68,7 +68,7 @@ impl Core {
     /// pid may even belong to another process now, so nothing read is about `p`).
     fn vet(&self, p: ProcessIdentity) -> Option<Result<ExeId, Refusal>> {
         let verdict = self.migratekit.check(p.pid);
-        match procfs::read_stat(p.pid) {
+        match proc_reader::read_stat(p.pid) {
             Ok(Some(s)) if s.start_time == p.start_time && !s.is_dead() => Some(verdict),
             _ => None,
         }
@@ -88,7 +88,7 @@ impl Core {
             .filter(|(id, other)| id == job_id && *other != p)
             .map(|(_, other)| other)
             .find(|other| {
-                matches!(procfs::read_stat(other.pid),
+                matches!(proc_reader::read_stat(other.pid),
                     Ok(Some(s)) if s.start_time == other.start_time && !s.is_dead())
             })
     }
@@ -173,6 +173,6 @@ impl Core {
 /// Keeps only the impostors still running.
 fn prune(impostors: &mut HashSet<ProcessIdentity>) {
     impostors.retain(
-        |p| matches!(procfs::read_stat(p.pid), Ok(Some(s)) if s.start_time == p.start_time),
+        |p| matches!(proc_reader::read_stat(p.pid), Ok(Some(s)) if s.start_time == p.start_time),
     );
 }

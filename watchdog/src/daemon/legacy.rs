@@ -11,8 +11,8 @@ use std::path::Path;
 
 use api::ProcessEvent;
 
+use crate::disk::read_json_lines;
 use crate::outbox::Outbox;
-use crate::outbox::disk::read_json_lines;
 
 /// File name of the old journal inside the state directory.
 pub const LEGACY_JOURNAL: &str = "journal.jsonl";

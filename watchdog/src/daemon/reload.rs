@@ -13,8 +13,9 @@ use tokio::signal::unix::Signal;
 use transport::{ClientTlsFiles, ServerTls};
 
 use crate::config::{Config, reread_token};
-use crate::http::{BearerToken, SharedToken};
+use crate::http::SharedToken;
 use crate::outbox::OmaClient;
+use crate::secret::BearerToken;
 
 /// What a SIGHUP re-reads, and where it puts the result.
 #[derive(Debug)]
@@ -60,7 +61,7 @@ impl Reloader {
     }
 
     /// Reloads at every SIGHUP until `stopped` completes.
-    pub(super) async fn run(self, mut hup: Signal, stopped: impl Future<Output = ()>) {
+    pub(super) async fn reload_on_sighup(self, mut hup: Signal, stopped: impl Future<Output = ()>) {
         tokio::pin!(stopped);
         loop {
             tokio::select! {

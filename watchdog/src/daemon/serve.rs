@@ -22,8 +22,7 @@ use super::{Daemon, DaemonError, Tracker};
 use crate::config::Config;
 use crate::http::{self, AppState, DEFAULT_BODY_LIMIT, SharedToken};
 use crate::launcher::Launcher;
-use crate::outbox::{DeliveryConfig, OmaClient, run_delivery_with};
-use crate::progress::ProgressError;
+use crate::outbox::{DeliveryConfig, OmaClient, deliver_with};
 
 /// How long the tasks get to finish (requests in flight, a delivery attempt) after the
 /// shutdown signal before they are cut off.
@@ -35,9 +34,6 @@ pub enum ServeError {
     /// Detector, registry or outbox could not start.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
-    /// The progress store could not be opened.
-    #[error(transparent)]
-    Progress(#[from] ProgressError),
     /// An API address could not be bound.
     #[error(
         "cannot listen on {addr}: {source}; another watchdog (or another program) may use it: stop it or give --listen another address"
@@ -122,12 +118,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let reloader = Reloader::new(&config, state.token.clone(), oma_client, tls);
     let reload_stopped = stopped();
     tasks.spawn(async move {
-        reloader.run(hup, reload_stopped).await;
+        reloader.reload_on_sighup(hup, reload_stopped).await;
         ("SIGHUP handler", Ok(()))
     });
     let detector_stopped = stopped();
     tasks.spawn(async move {
-        daemon.run(detector_stopped).await;
+        daemon.follow_events(detector_stopped).await;
         ("detector", Ok(()))
     });
     let result = wait(&mut tasks, shutdown).await;
@@ -184,7 +180,7 @@ fn start_delivery(
         queued = tracker.outbox().stats().queued, "delivering events to the OMA");
     let outbox = Arc::clone(tracker.outbox());
     tasks.spawn(async move {
-        run_delivery_with(outbox, delivery, client, stopped).await;
+        deliver_with(outbox, delivery, client, stopped).await;
         ("delivery to the OMA", Ok(()))
     });
 }

@@ -11,33 +11,46 @@ use api::{ExitStatus, FoundBy, JobId, ProcessIdentity, VmaJobStatus};
 
 use super::Core;
 use crate::outbox::Outbox;
-use crate::procfs;
+use crate::proc_reader;
 use crate::registry::{Registry, RegistryError};
 use crate::trust::ExeId;
 
 /// Shared handle on the daemon's state: the registry, the outbox and the detector.
 #[derive(Debug, Clone)]
-pub struct Tracker(pub(super) Arc<Core>);
+pub struct Tracker {
+    /// The daemon's state, shared with its event loop.
+    core: Arc<Core>,
+}
 
 impl Tracker {
+    /// A handle on `core`.
+    pub(super) fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+
+    /// The daemon's state, for the event loop that owns this tracker.
+    pub(super) fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
     /// The registry, for read-only queries (`job_status`, `jobs`).
     pub fn registry(&self) -> &Arc<Registry> {
-        &self.0.registry
+        &self.core.registry
     }
 
     /// Latest progress per job (the REST API's progress routes share it).
     pub fn progress(&self) -> &Arc<crate::progress::ProgressStore> {
-        &self.0.progress
+        &self.core.progress
     }
 
     /// The outbox: every event the daemon recorded and the OMA has not acknowledged yet.
     pub fn outbox(&self) -> &Arc<Outbox> {
-        &self.0.outbox
+        &self.core.outbox
     }
 
     /// The detector that runs.
     pub fn detector_kind(&self) -> api::Detector {
-        self.0.detector.kind()
+        self.core.detector.kind()
     }
 
     /// Registers `process` as running `job_id` (started by the launcher, or adopted through
@@ -52,7 +65,7 @@ impl Tracker {
         process: ProcessIdentity,
         found_by: FoundBy,
     ) -> Result<VmaJobStatus, TrackError> {
-        let stat = procfs::read_stat(process.pid).map_err(|source| TrackError::Proc {
+        let stat = proc_reader::read_stat(process.pid).map_err(|source| TrackError::Proc {
             pid: process.pid,
             source,
         })?;
@@ -63,7 +76,7 @@ impl Tracker {
             });
         }
         let other = self
-            .0
+            .core
             .registry
             .running()
             .into_iter()
@@ -77,11 +90,11 @@ impl Tracker {
         // A process the launcher started is registered before it execs migratekit: the binary
         // it is about to run is the configured one. Any other runs its binary already.
         let exe = match found_by {
-            FoundBy::Started => ExeId::of_path(&self.0.migratekit.path),
+            FoundBy::Started => ExeId::of_path(&self.core.migratekit.path),
             _ => ExeId::of_process(process.pid),
         };
-        self.0.register(process, job_id, found_by, exe.ok())?;
-        self.0
+        self.core.register(process, job_id, found_by, exe.ok())?;
+        self.core
             .registry
             .job_status(job_id)
             .ok_or(TrackError::NotRunning {
@@ -99,7 +112,7 @@ impl Tracker {
         job_id: &JobId,
     ) -> Result<ProcessIdentity, (TrackError, std::process::Child)> {
         let pid = child.id();
-        let process = match procfs::read_stat(pid) {
+        let process = match proc_reader::read_stat(pid) {
             Ok(Some(s)) => s.identity(),
             Ok(None) => {
                 let e = TrackError::NotRunning { pid, start_time: 0 };
@@ -109,14 +122,14 @@ impl Tracker {
         };
         // Hand the child over first: should it be dead already, the registration reports its
         // death at once and must find it there to reap it.
-        let children = || self.0.children.lock().unwrap_or_else(|e| e.into_inner());
+        let children = || self.core.children.lock().unwrap_or_else(|e| e.into_inner());
         children().insert(process, child);
         match self.register_process(job_id, process, FoundBy::Started) {
             Ok(_) => {
                 // Its death may have been recorded already (seen by the detector before this
                 // call): then nobody else will reap it.
-                if self.0.registry.get(process).is_none() {
-                    self.0.reap(process);
+                if self.core.registry.get(process).is_none() {
+                    self.core.reap(process);
                 }
                 Ok(process)
             }
@@ -136,11 +149,11 @@ impl Tracker {
     /// the signal (`signal->oom_mm`), which `waitid` cannot tell, and it arrives within
     /// milliseconds. Any other end is told as exactly by `waitid` as by the detector.
     pub fn child_exited(&self, process: ProcessIdentity, exit: ExitStatus) {
-        let kind = self.0.detector.kind();
+        let kind = self.core.detector.kind();
         let may_be_oom = exit.signal == Some(libc::SIGKILL) && !exit.oom_killed;
         if kind == api::Detector::Ebpf
             && may_be_oom
-            && !self.0.await_report(process, DETECTOR_GRACE)
+            && !self.core.await_report(process, DETECTOR_GRACE)
         {
             tracing::warn!(
                 event = "detector_report_missing",
@@ -149,7 +162,7 @@ impl Tracker {
                 "the eBPF detector did not report a SIGKILLed child in time; reporting the launcher's status, which cannot tell an OOM kill"
             );
         }
-        self.0.report_death(process, exit, kind);
+        self.core.report_death(process, exit, kind);
     }
 }
 

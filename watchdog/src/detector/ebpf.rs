@@ -109,6 +109,25 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> EbpfError {
     move |source| EbpfError::Map { name, source }
 }
 
+/// Puts the process names to match into the kernel's map, before any program attaches, so
+/// that the programs filter from their first event.
+fn fill_match_names(ebpf: &mut Ebpf, match_names: &[String]) -> Result<(), EbpfError> {
+    let mut names: BpfHashMap<_, [u8; COMM_LEN], u8> = BpfHashMap::try_from(
+        ebpf.map_mut(maps::MATCH_NAMES)
+            .ok_or(EbpfError::MissingProgram(maps::MATCH_NAMES))?,
+    )
+    .map_err(map_err(maps::MATCH_NAMES))?;
+    for name in match_names {
+        if name.len() >= COMM_LEN {
+            tracing::warn!(name = %name, "process names are at most 15 bytes in the kernel; matching the first 15");
+        }
+        names
+            .insert(comm_key(name), 1, 0)
+            .map_err(map_err(maps::MATCH_NAMES))?;
+    }
+    Ok(())
+}
+
 impl EbpfDetector {
     /// Loads and attaches both programs, matching `match_names`, and starts the reader task.
     pub fn start(
@@ -145,21 +164,7 @@ impl EbpfDetector {
         }
         let mut ebpf = loader.load(OBJECT)?;
 
-        {
-            let mut names: BpfHashMap<_, [u8; COMM_LEN], u8> = BpfHashMap::try_from(
-                ebpf.map_mut(maps::MATCH_NAMES)
-                    .ok_or(EbpfError::MissingProgram(maps::MATCH_NAMES))?,
-            )
-            .map_err(map_err(maps::MATCH_NAMES))?;
-            for name in &options.match_names {
-                if name.len() >= COMM_LEN {
-                    tracing::warn!(name = %name, "process names are at most 15 bytes in the kernel; matching the first 15");
-                }
-                names
-                    .insert(comm_key(name), 1, 0)
-                    .map_err(map_err(maps::MATCH_NAMES))?;
-            }
-        }
+        fill_match_names(&mut ebpf, &options.match_names)?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(EbpfError::Map {
                 name,
@@ -193,7 +198,7 @@ impl EbpfDetector {
         ] {
             attach(&mut ebpf, program, category, name)?;
         }
-        let reader = runtime.spawn(reader::run(ring, tx));
+        let reader = runtime.spawn(reader::read_ring(ring, tx));
         tracing::info!(exit_mode = %layout.exit_mode, names = ?options.match_names, "eBPF detector attached; deaths decided by {}", layout.exit_mode);
         let detector = EbpfDetector {
             watched: Mutex::new(watched),

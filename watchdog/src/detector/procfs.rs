@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::{Detector, DetectorEvent};
-use crate::procfs;
+use crate::{pidfd, proc_reader};
 
 /// Capacity of the event channel; the daemon drains it continuously.
 const CHANNEL_CAPACITY: usize = 4096;
@@ -65,7 +65,7 @@ impl ProcfsDetector {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ProcfsError::NoRuntime)?;
         std::fs::read_dir("/proc").map_err(ProcfsError::NoProc)?;
         // Probe pidfd support once, on ourselves, so a missing syscall fails here and clearly.
-        pidfd_open(std::process::id()).map_err(ProcfsError::NoPidfd)?;
+        pidfd::open(std::process::id()).map_err(ProcfsError::NoPidfd)?;
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let watched = Arc::new(Mutex::new(Watched::default()));
         let scanner = runtime.spawn(scan_loop(
@@ -127,10 +127,10 @@ fn watch(
     if w.tasks.contains_key(&process) {
         return Ok(());
     }
-    let fd = pidfd_open(process.pid)?;
+    let fd = pidfd::open(process.pid)?;
     // The pidfd pins whatever process holds the pid now; make sure it is ours. A zombie is
     // still ours: its stat stays until it is reaped, and the pidfd reports it at once.
-    match procfs::read_stat(process.pid)? {
+    match proc_reader::read_stat(process.pid)? {
         Some(s) if s.start_time == process.start_time => {}
         _ => {
             return Err(io::Error::new(
@@ -180,11 +180,11 @@ async fn wait_for_death(
 
 /// How a process whose pidfd became readable died, as far as the kernel can still tell.
 fn exit_status(fd: &OwnedFd, process: ProcessIdentity) -> (ExitStatus, String) {
-    let comm = procfs::read_stat(process.pid)
+    let comm = proc_reader::read_stat(process.pid)
         .ok()
         .flatten()
         .filter(|s| s.start_time == process.start_time);
-    if let Some(exit) = waitid_nowait(fd) {
+    if let Some(exit) = pidfd::wait_nowait(fd) {
         let name = comm.map(|s| s.comm).unwrap_or_default();
         return (exit, name);
     }
@@ -205,30 +205,12 @@ fn exit_status(fd: &OwnedFd, process: ProcessIdentity) -> (ExitStatus, String) {
         // Gone from /proc: its parent (init, after a restart of the watchdog) has reaped it.
         // Since Linux 6.15 the pidfd still holds its wait status.
         None => (
-            pidfd_exit_info(fd)
+            pidfd::exit_info(fd)
                 .map(|raw| ExitStatus::from_wait_status(raw, false))
                 .unwrap_or_default(),
             String::new(),
         ),
     }
-}
-
-/// `ioctl(PIDFD_GET_INFO)` asking for `PIDFD_INFO_EXIT`: the wait status of a process that has
-/// been reaped, which the kernel keeps for as long as a pidfd to it is open (Linux 6.15 and
-/// later). `None` before the reap, and on older kernels, which do not know the ioctl (ENOTTY)
-/// or the flag (the mask comes back without it).
-fn pidfd_exit_info(fd: &OwnedFd) -> Option<u32> {
-    // SAFETY: pidfd_info is plain data; all-zero bytes are a valid value.
-    let mut info: libc::pidfd_info = unsafe { std::mem::zeroed() };
-    info.mask = u64::from(libc::PIDFD_INFO_EXIT);
-    // SAFETY: the fd is a live pidfd and `info` a writable pidfd_info of the size that the
-    // request number encodes.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::PIDFD_GET_INFO, &mut info) };
-    if rc != 0 || info.mask & u64::from(libc::PIDFD_INFO_EXIT) == 0 {
-        return None;
-    }
-    // The kernel's `exit_code`, in wait(2)'s layout; the cast keeps its bits.
-    Some(info.exit_code as u32)
 }
 
 /// Whether `/proc/<pid>/stat` field 52 shows us the real exit code: root, or the process's
@@ -238,51 +220,6 @@ fn may_read_exit_code(pid: u32) -> bool {
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     me == 0 || std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == me)
-}
-
-/// `waitid(P_PIDFD, WEXITED | WNOHANG | WNOWAIT)`: the status of our own child without reaping
-/// it. `None` when the process is not our child (or was already reaped).
-fn waitid_nowait(fd: &OwnedFd) -> Option<ExitStatus> {
-    // SAFETY: siginfo_t is plain data; zeroed is a valid value and waitid fills it.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-    // SAFETY: the fd is a live pidfd and `info` is a valid, writable siginfo_t.
-    let rc = unsafe {
-        libc::waitid(
-            libc::P_PIDFD,
-            fd.as_raw_fd() as libc::id_t,
-            &mut info,
-            flags,
-        )
-    };
-    // SAFETY: after a successful waitid on an exited child, the sigchld fields are set.
-    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
-    if rc != 0 || pid == 0 {
-        return None;
-    }
-    Some(match info.si_code {
-        libc::CLD_EXITED => ExitStatus {
-            code: Some(status),
-            ..ExitStatus::default()
-        },
-        libc::CLD_KILLED | libc::CLD_DUMPED => ExitStatus {
-            signal: Some(status),
-            core_dumped: info.si_code == libc::CLD_DUMPED,
-            ..ExitStatus::default()
-        },
-        _ => ExitStatus::default(),
-    })
-}
-
-/// `pidfd_open(pid, 0)`.
-pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: a plain syscall with integer arguments.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just gave us this fd and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 async fn scan_loop(
@@ -297,7 +234,7 @@ async fn scan_loop(
     loop {
         ticker.tick().await;
         let names2 = names.clone();
-        let found = match tokio::task::spawn_blocking(move || procfs::scan(&names2)).await {
+        let found = match tokio::task::spawn_blocking(move || proc_reader::scan(&names2)).await {
             Ok(Ok(found)) => found,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "procfs detector: scanning /proc failed; retrying at the next interval");

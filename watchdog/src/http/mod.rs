@@ -10,6 +10,7 @@
 mod auth;
 mod error;
 mod handlers;
+#[cfg(feature = "test-doubles")]
 mod memory_jobs;
 mod progress_gate;
 
@@ -23,8 +24,9 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
-pub use auth::{BearerToken, InvalidToken, Secret, SharedToken, is_loopback_peer};
+pub use auth::{SharedToken, is_loopback_peer};
 pub use error::{ApiError, JobPath, JsonBody};
+#[cfg(feature = "test-doubles")]
 pub use memory_jobs::MemoryJobs;
 pub use progress_gate::{Refusal, refused_updates};
 
@@ -37,7 +39,8 @@ use crate::progress::ProgressStore;
 pub const DEFAULT_BODY_LIMIT: usize = 64 * 1024;
 
 /// What the API needs to know about jobs and their processes. The daemon's process registry
-/// implements it; [`MemoryJobs`] is an in-memory implementation.
+/// implements it; `MemoryJobs` (feature `test-doubles`) is an in-memory implementation for
+/// tests.
 ///
 /// `register_process` and `launched_child_exited` are called from blocking threads (never
 /// from an async task), so an implementation over async code may use

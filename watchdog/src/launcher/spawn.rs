@@ -289,8 +289,7 @@ impl Launcher {
         match &self.config.log_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir)?;
-                let log =
-                    super::super::outbox::disk::open_append(&dir.join(format!("{job_id}.log")))?;
+                let log = crate::disk::open_append(&dir.join(format!("{job_id}.log")))?;
                 cmd.stdout(log.try_clone()?).stderr(log);
             }
             None => {

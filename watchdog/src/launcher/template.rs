@@ -142,8 +142,8 @@ fn render_one(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::Secret;
     use crate::launcher::VmwareCredentials;
+    use crate::secret::Secret;
 
     fn config() -> LauncherConfig {
         let mut config = LauncherConfig::new("/usr/bin/migratekit");

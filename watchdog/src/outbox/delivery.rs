@@ -11,7 +11,7 @@ use transport::{ClientTlsFiles, TlsError};
 use uuid::Uuid;
 
 use super::{Outbox, OutboxError};
-use crate::http::BearerToken;
+use crate::secret::BearerToken;
 
 /// Where and how to deliver.
 #[derive(Debug, Clone)]
@@ -140,10 +140,14 @@ fn build_client(timeout: Duration, tls: &ClientTlsFiles) -> Result<reqwest::Clie
 
 /// Delivers the outbox until `shutdown` resolves, with a client built from `config` (a
 /// client whose TLS files cannot be read logs why and delivers nothing; the daemon builds
-/// its client at start instead, see [`run_with`]).
-pub async fn run(outbox: Arc<Outbox>, config: DeliveryConfig, shutdown: impl Future<Output = ()>) {
+/// its client at start instead, see [`deliver_with`]).
+pub async fn deliver(
+    outbox: Arc<Outbox>,
+    config: DeliveryConfig,
+    shutdown: impl Future<Output = ()>,
+) {
     match OmaClient::new(config.request_timeout, config.token.clone(), &config.tls) {
-        Ok(client) => run_with(outbox, config, Arc::new(client), shutdown).await,
+        Ok(client) => deliver_with(outbox, config, Arc::new(client), shutdown).await,
         Err(error) => tracing::error!(event = "delivery_client_failed", %error,
             "cannot build the client for the OMA; nothing is delivered"),
     }
@@ -151,7 +155,7 @@ pub async fn run(outbox: Arc<Outbox>, config: DeliveryConfig, shutdown: impl Fut
 
 /// Delivers the outbox through `client` until `shutdown` resolves. Never gives up: every
 /// failure is counted, logged and retried after a capped, jittered exponential backoff.
-pub async fn run_with(
+pub async fn deliver_with(
     outbox: Arc<Outbox>,
     config: DeliveryConfig,
     client: Arc<OmaClient>,

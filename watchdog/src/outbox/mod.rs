@@ -1,17 +1,16 @@
 //! Durable outbox of process events for the OMA, and the task that delivers it.
 //!
-//! [`Outbox::append`] returns only once the event is fsynced; [`delivery::run`] sends the
+//! [`Outbox::append`] returns only once the event is fsynced; [`delivery::deliver`] sends the
 //! oldest events in batches to `{oma}/api/v1/watchdog/events` and removes exactly the ids the
 //! OMA acknowledges, retrying with capped exponential backoff and jitter for as long as it
 //! takes. A restart resumes from the files.
 
 pub mod delivery;
-pub(crate) mod disk;
 mod store;
 
 use std::path::PathBuf;
 
-pub use delivery::{DeliveryConfig, OmaClient, run as run_delivery, run_with as run_delivery_with};
+pub use delivery::{DeliveryConfig, OmaClient, deliver, deliver_with};
 pub use store::{Outbox, read_pending};
 
 /// Name of the outbox's directory inside the state directory. The outbox is also the

@@ -22,8 +22,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::disk;
 use super::{AckBarrier, AckObserver, OutboxError, OutboxLimits, OutboxStats};
+use crate::disk;
 
 const EVENTS_FILE: &str = "events.jsonl";
 const ACKS_FILE: &str = "acks.jsonl";

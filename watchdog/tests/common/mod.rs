@@ -70,15 +70,16 @@ struct Log {
     raw: String,
 }
 
-/// A running `vma-watchdog --log-format json`.
-pub struct Watchdog {
+/// A running `vma-watchdog --log-format json`: the real binary as a child process, its log
+/// read line by line (not the system harness's watchdog in `tests/src/watchdog.rs`).
+pub struct WatchdogProcess {
     child: Child,
     log: Arc<(Mutex<Log>, Condvar)>,
     /// The detector it runs (`procfs`, `ebpf`), from its ready line.
     pub detector: String,
 }
 
-impl Watchdog {
+impl WatchdogProcess {
     /// Starts the watchdog on `state_dir` with `--detector detector` and waits until it is ready.
     pub fn start(state_dir: &Path, detector: &str) -> Self {
         // Tests run in parallel: each watchdog takes a free port of its own.
@@ -209,7 +210,7 @@ impl Watchdog {
     }
 }
 
-impl Drop for Watchdog {
+impl Drop for WatchdogProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -300,7 +301,7 @@ impl Standin {
 
     /// Its start time (field 22 of /proc/<pid>/stat).
     pub fn start_time(&self) -> u64 {
-        vma_watchdog::procfs::read_stat(self.pid)
+        vma_watchdog::proc_reader::read_stat(self.pid)
             .unwrap()
             .unwrap()
             .start_time
@@ -382,9 +383,9 @@ pub fn assert_exit(line: &Value, code: Option<i32>, signal: Option<i32>, core: O
     );
 }
 
-/// The recorded events about `pid`: the outbox is the daemon's journal, and without an OMA
-/// nothing is ever removed from it.
-pub fn journal_for(state: &Path, pid: u32) -> Vec<api::ProcessEvent> {
+/// The events about `pid` in the outbox: without an OMA nothing is ever removed from it, so
+/// it holds every event the daemon recorded.
+pub fn outbox_events_for(state: &Path, pid: u32) -> Vec<api::ProcessEvent> {
     let dir = state.join(vma_watchdog::outbox::DIR_NAME);
     vma_watchdog::outbox::read_pending(&dir)
         .unwrap()
@@ -397,16 +398,16 @@ pub fn journal_for(state: &Path, pid: u32) -> Vec<api::ProcessEvent> {
 /// after TIMEOUT. The registry shows a death before the outbox has appended it (one fsync
 /// later), so a test that saw the death there waits here for the event.
 #[allow(dead_code)]
-pub async fn wait_journal(state: &Path, pid: u32, events: usize) -> Vec<api::ProcessEvent> {
+pub async fn wait_outbox_events(state: &Path, pid: u32, events: usize) -> Vec<api::ProcessEvent> {
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let journal = journal_for(state, pid);
-        if journal.len() >= events {
-            return journal;
+        let held = outbox_events_for(state, pid);
+        if held.len() >= events {
+            return held;
         }
         assert!(
             Instant::now() < deadline,
-            "the outbox held {journal:?} after {TIMEOUT:?}, not {events} events"
+            "the outbox held {held:?} after {TIMEOUT:?}, not {events} events"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

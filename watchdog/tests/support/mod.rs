@@ -8,9 +8,10 @@ use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 
-use vma_watchdog::http::{self, AppState, BearerToken, DEFAULT_BODY_LIMIT, MemoryJobs};
+use vma_watchdog::http::{self, AppState, DEFAULT_BODY_LIMIT, MemoryJobs};
 use vma_watchdog::launcher::{Launcher, LauncherConfig, SystemdMode};
 use vma_watchdog::progress::ProgressStore;
+use vma_watchdog::secret::BearerToken;
 
 pub const TOKEN: &str = "test-token-0123456789";
 

@@ -32,7 +32,7 @@ pub fn decode(bytes: &[u8]) -> Option<DetectorEvent> {
 }
 
 /// Drains the ring buffer whenever the kernel signals it readable, until the receiver is gone.
-pub async fn run(mut ring: AsyncFd<RingBuf<MapData>>, tx: mpsc::Sender<DetectorEvent>) {
+pub async fn read_ring(mut ring: AsyncFd<RingBuf<MapData>>, tx: mpsc::Sender<DetectorEvent>) {
     let mut batch = Vec::new();
     loop {
         let mut guard = match ring.readable_mut().await {

@@ -6,7 +6,7 @@ fn zombie_child(script: &str) -> std::process::Child {
     let pid = child.id();
     // Wait until it has exited (a zombie: we have not reaped it).
     for _ in 0..500 {
-        if procfs::read_stat(pid)
+        if proc_reader::read_stat(pid)
             .unwrap()
             .is_some_and(|s| s.is_zombie())
         {
@@ -22,8 +22,8 @@ fn zombie_child(script: &str) -> std::process::Child {
 #[test]
 fn the_status_of_our_own_child_is_read_without_reaping_it() {
     let mut child = zombie_child("exit 4");
-    let fd = pidfd_open(child.id()).unwrap();
-    let exit = waitid_nowait(&fd).expect("our child's status");
+    let fd = pidfd::open(child.id()).unwrap();
+    let exit = pidfd::wait_nowait(&fd).expect("our child's status");
     assert_eq!((exit.code, exit.signal), (Some(4), None));
     // Still there for its owner to reap.
     assert_eq!(child.wait().unwrap().code(), Some(4));
@@ -32,8 +32,8 @@ fn the_status_of_our_own_child_is_read_without_reaping_it() {
 #[test]
 fn a_child_killed_by_a_signal_reports_the_signal() {
     let mut child = zombie_child("kill -TERM $$");
-    let fd = pidfd_open(child.id()).unwrap();
-    let exit = waitid_nowait(&fd).expect("our child's status");
+    let fd = pidfd::open(child.id()).unwrap();
+    let exit = pidfd::wait_nowait(&fd).expect("our child's status");
     assert_eq!(
         (exit.code, exit.signal, exit.core_dumped),
         (None, Some(15), false)
@@ -65,15 +65,17 @@ fn a_zombie_that_is_not_our_child_is_read_from_proc() {
     let (mut sh, pid) = sh_with_grandchild("sh -c 'sleep 0.3; exit 6' & echo $!; exec sleep 5");
     let mut stat = None;
     for _ in 0..500 {
-        stat = procfs::read_stat(pid).unwrap().filter(|s| s.is_zombie());
+        stat = proc_reader::read_stat(pid)
+            .unwrap()
+            .filter(|s| s.is_zombie());
         if stat.is_some() {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     let stat = stat.expect("grandchild became a zombie");
-    let fd = pidfd_open(pid).unwrap();
-    assert_eq!(waitid_nowait(&fd), None, "not our child");
+    let fd = pidfd::open(pid).unwrap();
+    assert_eq!(pidfd::wait_nowait(&fd), None, "not our child");
     let (exit, comm) = exit_status(&fd, stat.identity());
     assert_eq!(
         (exit.code, exit.signal, comm.as_str()),
@@ -88,8 +90,8 @@ fn a_gone_process_cannot_be_opened() {
     let mut child = Command::new("true").spawn().unwrap();
     let pid = child.id();
     child.wait().unwrap();
-    let err = pidfd_open(pid).unwrap_err();
-    assert!(procfs::gone(&err), "{err}");
+    let err = pidfd::open(pid).unwrap_err();
+    assert!(proc_reader::gone(&err), "{err}");
 }
 
 /// Whether this kernel keeps a reaped process's status for its pidfds (`PIDFD_INFO_EXIT`,
@@ -114,11 +116,11 @@ fn reaped_grandchild(end: &str) -> (OwnedFd, ProcessIdentity, std::process::Chil
         go = go.display()
     );
     let (mut sh, pid) = sh_with_grandchild(&script);
-    let process = procfs::read_stat(pid).unwrap().unwrap().identity();
-    let fd = pidfd_open(pid).unwrap();
+    let process = proc_reader::read_stat(pid).unwrap().unwrap().identity();
+    let fd = pidfd::open(pid).unwrap();
     std::fs::write(&go, b"").unwrap();
     for _ in 0..1000 {
-        if procfs::read_stat(pid).unwrap().is_none() {
+        if proc_reader::read_stat(pid).unwrap().is_none() {
             return (fd, process, sh);
         }
         std::thread::sleep(Duration::from_millis(10));

@@ -1,8 +1,10 @@
-//! Small crash-safe file primitives shared by the outbox and the progress store.
+//! Small crash-safe file primitives shared by the outbox, the progress store, the registry and
+//! the launcher's job logs. A leaf module: it knows files, not what they hold.
 //!
-//! Both keep JSON-lines files: appends go to the end of a file, and a whole file is only
-//! ever replaced atomically (temp file, fsync, rename, directory fsync), so after a crash a
-//! file is either the old version or the new one, plus at most one torn last line.
+//! The outbox and the progress store keep JSON-lines files: appends go to the end of a file,
+//! and a whole file is only ever replaced atomically (temp file, fsync, rename, directory
+//! fsync), so after a crash a file is either the old version or the new one, plus at most one
+//! torn last line. The registry's file is only ever replaced whole, the same way.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
@@ -24,8 +26,8 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Replaces `path` with `contents` atomically: after a crash, `path` holds either the old
-/// contents or the new ones, never a mix.
-#[cfg(test)]
+/// contents or the new ones, never a mix. The file is created anew with mode 0600, whatever
+/// a leftover temporary file's mode was.
 pub(crate) fn replace_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
     replace_keep_open(path, contents)?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))

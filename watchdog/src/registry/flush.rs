@@ -1,35 +1,11 @@
-//! Writing the registry's file, and the thread that writes deaths a moment after they happen.
+//! The thread that writes deaths to the registry's file a moment after they happen.
 
-use std::fs;
-use std::io::{self, Write};
-use std::path::Path;
+use std::io;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::{FILE_NAME, Registry};
-
-/// Writes `bytes` to a temporary file in `dir`, syncs it, renames it over the registry file
-/// and syncs the directory, so the rename itself survives a power cut.
-pub(super) fn replace(dir: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(format!("{FILE_NAME}.tmp"));
-    // A leftover from a crash goes first, so the file is created anew with mode 0600 (an
-    // existing file would keep its mode): the registry names every job and process.
-    match fs::remove_file(&tmp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, dir.join(FILE_NAME))?;
-    fs::File::open(dir)?.sync_all()
-}
+use super::Registry;
 
 /// How long the flusher waits after a change before writing it: long enough to stay out of
 /// the way of the OMA's commit of the same death (milliseconds later, on the same disk on a

@@ -150,7 +150,7 @@ fn nothing_but_the_job_id_is_kept_from_a_secret_laden_command_line() {
         job_id: job_id_from_cmdline(&c),
     };
     assert!(!format!("{found:?}").contains(secret));
-    let secret_buf = Secret(c);
+    let secret_buf = SecretBytes(c);
     assert!(!format!("{secret_buf:?}").contains(secret));
 }
 

@@ -203,11 +203,11 @@ pub fn read_job_id(pid: u32) -> Option<JobId> {
         dirs.extend(tasks.flatten().map(|t| t.path()).take(8));
     }
     for dir in dirs {
-        let cmdline = Secret::read(dir.join("cmdline"));
+        let cmdline = SecretBytes::read(dir.join("cmdline"));
         if let Some(id) = job_id_from_cmdline(cmdline.bytes()) {
             return Some(id);
         }
-        let environ = Secret::read(dir.join("environ"));
+        let environ = SecretBytes::read(dir.join("environ"));
         if let Some(id) = job_id_from_environ(environ.bytes()) {
             return Some(id);
         }
@@ -263,9 +263,9 @@ fn valid_job_id(raw: &[u8]) -> Option<JobId> {
 
 /// Bytes read from `cmdline` or `environ`, zeroed when dropped so no copy of a secret is left
 /// in freed memory. A read error yields no bytes: its message could only say "gone".
-struct Secret(Vec<u8>);
+struct SecretBytes(Vec<u8>);
 
-impl Secret {
+impl SecretBytes {
     fn read(path: PathBuf) -> Self {
         let mut buf = Vec::new();
         if let Ok(mut f) = fs::File::open(path) {
@@ -282,7 +282,7 @@ impl Secret {
     }
 }
 
-impl Drop for Secret {
+impl Drop for SecretBytes {
     fn drop(&mut self) {
         for b in self.0.iter_mut() {
             // Volatile so the compiler cannot drop the wipe as a dead store.
@@ -292,9 +292,9 @@ impl Drop for Secret {
     }
 }
 
-impl std::fmt::Debug for Secret {
+impl std::fmt::Debug for SecretBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Secret({} bytes)", self.0.len())
+        write!(f, "SecretBytes({} bytes)", self.0.len())
     }
 }
 
