@@ -107,11 +107,15 @@ async fn five_thousand_idle_connections_neither_exhaust_the_watchdog_nor_hide_a_
     let flood: Vec<_> = (0..CONNECTIONS)
         .map(|_| tokio::spawn(idle_client(addr, established.clone())))
         .collect();
-    // Saturated: the watchdog holds its whole cap of connections.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while open_fds(pid) < fds_before + cap && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Saturated: the watchdog holds its whole cap of connections and says so. (Its fd count
+    // is sampled too, for the figures: on a loaded machine idle connections are cut as fast as
+    // new ones come in, so a sample may fall just after a cut.)
+    let saturated = tokio::task::block_in_place(|| {
+        w.wait_for("connections_at_capacity", |v| {
+            v["event"] == "connections_at_capacity"
+        })
+    });
+    assert_eq!(saturated["max"].as_u64(), Some(cap as u64), "{saturated}");
     let (fds_during, rss_during) = (open_fds(pid), rss_kib(pid));
 
     // A migratekit started during the flood is found by the `/proc` scan, and its death seen.
@@ -153,10 +157,6 @@ async fn five_thousand_idle_connections_neither_exhaust_the_watchdog_nor_hide_a_
     );
     assert_eq!(opened, CONNECTIONS, "every connection got in eventually");
     assert!(fds_during < nofile, "{fds_during} fds of {nofile}");
-    assert!(
-        fds_during >= fds_before + cap,
-        "the flood saturated the cap"
-    );
     assert!(
         rss_peak < rss_before + 64 * 1024,
         "RSS grew from {rss_before} to {rss_peak} KiB"
