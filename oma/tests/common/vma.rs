@@ -131,7 +131,8 @@ impl StandInVma {
             stage: "Transfer".into(),
             status,
             bytes_transferred: bytes,
-            total_bytes: Some(1000),
+            // Never below the bytes copied: a VMA answer that says so breaks `api::bounds`.
+            total_bytes: Some(bytes.max(1000)),
             throughput_bps: 10,
             percent: None,
             disk_id: Some("disk-2000".into()),
