@@ -195,6 +195,42 @@ pub struct Job {
     pub attempt: i64,
 }
 
+impl Job {
+    /// A job `id` of `vm_context_id` on `vma_id`, in `status`, recorded at `created_at`, with
+    /// nothing else known yet: no process, no progress, no end.
+    pub fn new(
+        id: String,
+        vm_context_id: String,
+        vma_id: String,
+        status: JobStatus,
+        created_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            id,
+            vm_context_id,
+            vma_id,
+            status,
+            progress_percent: 0.0,
+            current_operation: None,
+            bytes_transferred: 0,
+            total_bytes: None,
+            throughput: 0,
+            sync_type: None,
+            created_at,
+            started_at: None,
+            updated_at: created_at,
+            last_progress_at: None,
+            stalled_since: None,
+            completed_at: None,
+            error_message: None,
+            failure_class: None,
+            pid: None,
+            process_start_time: None,
+            attempt: 0,
+        }
+    }
+}
+
 /// A VM replication context.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -11,35 +11,16 @@ pub const NOW: i64 = 1_800_000_000_000;
 /// process and no progress yet.
 pub fn record(status: JobStatus) -> JobRecord {
     let created = from_ms(NOW - 60_000);
+    let job = Job::new(
+        "job-1".into(),
+        "ctx-1".into(),
+        "vma-1".into(),
+        status,
+        created,
+    );
     JobRecord {
-        job: Job {
-            id: "job-1".into(),
-            vm_context_id: "ctx-1".into(),
-            vma_id: "vma-1".into(),
-            status,
-            progress_percent: 0.0,
-            current_operation: None,
-            bytes_transferred: 0,
-            total_bytes: None,
-            throughput: 0,
-            sync_type: None,
-            created_at: created,
-            started_at: None,
-            updated_at: created,
-            last_progress_at: None,
-            stalled_since: None,
-            completed_at: None,
-            error_message: None,
-            failure_class: None,
-            pid: None,
-            process_start_time: None,
-            attempt: 0,
-        },
-        progress_sequence: None,
-        bytes_moved_at: None,
-        progress_status: None,
-        recovery_note: None,
         version: 1,
+        ..JobRecord::new(job)
     }
 }
 

@@ -32,6 +32,18 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
+    /// `job` with no bookkeeping yet (no progress seen, version 0).
+    pub fn new(job: Job) -> Self {
+        Self {
+            job,
+            progress_sequence: None,
+            bytes_moved_at: None,
+            progress_status: None,
+            recovery_note: None,
+            version: 0,
+        }
+    }
+
     /// Milliseconds the owner has been silent, counted from the last progress; only when no
     /// progress ever came, from when the process was first seen, and only before that from
     /// the creation of the job.
@@ -120,43 +132,29 @@ pub const DECISION_COLUMNS: &str = "id, vma_id, status, created_at, started_at, 
 /// `Any` driver is what keeps the scan of 10,000 active jobs cheap. Such a record is only ever
 /// decided on; every write re-reads the full row inside its own transaction.
 pub(crate) fn decision_record_from_row(row: &AnyRow) -> Result<JobRecord, StoreError> {
+    let status = parse("status", row.try_get("status")?, JobStatus::parse)?;
     let created_at = from_ms(row.try_get("created_at")?);
-    let job = Job {
-        id: row.try_get("id")?,
-        vm_context_id: String::new(),
-        vma_id: row.try_get("vma_id")?,
-        status: parse("status", row.try_get("status")?, JobStatus::parse)?,
-        progress_percent: 0.0,
-        current_operation: None,
-        bytes_transferred: 0,
-        total_bytes: None,
-        throughput: 0,
-        sync_type: None,
+    let mut job = Job::new(
+        row.try_get("id")?,
+        String::new(),
+        row.try_get("vma_id")?,
+        status,
         created_at,
-        started_at: ms_opt(row, "started_at")?,
-        updated_at: created_at,
-        last_progress_at: ms_opt(row, "last_progress_at")?,
-        stalled_since: None,
-        completed_at: None,
-        error_message: None,
-        failure_class: None,
-        pid: row.try_get("process_pid")?,
-        process_start_time: row.try_get("process_start_time")?,
-        attempt: row.try_get("attempt")?,
-    };
-    Ok(JobRecord {
-        job,
-        // Whether the VMA's last progress is newer than the job's (for an exited job).
-        progress_sequence: row.try_get("progress_sequence")?,
-        bytes_moved_at: None,
-        progress_status: parse_opt(
-            "progress_status",
-            row.try_get("progress_status")?,
-            api::ProgressStatus::parse,
-        )?,
-        recovery_note: None,
-        version: 0,
-    })
+    );
+    job.started_at = ms_opt(row, "started_at")?;
+    job.last_progress_at = ms_opt(row, "last_progress_at")?;
+    job.pid = row.try_get("process_pid")?;
+    job.process_start_time = row.try_get("process_start_time")?;
+    job.attempt = row.try_get("attempt")?;
+    let mut rec = JobRecord::new(job);
+    // Whether the VMA's last progress is newer than the job's (for an exited job).
+    rec.progress_sequence = row.try_get("progress_sequence")?;
+    rec.progress_status = parse_opt(
+        "progress_status",
+        row.try_get("progress_status")?,
+        api::ProgressStatus::parse,
+    )?;
+    Ok(rec)
 }
 
 /// Columns of `vm_replication_contexts`.

@@ -49,6 +49,11 @@ fn finalized_as(class: FailureClass) -> Outcome {
     (Action::Finalize, JobStatus::Failed, Some(class), None)
 }
 
+/// The outcome of a keep that records `process` as the job's (replicating) attempt.
+fn keeps_recording(process: ProcessIdentity) -> Outcome {
+    (Action::Keep, JobStatus::Replicating, None, Some(process))
+}
+
 fn outcome(d: &Decision) -> Outcome {
     (d.action, d.to_status, d.failure_class, d.adopt)
 }
@@ -68,15 +73,7 @@ fn running_and_recorded_keeps_the_job_as_it_is() {
 fn running_as_a_newer_process_keeps_the_job_and_records_the_process() {
     let rec = running(JobStatus::Replicating, proc(10, 100));
     let d = decide(&rec, &running_answer(proc(11, 200)), None, NOW, STALE);
-    assert_eq!(
-        outcome(&d),
-        (
-            Action::Keep,
-            JobStatus::Replicating,
-            None,
-            Some(proc(11, 200))
-        )
-    );
+    assert_eq!(outcome(&d), keeps_recording(proc(11, 200)));
 }
 
 #[test]
@@ -89,16 +86,7 @@ fn running_for_a_pending_job_records_the_process_and_starts_replicating() {
             NOW,
             STALE,
         );
-        assert_eq!(
-            outcome(&d),
-            (
-                Action::Keep,
-                JobStatus::Replicating,
-                None,
-                Some(proc(11, 200))
-            ),
-            "{status}"
-        );
+        assert_eq!(outcome(&d), keeps_recording(proc(11, 200)), "{status}");
     }
 }
 
