@@ -148,7 +148,12 @@ async fn main() -> anyhow::Result<()> {
         };
         commits.push(committed - killed);
         let received_us = killed_us + (at - killed).as_micros() as u64;
-        kills.push((event.event_id.to_string(), killed_us, received_us));
+        kills.push((
+            event.event_id.to_string(),
+            process.pid,
+            killed_us,
+            received_us,
+        ));
     }
     // SAFETY: as above.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -173,8 +178,9 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The watchdog's `death_timing` and `delivery_timing` lines (monotonic microseconds), by
-/// event id, to split each kill's latency into its steps.
+/// The watchdog's `death_timing` and `delivery_timing` lines by event id, and its
+/// `receive_timing` lines by pid (monotonic microseconds), to split each kill's latency into
+/// its steps.
 #[derive(Clone, Default)]
 struct Timings(Arc<Mutex<HashMap<String, serde_json::Value>>>);
 
@@ -185,6 +191,7 @@ impl Timings {
         };
         let key = match v["event"].as_str() {
             Some("death_timing") => v["event_id"].as_str().map(|id| format!("death {id}")),
+            Some("receive_timing") => v["pid"].as_u64().map(|pid| format!("receive {pid}")),
             Some("delivery_timing") => v["first_event_id"]
                 .as_str()
                 .map(|id| format!("delivery {id}")),
@@ -199,7 +206,7 @@ impl Timings {
     /// the registry's record in memory, the outbox append (fsync), the append to the
     /// delivery's POST (wake-up), the POST to the OMA's receipt, and the POST to the recorded
     /// ack (which writes the registry's file first).
-    fn print_split(&self, kills: &[(String, u64, u64)]) {
+    fn print_split(&self, kills: &[(String, u32, u64, u64)]) {
         let map = self.0.lock().unwrap();
         let mut steps: Vec<(&str, Vec<Duration>)> = [
             "kill -> report starts (detection)",
@@ -215,10 +222,11 @@ impl Timings {
         let mut reporters: HashMap<String, usize> = HashMap::new();
         let us = |v: &serde_json::Value, k: &str| v[k].as_u64();
         let gap = |a: u64, b: u64| Duration::from_micros(b.saturating_sub(a));
-        for (id, killed, received) in kills {
-            let (Some(d), Some(p)) = (
+        for (id, pid, killed, received) in kills {
+            let (Some(d), Some(p), Some(rc)) = (
                 map.get(&format!("death {id}")),
                 map.get(&format!("delivery {id}")),
+                map.get(&format!("receive {pid}")),
             ) else {
                 continue;
             };
@@ -230,7 +238,7 @@ impl Timings {
             };
             *reporters.entry(who.to_owned()).or_default() += 1;
             let (Some(r), Some(a), Some(g), Some(post), Some(ack)) = (
-                us(d, "received_us"),
+                us(rc, "received_us"),
                 us(d, "appended_us"),
                 us(d, "registry_us"),
                 us(p, "post_us"),

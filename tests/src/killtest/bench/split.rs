@@ -98,6 +98,7 @@ pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> (Vec<Step>, Vec<Slow
         }
     }
     let mut seen: HashMap<(u64, u64), &Value> = HashMap::new();
+    let mut received: HashMap<(u64, u64), &Value> = HashMap::new();
     let mut deaths: HashMap<&str, &Value> = HashMap::new();
     let mut deliveries: HashMap<&str, &Value> = HashMap::new();
     let mut appends: HashMap<&str, &Value> = HashMap::new();
@@ -108,9 +109,14 @@ pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> (Vec<Step>, Vec<Slow
         .collect();
     for v in &lines {
         match v["event"].as_str() {
-            Some("exit_timing") => {
+            Some(kind @ ("exit_timing" | "receive_timing")) => {
                 if let (Some(pid), Some(start)) = (v["pid"].as_u64(), v["start_time"].as_u64()) {
-                    seen.insert((pid, start), v);
+                    let into = if kind == "exit_timing" {
+                        &mut seen
+                    } else {
+                        &mut received
+                    };
+                    into.insert((pid, start), v);
                 }
             }
             Some("death_timing") => {
@@ -135,7 +141,9 @@ pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> (Vec<Step>, Vec<Slow
     let mut slowest: Vec<SlowKill> = Vec::new();
     for kill in kills {
         let us = |v: Option<&&Value>, k: &str| v.and_then(|v| v[k].as_u64());
-        let exit = seen.get(&(u64::from(kill.process.pid), kill.process.start_time));
+        let process = (u64::from(kill.process.pid), kill.process.start_time);
+        let exit = seen.get(&process);
+        let receipt = received.get(&process);
         let death = deaths.get(kill.job_id.as_str());
         let event_id = death.and_then(|d| d["event_id"].as_str());
         let delivery = event_id.and_then(|id| deliveries.get(id));
@@ -152,7 +160,7 @@ pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> (Vec<Step>, Vec<Slow
             Some(kill.killed_us),
             us(exit, "kernel_us"),
             us(exit, "seen_us"),
-            us(death, "received_us"),
+            us(receipt, "received_us"),
             us(append, "locked_us"),
             us(append, "written_us"),
             us(append, "synced_us"),
