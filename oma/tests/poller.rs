@@ -8,6 +8,7 @@ use common::vma::{Answer, StandInVma, pid};
 use common::{VMA1_TOKEN, eventually, settings, start_server, test_dbs};
 use oma::auth::hash_token;
 use oma::model::{FailureClass, JobStatus};
+use oma::server::RunningServer;
 use oma::store::{NewJob, Store};
 use std::time::Duration;
 
@@ -26,6 +27,18 @@ async fn create_on(store: &Store, id: &str, vma: &str) {
     store.create_job(&new).await.unwrap();
 }
 
+/// A stand-in VMA, an OMA started with `settings`, and the VMA registered as `vma-1`.
+async fn with_vma(settings: oma::server::Settings) -> (StandInVma, RunningServer, Store) {
+    let vma = StandInVma::start().await;
+    let server = start_server(settings).await;
+    let store = server.state.store.clone();
+    store
+        .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
+        .await
+        .unwrap();
+    (vma, server, store)
+}
+
 async fn bytes(store: &Store, id: &str, want: i64) -> Option<()> {
     (store.get_job(id).await.unwrap().job.bytes_transferred == want).then_some(())
 }
@@ -33,15 +46,9 @@ async fn bytes(store: &Store, id: &str, want: i64) -> Option<()> {
 #[tokio::test]
 async fn progress_is_recorded_and_stalls_are_flagged_not_failed() {
     for db in test_dbs().await {
-        let vma = StandInVma::start().await;
         let mut s = settings(&db);
         s.poller.stall_threshold = Duration::from_millis(300);
-        let server = start_server(s).await;
-        let store = server.state.store.clone();
-        store
-            .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
-            .await
-            .unwrap();
+        let (vma, server, store) = with_vma(s).await;
         for id in ["live", "failing"] {
             vma.set(id, Answer::Running(pid(10, 10)));
             create(&store, id).await;
@@ -109,13 +116,7 @@ async fn progress_is_recorded_and_stalls_are_flagged_not_failed() {
 #[tokio::test]
 async fn a_failure_report_keeps_the_vm_busy_until_the_process_is_gone() {
     for db in test_dbs().await {
-        let vma = StandInVma::start().await;
-        let server = start_server(settings(&db)).await;
-        let store = server.state.store.clone();
-        store
-            .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
-            .await
-            .unwrap();
+        let (vma, server, store) = with_vma(settings(&db)).await;
         vma.set("failing", Answer::Running(pid(10, 10)));
         create(&store, "failing").await;
         vma.set_progress("failing", 1, 5, Some(ProgressStatus::Failed));
@@ -181,13 +182,7 @@ async fn a_failure_report_keeps_the_vm_busy_until_the_process_is_gone() {
 #[tokio::test]
 async fn progress_out_of_range_is_not_believed() {
     let db = common::sqlite_db();
-    let vma = StandInVma::start().await;
-    let server = start_server(settings(&db)).await;
-    let store = server.state.store.clone();
-    store
-        .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
-        .await
-        .unwrap();
+    let (vma, server, store) = with_vma(settings(&db)).await;
     vma.set("odd", Answer::Running(pid(3, 3)));
     create(&store, "odd").await;
     vma.set_progress("odd", 1, 100, None);
@@ -220,13 +215,7 @@ async fn progress_out_of_range_is_not_believed() {
 #[tokio::test]
 async fn errors_back_off_but_polling_never_stops() {
     let db = common::sqlite_db();
-    let vma = StandInVma::start().await;
-    let server = start_server(settings(&db)).await;
-    let store = server.state.store.clone();
-    store
-        .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
-        .await
-        .unwrap();
+    let (vma, server, store) = with_vma(settings(&db)).await;
     vma.set("flaky", Answer::Running(pid(1, 1)));
     create(&store, "flaky").await;
     vma.inner.lock().unwrap().progress_broken = true;
@@ -254,13 +243,7 @@ async fn errors_back_off_but_polling_never_stops() {
 #[tokio::test]
 async fn polling_resumes_after_the_server_restarts() {
     for db in test_dbs().await {
-        let vma = StandInVma::start().await;
-        let server = start_server(settings(&db)).await;
-        let store = server.state.store.clone();
-        store
-            .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
-            .await
-            .unwrap();
+        let (vma, server, store) = with_vma(settings(&db)).await;
         vma.set("long", Answer::Running(pid(77, 7700)));
         create(&store, "long").await;
         vma.set_progress("long", 1, 100, None);

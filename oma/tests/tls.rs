@@ -12,22 +12,13 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use test_support::KillOnDrop;
-use test_support::pki::TestCa;
+use test_support::pki::{TestCa, TwoCas};
 use transport::{ClientTlsFiles, ServerTls, ServerTlsFiles};
 
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: TestCa,
-    other: TestCa,
-}
+type Pki = TwoCas;
 
 fn pki() -> Pki {
-    let dir = tempfile::tempdir().unwrap();
-    Pki {
-        ca: TestCa::new(dir.path(), "site").unwrap(),
-        other: TestCa::new(dir.path(), "other").unwrap(),
-        dir,
-    }
+    TwoCas::new().unwrap()
 }
 
 fn https_client(files: &ClientTlsFiles) -> reqwest::Client {

@@ -113,3 +113,27 @@ impl TestCa {
         Ok(pair)
     }
 }
+
+/// A site's CA (`ca`, named "site") and an unrelated one (`other`), in a temporary directory of
+/// their own (`dir`, removed when this is dropped): what a TLS test trusts and what it must not.
+#[derive(Debug)]
+pub struct TwoCas {
+    /// Where the certificates are written.
+    pub dir: tempfile::TempDir,
+    /// The CA the test's servers and clients trust.
+    pub ca: TestCa,
+    /// A CA nobody trusts.
+    pub other: TestCa,
+}
+
+impl TwoCas {
+    /// Both CAs, in a new temporary directory.
+    pub fn new() -> io::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        Ok(Self {
+            ca: TestCa::new(dir.path(), "site")?,
+            other: TestCa::new(dir.path(), "other")?,
+            dir,
+        })
+    }
+}

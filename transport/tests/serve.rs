@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::routing::get;
-use test_support::pki::TestCa;
+use test_support::pki::{TestCa, TwoCas};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -176,19 +176,10 @@ async fn at_the_cap_a_new_client_waits_for_a_slot_instead_of_failing() {
     server.stop().await;
 }
 
-struct Pki {
-    _dir: tempfile::TempDir,
-    ca: TestCa,
-    other_ca: TestCa,
-}
+type Pki = TwoCas;
 
 fn pki() -> Pki {
-    let dir = tempfile::tempdir().unwrap();
-    Pki {
-        ca: TestCa::new(dir.path(), "main").unwrap(),
-        other_ca: TestCa::new(dir.path(), "other").unwrap(),
-        _dir: dir,
-    }
+    TwoCas::new().unwrap()
 }
 
 fn server_tls(pki: &Pki, client_ca: bool) -> ServerTls {
@@ -215,7 +206,7 @@ async fn https_is_served_to_clients_of_its_ca_only_and_plain_http_is_refused() {
     let url = format!("https://127.0.0.1:{}/peer", server.addr.port());
     let ok = client(&trusting(&pki.ca)).get(&url).send().await.unwrap();
     assert!(ok.status().is_success());
-    let wrong_ca = client(&trusting(&pki.other_ca)).get(&url).send().await;
+    let wrong_ca = client(&trusting(&pki.other)).get(&url).send().await;
     assert!(wrong_ca.is_err(), "a client of another CA must not connect");
     let no_ca = client(&ClientTlsFiles::default()).get(&url).send().await;
     assert!(no_ca.is_err(), "nothing is trusted without a CA");
@@ -257,7 +248,7 @@ async fn mutual_tls_requires_a_client_certificate_of_the_ca() {
     let url = format!("https://127.0.0.1:{}/peer", server.addr.port());
     let without = client(&trusting(&pki.ca)).get(&url).send().await;
     assert!(without.is_err(), "no client certificate");
-    let stranger = pki.other_ca.client("stranger").unwrap();
+    let stranger = pki.other.client("stranger").unwrap();
     let with_other = ClientTlsFiles {
         cert: Some(stranger.cert),
         key: Some(stranger.key),
@@ -285,10 +276,10 @@ async fn a_replaced_certificate_takes_effect_on_reload_without_a_restart() {
     assert!(old_client.get(&url).send().await.is_ok());
     // The operator replaces the files with a certificate of another CA: nothing changes
     // until the reload, then new connections get the new certificate.
-    let new = pki.other_ca.server("server-new").unwrap();
+    let new = pki.other.server("server-new").unwrap();
     std::fs::copy(&new.cert, pki.ca.server_path("server")).unwrap();
     std::fs::copy(&new.key, pki.ca.key_path("server")).unwrap();
-    let new_client = client(&trusting(&pki.other_ca));
+    let new_client = client(&trusting(&pki.other));
     assert!(
         new_client.get(&url).send().await.is_err(),
         "before the reload"
@@ -307,7 +298,7 @@ async fn a_replaced_certificate_takes_effect_on_reload_without_a_restart() {
     std::fs::write(pki.ca.key_path("server"), "not a key").unwrap();
     let err = tls.reload().unwrap_err();
     assert!(err.to_string().contains("server.key"), "{err}");
-    let fresh = client(&trusting(&pki.other_ca));
+    let fresh = client(&trusting(&pki.other));
     assert!(fresh.get(&url).send().await.unwrap().status().is_success());
     server.stop().await;
 }

@@ -13,27 +13,28 @@ use std::time::Duration;
 use common::{Standin, WatchdogProcess, privileged, secret, signal};
 use fake_oma::FakeOma;
 use reqwest::StatusCode;
-use test_support::pki::{Pair, TestCa};
+use test_support::pki::{Pair, TestCa, TwoCas};
 use transport::{ClientTlsFiles, ServerTls, ServerTlsFiles};
 
 const API_TOKEN: &str = "api-token-0123456789";
 const OMA_TOKEN: &str = "oma-token-0123456789";
 const VMA_ID: &str = "vma-tls";
 
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: TestCa,
-    other: TestCa,
+/// The test's CAs, with a state directory for the watchdog beside them.
+struct Pki(TwoCas);
+
+impl std::ops::Deref for Pki {
+    type Target = TwoCas;
+
+    fn deref(&self) -> &TwoCas {
+        &self.0
+    }
 }
 
 fn pki() -> Pki {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("state")).unwrap();
-    Pki {
-        ca: TestCa::new(dir.path(), "site").unwrap(),
-        other: TestCa::new(dir.path(), "other").unwrap(),
-        dir,
-    }
+    let cas = TwoCas::new().unwrap();
+    std::fs::create_dir(cas.dir.path().join("state")).unwrap();
+    Pki(cas)
 }
 
 impl Pki {
