@@ -21,6 +21,21 @@ pub enum LogFormat {
     Text,
 }
 
+/// Completes once `stop` says true, or once its sender is gone (a daemon whose stopping side
+/// has vanished must stop as well). Every loop of both daemons waits on it beside its work.
+pub async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// The permission bits of the file at `path` that let users other than its owner at it, when
+/// there are any: a secret file (a token, a key) must have none. `None` also when the file
+/// cannot be read; reading it is what reports that.
+pub fn shared_mode(path: &std::path::Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o077 != 0).then_some(mode & 0o7777)
+}
+
 /// Waits for `tasks` to end, all of them together for at most `grace`; those still running
 /// then are aborted, and their names returned (so the caller can say which part of the daemon
 /// did not stop in time). A daemon at SIGTERM stops its loops this way: each finishes the step
@@ -44,6 +59,28 @@ pub async fn join_within(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_bits_for_others_make_a_file_shared() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "x").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(shared_mode(&path), None);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(shared_mode(&path), Some(0o640));
+        assert_eq!(shared_mode(&dir.path().join("missing")), None);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_sender_counts_as_stopped() {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        drop(stop);
+        tokio::time::timeout(Duration::from_secs(5), stopped(rx))
+            .await
+            .expect("stopped returns once the sender is gone");
+    }
 
     #[tokio::test]
     async fn tasks_that_end_are_awaited_and_a_stuck_one_is_cut_off_and_named() {

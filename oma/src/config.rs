@@ -142,12 +142,9 @@ fn read_secret(path: &PathBuf) -> anyhow::Result<String> {
 
 /// Logs a warning when `path` may be read by users other than its owner.
 fn warn_if_shared(path: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
+    if let Some(mode) = daemon_support::shared_mode(path) {
         tracing::warn!(event = "secret_file_shared", file = %path.display(),
-            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            mode = format!("{mode:o}"),
             "a secret file may be read by other users; run `chmod 600` on it");
     }
 }

@@ -91,7 +91,7 @@ impl Poller {
     /// Polls until `stop` says true (or the task is dropped). A cycle under way finishes
     /// first: it only starts polls, which end on their own timeout.
     pub async fn run_forever(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
-        let stopped = crate::server::stopped_signal(stop);
+        let stopped = daemon_support::stopped(stop);
         tokio::pin!(stopped);
         loop {
             if let Err(e) = self.cycle().await {

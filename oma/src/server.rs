@@ -235,8 +235,7 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RunningS
         ("poller", tokio::spawn(poller.run_forever(stopped.clone()))),
     ];
     let addr = listener.local_addr()?;
-    let mut limits = net.limits;
-    limits.max_connections = fit_connections(limits.max_connections);
+    let limits = net.limits.fit_fd_limit(1);
     let stats = Arc::new(ServeStats::default());
     let http = tokio::spawn(transport::serve(
         listener,
@@ -244,7 +243,7 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RunningS
         tls.clone(),
         limits,
         stats.clone(),
-        stopped_signal(stopped),
+        daemon_support::stopped(stopped),
     ));
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(%addr, scheme, mutual_tls = tls.as_ref().is_some_and(ServerTls::requires_client_certificates),
@@ -259,32 +258,6 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RunningS
         http,
         background,
     })
-}
-
-/// Completes once `stop` says true (or its sender is gone).
-pub async fn stopped_signal(mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stopped| *stopped).await;
-}
-
-/// The connection cap that fits under the file limit, raised as far as allowed.
-fn fit_connections(wanted: usize) -> usize {
-    match transport::raise_fd_limit(wanted) {
-        Ok(fits) if fits < wanted => {
-            tracing::warn!(
-                event = "connection_cap_lowered",
-                wanted,
-                fits,
-                "the file limit leaves room for fewer connections than configured; raise \
-                 LimitNOFILE= or lower --max-connections"
-            );
-            fits
-        }
-        Ok(fits) => fits,
-        Err(error) => {
-            tracing::warn!(%error, "cannot read the file limit; keeping the connection cap");
-            wanted
-        }
-    }
 }
 
 #[cfg(test)]

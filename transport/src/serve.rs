@@ -70,6 +70,44 @@ pub struct Ends {
     pub local: SocketAddr,
 }
 
+impl Limits {
+    /// These limits with a connection cap per listener that fits, for all `listeners`, under
+    /// the process's file limit (raised as far as the hard limit allows, see
+    /// [`crate::raise_fd_limit`]), so that a full table of connections never leaves the
+    /// daemon without descriptors for its own work. Logs the limits in force
+    /// (`connection_limits`) and, when the cap had to come down, `connection_cap_lowered`.
+    pub fn fit_fd_limit(mut self, listeners: usize) -> Self {
+        let listeners = listeners.max(1);
+        let wanted = self.max_connections;
+        match crate::raise_fd_limit(wanted.saturating_mul(listeners)) {
+            Ok(fits) if fits / listeners < wanted => {
+                let per_listener = (fits / listeners).max(1);
+                tracing::warn!(
+                    event = "connection_cap_lowered",
+                    wanted,
+                    fits = per_listener,
+                    listeners,
+                    "the file limit leaves room for fewer connections than \
+                     configured; raise LimitNOFILE= or lower --max-connections"
+                );
+                self.max_connections = per_listener;
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(event = "connection_cap_unchecked", %error,
+                "cannot read the file limit; keeping the connection cap"),
+        }
+        tracing::info!(
+            event = "connection_limits",
+            max_connections = self.max_connections,
+            listeners,
+            header_timeout_ms = self.header_read_timeout.as_millis() as u64,
+            handshake_timeout_ms = self.handshake_timeout.as_millis() as u64,
+            "connections are bounded per listener"
+        );
+        self
+    }
+}
+
 /// Counters of what the server refused or cut, for `/health`.
 #[derive(Debug, Default)]
 pub struct ServeStats {

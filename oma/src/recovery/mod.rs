@@ -371,7 +371,7 @@ impl Recovery {
     /// finished first: it holds the recovery lock and writes each decision in its own
     /// transaction) or the task is dropped.
     pub async fn run_forever(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
-        let stopped = crate::server::stopped_signal(stop);
+        let stopped = daemon_support::stopped(stop);
         tokio::pin!(stopped);
         let mut trigger = Trigger::Startup;
         loop {

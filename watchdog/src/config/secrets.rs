@@ -50,20 +50,17 @@ pub fn token(
 /// Reads a one-line secret file (a trailing newline is dropped) and warns when other users
 /// may read it.
 pub fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<String> {
-    use std::os::unix::fs::PermissionsExt;
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
             "cannot read the {what} file {}; check the path and that the watchdog may read it",
             path.display()
         )
     })?;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
+    if let Some(mode) = daemon_support::shared_mode(path) {
         warn_shared(SharedSecretFile {
             path: path.to_owned(),
             what: what.to_owned(),
-            mode: meta.permissions().mode() & 0o7777,
+            mode,
         });
     }
     Ok(text.trim_end_matches(['\n', '\r']).to_owned())

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use transport::{Limits, ServeStats, ServerTls, TlsError};
+use transport::{ServeStats, ServerTls, TlsError};
 
 use super::reload::Reloader;
 use super::{Daemon, DaemonError, Tracker};
@@ -85,15 +85,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let tracker = daemon.tracker();
     let state = app_state(&config, &tracker);
     let (stop, stopped) = watch::channel(false);
-    let stopped = move || {
-        let mut rx = stopped.clone();
-        async move {
-            // An error means the sender is gone: stop as well.
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
+    let stopped = move || daemon_support::stopped(stopped.clone());
     let mut tasks: Tasks = JoinSet::new();
-    let limits = fit_limits(config.net.limits, listeners.len());
+    let limits = config.net.limits.fit_fd_limit(listeners.len());
     let stats = Arc::new(ServeStats::default());
     for (kind, listener) in listeners {
         let (router, tls) = match kind {
@@ -221,39 +215,6 @@ async fn drain(mut tasks: Tasks) {
         );
         tasks.shutdown().await;
     }
-}
-
-/// The limits with a connection cap per listener that fits, for all `listeners`, under the
-/// file limit (raised as far as the hard limit allows): a full table of connections must
-/// never leave the detector without descriptors for its `/proc` scans.
-fn fit_limits(mut limits: Limits, listeners: usize) -> Limits {
-    let listeners = listeners.max(1);
-    let wanted = limits.max_connections;
-    match transport::raise_fd_limit(wanted.saturating_mul(listeners)) {
-        Ok(fits) if fits / listeners < wanted => {
-            let per_listener = (fits / listeners).max(1);
-            tracing::warn!(
-                event = "connection_cap_lowered",
-                wanted,
-                fits = per_listener,
-                listeners,
-                "the file limit leaves room for fewer connections than configured; raise LimitNOFILE= or lower --max-connections"
-            );
-            limits.max_connections = per_listener;
-        }
-        Ok(_) => {}
-        Err(error) => tracing::warn!(event = "connection_cap_unchecked", %error,
-            "cannot read the file limit; keeping the connection cap"),
-    }
-    tracing::info!(
-        event = "connection_limits",
-        max_connections = limits.max_connections,
-        listeners,
-        header_timeout_ms = limits.header_read_timeout.as_millis() as u64,
-        handshake_timeout_ms = limits.handshake_timeout.as_millis() as u64,
-        "connections are bounded per listener"
-    );
-    limits
 }
 
 /// Binds every configured address: the API's, then the progress listeners'. The optional
