@@ -26,22 +26,8 @@ fn text(bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn scan_recover_and_status_against_a_running_server() {
-    let db = common::sqlite_db();
-    let vma = StandInVma::start().await;
-    let server = start_server(settings(&db)).await;
+    let (_db, _vma, server) = server_with_a_lost_job().await;
     let store = &server.state.store;
-    store
-        .upsert_vma("vma-1", &vma.url, &hash_token(VMA1_TOKEN))
-        .await
-        .unwrap();
-    let new = NewJob {
-        id: Some("lost-job".into()),
-        vm_context_id: "ctx-1".into(),
-        vm_name: Some("vm".into()),
-        vma_id: "vma-1".into(),
-        sync_type: None,
-    };
-    store.create_job(&new).await.unwrap();
     let url = format!("http://{}", server.addr);
 
     // scan: the job the VMA never heard of, as a table.
