@@ -56,15 +56,72 @@ async fn polled_job(store: &Store, job: &str, ctx: &str, sequence: u64, bytes: u
 }
 
 async fn exit_with(store: &Store, job: &str, last: StoredProgress) {
-    let mut ev = event(
-        job,
-        ProcessEventKind::ProcessExited,
-        pid(100, 5000),
-        code(0),
-    );
-    ev.last_progress = Some(last);
+    end_with(store, job, ProcessEventKind::ProcessExited, Some(last)).await;
+}
+
+/// Reports the end of `job`'s process: an `exit(0)`, or a death while unwatched (no status).
+async fn end_with(store: &Store, job: &str, kind: ProcessEventKind, last: Option<StoredProgress>) {
+    let exit = (kind == ProcessEventKind::ProcessExited)
+        .then(|| code(0))
+        .flatten();
+    let mut ev = event(job, kind, pid(100, 5000), exit);
+    ev.last_progress = last;
     let (_, applied) = store.apply_events("vma-1", &[ev], on_event).await.unwrap();
     assert_eq!(applied, 1);
+}
+
+#[tokio::test]
+async fn an_unseen_end_after_a_completion_report_is_completed_with_its_evidence() {
+    for db in test_dbs().await {
+        let store = setup(&db).await;
+        // j1: the completion report rides on the death event (the poller never saw it);
+        // j2: the poller applied it, and the event carries nothing newer.
+        polled_job(&store, "j1", "ctx-1", 7, 8_100).await;
+        let done = progress("j1", 9, TOTAL, ProgressStatus::Completed);
+        end_with(
+            &store,
+            "j1",
+            ProcessEventKind::DiedWhileUnwatched,
+            Some(done),
+        )
+        .await;
+        polled_job(&store, "j2", "ctx-2", 7, 8_100).await;
+        let done = progress("j2", 9, TOTAL, ProgressStatus::Completed);
+        store
+            .mutate_job("j2", |cur, now| Ok(on_progress(cur, &done, now, i64::MAX)))
+            .await
+            .unwrap();
+        end_with(&store, "j2", ProcessEventKind::DiedWhileUnwatched, None).await;
+        for (job, ctx) in [("j1", "ctx-1"), ("j2", "ctx-2")] {
+            let rec = store.get_job(job).await.unwrap();
+            let what = format!("{job} on {}", db.backend);
+            assert_eq!(rec.job.status, JobStatus::Completed, "{what}");
+            assert_eq!(
+                (rec.job.failure_class, rec.job.progress_percent),
+                (None, 100.0)
+            );
+            let audit = store.audit(job).await.unwrap();
+            let last = audit.last().unwrap();
+            assert_eq!(
+                last.action,
+                oma::job::COMPLETED_UNWATCHED,
+                "{what}: {audit:#?}"
+            );
+            assert_eq!(last.evidence["last_word"]["progress_status"], "completed");
+            assert_eq!(last.evidence["last_word"]["progress_sequence"], 9);
+            let context = store.get_context(ctx).await.unwrap();
+            assert_eq!(
+                context.last_successful_job_id.as_deref(),
+                Some(job),
+                "{what}"
+            );
+        }
+        // Still copying when last heard from: an unseen end is still a failure.
+        polled_job(&store, "j3", "ctx-3", 7, 8_100).await;
+        end_with(&store, "j3", ProcessEventKind::DiedWhileUnwatched, None).await;
+        let job = store.get_job("j3").await.unwrap().job;
+        assert_eq!(job.failure_class, Some(FailureClass::DiedWhileUnwatched));
+    }
 }
 
 #[tokio::test]

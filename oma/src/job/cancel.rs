@@ -17,11 +17,8 @@ pub fn cancel(cur: &JobRecord, reason: Option<&str>, now: i64) -> Result<JobChan
             why: "a job in a final state cannot be cancelled",
         });
     }
-    let verdict = Verdict {
-        status: JobStatus::Cancelled,
-        class: None,
-        message: Some(reason.unwrap_or("cancelled by an operator").to_owned()),
-    };
+    let message = reason.unwrap_or("cancelled by an operator").to_owned();
+    let verdict = Verdict::settled(JobStatus::Cancelled, Some(message));
     let after = finalize(cur, &verdict, now);
     Ok(JobChange {
         request_stop: true,

@@ -1,7 +1,10 @@
 //! A watchdog's process event (start, death, death while unwatched) and what it does to its
 //! job.
 
-use super::{adopt, audit_only, draft, end_on_exit, last_progress_evidence, recorded_identity};
+use super::{
+    adopt, audit_only, draft, end_on_exit, last_progress_evidence, last_word_evidence,
+    recorded_identity,
+};
 use crate::model::Actor;
 use crate::store::{IntakeOutcome, JobChange, JobRecord};
 use api::{ProcessEvent, ProcessEventKind};
@@ -77,7 +80,10 @@ pub fn on_event(rec: &JobRecord, event: &ProcessEvent, now: i64) -> IntakeOutcom
             if let Some(progress) = last {
                 ev["last_progress"] = last_progress_evidence(progress, applied);
             }
-            (after, "transition", verdict.class)
+            if verdict.is_unwatched_completion() {
+                ev["last_word"] = last_word_evidence(&after);
+            }
+            (after, verdict.action, verdict.class)
         }
     };
     let (from, to) = (rec.job.status, after.job.status);

@@ -17,7 +17,9 @@
 //!   `initializing` starts replicating ([`begin_replicating`]).
 //! - [`apply_progress`]: copy a newer progress report's figures ([`is_newer`]).
 //! - [`verdict_from_exit`]: the final state that exit evidence implies, given migratekit's
-//!   own last word; [`end_on_exit`] applies the last progress first, then the verdict.
+//!   own last word ([`LastWord`]: a `failed` report is the cause; a `completed` report
+//!   decides an end whose status is unknown); [`end_on_exit`] applies the last progress
+//!   first, then the verdict.
 //! - [`finalize`]: move the job to a final state (the store releases its VM context in the
 //!   same transaction).
 //! - [`superseded`]: whether a decision taken on an earlier read still holds.
@@ -42,7 +44,10 @@ pub use progress::{
 };
 pub use recovery::{on_decision, superseded};
 pub use start::on_start_answer;
-pub use verdict::{Verdict, end_on_exit, verdict_from_exit};
+pub use verdict::{
+    COMPLETED_UNWATCHED, LastWord, TRANSITION, Verdict, end_on_exit, last_word_evidence,
+    verdict_from_exit,
+};
 
 use crate::model::{Actor, FailureClass, JobStatus, from_ms};
 use crate::store::{AuditDraft, JobChange, JobRecord};

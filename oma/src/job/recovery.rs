@@ -29,23 +29,24 @@ pub fn on_decision(
     let mut after = current.clone();
     let action = match decision.action {
         Action::Finalize => {
-            after = match &decision.exit {
+            let verdict;
+            (after, verdict) = match &decision.exit {
                 // The process exited: the same ending as a death event's, on the full record
                 // (migratekit's last word first, fetched with the decision, when still newer).
                 Some(exit) => {
                     let last = decision.last_progress.as_ref();
-                    end_on_exit(current, None, Some(exit), last, now).0
+                    let (after, verdict, _) = end_on_exit(current, None, Some(exit), last, now);
+                    (after, verdict)
                 }
                 None => {
                     let verdict = Verdict {
-                        status: decision.to_status,
                         class: decision.failure_class,
-                        message: decision.message.clone(),
+                        ..Verdict::settled(decision.to_status, decision.message.clone())
                     };
-                    finalize(current, &verdict, now)
+                    (finalize(current, &verdict, now), verdict)
                 }
             };
-            "transition"
+            verdict.action
         }
         Action::Keep => {
             if let Some(process) = decision.adopt {
@@ -73,7 +74,10 @@ pub fn on_decision(
             from: Some(current.job.status),
             to: after.job.status,
             actor,
-            failure_class: after.job.failure_class.filter(|_| action == "transition"),
+            failure_class: after
+                .job
+                .failure_class
+                .filter(|_| decision.action == Action::Finalize),
             evidence: decision.evidence.clone(),
         }],
         after,

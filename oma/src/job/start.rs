@@ -60,7 +60,7 @@ pub fn on_start_answer(current: &JobRecord, answer: &StartAnswer, now: i64) -> O
                 return only("stale_attempt");
             }
             let (after, verdict, _) = end_on_exit(current, Some(*process), Some(exit), None, now);
-            change("transition", after, verdict.class)
+            change(verdict.action, after, verdict.class)
         }
         StartAnswer::Refused { status, error, .. } => {
             if recorded.is_some() {

@@ -2,7 +2,8 @@
 //! call [`decide`], so a dry run cannot show anything the real run would not do.
 
 use crate::job::{
-    Verdict, begin_replicating, end_on_exit, last_progress_evidence, recorded_identity,
+    Verdict, begin_replicating, end_on_exit, last_progress_evidence, last_word_evidence,
+    recorded_identity,
 };
 use crate::model::{FailureClass, JobStatus};
 use crate::store::JobRecord;
@@ -64,6 +65,7 @@ pub struct Decision {
 /// |-----------------------------------|---------------------------------------------------|
 /// | running (recorded or newer)       | keep; record the process if it is not the recorded one |
 /// | exited (this or a newer attempt)  | final state from the exit evidence                |
+/// | exited, status unknown, migratekit's last report `completed` | completed (`completed_unwatched`) |
 /// | exited (an older attempt)         | failed `job_lost`: the VMA never saw our attempt  |
 /// | 404 unknown_job                   | failed `job_lost`                                 |
 /// | unreachable, silent < threshold   | wait                                              |
@@ -140,10 +142,14 @@ fn exited(
             "the VMA only knows an earlier attempt of this job; the recorded process is gone",
         ));
     }
-    let (_, verdict, applied) = end_on_exit(rec, None, Some(exit), last, now_ms);
+    let (ended, verdict, applied) = end_on_exit(rec, None, Some(exit), last, now_ms);
+    let verdict_is_unwatched_completion = verdict.is_unwatched_completion();
     let mut decision = base.finalize(verdict);
     if let Some(p) = last {
         decision.evidence["vma_last_progress"] = last_progress_evidence(p, applied);
+    }
+    if verdict_is_unwatched_completion {
+        decision.evidence["last_word"] = last_word_evidence(&ended);
     }
     decision.last_progress = last.filter(|_| applied).cloned();
     decision.exit = Some(*exit);

@@ -178,6 +178,36 @@ fn exited_after_a_newer_failure_report_is_the_reported_failure() {
 }
 
 #[test]
+fn exited_unseen_after_a_completion_report_is_completed_unwatched() {
+    let unseen = exited_answer(proc(10, 100), ExitStatus::default());
+    // The report the job already holds (polled before the end), or a newer one the VMA kept.
+    let mut held = running(JobStatus::Replicating, proc(10, 100));
+    held.progress_sequence = Some(5);
+    held.progress_status = Some(ProgressStatus::Completed);
+    let newer = running(JobStatus::Replicating, proc(10, 100));
+    let completed = progress(5, Some(ProgressStatus::Completed));
+    for (rec, last) in [(&held, None), (&newer, Some(&completed))] {
+        let d = decide(rec, &unseen, last, NOW, STALE);
+        assert_eq!(
+            outcome(&d),
+            (Action::Finalize, JobStatus::Completed, None, None)
+        );
+        assert_eq!(d.evidence["last_word"]["progress_status"], "completed");
+        assert_eq!(d.evidence["last_word"]["progress_sequence"], 5);
+        // The real run records it under its own audit action.
+        let change = crate::job::on_decision(rec, &d, crate::model::Actor::PeriodicRecovery, NOW)
+            .expect("the job ends");
+        assert_eq!(change.audit[0].action, crate::job::COMPLETED_UNWATCHED);
+        assert_eq!(change.after.job.status, JobStatus::Completed);
+    }
+    // Still copying when it was last heard from: whether it finished is unknown.
+    let copying = progress(5, Some(ProgressStatus::InProgress));
+    let d = decide(&newer, &unseen, Some(&copying), NOW, STALE);
+    assert_eq!(outcome(&d), finalized_as(FailureClass::DiedWhileUnwatched));
+    assert!(d.evidence.get("last_word").is_none());
+}
+
+#[test]
 fn unknown_to_the_vma_is_job_lost() {
     let rec = running(JobStatus::Replicating, proc(10, 100));
     let d = decide(&rec, &VmaAnswer::UnknownJob, None, NOW, STALE);
