@@ -24,7 +24,7 @@ pub fn cancel(cur: &JobRecord, reason: Option<&str>, now: i64) -> Result<JobChan
         request_stop: true,
         audit: vec![draft(
             Actor::Operator,
-            "transition",
+            verdict.action,
             cur.job.status,
             JobStatus::Cancelled,
             None,
