@@ -167,12 +167,24 @@ pub fn settings(db: &TestDb) -> Settings {
     }
 }
 
-/// Starts an OMA on 127.0.0.1:0.
+/// Starts an OMA on 127.0.0.1:0 and waits for its startup recovery run to be recorded.
+/// Without the wait a test's first job could be created while that run asks the VMAs, and a
+/// job recorded with `start: false` that the VMA has never heard of is rightly `job_lost`.
 pub async fn start_server(settings: Settings) -> RunningServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    oma::server::start(settings, listener)
+    let server = oma::server::start(settings, listener)
         .await
-        .expect("start oma")
+        .expect("start oma");
+    let store = server.state.store.clone();
+    eventually(10, "the startup recovery run", || {
+        let store = store.clone();
+        async move {
+            let runs = store.recent_runs(10).await.ok()?;
+            runs.iter().any(|r| r.trigger == "startup").then_some(())
+        }
+    })
+    .await;
+    server
 }
 
 /// A base URL on which nothing listens: port 9 (discard), outside the ephemeral range, so no
