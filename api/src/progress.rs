@@ -52,6 +52,13 @@ impl SyncType {
             Self::Incremental => "incremental",
         }
     }
+
+    /// Parses the text [`SyncType::as_str`] gives; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Full, Self::Incremental]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+    }
 }
 
 /// Body of `POST /api/v1/progress/{job_id}/update` exactly as migratekit's progress client

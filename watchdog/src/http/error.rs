@@ -104,6 +104,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                     )
                 }
             })?;
+        if !api::is_json_object(&bytes) {
+            return Err(ApiError::BadRequest(
+                "invalid_body",
+                "invalid JSON body: the body must be a JSON object".into(),
+            ));
+        }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| ApiError::BadRequest("invalid_body", format!("invalid JSON body: {e}")))
