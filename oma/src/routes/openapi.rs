@@ -267,4 +267,29 @@ mod tests {
             assert!(ids.contains(&link["operationId"].as_str().unwrap()));
         }
     }
+
+    /// The filters were documented as path parameters (utoipa cannot see through `ApiQuery`),
+    /// so a client sent them nowhere and a fuzzer found the server accepting what the
+    /// document forbade.
+    #[test]
+    fn list_filters_are_query_parameters_with_the_servers_ranges() {
+        let doc = api::openapi::to_json(&ApiDoc::openapi());
+        for (path, names) in [
+            (
+                "/api/v1/jobs",
+                &["status", "vma_id", "vm_context_id", "limit", "offset"][..],
+            ),
+            ("/api/v1/vm-contexts", &["status"][..]),
+        ] {
+            let params = doc["paths"][path]["get"]["parameters"].as_array().unwrap();
+            let found: Vec<&str> = params.iter().map(|p| p["name"].as_str().unwrap()).collect();
+            assert_eq!(found, names, "{path}");
+            for p in params {
+                assert_eq!(p["in"], "query", "{path}: {p}");
+            }
+        }
+        let limit = &doc["paths"]["/api/v1/jobs"]["get"]["parameters"][3]["schema"];
+        assert_eq!(limit["minimum"], 1);
+        assert_eq!(limit["maximum"], crate::store::JobFilter::MAX_LIMIT);
+    }
 }
