@@ -29,6 +29,65 @@ pub const MAX_DISK_ID_CHARS: usize = 128;
 /// last word on why it failed, and a refused update would lose its `failed` status with it.
 pub const MAX_ERROR_MESSAGE_CHARS: usize = 1024;
 
+/// The schemas that state these rules in the OpenAPI documents, built from the same constants
+/// (`#[schema(schema_with = ...)]` takes a function without arguments, hence one each).
+pub mod schema {
+    use super::{I64_MAX, MAX_DISK_ID_CHARS, MAX_STAGE_CHARS, PID_MAX};
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, SchemaType, Type};
+
+    fn of(kind: Type, nullable: bool) -> ObjectBuilder {
+        let schema_type = if nullable {
+            SchemaType::from_iter([kind, Type::Null])
+        } else {
+            SchemaType::new(kind)
+        };
+        ObjectBuilder::new().schema_type(schema_type)
+    }
+
+    fn stored_integer(nullable: bool) -> ObjectBuilder {
+        of(Type::Integer, nullable)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(0))
+            .maximum(Some(I64_MAX as f64))
+    }
+
+    /// A Linux pid: 1 to [`PID_MAX`].
+    pub fn pid() -> ObjectBuilder {
+        of(Type::Integer, false)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int32)))
+            .minimum(Some(1))
+            .maximum(Some(PID_MAX))
+    }
+
+    /// A count the OMA stores as a signed 64-bit integer: 0 to [`I64_MAX`].
+    pub fn stored_count() -> ObjectBuilder {
+        stored_integer(false)
+    }
+
+    /// [`stored_count`], or null (absent).
+    pub fn optional_stored_count() -> ObjectBuilder {
+        stored_integer(true)
+    }
+
+    /// A percentage, 0 to 100, or null (absent).
+    pub fn optional_percent() -> ObjectBuilder {
+        of(Type::Number, true)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Double)))
+            .minimum(Some(0))
+            .maximum(Some(100))
+    }
+
+    /// A progress update's `stage`: at most [`MAX_STAGE_CHARS`] characters.
+    pub fn stage() -> ObjectBuilder {
+        of(Type::String, false).max_length(Some(MAX_STAGE_CHARS))
+    }
+
+    /// A progress update's `disk_id`: at most [`MAX_DISK_ID_CHARS`] characters, or null.
+    pub fn optional_disk_id() -> ObjectBuilder {
+        of(Type::String, true).max_length(Some(MAX_DISK_ID_CHARS))
+    }
+}
+
 /// Why a value breaks its rule. The message names the field and the rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FieldError {

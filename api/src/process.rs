@@ -10,8 +10,10 @@ use uuid::Uuid;
 #[serde(deny_unknown_fields)]
 pub struct ProcessIdentity {
     /// Thread-group id (the pid as `ps` shows it).
+    #[schema(schema_with = crate::bounds::schema::pid)]
     pub pid: u32,
     /// Start time in clock ticks since boot, as in field 22 of `/proc/<pid>/stat`.
+    #[schema(schema_with = crate::bounds::schema::stored_count)]
     pub start_time: u64,
 }
 

@@ -4,7 +4,8 @@
 //! (connection cap, header and idle timeouts, optional TLS), which gives handlers both ends
 //! of each connection: progress updates are accepted from loopback peers only, and only from
 //! the job's own registered process (`progress_gate`). Every route but `/health` and progress
-//! updates needs the bearer token. `progress_router(state)` is the progress route alone, for
+//! updates needs the bearer token; `/openapi.json` (the document, [`openapi`]) does not.
+//! `progress_router(state)` is the progress route alone, for
 //! the plain-HTTP loopback listener migratekit posts to when the API itself is HTTPS.
 
 mod auth;
@@ -12,6 +13,7 @@ mod error;
 mod handlers;
 #[cfg(feature = "test-doubles")]
 mod memory_jobs;
+pub mod openapi;
 mod progress_gate;
 
 use std::collections::HashSet;
@@ -162,6 +164,10 @@ pub fn router(state: AppState) -> Router {
         .merge(protected)
         .merge(progress_routes(&state))
         .route("/health", get(handlers::health))
+        .route(
+            "/openapi.json",
+            get(|| async { axum::Json(openapi::document()) }),
+        )
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(state.body_limit))
         .with_state(state)
