@@ -29,6 +29,48 @@ pub const MAX_DISK_ID_CHARS: usize = 128;
 /// last word on why it failed, and a refused update would lose its `failed` status with it.
 pub const MAX_ERROR_MESSAGE_CHARS: usize = 1024;
 
+/// Reading whole numbers as JSON Schema counts them: `930.0` is an integer there, so a client
+/// generated from the documents may send it, and serde alone refuses it for a `u32`. A number
+/// with a fraction, below zero or too large for the field is still refused.
+pub mod whole {
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Number {
+        Unsigned(u64),
+        Float(f64),
+    }
+
+    fn to<T: TryFrom<u64>, E: Error>(number: Number) -> Result<T, E> {
+        let value = match number {
+            Number::Unsigned(v) => v,
+            // 2^64 as f64: every float below it (and not below 0) converts exactly.
+            Number::Float(f)
+                if f.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&f) =>
+            {
+                f as u64
+            }
+            Number::Float(_) => {
+                return Err(E::custom(
+                    "expected a whole number, not a fraction or a negative one",
+                ));
+            }
+        };
+        T::try_from(value).map_err(|_| E::custom("number too large for this field"))
+    }
+
+    /// A whole number into `T`.
+    pub fn deserialize<'de, D: Deserializer<'de>, T: TryFrom<u64>>(d: D) -> Result<T, D::Error> {
+        to(Number::deserialize(d)?)
+    }
+
+    /// An optional whole number into `T` (null or absent is `None`; use with `default`).
+    pub fn option<'de, D: Deserializer<'de>, T: TryFrom<u64>>(d: D) -> Result<Option<T>, D::Error> {
+        Option::<Number>::deserialize(d)?.map(to).transpose()
+    }
+}
+
 /// The schemas that state these rules in the OpenAPI documents, built from the same constants
 /// (`#[schema(schema_with = ...)]` takes a function without arguments, hence one each).
 pub mod schema {
@@ -395,5 +437,32 @@ mod tests {
         stored.update.percent = None;
         stored.sequence = u64::MAX;
         assert_eq!(stored.validate().unwrap_err().field(), "sequence");
+    }
+
+    #[test]
+    fn whole_numbers_may_be_written_as_json_schema_integers() {
+        let track: TrackJobRequest = serde_json::from_str(r#"{"pid": 930.0}"#).unwrap();
+        assert_eq!(track.pid, 930);
+        for bad in [
+            r#"{"pid": 930.5}"#,
+            r#"{"pid": -1}"#,
+            r#"{"pid": 4294967296}"#,
+            r#"{"pid": "1"}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<TrackJobRequest>(bad).is_err(),
+                "{bad}"
+            );
+        }
+        let u: ProgressUpdate = serde_json::from_str(
+            r#"{"stage":"s","bytes_transferred":1.0,"throughput_bps":0,"total_bytes":null}"#,
+        )
+        .unwrap();
+        assert_eq!((u.bytes_transferred, u.total_bytes), (1, None));
+        let u: ProgressUpdate = serde_json::from_str(
+            r#"{"stage":"s","bytes_transferred":1,"throughput_bps":0,"total_bytes":2e3}"#,
+        )
+        .unwrap();
+        assert_eq!(u.total_bytes, Some(2000));
     }
 }

@@ -100,6 +100,7 @@ pub struct StartJobRequest {
 #[serde(deny_unknown_fields)]
 pub struct TrackJobRequest {
     /// The process id; the watchdog checks its name and reads its start time itself.
+    #[serde(deserialize_with = "crate::bounds::whole::deserialize")]
     #[schema(schema_with = crate::bounds::schema::pid)]
     pub pid: u32,
 }

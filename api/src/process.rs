@@ -10,9 +10,11 @@ use uuid::Uuid;
 #[serde(deny_unknown_fields)]
 pub struct ProcessIdentity {
     /// Thread-group id (the pid as `ps` shows it).
+    #[serde(deserialize_with = "crate::bounds::whole::deserialize")]
     #[schema(schema_with = crate::bounds::schema::pid)]
     pub pid: u32,
     /// Start time in clock ticks since boot, as in field 22 of `/proc/<pid>/stat`.
+    #[serde(deserialize_with = "crate::bounds::whole::deserialize")]
     #[schema(schema_with = crate::bounds::schema::stored_count)]
     pub start_time: u64,
 }

@@ -73,13 +73,19 @@ pub struct ProgressUpdate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<ProgressStatus>,
     /// Bytes copied so far.
+    #[serde(deserialize_with = "crate::bounds::whole::deserialize")]
     #[schema(schema_with = crate::bounds::schema::stored_count)]
     pub bytes_transferred: u64,
     /// Bytes to copy in all, when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::bounds::whole::option"
+    )]
     #[schema(schema_with = crate::bounds::schema::optional_stored_count)]
     pub total_bytes: Option<u64>,
     /// Current throughput in bytes per second.
+    #[serde(deserialize_with = "crate::bounds::whole::deserialize")]
     #[schema(schema_with = crate::bounds::schema::stored_count)]
     pub throughput_bps: u64,
     /// Percent done, when known.
@@ -109,6 +115,7 @@ pub struct StoredProgress {
     /// When the watchdog received it.
     pub received_at: DateTime<Utc>,
     /// Number of updates received for this job so far.
+    #[serde(deserialize_with = "crate::bounds::whole::deserialize")]
     #[schema(schema_with = crate::bounds::schema::stored_count)]
     pub sequence: u64,
 }

@@ -186,17 +186,16 @@ pub fn progress_router(state: AppState) -> Router {
 }
 
 fn progress_routes(state: &AppState) -> Router<AppState> {
-    Router::new()
-        .route(
-            "/api/v1/progress/{job_id}/update",
-            post(handlers::post_progress),
-        )
-        // Inside the loopback check: only the job's own process may report its progress.
+    // The checks wrap the POST alone, so another method is a 405 like anywhere else rather
+    // than a refusal by the checks. Inside the loopback check: only the job's own process may
+    // report its progress.
+    let update = post(handlers::post_progress)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             progress_gate::require_job_process,
         ))
-        .route_layer(axum::middleware::from_fn(auth::require_loopback))
+        .route_layer(axum::middleware::from_fn(auth::require_loopback));
+    Router::new().route("/api/v1/progress/{job_id}/update", update)
 }
 
 /// Serves the API on `listener` in plain HTTP with the transport's default limits until
