@@ -35,7 +35,7 @@ pub const MAX_ERROR_MESSAGE_CHARS: usize = 1024;
 pub mod whole {
     use serde::{Deserialize, Deserializer, de::Error};
 
-    #[derive(Deserialize)]
+    #[derive(Clone, Copy, Deserialize)]
     #[serde(untagged)]
     enum Number {
         Unsigned(u64),

@@ -4,7 +4,7 @@
 //!
 //! Each route's own annotation lists what its handler answers (404, 409, 502, ...). The
 //! answers of the layers in front of every handler are added here, once, from the same facts
-//! the router is built on ([`Contract`]): a token route answers 401, 403 and 503; a route with
+//! the router is built on (`Contract`): a token route answers 401, 403 and 503; a route with
 //! a body or a query answers 400 (and 413 for a body). The links from a created job (and a
 //! registered VMA) to the routes that read it are added here too.
 

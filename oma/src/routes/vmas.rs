@@ -87,10 +87,15 @@ pub async fn register_vma(
             "field `token` must be at least {MIN_TOKEN_LEN} characters"
         )));
     }
-    state
+    let stored = state
         .store
         .upsert_vma(&id, &body.base_url, &hash_token(&body.token))
-        .await?;
+        .await;
+    if let Err(crate::store::StoreError::TokenInUse) = &stored {
+        tracing::warn!(event = "vma_token_in_use", vma_id = %id,
+            "refused to register a VMA with a token another VMA holds");
+    }
+    stored?;
     tracing::info!(vma_id = %id, base_url = %body.base_url, "VMA registered");
     Ok(Json(Vma {
         id,

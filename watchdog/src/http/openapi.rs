@@ -7,7 +7,7 @@
 //! progress listener.
 //!
 //! Each route's annotation lists what its handler answers; the answers of the layers in front
-//! of the handlers are added here by one rule each ([`Contract`]): a token route answers 401,
+//! of the handlers are added here by one rule each (`Contract`): a token route answers 401,
 //! a route with a `{job_id}` answers 400 `invalid_job_id`, a route with a body 400 and 413.
 
 use api::openapi::{add_error, add_links, needs_token, operations_mut};
