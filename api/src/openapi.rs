@@ -19,7 +19,7 @@ pub fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = &mut Operatio
     .filter_map(Option::as_mut)
 }
 
-/// An error answer with an [`api::ErrorBody`], unless the route's annotation already
+/// An error answer with an [`crate::ErrorBody`], unless the route's annotation already
 /// describes that status (its description is more precise).
 pub fn add_error(operation: &mut Operation, status: &str, description: &str) {
     let body = ContentBuilder::new()
