@@ -6,6 +6,11 @@
 //! stateful links included, against the real `oma` and `vma-watchdog` binaries started on
 //! loopback. Any failure fails the run; the counts of cases are printed.
 //!
+//! Then a client generated from each document by openapi-python-client (pinned, same
+//! environment) drives a job through each daemon (`xtask/contract/drive_jobs.py`): on the OMA
+//! create, read, audit, cancel (the OMA starting and stopping it on the real watchdog); on the
+//! watchdog start, read, stop.
+//!
 //! The watchdog runs with the procfs detector and launches the stand-in migratekit, so this
 //! needs no privilege. Everything lives in `target/contract/` (databases, state, tokens, logs
 //! and each run's full Schemathesis output).
@@ -20,8 +25,8 @@ use anyhow::{Context, Result, bail};
 use crate::run::{Daemon, spawn, token_file, wait_healthy};
 use crate::{paths, setup};
 
-/// The Schemathesis release the contract tests are written against.
-const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+/// The releases the contract tests are written against, from PyPI.
+const PINS: [&str; 2] = ["schemathesis==4.32.5", "openapi-python-client==0.29.1"];
 
 #[derive(Debug, clap::Args)]
 pub struct ContractArgs {
@@ -58,14 +63,20 @@ fn installed(package: &str) -> Option<String> {
         .map(|v| v.trim().to_owned())
 }
 
-/// Installs Python's venv module (Debian's `python3-venv`) and Schemathesis, pinned, into
-/// `target/openapi-venv`; returns whether it installed anything.
+/// Installs Python's venv module (Debian's `python3-venv`), Schemathesis and
+/// openapi-python-client, pinned, into `target/openapi-venv`; returns whether it installed
+/// anything.
 pub fn ensure_tools() -> Result<bool> {
-    let (name, version) = SCHEMATHESIS
-        .split_once("==")
-        .context("the pin names a version")?;
-    if installed(name).as_deref() == Some(version) {
-        println!("setup: {SCHEMATHESIS} in {}: present", venv().display());
+    let present = PINS.iter().all(|pin| {
+        pin.split_once("==")
+            .is_some_and(|(name, version)| installed(name).as_deref() == Some(version))
+    });
+    if present {
+        println!(
+            "setup: {} in {}: present",
+            PINS.join(", "),
+            venv().display()
+        );
         return Ok(false);
     }
     let has_venv = || {
@@ -78,18 +89,21 @@ pub fn ensure_tools() -> Result<bool> {
         setup::install_debian_packages("setup", &["python3", "python3-venv"])?;
     }
     println!(
-        "setup: {SCHEMATHESIS}: installing into {}",
+        "setup: {}: installing into {}",
+        PINS.join(", "),
         venv().display()
     );
     setup::status(Command::new("python3").args(["-m", "venv"]).arg(venv()))
         .context("creating the virtual environment for Schemathesis")?;
-    setup::status(Command::new(venv().join("bin").join("pip")).args([
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        SCHEMATHESIS,
-    ]))
-    .context("installing Schemathesis from PyPI; check that pypi.org is reachable")?;
+    setup::status(
+        Command::new(venv().join("bin").join("pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(PINS),
+    )
+    .context(
+        "installing Schemathesis and openapi-python-client from PyPI; check that pypi.org is \
+         reachable",
+    )?;
     Ok(true)
 }
 
@@ -111,14 +125,76 @@ pub fn run(args: &ContractArgs) -> Result<()> {
         drop(oma);
     }
     {
-        let (watchdog, addr) = start_watchdog(&bin, &dir)?;
+        let (watchdog, addr) = start_watchdog(&bin, &dir, &Jobs::Fuzzed)?;
         counts.push(schemathesis(args, &dir, "vma-watchdog", &addr, &token)?);
         drop(watchdog);
     }
     for (name, line) in counts {
         println!("contract: {name}: {line}");
     }
+    generated_clients(&bin, &dir)
+}
+
+/// Generates a Python client from each committed document and drives a job through each
+/// daemon with it, the two daemons joined as in production (the OMA starts and stops its job
+/// on the watchdog, which reports the death back).
+fn generated_clients(bin: &Path, dir: &Path) -> Result<()> {
+    let clients = dir.join("clients");
+    for (name, package) in [("oma", "oma_client"), ("vma-watchdog", "vma_client")] {
+        let document = paths::workspace_root()
+            .join("docs")
+            .join("openapi")
+            .join(format!("{name}.json"));
+        setup::output(
+            Command::new(venv().join("bin").join("openapi-python-client"))
+                .args(["generate", "--meta", "none", "--overwrite"])
+                .arg("--path")
+                .arg(&document)
+                .arg("--output-path")
+                .arg(clients.join(package))
+                .env("PATH", venv_path()?),
+        )
+        .with_context(|| format!("generating a Python client from {}", document.display()))?;
+    }
+    let jobs = dir.join("jobs-clients");
+    let (oma, oma_addr) = start_oma(bin, &jobs)?;
+    let (watchdog, vma_addr) = start_watchdog(bin, &jobs, &Jobs::Driven { oma: &oma_addr })?;
+    let drive = |args: &[&std::ffi::OsStr]| {
+        setup::status(
+            Command::new(venv().join("bin").join("python"))
+                .arg(paths::workspace_root().join("xtask/contract/drive_jobs.py"))
+                .args(args),
+        )
+    };
+    let (oma_url, vma_url) = (format!("http://{oma_addr}"), format!("http://{vma_addr}"));
+    drive(&[
+        "oma".as_ref(),
+        clients.as_os_str(),
+        oma_url.as_ref(),
+        vma_url.as_ref(),
+        jobs.join("api.token").as_os_str(),
+        jobs.join("events.token").as_os_str(),
+    ])
+    .context("the OMA's generated client could not drive a job; its message above says where")?;
+    drive(&[
+        "watchdog".as_ref(),
+        clients.as_os_str(),
+        vma_url.as_ref(),
+        jobs.join("api.token").as_os_str(),
+    ])
+    .context(
+        "the watchdog's generated client could not drive a job; its message above says where",
+    )?;
+    drop(watchdog);
+    drop(oma);
     Ok(())
+}
+
+/// `PATH` with the virtual environment first (openapi-python-client runs `ruff` from it).
+fn venv_path() -> Result<std::ffi::OsString> {
+    let rest = std::env::var_os("PATH").unwrap_or_default();
+    std::env::join_paths(std::iter::once(venv().join("bin")).chain(std::env::split_paths(&rest)))
+        .context("building PATH for openapi-python-client")
 }
 
 /// A loopback address no one listens on now.
@@ -130,6 +206,8 @@ fn free_addr() -> Result<String> {
 /// The OMA on SQLite with the operator token; calls to VMAs (the fuzzer registers VMAs at
 /// made-up URLs) give up after a second.
 fn start_oma(bin: &Path, dir: &Path) -> Result<(Daemon, String)> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    token_file(dir, "api.token")?;
     let addr = free_addr()?;
     let oma = spawn(
         "oma",
@@ -140,16 +218,28 @@ fn start_oma(bin: &Path, dir: &Path) -> Result<(Daemon, String)> {
             .arg(dir.join("oma.db"))
             .arg("--operator-token-file")
             .arg(dir.join("api.token"))
+            .arg("--vma-api-token-file")
+            .arg(dir.join("api.token"))
             .args(["--vma-timeout-secs", "1"]),
     )?;
     wait_healthy(&oma, &addr)?;
     Ok((oma, addr))
 }
 
-/// The watchdog with the procfs detector, launching the stand-in migratekit for 3 s per job
-/// (every start the fuzzer makes really starts one), without systemd and at normal priority,
-/// so that it needs no privilege.
-fn start_watchdog(bin: &Path, dir: &Path) -> Result<(Daemon, String)> {
+/// What the watchdog's jobs are for.
+enum Jobs<'a> {
+    /// Schemathesis' starts: each a real stand-in migratekit that ends after 3 s, so that the
+    /// many the fuzzer starts do not pile up; no OMA.
+    Fuzzed,
+    /// The generated clients' jobs: they run until stopped (a minute at most), and deaths go
+    /// to the OMA at this address as VMA `local` with the token `events.token`.
+    Driven { oma: &'a str },
+}
+
+/// The watchdog with the procfs detector, launching the stand-in migratekit, without systemd
+/// and at normal priority, so that it needs no privilege. The OMA presents the same token as
+/// the operators (`api.token`).
+fn start_watchdog(bin: &Path, dir: &Path, jobs: &Jobs) -> Result<(Daemon, String)> {
     let addr = free_addr()?;
     let mut cmd = Command::new(bin.join("vma-watchdog"));
     cmd.arg("--state-dir")
@@ -162,7 +252,22 @@ fn start_watchdog(bin: &Path, dir: &Path) -> Result<(Daemon, String)> {
         .arg(bin.join("migratekit"))
         .arg("--launch-log-dir")
         .arg(dir.join("jobs"));
-    for arg in ["migrate", "--job-id", "{job_id}", "--standin-run-for", "3"] {
+    let seconds = match jobs {
+        Jobs::Fuzzed => "3",
+        Jobs::Driven { oma } => {
+            cmd.args(["--oma-url", &format!("http://{oma}"), "--vma-id", "local"])
+                .arg("--oma-token-file")
+                .arg(token_file(dir, "events.token")?);
+            "60"
+        }
+    };
+    for arg in [
+        "migrate",
+        "--job-id",
+        "{job_id}",
+        "--standin-run-for",
+        seconds,
+    ] {
         cmd.args(["--launch-arg", arg]);
     }
     let watchdog = spawn("vma-watchdog", dir, &mut cmd)?;
