@@ -301,6 +301,8 @@ fn schemathesis(
         .args(["--checks", "all", "--no-color"])
         .args(["--max-examples", &args.max_examples.to_string()])
         .args(["--seed", &args.seed.to_string()])
+        // Its cache (`.schemathesis/`) goes under target/, not into the source tree.
+        .current_dir(dir)
         .output()
         .context("starting Schemathesis (run `cargo xtask setup`)")?;
     let text =
