@@ -20,8 +20,9 @@ pub struct JobsArgs {
     /// Only jobs of this VM context.
     #[arg(long)]
     pub vm_context: Option<String>,
-    /// At most this many (the server caps it at 1000).
-    #[arg(long, default_value_t = 100)]
+    /// At most this many, from 1 to 1000 (the server's range).
+    #[arg(long, default_value_t = crate::store::JobFilter::DEFAULT_LIMIT,
+        value_parser = clap::value_parser!(i64).range(1..=crate::store::JobFilter::MAX_LIMIT))]
     pub limit: i64,
 }
 
