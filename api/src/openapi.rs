@@ -126,3 +126,35 @@ pub fn to_json(doc: &OpenApi) -> serde_json::Value {
     }
     value
 }
+
+/// A link to the operation `target`, filling `parameter` from the runtime expression
+/// `expression` (`$response.body#/id`, `$request.path.job_id`).
+pub fn link(
+    target: &str,
+    parameter: &str,
+    expression: &str,
+    description: &str,
+) -> utoipa::openapi::link::Link {
+    utoipa::openapi::link::LinkBuilder::new()
+        .operation_id(target)
+        .parameter(parameter, expression)
+        .description(description)
+        .build()
+}
+
+/// Declares the `bearer` security scheme the token routes of both daemons refer to.
+#[derive(Debug)]
+pub struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+    }
+}

@@ -9,11 +9,12 @@
 //! registered VMA) to the routes that read it are added here too.
 
 use crate::AppState;
-use api::openapi::{add_error, add_links, has_query, needs_token, operations_mut};
+use api::openapi::{
+    BearerAuth, add_error, add_links, has_query, link, needs_token, operations_mut,
+};
 use axum::routing::get;
 use axum::{Json, Router};
 use utoipa::openapi::link::LinkBuilder;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 /// The OMA's API description.
@@ -36,20 +37,6 @@ pub struct ApiDoc;
 /// The document as the committed copy holds it: pretty JSON with a final newline.
 pub fn document_json() -> String {
     api::openapi::to_committed_json(&ApiDoc::openapi())
-}
-
-/// Declares the `bearer` security scheme the paths refer to.
-#[derive(Debug)]
-struct BearerAuth;
-
-impl Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
 }
 
 /// The answers of the layers in front of the handlers (`crate::app`, `crate::auth`,
@@ -117,19 +104,15 @@ struct Links;
 
 impl Modify for Links {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let job = |target: &str, description: &str| {
-            LinkBuilder::new()
-                .operation_id(target)
-                .parameter("id", "$response.body#/id")
-                .description(description)
-                .build()
-        };
+        let job =
+            |target: &str, description: &str| link(target, "id", "$response.body#/id", description);
         let by_context = |target: &str, parameter: &str, description: &str| {
-            LinkBuilder::new()
-                .operation_id(target)
-                .parameter(parameter, "$response.body#/vm_context_id")
-                .description(description)
-                .build()
+            link(
+                target,
+                parameter,
+                "$response.body#/vm_context_id",
+                description,
+            )
         };
         let created = [
             ("GetJob", job("get_job", "The job just created.")),
@@ -166,11 +149,12 @@ impl Modify for Links {
             ),
             (
                 "ListJobsOfVma",
-                LinkBuilder::new()
-                    .operation_id("list_jobs")
-                    .parameter("vma_id", "$response.body#/id")
-                    .description("Every job of the VMA.")
-                    .build(),
+                link(
+                    "list_jobs",
+                    "vma_id",
+                    "$response.body#/id",
+                    "Every job of the VMA.",
+                ),
             ),
         ];
         add_links(openapi, "/api/v1/vmas/{id}", &["200"], &registered);

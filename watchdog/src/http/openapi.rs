@@ -10,10 +10,8 @@
 //! of the handlers are added here by one rule each (`Contract`): a token route answers 401,
 //! a route with a `{job_id}` answers 400 `invalid_job_id`, a route with a body 400 and 413.
 
-use api::openapi::{add_error, add_links, needs_token, operations_mut};
-use utoipa::openapi::link::LinkBuilder;
+use api::openapi::{BearerAuth, add_error, add_links, link, needs_token, operations_mut};
 use utoipa::openapi::path::ParameterIn;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::handlers;
@@ -41,22 +39,6 @@ pub fn document_json() -> String {
 /// The document as served.
 pub fn document() -> serde_json::Value {
     api::openapi::to_json(&ApiDoc::openapi())
-}
-
-/// Declares the `bearer` security scheme (the OMA's token for this VMA).
-#[derive(Debug)]
-struct BearerAuth;
-
-impl Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        openapi
-            .components
-            .get_or_insert_with(Default::default)
-            .add_security_scheme(
-                "bearer",
-                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-            );
-    }
 }
 
 /// The answers of `auth::require_token`, `error::JobPath` and `error::JsonBody`.
@@ -112,11 +94,7 @@ struct Links;
 impl Modify for Links {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let to = |target: &str, description: &str| {
-            LinkBuilder::new()
-                .operation_id(target)
-                .parameter("job_id", "$request.path.job_id")
-                .description(description)
-                .build()
+            link(target, "job_id", "$request.path.job_id", description)
         };
         let links = [
             ("GetJob", to("get_job", "The job's process state.")),
