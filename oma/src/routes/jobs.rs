@@ -70,9 +70,37 @@ fn yes() -> bool {
     true
 }
 
-/// The characters Rust's `char::is_whitespace` (Unicode's White_Space) calls white space: a
-/// `vm_context_id` made of them only is refused, so the document's pattern lists them all.
-const WHITE_SPACE_CLASS: &str = "[^\\t\\n\\u000b\\u000c\\r \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]";
+/// The characters Rust's `char::is_whitespace` (Unicode's White_Space) calls white space, as
+/// ranges: a `vm_context_id` made of them only is refused, so the document's pattern lists
+/// them all (a test checks the list against `char::is_whitespace` for every character).
+const WHITE_SPACE: &[(char, char)] = &[
+    ('\t', '\r'),
+    (' ', ' '),
+    ('\u{85}', '\u{85}'),
+    ('\u{a0}', '\u{a0}'),
+    ('\u{1680}', '\u{1680}'),
+    ('\u{2000}', '\u{200a}'),
+    ('\u{2028}', '\u{2029}'),
+    ('\u{202f}', '\u{202f}'),
+    ('\u{205f}', '\u{205f}'),
+    ('\u{3000}', '\u{3000}'),
+];
+
+/// A character that is not white space, as a regular expression (found anywhere in the text).
+fn not_white_space_pattern() -> String {
+    let escape = |c: char| format!("\\u{:04x}", u32::from(c));
+    let ranges: String = WHITE_SPACE
+        .iter()
+        .map(|&(from, to)| {
+            if from == to {
+                escape(from)
+            } else {
+                format!("{}-{}", escape(from), escape(to))
+            }
+        })
+        .collect();
+    format!("[^{ranges}]")
+}
 
 /// True when `id` holds a character that is not white space: the rule of `vm_context_id`.
 pub fn is_context_id(id: &str) -> bool {
@@ -84,7 +112,7 @@ fn context_id_schema() -> ObjectBuilder {
     ObjectBuilder::new()
         .schema_type(Type::String)
         .min_length(Some(1))
-        .pattern(Some(WHITE_SPACE_CLASS))
+        .pattern(Some(not_white_space_pattern()))
 }
 
 impl CreateJobRequest {
@@ -231,4 +259,20 @@ pub async fn cancel_job(
     tracing::info!(job_id = %id, "job cancelled by an operator");
     crate::stop::after_cancel(&state, &rec).await;
     Ok(Json(rec.job))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{WHITE_SPACE, not_white_space_pattern};
+
+    #[test]
+    fn the_white_space_of_the_pattern_is_rusts() {
+        for c in (0..=u32::from(char::MAX)).filter_map(char::from_u32) {
+            let listed = WHITE_SPACE
+                .iter()
+                .any(|&(from, to)| (from..=to).contains(&c));
+            assert_eq!(listed, c.is_whitespace(), "{c:?}");
+        }
+        assert!(not_white_space_pattern().starts_with("[^\\u0009-\\u000d\\u0020"));
+    }
 }
