@@ -118,4 +118,14 @@ mod tests {
         }
         assert!(is_parameter_value("/Datacenter/vm/web 01"));
     }
+
+    #[test]
+    fn the_control_characters_of_the_pattern_are_rusts() {
+        // The pattern excludes U+0000-U+001F and U+007F-U+009F: exactly `char::is_control`.
+        assert!(NO_CONTROL_PATTERN.contains("\\u0000-\\u001f\\u007f-\\u009f"));
+        for c in (0..=u32::from(char::MAX)).filter_map(char::from_u32) {
+            let listed = matches!(u32::from(c), 0..=0x1f | 0x7f..=0x9f);
+            assert_eq!(listed, c.is_control(), "{c:?}");
+        }
+    }
 }
