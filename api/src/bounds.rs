@@ -29,6 +29,107 @@ pub const MAX_DISK_ID_CHARS: usize = 128;
 /// last word on why it failed, and a refused update would lose its `failed` status with it.
 pub const MAX_ERROR_MESSAGE_CHARS: usize = 1024;
 
+/// Reading whole numbers as JSON Schema counts them: `930.0` is an integer there, so a client
+/// generated from the documents may send it, and serde alone refuses it for a `u32`. A number
+/// with a fraction, below zero or too large for the field is still refused.
+pub mod whole {
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    #[derive(Clone, Copy, Deserialize)]
+    #[serde(untagged)]
+    enum Number {
+        Unsigned(u64),
+        Float(f64),
+    }
+
+    fn to<T: TryFrom<u64>, E: Error>(number: Number) -> Result<T, E> {
+        let value = match number {
+            Number::Unsigned(v) => v,
+            // 2^64 as f64: every float below it (and not below 0) converts exactly.
+            Number::Float(f)
+                if f.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&f) =>
+            {
+                f as u64
+            }
+            Number::Float(_) => {
+                return Err(E::custom(
+                    "expected a whole number, not a fraction or a negative one",
+                ));
+            }
+        };
+        T::try_from(value).map_err(|_| E::custom("number too large for this field"))
+    }
+
+    /// A whole number into `T`.
+    pub fn deserialize<'de, D: Deserializer<'de>, T: TryFrom<u64>>(d: D) -> Result<T, D::Error> {
+        to(Number::deserialize(d)?)
+    }
+
+    /// An optional whole number into `T` (null or absent is `None`; use with `default`).
+    pub fn option<'de, D: Deserializer<'de>, T: TryFrom<u64>>(d: D) -> Result<Option<T>, D::Error> {
+        Option::<Number>::deserialize(d)?.map(to).transpose()
+    }
+}
+
+/// The schemas that state these rules in the OpenAPI documents, built from the same constants
+/// (`#[schema(schema_with = ...)]` takes a function without arguments, hence one each).
+pub mod schema {
+    use super::{I64_MAX, MAX_DISK_ID_CHARS, MAX_STAGE_CHARS, PID_MAX};
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, SchemaType, Type};
+
+    fn of(kind: Type, nullable: bool) -> ObjectBuilder {
+        let schema_type = if nullable {
+            SchemaType::from_iter([kind, Type::Null])
+        } else {
+            SchemaType::new(kind)
+        };
+        ObjectBuilder::new().schema_type(schema_type)
+    }
+
+    fn stored_integer(nullable: bool) -> ObjectBuilder {
+        of(Type::Integer, nullable)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(0))
+            .maximum(Some(I64_MAX as f64))
+    }
+
+    /// A Linux pid: 1 to [`PID_MAX`].
+    pub fn pid() -> ObjectBuilder {
+        of(Type::Integer, false)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int32)))
+            .minimum(Some(1))
+            .maximum(Some(PID_MAX))
+    }
+
+    /// A count the OMA stores as a signed 64-bit integer: 0 to [`I64_MAX`].
+    pub fn stored_count() -> ObjectBuilder {
+        stored_integer(false)
+    }
+
+    /// [`stored_count`], or null (absent).
+    pub fn optional_stored_count() -> ObjectBuilder {
+        stored_integer(true)
+    }
+
+    /// A percentage, 0 to 100, or null (absent).
+    pub fn optional_percent() -> ObjectBuilder {
+        of(Type::Number, true)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Double)))
+            .minimum(Some(0))
+            .maximum(Some(100))
+    }
+
+    /// A progress update's `stage`: at most [`MAX_STAGE_CHARS`] characters.
+    pub fn stage() -> ObjectBuilder {
+        of(Type::String, false).max_length(Some(MAX_STAGE_CHARS))
+    }
+
+    /// A progress update's `disk_id`: at most [`MAX_DISK_ID_CHARS`] characters, or null.
+    pub fn optional_disk_id() -> ObjectBuilder {
+        of(Type::String, true).max_length(Some(MAX_DISK_ID_CHARS))
+    }
+}
+
 /// Why a value breaks its rule. The message names the field and the rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FieldError {
@@ -336,5 +437,32 @@ mod tests {
         stored.update.percent = None;
         stored.sequence = u64::MAX;
         assert_eq!(stored.validate().unwrap_err().field(), "sequence");
+    }
+
+    #[test]
+    fn whole_numbers_may_be_written_as_json_schema_integers() {
+        let track: TrackJobRequest = serde_json::from_str(r#"{"pid": 930.0}"#).unwrap();
+        assert_eq!(track.pid, 930);
+        for bad in [
+            r#"{"pid": 930.5}"#,
+            r#"{"pid": -1}"#,
+            r#"{"pid": 4294967296}"#,
+            r#"{"pid": "1"}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<TrackJobRequest>(bad).is_err(),
+                "{bad}"
+            );
+        }
+        let u: ProgressUpdate = serde_json::from_str(
+            r#"{"stage":"s","bytes_transferred":1.0,"throughput_bps":0,"total_bytes":null}"#,
+        )
+        .unwrap();
+        assert_eq!((u.bytes_transferred, u.total_bytes), (1, None));
+        let u: ProgressUpdate = serde_json::from_str(
+            r#"{"stage":"s","bytes_transferred":1,"throughput_bps":0,"total_bytes":2e3}"#,
+        )
+        .unwrap();
+        assert_eq!(u.total_bytes, Some(2000));
     }
 }

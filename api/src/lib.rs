@@ -7,6 +7,7 @@
 pub mod bounds;
 pub mod job_id;
 pub mod launch;
+pub mod openapi;
 pub mod process;
 pub mod progress;
 
@@ -30,4 +31,25 @@ pub struct ErrorBody {
     pub error: String,
     /// Human-readable explanation: what failed and what to do about it.
     pub message: String,
+}
+
+/// True when `body` is a JSON object (its first character past white space is `{`). Every
+/// request body of both appliances is one, and the documents say so; serde alone would also
+/// read a struct from an array (`[]` is a body whose fields all have defaults), so both
+/// appliances' body extractors check this first.
+pub fn is_json_object(body: &[u8]) -> bool {
+    body.iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .is_some_and(|&b| b == b'{')
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_an_object_is_a_body() {
+        assert!(super::is_json_object(b" \n{\"dry_run\": true}"));
+        for body in [&b"[]"[..], b"[true]", b"null", b"", b"  ", b"\"{\""] {
+            assert!(!super::is_json_object(body), "{body:?}");
+        }
+    }
 }

@@ -10,8 +10,12 @@ use uuid::Uuid;
 #[serde(deny_unknown_fields)]
 pub struct ProcessIdentity {
     /// Thread-group id (the pid as `ps` shows it).
+    #[serde(deserialize_with = "crate::bounds::whole::deserialize")]
+    #[schema(schema_with = crate::bounds::schema::pid)]
     pub pid: u32,
     /// Start time in clock ticks since boot, as in field 22 of `/proc/<pid>/stat`.
+    #[serde(deserialize_with = "crate::bounds::whole::deserialize")]
+    #[schema(schema_with = crate::bounds::schema::stored_count)]
     pub start_time: u64,
 }
 
@@ -184,13 +188,56 @@ pub enum JobProcessState {
 /// an [`crate::ErrorBody`] whose `error` is `unknown_job`.
 ///
 /// Unknown fields are tolerated here: serde cannot deny them through `flatten`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmaJobStatus {
     /// The job.
     pub job_id: crate::JobId,
     /// Its latest process state.
     #[serde(flatten)]
     pub state: JobProcessState,
+}
+
+/// The schema of [`VmaJobStatus`] as the JSON is: one flat object per state, each with the
+/// `job_id` beside the state's fields. (The derived schema would be an `allOf` of the `job_id`
+/// object and the states' `oneOf`, which says the same but which client generators such as
+/// openapi-python-client cannot read.)
+impl utoipa::PartialSchema for VmaJobStatus {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::Schema;
+        use utoipa::openapi::{Ref, RefOr};
+        let mut states = match JobProcessState::schema() {
+            RefOr::T(Schema::OneOf(one_of)) => one_of,
+            other => return other,
+        };
+        for state in &mut states.items {
+            if let RefOr::T(Schema::Object(object)) = state {
+                object.properties.insert(
+                    "job_id".to_owned(),
+                    RefOr::Ref(Ref::from_schema_name("JobId")),
+                );
+                object.required.insert(0, "job_id".to_owned());
+            }
+        }
+        states.description = Some(
+            "A job and the latest state of its process (`state` says which fields follow). \
+             An unknown job is a 404 `unknown_job`."
+                .to_owned(),
+        );
+        Schema::OneOf(states).into()
+    }
+}
+
+impl ToSchema for VmaJobStatus {
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        use utoipa::PartialSchema;
+        schemas.push(("JobId".to_owned(), crate::JobId::schema()));
+        <JobProcessState as ToSchema>::schemas(schemas);
+    }
 }
 
 #[cfg(test)]

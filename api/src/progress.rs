@@ -52,6 +52,13 @@ impl SyncType {
             Self::Incremental => "incremental",
         }
     }
+
+    /// Parses the text [`SyncType::as_str`] gives; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Full, Self::Incremental]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+    }
 }
 
 /// Body of `POST /api/v1/progress/{job_id}/update` exactly as migratekit's progress client
@@ -60,22 +67,34 @@ impl SyncType {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ProgressUpdate {
     /// Free-form stage name ("Transfer", "Snapshot", ...).
+    #[schema(schema_with = crate::bounds::schema::stage)]
     pub stage: String,
     /// Overall status; absent means in progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<ProgressStatus>,
     /// Bytes copied so far.
+    #[serde(deserialize_with = "crate::bounds::whole::deserialize")]
+    #[schema(schema_with = crate::bounds::schema::stored_count)]
     pub bytes_transferred: u64,
     /// Bytes to copy in all, when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::bounds::whole::option"
+    )]
+    #[schema(schema_with = crate::bounds::schema::optional_stored_count)]
     pub total_bytes: Option<u64>,
     /// Current throughput in bytes per second.
+    #[serde(deserialize_with = "crate::bounds::whole::deserialize")]
+    #[schema(schema_with = crate::bounds::schema::stored_count)]
     pub throughput_bps: u64,
     /// Percent done, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::bounds::schema::optional_percent)]
     pub percent: Option<f64>,
     /// Disk being copied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::bounds::schema::optional_disk_id)]
     pub disk_id: Option<String>,
     /// Full or incremental copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,6 +115,8 @@ pub struct StoredProgress {
     /// When the watchdog received it.
     pub received_at: DateTime<Utc>,
     /// Number of updates received for this job so far.
+    #[serde(deserialize_with = "crate::bounds::whole::deserialize")]
+    #[schema(schema_with = crate::bounds::schema::stored_count)]
     pub sequence: u64,
 }
 

@@ -26,6 +26,14 @@ pub enum ApiError {
     /// The body is larger than the limit.
     #[error("request body too large; send at most {0} bytes")]
     PayloadTooLarge(usize),
+    /// An https:// VMA URL, but no CA to verify VMAs with: the request is well formed, the
+    /// OMA's configuration cannot serve it.
+    #[error(
+        "field `base_url` is an https:// URL, but this OMA has no CA to verify VMAs with; \
+         start it with --vma-ca (and --vma-client-cert/--vma-client-key if the VMA requires \
+         a client certificate), or register the VMA's http:// URL"
+    )]
+    VmaTlsUnconfigured,
     /// A recovery run is in progress.
     #[error("a recovery run is already in progress; retry when it has finished")]
     RecoveryBusy,
@@ -66,13 +74,15 @@ impl ApiError {
             Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden", message),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_body", message),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", message),
+            Self::VmaTlsUnconfigured => (StatusCode::CONFLICT, "vma_tls_unconfigured", message),
             Self::RecoveryBusy => (StatusCode::CONFLICT, "recovery_in_progress", message),
             Self::StartRefused { .. } => (StatusCode::BAD_GATEWAY, "start_refused", message),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message),
             Self::Store(e) => match e {
                 S::UnknownJob(_) => (StatusCode::NOT_FOUND, "unknown_job", message),
                 S::UnknownContext(_) => (StatusCode::NOT_FOUND, "unknown_vm_context", message),
-                S::UnknownVma(_) => (StatusCode::BAD_REQUEST, "unknown_vma", message),
+                S::UnknownVma(_) => (StatusCode::NOT_FOUND, "unknown_vma", message),
+                S::TokenInUse => (StatusCode::CONFLICT, "token_in_use", message),
                 S::JobExists(_) => (StatusCode::CONFLICT, "job_exists", message),
                 S::IllegalTransition { .. } => {
                     (StatusCode::CONFLICT, "illegal_transition", message)
@@ -120,7 +130,33 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
+        let json_type = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|media| media.trim().to_ascii_lowercase())
+            .is_some_and(|media| media == "application/json" || media.ends_with("+json"));
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge(crate::BODY_LIMIT)
+                } else {
+                    ApiError::BadRequest(format!("the request body could not be read: {rejection}"))
+                }
+            })?;
+        if !json_type {
+            return Err(ApiError::BadRequest(
+                "invalid JSON body: send it with `Content-Type: application/json`".into(),
+            ));
+        }
+        if !api::is_json_object(&bytes) {
+            return Err(ApiError::BadRequest(
+                "invalid JSON body: the body must be a JSON object".into(),
+            ));
+        }
+        match Json::<T>::from_bytes(&bytes) {
             Ok(Json(value)) => Ok(Self(value)),
             Err(rejection) => Err(json_rejection(&rejection)),
         }

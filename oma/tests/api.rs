@@ -422,6 +422,10 @@ async fn the_openapi_document_describes_the_endpoints() {
             "{path} missing from OpenAPI"
         );
     }
+    // What is served is what `docs/openapi/oma.json` holds (tests/openapi_doc.rs).
+    let committed: serde_json::Value =
+        serde_json::from_str(&oma::routes::openapi::document_json()).unwrap();
+    assert_eq!(doc, committed);
     api.server.shutdown().await;
 }
 
@@ -475,4 +479,169 @@ async fn a_replaced_vma_token_stops_working_at_once() {
             db.backend
         );
     }
+}
+
+/// Serde reads a struct from a JSON array too (`[]` is a run request with every default);
+/// the document allows objects only, and so does the server now.
+#[tokio::test]
+async fn a_body_that_is_not_a_json_object_is_400() {
+    let db = common::sqlite_db();
+    let api = Api::start(&db).await;
+    api.record_job("job-1", "ctx-1").await;
+    for (path, body) in [
+        ("/api/v1/recovery/run", json!([])),
+        ("/api/v1/recovery/run", json!([true])),
+        ("/api/v1/jobs/job-1/cancel", json!([])),
+        ("/api/v1/jobs", json!(["job-2", "ctx-2", "web02", "vma-1"])),
+    ] {
+        let resp = api.c.send(M::POST, path, Some(OPERATOR), Some(body)).await;
+        let e = error(resp, StatusCode::BAD_REQUEST).await;
+        assert!(e.message.contains("JSON object"), "{path}: {}", e.message);
+    }
+    let job: Job = api.get("/api/v1/jobs/job-1").await;
+    assert_eq!(
+        job.status.as_str(),
+        "pending",
+        "the array did not cancel it"
+    );
+    api.server.shutdown().await;
+}
+
+/// `limit` and `offset` were clamped silently; the document states their ranges and the
+/// server refuses what is outside them, naming the parameter.
+#[tokio::test]
+async fn job_list_limit_and_offset_out_of_range_are_400_naming_the_parameter() {
+    let db = common::sqlite_db();
+    let api = Api::start(&db).await;
+    api.record_job("job-1", "ctx-1").await;
+    for (query, parameter) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=-5", "limit"),
+        ("offset=-1", "offset"),
+    ] {
+        let resp = api
+            .c
+            .send(
+                M::GET,
+                &format!("/api/v1/jobs?{query}"),
+                Some(OPERATOR),
+                None,
+            )
+            .await;
+        let e = error(resp, StatusCode::BAD_REQUEST).await;
+        assert!(e.message.contains(parameter), "{query}: {}", e.message);
+    }
+    let jobs: Vec<Job> = api.get("/api/v1/jobs?limit=1000&offset=0").await;
+    assert_eq!(jobs.len(), 1);
+    let jobs: Vec<Job> = api.get("/api/v1/jobs?limit=1&offset=1").await;
+    assert!(jobs.is_empty());
+    api.server.shutdown().await;
+}
+
+/// Registering a VMA with a token another VMA holds broke the database's unique index and
+/// answered 503 `storage_unavailable`; it is a 409 that says what to do, and the first VMA
+/// keeps its token.
+#[tokio::test]
+async fn a_token_another_vma_holds_is_409_not_a_storage_failure() {
+    for db in test_dbs().await {
+        let api = Api::start(&db).await;
+        let body = json!({"base_url": "http://127.0.0.1:9", "token": VMA1_TOKEN});
+        let resp = api
+            .c
+            .send(M::PUT, "/api/v1/vmas/vma-3", Some(OPERATOR), Some(body))
+            .await;
+        let e = error(resp, StatusCode::CONFLICT).await;
+        assert_eq!(e.error, "token_in_use", "{}", db.backend);
+        assert!(!e.message.contains(VMA1_TOKEN), "{}", e.message);
+        // vma-1 may still post with it, and vma-3 was not registered.
+        let batch = json!({"vma_id": "vma-1", "events": []});
+        let resp = api
+            .c
+            .send(
+                M::POST,
+                "/api/v1/watchdog/events",
+                Some(VMA1_TOKEN),
+                Some(batch),
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let vmas: Vec<serde_json::Value> = api.get("/api/v1/vmas").await;
+        assert!(vmas.iter().all(|v| v["id"] != "vma-3"), "{vmas:?}");
+        api.server.shutdown().await;
+    }
+}
+
+/// The rules of `PUT /api/v1/vmas/{id}` as the document states them: an http(s) URL (400
+/// otherwise), a token of at least 16 characters counted as characters, not bytes; an
+/// https:// URL the OMA cannot verify is the OMA's configuration, a 409.
+#[tokio::test]
+async fn vma_registration_follows_the_documented_rules() {
+    let db = common::sqlite_db();
+    let api = Api::start(&db).await;
+    let put = |base_url: &str, token: &str| {
+        let body = json!({"base_url": base_url, "token": token});
+        api.c
+            .send(M::PUT, "/api/v1/vmas/vma-9", Some(OPERATOR), Some(body))
+    };
+    let token = "a-token-of-enough-characters";
+    for url in ["", "ftp://vma", "HTTP://vma", "vma:8081"] {
+        let e = error(put(url, token).await, StatusCode::BAD_REQUEST).await;
+        assert!(e.message.contains("base_url"), "{url}: {}", e.message);
+    }
+    // Nine characters, eighteen bytes: too short.
+    let e = error(
+        put("http://vma", &"é".repeat(9)).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    assert!(e.message.contains("16 characters"), "{}", e.message);
+    let resp = put("http://vma", &"é".repeat(16)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let e = error(put("https://vma", token).await, StatusCode::CONFLICT).await;
+    assert_eq!(e.error, "vma_tls_unconfigured");
+    assert!(e.message.contains("--vma-ca"), "{}", e.message);
+    api.server.shutdown().await;
+}
+
+/// Job creation refers to things that may not exist: an unregistered VMA is a 404 like an
+/// unknown VM context (a well-formed request about a missing thing, not a malformed one).
+/// `sync_type` is `full` or `incremental`, and a VM context id of white space only is 400.
+#[tokio::test]
+async fn job_creation_follows_the_documented_rules() {
+    let db = common::sqlite_db();
+    let api = Api::start(&db).await;
+    let post = |body| {
+        api.c
+            .send(M::POST, "/api/v1/jobs", Some(OPERATOR), Some(body))
+    };
+    let unknown =
+        json!({"vm_context_id": "ctx-1", "vm_name": "w", "vma_id": "nope", "start": false});
+    let e = error(post(unknown).await, StatusCode::NOT_FOUND).await;
+    assert_eq!(e.error, "unknown_vma");
+    let sync = json!({"vm_context_id": "ctx-1", "vm_name": "w", "vma_id": "vma-1",
+        "start": false, "sync_type": "partial"});
+    let e = error(post(sync).await, StatusCode::BAD_REQUEST).await;
+    assert!(
+        e.message.contains("sync_type") || e.message.contains("partial"),
+        "{}",
+        e.message
+    );
+    for blank in [" ", "\t\n", "\u{3000}", "\u{85}"] {
+        let body =
+            json!({"vm_context_id": blank, "vm_name": "w", "vma_id": "vma-1", "start": false});
+        let e = error(post(body).await, StatusCode::BAD_REQUEST).await;
+        assert!(
+            e.message.contains("vm_context_id"),
+            "{blank:?}: {}",
+            e.message
+        );
+    }
+    let ok = json!({"vm_context_id": "ctx-1", "vm_name": "w", "vma_id": "vma-1",
+        "start": false, "sync_type": "incremental"});
+    let resp = post(ok).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let job: Job = resp.json().await.unwrap();
+    assert_eq!(job.sync_type.as_deref(), Some("incremental"));
+    api.server.shutdown().await;
 }

@@ -109,7 +109,7 @@ async fn an_https_vma_is_called_with_the_oma_ca_and_client_certificate() {
     // Without a CA for VMAs, an https:// VMA cannot be registered: it could never be called.
     let plain_oma = start_server(settings(&db)).await;
     let refused = register(&plain_oma, &vma.url).await;
-    assert_eq!(refused.status(), 400);
+    assert_eq!(refused.status(), 409);
     let e: api::ErrorBody = refused.json().await.unwrap();
     assert!(e.message.contains("--vma-ca"), "{}", e.message);
     plain_oma.shutdown().await;

@@ -209,9 +209,22 @@ async fn start_runs_the_template_registers_the_process_and_refuses_a_second_star
             .json(&body)
             .send()
     };
+    // A parameter the VMA's template needs is missing: the request is well formed (no
+    // schema can know this VMA's template), this VMA cannot serve it: 409.
     let missing = start(serde_json::json!({})).await.unwrap();
-    assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
-    assert!(error_of(missing).await.message.contains("seconds"));
+    assert_eq!(missing.status(), StatusCode::CONFLICT);
+    let body = error_of(missing).await;
+    assert_eq!(body.error, "invalid_parameters");
+    assert!(body.message.contains("seconds"));
+    let no_creds =
+        start(serde_json::json!({"credentials": "nope", "parameters": {"seconds": "30"}}))
+            .await
+            .unwrap();
+    assert_eq!(no_creds.status(), StatusCode::CONFLICT);
+    // A body that is not an object: serde would read `[]` as a request of defaults.
+    let array = start(serde_json::json!([])).await.unwrap();
+    assert_eq!(array.status(), StatusCode::BAD_REQUEST);
+    assert!(error_of(array).await.message.contains("JSON object"));
 
     let response = start(serde_json::json!({"parameters": {"seconds": "30"}}))
         .await
@@ -284,7 +297,8 @@ async fn track_adopts_a_matching_process_and_refuses_others() {
     );
 
     let wrong_name = track("job-u", std::process::id()).await.unwrap();
-    assert_eq!(wrong_name.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    // Not migratekit by its name: 403 like any other process that is not migratekit.
+    assert_eq!(wrong_name.status(), StatusCode::FORBIDDEN);
     assert_eq!(error_of(wrong_name).await.error, "process_name_mismatch");
     // The right name from another file: a copy is not the configured binary.
     let copy = dir.path().join("sleep");
@@ -344,5 +358,22 @@ async fn health_needs_no_token_and_shows_the_outbox_counters() {
     assert_eq!(health["outbox"]["queued"], 1);
     assert_eq!(health["outbox"]["delivered"], 0);
     assert!(health["outbox"]["oldest_age_seconds"].is_number());
+    server.stop().await;
+}
+
+/// The document is served without a token at `/openapi.json`, and it is the committed copy
+/// (`docs/openapi/vma-watchdog.json`, checked by tests/openapi_doc.rs); the plain progress
+/// listener does not serve it.
+#[tokio::test]
+async fn the_openapi_document_is_served_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), sleep_launcher()).await;
+    let response = reqwest::get(server.url("/openapi.json")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let doc: serde_json::Value = response.json().await.unwrap();
+    let committed: serde_json::Value =
+        serde_json::from_str(&vma_watchdog::http::openapi::document_json()).unwrap();
+    assert_eq!(doc, committed);
+    assert!(doc["paths"]["/api/v1/jobs/{job_id}/start"].is_object());
     server.stop().await;
 }

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build_ebpf;
+mod contract;
 mod disk;
 // Shared with watchdog/build.rs, which checks the stamp this crate writes.
 #[path = "../../watchdog/build/ebpf_stamp.rs"]
@@ -45,6 +46,9 @@ enum Command {
     Run(run::RunArgs),
     /// Kill tests: every way a replication can die, with real processes, restarts and cuts.
     KillTest(kill_test::KillTestArgs),
+    /// Schemathesis against both daemons started on loopback, from the committed OpenAPI
+    /// documents (docs/openapi/), with every check and stateful links.
+    Contract(contract::ContractArgs),
     /// The README's test command and what CI runs: set-up, eBPF build, formatting, lints, all tests.
     Test(test::TestArgs),
 }
@@ -56,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf => build_ebpf::run(),
         Command::Bench { which } => bench::run(which),
         Command::Test(args) => test::run(&args),
+        Command::Contract(args) => contract::run(&args),
         Command::Run(args) => run::run(&args),
         Command::KillTest(args) => kill_test::run(&args),
     }

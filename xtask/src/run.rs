@@ -57,10 +57,12 @@ extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-/// A daemon started by the demo; stopped with SIGTERM (then SIGKILL) when dropped.
-struct Daemon {
+/// A daemon started by the demo (or the contract tests); stopped with SIGTERM (then SIGKILL)
+/// when dropped.
+pub(crate) struct Daemon {
     name: &'static str,
     child: Child,
+    log: PathBuf,
 }
 
 impl Drop for Daemon {
@@ -275,7 +277,7 @@ fn follow_job(cli: &dyn Fn() -> Command, job_id: &str) -> Result<Option<String>>
 }
 
 /// Writes a fresh random token (hex) readable by its owner only, unless one is there.
-fn token_file(dir: &Path, name: &str) -> Result<PathBuf> {
+pub(crate) fn token_file(dir: &Path, name: &str) -> Result<PathBuf> {
     let path = dir.join(name);
     if !path.exists() {
         let mut bytes = [0u8; 24];
@@ -291,7 +293,7 @@ fn token_file(dir: &Path, name: &str) -> Result<PathBuf> {
 }
 
 /// Starts a daemon with its output in `<dir>/<name>.log`.
-fn spawn(name: &'static str, dir: &Path, cmd: &mut Command) -> Result<Daemon> {
+pub(crate) fn spawn(name: &'static str, dir: &Path, cmd: &mut Command) -> Result<Daemon> {
     let log_path = dir.join(format!("{name}.log"));
     let log =
         fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
@@ -306,11 +308,15 @@ fn spawn(name: &'static str, dir: &Path, cmd: &mut Command) -> Result<Daemon> {
         child.id(),
         log_path.display()
     );
-    Ok(Daemon { name, child })
+    Ok(Daemon {
+        name,
+        child,
+        log: log_path,
+    })
 }
 
 /// Waits until `GET /health` on `addr` answers 200, failing early when the daemon exits.
-fn wait_healthy(daemon: &Daemon, addr: &str) -> Result<()> {
+pub(crate) fn wait_healthy(daemon: &Daemon, addr: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if health_ok(addr) {
@@ -319,9 +325,9 @@ fn wait_healthy(daemon: &Daemon, addr: &str) -> Result<()> {
         }
         if Instant::now() > deadline {
             bail!(
-                "{} did not become healthy on {addr} within 30 s; see target/demo/{}.log",
+                "{} did not become healthy on {addr} within 30 s; see {}",
                 daemon.name,
-                daemon.name
+                daemon.log.display()
             );
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -21,6 +21,9 @@ pub fn run() -> Result<()> {
     // The attack tests run forgers and impostors as another real user from another real
     // process: `curl` posts the forged progress, `useradd` makes the user.
     changed |= ensure_debian_packages("setup", &[("curl", "curl"), ("useradd", "passwd")])?;
+    // Schemathesis and the generated clients check the OpenAPI documents (`cargo xtask
+    // contract`, part of `cargo xtask test`).
+    changed |= crate::contract::ensure_tools()?;
     if changed {
         println!("setup: done");
     } else {
@@ -50,12 +53,19 @@ pub fn ensure_debian_packages(who: &str, wanted: &[(&str, &str)]) -> Result<bool
     if missing.is_empty() {
         return Ok(false);
     }
+    install_debian_packages(who, &missing)?;
+    Ok(true)
+}
+
+/// Installs `packages` with apt-get (running `apt-get update` first when the lists are
+/// missing). `who` prefixes the line it prints.
+pub fn install_debian_packages(who: &str, missing: &[&str]) -> Result<()> {
     println!("{who}: installing {} (apt-get)", missing.join(" "));
     let install = || {
         status(
             Command::new("apt-get")
                 .args(["install", "-y", "--no-install-recommends"])
-                .args(&missing)
+                .args(missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )
     };
@@ -64,7 +74,7 @@ pub fn ensure_debian_packages(who: &str, wanted: &[(&str, &str)]) -> Result<bool
         status(Command::new("apt-get").arg("update")).context("apt-get update")?;
         install().with_context(|| format!("apt-get install {}", missing.join(" ")))?;
     }
-    Ok(true)
+    Ok(())
 }
 
 /// What `build-ebpf` needs: rust-src and bpf-linker, installed quietly when missing.

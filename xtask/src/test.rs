@@ -2,7 +2,8 @@
 //!
 //! It first installs and starts what the tests need, so that a fresh machine needs nothing
 //! else: the eBPF toolchain and tracefs (`setup`), the eBPF object (`build-ebpf`), and a
-//! PostgreSQL server for the OMA's store tests. After the test suites it runs the kill tests
+//! PostgreSQL server for the OMA's store tests. After the test suites it runs the contract
+//! tests (Schemathesis on both daemons, `cargo xtask contract`) and the kill tests
 //! (`cargo xtask kill-test`, see docs/RELIABILITY.md).
 
 use std::process::Command;
@@ -10,7 +11,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::{build_ebpf, disk, kill_test, paths, postgres, run as run_cmd, setup};
+use crate::{build_ebpf, contract, disk, kill_test, paths, postgres, run as run_cmd, setup};
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
@@ -57,6 +58,7 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
     setup::build_bins(false)?;
     setup::status(&mut test_command(&cargo))
         .context("tests failed: the output above says which")?;
+    contract()?;
     // The kill tests need root (signals to other users' processes, namespaces, cgroups, eBPF).
     if root {
         kill_test::run(&kill_test::KillTestArgs::for_test_suite())
@@ -72,6 +74,12 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
         .context("the README's run command (`cargo xtask run`) failed; see target/demo/*.log")?;
     println!("test: all checks passed");
     Ok(())
+}
+
+/// The REST contract of both daemons, fuzzed by Schemathesis (`cargo xtask contract`).
+fn contract() -> Result<()> {
+    contract::run(&contract::ContractArgs::for_test_suite())
+        .context("the contract tests failed: the Schemathesis output above says where")
 }
 
 /// The OMA's store tests run on SQLite and on PostgreSQL; in CI a skipped PostgreSQL run is a

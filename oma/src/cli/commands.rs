@@ -20,8 +20,9 @@ pub struct JobsArgs {
     /// Only jobs of this VM context.
     #[arg(long)]
     pub vm_context: Option<String>,
-    /// At most this many (the server caps it at 1000).
-    #[arg(long, default_value_t = 100)]
+    /// At most this many, from 1 to 1000 (the server's range).
+    #[arg(long, default_value_t = crate::store::JobFilter::DEFAULT_LIMIT,
+        value_parser = clap::value_parser!(i64).range(1..=crate::store::JobFilter::MAX_LIMIT))]
     pub limit: i64,
 }
 
@@ -65,8 +66,8 @@ pub struct CreateArgs {
     #[arg(long)]
     pub vm_name: Option<String>,
     /// `full` or `incremental`.
-    #[arg(long)]
-    pub sync_type: Option<String>,
+    #[arg(long, value_parser = parse_sync_type)]
+    pub sync_type: Option<api::SyncType>,
     /// Only record the job; do not ask the VMA to start migratekit.
     #[arg(long)]
     pub no_start: bool,
@@ -102,7 +103,7 @@ impl CreateArgs {
             vm_context_id: self.vm_context.clone(),
             vm_name: self.vm_name.clone(),
             vma_id: self.vma.clone(),
-            sync_type: self.sync_type.clone(),
+            sync_type: self.sync_type,
             start: !self.no_start,
             params: StartJobRequest {
                 vm_path: self.vm_path.clone(),
@@ -149,4 +150,9 @@ impl RegisterVmaArgs {
         };
         Ok(serde_json::json!({ "base_url": self.base_url, "token": token }))
     }
+}
+
+/// `--sync-type`: the values the OMA accepts, refused here before a request is sent.
+fn parse_sync_type(text: &str) -> Result<api::SyncType, String> {
+    api::SyncType::parse(text).ok_or_else(|| format!("`{text}` is not `full` or `incremental`"))
 }

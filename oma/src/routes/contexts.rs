@@ -13,6 +13,8 @@ use utoipa::IntoParams;
 /// Filters of `GET /api/v1/vm-contexts`.
 #[derive(Debug, Clone, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+// `ApiQuery` is not axum's `Query`, so utoipa cannot tell where these go: say it.
+#[into_params(parameter_in = Query)]
 pub struct ContextFilter {
     /// Only contexts in this status.
     pub status: Option<ContextStatus>,
@@ -38,7 +40,8 @@ pub async fn list_contexts(
 /// One VM context.
 #[utoipa::path(get, path = "/api/v1/vm-contexts/{id}", tag = "vm-contexts",
     security(("bearer" = [])), params(("id" = String, Path, description = "Context id")),
-    responses((status = 200, body = VmContext), (status = 404, body = api::ErrorBody)))]
+    responses((status = 200, body = VmContext),
+        (status = 404, description = "No such VM context (`unknown_vm_context`).", body = api::ErrorBody)))]
 pub async fn get_context(
     State(state): State<AppState>,
     Path(id): Path<String>,

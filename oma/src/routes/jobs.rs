@@ -6,7 +6,7 @@ use crate::job;
 use crate::model::{AuditEntry, Job};
 use crate::start::{self, StartOutcome};
 use crate::store::{JobFilter, NewJob};
-use api::{JobId, StartJobRequest};
+use api::{JobId, StartJobRequest, SyncType};
 use axum::Json;
 use axum::Router;
 use axum::extract::{Path, State};
@@ -14,6 +14,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
 
 /// Body of `POST /api/v1/jobs/{id}/cancel`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
@@ -43,7 +44,9 @@ pub struct CreateJobRequest {
     #[serde(default)]
     #[schema(value_type = Option<JobId>)]
     pub id: Option<String>,
-    /// The VM context to replicate; created when it does not exist yet.
+    /// The VM context to replicate; created when it does not exist yet. It must hold a
+    /// character that is not white space.
+    #[schema(schema_with = context_id_schema)]
     pub vm_context_id: String,
     /// VM name; required when the context is new.
     #[serde(default)]
@@ -52,7 +55,7 @@ pub struct CreateJobRequest {
     pub vma_id: String,
     /// `full` or `incremental`.
     #[serde(default)]
-    pub sync_type: Option<String>,
+    pub sync_type: Option<SyncType>,
     /// Ask the VMA to start migratekit now (default). `false` only records the job, for
     /// tests and for migrating jobs whose process already runs (adopt it on the VMA with its
     /// track endpoint; recovery then records the process).
@@ -67,6 +70,51 @@ fn yes() -> bool {
     true
 }
 
+/// The characters Rust's `char::is_whitespace` (Unicode's White_Space) calls white space, as
+/// ranges: a `vm_context_id` made of them only is refused, so the document's pattern lists
+/// them all (a test checks the list against `char::is_whitespace` for every character).
+const WHITE_SPACE: &[(char, char)] = &[
+    ('\t', '\r'),
+    (' ', ' '),
+    ('\u{85}', '\u{85}'),
+    ('\u{a0}', '\u{a0}'),
+    ('\u{1680}', '\u{1680}'),
+    ('\u{2000}', '\u{200a}'),
+    ('\u{2028}', '\u{2029}'),
+    ('\u{202f}', '\u{202f}'),
+    ('\u{205f}', '\u{205f}'),
+    ('\u{3000}', '\u{3000}'),
+];
+
+/// A character that is not white space, as a regular expression (found anywhere in the text).
+fn not_white_space_pattern() -> String {
+    let escape = |c: char| format!("\\u{:04x}", u32::from(c));
+    let ranges: String = WHITE_SPACE
+        .iter()
+        .map(|&(from, to)| {
+            if from == to {
+                escape(from)
+            } else {
+                format!("{}-{}", escape(from), escape(to))
+            }
+        })
+        .collect();
+    format!("[^{ranges}]")
+}
+
+/// True when `id` holds a character that is not white space: the rule of `vm_context_id`.
+pub fn is_context_id(id: &str) -> bool {
+    !id.trim().is_empty()
+}
+
+/// The schema of `vm_context_id`: [`is_context_id`] as a pattern (found anywhere in the text).
+fn context_id_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .pattern(Some(not_white_space_pattern()))
+}
+
 impl CreateJobRequest {
     fn new_job(&self, id: String) -> NewJob {
         NewJob {
@@ -74,7 +122,7 @@ impl CreateJobRequest {
             vm_context_id: self.vm_context_id.clone(),
             vm_name: self.vm_name.clone(),
             vma_id: self.vma_id.clone(),
-            sync_type: self.sync_type.clone(),
+            sync_type: self.sync_type.map(|s| s.as_str().to_owned()),
         }
     }
 }
@@ -87,16 +135,18 @@ impl CreateJobRequest {
 #[utoipa::path(post, path = "/api/v1/jobs", request_body = CreateJobRequest, tag = "jobs",
     security(("bearer" = [])),
     responses((status = 201, body = Job), (status = 202, description = "VMA unreachable; job pending", body = Job),
-        (status = 400, body = api::ErrorBody),
-        (status = 409, description = "job id taken or VM context busy", body = api::ErrorBody),
-        (status = 502, description = "the VMA refused to start the job; it is failed", body = api::ErrorBody)))]
+        (status = 400, description = "The body breaks the schema: the message names the field (`invalid_body`).", body = api::ErrorBody),
+        (status = 404, description = "The VMA is not registered (`unknown_vma`), or the VM context does not exist and no `vm_name` was given to create it (`unknown_vm_context`).", body = api::ErrorBody),
+        (status = 409, description = "The job id is taken (`job_exists`), or the VM context is held by an active job or by a cancelled one whose stop is pending (`vm_context_busy`).", body = api::ErrorBody),
+        (status = 500, description = "The start task failed (`internal_error`); the job's audit trail says how far it got.", body = api::ErrorBody),
+        (status = 502, description = "The VMA refused to start the job; it is failed (`start_refused`).", body = api::ErrorBody)))]
 pub async fn create_job(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<CreateJobRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
-    if request.vm_context_id.trim().is_empty() {
+    if !is_context_id(&request.vm_context_id) {
         return Err(ApiError::BadRequest(
-            "field `vm_context_id` must not be empty".into(),
+            "field `vm_context_id` must hold a character that is not white space".into(),
         ));
     }
     // One rule for every job, started or not: the id may be started later (`track`, a new
@@ -160,14 +210,16 @@ pub async fn list_jobs(
     State(state): State<AppState>,
     ApiQuery(filter): ApiQuery<JobFilter>,
 ) -> Result<Json<Vec<Job>>, ApiError> {
+    filter.validate().map_err(ApiError::BadRequest)?;
     let jobs = state.store.list_jobs(&filter).await?;
     Ok(Json(jobs.into_iter().map(|r| r.job).collect()))
 }
 
 /// One job.
 #[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, body = Job), (status = 404, body = api::ErrorBody)))]
+    params(("id" = JobId, Path, description = "Job id")),
+    responses((status = 200, body = Job),
+        (status = 404, description = "No such job (`unknown_job`).", body = api::ErrorBody)))]
 pub async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -177,8 +229,9 @@ pub async fn get_job(
 
 /// The job's audit trail, oldest first.
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/audit", tag = "jobs", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, body = Vec<AuditEntry>), (status = 404, body = api::ErrorBody)))]
+    params(("id" = JobId, Path, description = "Job id")),
+    responses((status = 200, body = Vec<AuditEntry>),
+        (status = 404, description = "No such job (`unknown_job`).", body = api::ErrorBody)))]
 pub async fn job_audit(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -189,9 +242,10 @@ pub async fn job_audit(
 /// Cancels an active job and releases its VM context; 409 with the current status when the
 /// job is already final.
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Job id")), request_body = CancelRequest,
-    responses((status = 200, body = Job), (status = 404, body = api::ErrorBody),
-        (status = 409, description = "job already final", body = api::ErrorBody)))]
+    params(("id" = JobId, Path, description = "Job id")), request_body = CancelRequest,
+    responses((status = 200, body = Job),
+        (status = 404, description = "No such job (`unknown_job`).", body = api::ErrorBody),
+        (status = 409, description = "The job is already final (`illegal_transition`); the message gives its status.", body = api::ErrorBody)))]
 pub async fn cancel_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -205,4 +259,20 @@ pub async fn cancel_job(
     tracing::info!(job_id = %id, "job cancelled by an operator");
     crate::stop::after_cancel(&state, &rec).await;
     Ok(Json(rec.job))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{WHITE_SPACE, not_white_space_pattern};
+
+    #[test]
+    fn the_white_space_of_the_pattern_is_rusts() {
+        for c in (0..=u32::from(char::MAX)).filter_map(char::from_u32) {
+            let listed = WHITE_SPACE
+                .iter()
+                .any(|&(from, to)| (from..=to).contains(&c));
+            assert_eq!(listed, c.is_whitespace(), "{c:?}");
+        }
+        assert!(not_white_space_pattern().starts_with("[^\\u0009-\\u000d\\u0020"));
+    }
 }

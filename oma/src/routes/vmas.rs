@@ -1,7 +1,7 @@
 //! `/api/v1/vmas`: the VMAs this OMA knows, and their watchdog tokens (stored hashed).
 
 use crate::AppState;
-use crate::auth::hash_token;
+use crate::auth::{MIN_TOKEN_LEN, hash_token};
 use crate::error::{ApiError, ApiJson};
 use crate::store::Vma;
 use axum::Json;
@@ -10,14 +10,40 @@ use axum::extract::{Path, State};
 use axum::routing::{get, put};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+
+/// The rule of `base_url`, as the document's pattern: an http:// or https:// URL.
+const BASE_URL_PATTERN: &str = "^https?://";
+
+/// True when `url` is an http:// or https:// URL: [`BASE_URL_PATTERN`]'s rule.
+fn is_http_url(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
+fn base_url_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(BASE_URL_PATTERN))
+        .examples([serde_json::json!("http://vma-1.example:8081")])
+}
+
+fn token_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(MIN_TOKEN_LEN))
+}
 
 /// Body of `PUT /api/v1/vmas/{id}`.
 #[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterVma {
-    /// Base URL of the VMA's watchdog API.
+    /// Base URL of the VMA's watchdog API: an http:// or https:// URL (https:// needs the
+    /// OMA to have a CA for VMAs, `--vma-ca`; 409 otherwise).
+    #[schema(schema_with = base_url_schema)]
     pub base_url: String,
-    /// The bearer token the VMA's watchdog presents when it posts events. Stored hashed.
+    /// The bearer token the VMA's watchdog presents when it posts events, at least 16
+    /// characters. Stored hashed.
+    #[schema(schema_with = token_schema)]
     pub token: String,
 }
 
@@ -39,34 +65,37 @@ pub fn router() -> Router<AppState> {
 /// Registers a VMA or replaces its URL and token.
 #[utoipa::path(put, path = "/api/v1/vmas/{id}", tag = "vmas", security(("bearer" = [])),
     params(("id" = String, Path, description = "VMA id")), request_body = RegisterVma,
-    responses((status = 200, body = Vma), (status = 400, body = api::ErrorBody)))]
+    responses((status = 200, body = Vma),
+        (status = 400, description = "The body breaks the schema: `base_url` is not an http(s) URL, `token` is shorter than 16 characters (`invalid_body`).", body = api::ErrorBody),
+        (status = 409, description = "`base_url` is an https:// URL but this OMA has no CA to verify VMAs with (`vma_tls_unconfigured`): start it with `--vma-ca`; or another VMA has this token (`token_in_use`).", body = api::ErrorBody)))]
 pub async fn register_vma(
     State(state): State<AppState>,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<RegisterVma>,
 ) -> Result<Json<Vma>, ApiError> {
-    if !(body.base_url.starts_with("http://") || body.base_url.starts_with("https://")) {
+    if !is_http_url(&body.base_url) {
         return Err(ApiError::BadRequest(
             "field `base_url` must be an http(s) URL".into(),
         ));
     }
     if body.base_url.starts_with("https://") && !state.vma_client.speaks_https() {
-        return Err(ApiError::BadRequest(
-            "field `base_url` is an https:// URL, but this OMA has no CA to verify VMAs with; \
-             start it with --vma-ca (and --vma-client-cert/--vma-client-key if the VMA requires \
-             a client certificate), or register the VMA's http:// URL"
-                .into(),
-        ));
+        return Err(ApiError::VmaTlsUnconfigured);
     }
-    if body.token.len() < 16 {
-        return Err(ApiError::BadRequest(
-            "field `token` must be at least 16 characters".into(),
-        ));
+    // Characters, as the document's `minLength` counts them (not bytes).
+    if body.token.chars().count() < MIN_TOKEN_LEN {
+        return Err(ApiError::BadRequest(format!(
+            "field `token` must be at least {MIN_TOKEN_LEN} characters"
+        )));
     }
-    state
+    let stored = state
         .store
         .upsert_vma(&id, &body.base_url, &hash_token(&body.token))
-        .await?;
+        .await;
+    if let Err(crate::store::StoreError::TokenInUse) = &stored {
+        tracing::warn!(event = "vma_token_in_use", vma_id = %id,
+            "refused to register a VMA with a token another VMA holds");
+    }
+    stored?;
     tracing::info!(vma_id = %id, base_url = %body.base_url, "VMA registered");
     Ok(Json(Vma {
         id,

@@ -34,6 +34,8 @@ pub struct NewJob {
 /// Filters of `GET /api/v1/jobs`.
 #[derive(Debug, Clone, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+// `ApiQuery` is not axum's `Query`, so utoipa cannot tell where these go: say it.
+#[into_params(parameter_in = Query)]
 pub struct JobFilter {
     /// Only jobs in this status.
     pub status: Option<JobStatus>,
@@ -41,10 +43,55 @@ pub struct JobFilter {
     pub vma_id: Option<String>,
     /// Only jobs of this VM context.
     pub vm_context_id: Option<String>,
-    /// At most this many (default 100, at most 1000), newest first.
+    /// At most this many (default 100, from 1 to 1000), newest first.
+    #[param(schema_with = limit_schema)]
     pub limit: Option<i64>,
-    /// Skip this many.
+    /// Skip this many (default 0).
+    #[param(schema_with = offset_schema)]
     pub offset: Option<i64>,
+}
+
+impl JobFilter {
+    /// Jobs listed when `limit` is absent.
+    pub const DEFAULT_LIMIT: i64 = 100;
+    /// Largest `limit`.
+    pub const MAX_LIMIT: i64 = 1000;
+
+    /// `limit` from 1 to [`JobFilter::MAX_LIMIT`] and `offset` at least 0, the ranges the
+    /// document states; the message names the parameter and its range.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(limit) = self.limit
+            && !(1..=Self::MAX_LIMIT).contains(&limit)
+        {
+            return Err(format!(
+                "query parameter `limit` must be from 1 to {}",
+                Self::MAX_LIMIT
+            ));
+        }
+        if self.offset.is_some_and(|o| o < 0) {
+            return Err("query parameter `offset` must be 0 or more".into());
+        }
+        Ok(())
+    }
+}
+
+fn limit_schema() -> utoipa::openapi::schema::ObjectBuilder {
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+        .minimum(Some(1))
+        .maximum(Some(JobFilter::MAX_LIMIT))
+        .default(Some(JobFilter::DEFAULT_LIMIT.into()))
+}
+
+fn offset_schema() -> utoipa::openapi::schema::ObjectBuilder {
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+        .minimum(Some(0))
+        .default(Some(0.into()))
 }
 
 /// Reads one job inside a transaction.
@@ -150,7 +197,10 @@ impl Store {
         } else {
             format!("WHERE {}", clauses.join(" AND "))
         };
-        let limit = filter.limit.unwrap_or(100).clamp(1, 1000);
+        let limit = filter
+            .limit
+            .unwrap_or(JobFilter::DEFAULT_LIMIT)
+            .clamp(1, JobFilter::MAX_LIMIT);
         let offset = filter.offset.unwrap_or(0).max(0);
         let sql = format!(
             "SELECT {JOB_COLUMNS} FROM replication_jobs {filter_sql} \

@@ -81,6 +81,12 @@ pub enum StoreError {
     /// No VMA with this id.
     #[error("VMA {0} is not registered; register it with PUT /api/v1/vmas/{0} first")]
     UnknownVma(String),
+    /// Another VMA has this token: a token names one VMA, the one whose events it posts.
+    #[error(
+        "another VMA is registered with this token; give each VMA its own token (generate one \
+         with `openssl rand -hex 32`)"
+    )]
+    TokenInUse,
     /// A job with this id exists already.
     #[error("job {0} already exists; choose another id or omit it")]
     JobExists(String),

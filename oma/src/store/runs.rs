@@ -62,7 +62,12 @@ impl Store {
         .bind(token_hash.to_owned())
         .bind(now)
         .execute(&self.pool)
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // The id conflict is the upsert's own; the only other unique column is the token.
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::TokenInUse,
+            other => StoreError::Database(other),
+        })?;
         // The VMA's old token must stop working here at once.
         self.vma_tokens.clear();
         Ok(())

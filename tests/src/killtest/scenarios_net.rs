@@ -208,7 +208,7 @@ pub fn bad_input(run: &Run) -> RunOutcome {
             "/api/v1/jobs/new-3/track",
             api,
             json(format!("{{\"pid\":{}}}", std::process::id()).as_bytes()),
-            &[400, 404, 409, 422],
+            &[400, 403, 404, 409],
         ),
     ];
     for (what, method, path, token, body, allowed) in wd_cases {

@@ -25,8 +25,6 @@ pub enum ApiError {
     NotFound(&'static str, String),
     /// 409 with a code.
     Conflict(&'static str, String),
-    /// 422 with a code.
-    Unprocessable(&'static str, String),
     /// 413.
     TooLarge,
     /// 500: something on the VMA failed; the message says what to check.
@@ -50,7 +48,6 @@ impl ApiError {
             Self::BadRequest(code, message) => (StatusCode::BAD_REQUEST, code, message),
             Self::NotFound(code, message) => (StatusCode::NOT_FOUND, code, message),
             Self::Conflict(code, message) => (StatusCode::CONFLICT, code, message),
-            Self::Unprocessable(code, message) => (StatusCode::UNPROCESSABLE_ENTITY, code, message),
             Self::TooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
@@ -104,6 +101,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                     )
                 }
             })?;
+        if !api::is_json_object(&bytes) {
+            return Err(ApiError::BadRequest(
+                "invalid_body",
+                "invalid JSON body: the body must be a JSON object".into(),
+            ));
+        }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| ApiError::BadRequest("invalid_body", format!("invalid JSON body: {e}")))

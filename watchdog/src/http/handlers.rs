@@ -17,6 +17,11 @@ use crate::launcher::{LaunchError, TemplateError, proc_comm, proc_identity};
 /// `POST /api/v1/progress/{job_id}/update`: migratekit's own client (from this host only and
 /// from the job's own registered process, which the route's `require_loopback` and
 /// `require_job_process` layers have checked before the body is read).
+#[utoipa::path(post, path = "/api/v1/progress/{job_id}/update", tag = "progress", params(("job_id" = JobId, Path, description = "The job (migratekit's `--job-id`).")),
+    request_body = ProgressUpdate,
+    responses((status = 200, description = "Stored; the update as kept, with its sequence number.", body = StoredProgress),
+        (status = 400, description = "The body breaks the schema, or a value its range (`invalid_body`, `invalid_field`); `total_bytes` must be at least `bytes_transferred`. A longer `error_message` is cut, not refused.", body = api::ErrorBody),
+        (status = 403, description = "Not from a process of this host (`forbidden`), or not from the job's own registered migratekit process (`not_job_process`).", body = api::ErrorBody)))]
 pub async fn post_progress(
     State(state): State<AppState>,
     JobPath(job_id): JobPath,
@@ -52,6 +57,10 @@ fn field_refused(job_id: &JobId, route: &'static str, error: &api::FieldError) -
 }
 
 /// `GET /api/v1/progress/{job_id}`: the latest update, for the OMA's poller.
+#[utoipa::path(get, path = "/api/v1/progress/{job_id}", tag = "progress", params(("job_id" = JobId, Path, description = "The job (migratekit's `--job-id`).")),
+    security(("bearer" = [])),
+    responses((status = 200, body = StoredProgress),
+        (status = 404, description = "No progress received for this job (`no_progress`).", body = api::ErrorBody)))]
 pub async fn get_progress(
     State(state): State<AppState>,
     JobPath(job_id): JobPath,
@@ -64,12 +73,18 @@ pub async fn get_progress(
     })
 }
 
-/// `GET /api/v1/jobs`.
+/// `GET /api/v1/jobs`: every job this VMA knows, with its process's latest state.
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs", security(("bearer" = [])),
+    responses((status = 200, body = Vec<VmaJobStatus>)))]
 pub async fn list_jobs(State(state): State<AppState>) -> Json<Vec<VmaJobStatus>> {
     Json(state.jobs.jobs())
 }
 
 /// `GET /api/v1/jobs/{job_id}`: 200 with the state, or 404 `unknown_job`.
+#[utoipa::path(get, path = "/api/v1/jobs/{job_id}", tag = "jobs", params(("job_id" = JobId, Path, description = "The job (migratekit's `--job-id`).")),
+    security(("bearer" = [])),
+    responses((status = 200, body = VmaJobStatus),
+        (status = 404, description = "This VMA never ran or tracked the job (`unknown_job`).", body = api::ErrorBody)))]
 pub async fn get_job(
     State(state): State<AppState>,
     JobPath(job_id): JobPath,
@@ -85,6 +100,12 @@ pub async fn get_job(
 /// when an operator cancels the job), once per process however often it is asked. 202 with
 /// the job as it stands: the death follows as any other, through the detector and the outbox.
 /// 404 `unknown_job`, 409 `not_running`.
+#[utoipa::path(post, path = "/api/v1/jobs/{job_id}/stop", tag = "jobs", params(("job_id" = JobId, Path, description = "The job (migratekit's `--job-id`).")),
+    security(("bearer" = [])),
+    responses((status = 202, description = "SIGTERM sent (or sent already); the job as it stands. The death follows as an event.", body = VmaJobStatus),
+        (status = 404, description = "This VMA never ran or tracked the job (`unknown_job`).", body = api::ErrorBody),
+        (status = 409, description = "The job has no running process (`not_running`).", body = api::ErrorBody),
+        (status = 500, description = "The signal could not be sent (`internal_error`).", body = api::ErrorBody)))]
 pub async fn stop_job(
     State(state): State<AppState>,
     JobPath(job_id): JobPath,
@@ -134,6 +155,12 @@ fn unknown_job(job_id: &str) -> ApiError {
 }
 
 /// `POST /api/v1/jobs/{job_id}/start`: launch migratekit from the VMA's template.
+#[utoipa::path(post, path = "/api/v1/jobs/{job_id}/start", tag = "jobs", params(("job_id" = JobId, Path, description = "The job (migratekit's `--job-id`).")),
+    security(("bearer" = [])), request_body = StartJobRequest,
+    responses((status = 201, description = "Started, registered and watched.", body = VmaJobStatus),
+        (status = 400, description = "The body breaks the schema (`invalid_body`, `invalid_parameters`): a value too long or with a control character, a reserved name in `parameters`.", body = api::ErrorBody),
+        (status = 409, description = "The job already runs (`job_running`), or the request does not fit this VMA's configuration: its template needs a parameter the request lacks, or no credentials have that name (`invalid_parameters`).", body = api::ErrorBody),
+        (status = 500, description = "migratekit could not be started or registered, or the template is broken (`internal_error`); the message says what to check.", body = api::ErrorBody)))]
 pub async fn start_job(
     State(state): State<AppState>,
     JobPath(job_id): JobPath,
@@ -185,6 +212,11 @@ async fn launch_and_reap(
 fn launch_error(job_id: &JobId, error: LaunchError<RegisterError>) -> ApiError {
     match error {
         LaunchError::Template(e @ TemplateError::Unclosed(_)) => ApiError::Internal(e.to_string()),
+        // Well-formed requests this VMA's configuration cannot serve: the document's schema
+        // cannot know the template or the credentials, so these are not a malformed body.
+        LaunchError::Template(
+            e @ (TemplateError::Missing(_) | TemplateError::UnknownCredentials(_)),
+        ) => ApiError::Conflict("invalid_parameters", e.to_string()),
         LaunchError::Template(e) => ApiError::BadRequest("invalid_parameters", e.to_string()),
         LaunchError::Registration(RegisterError::JobRunning { running, .. }) => {
             job_running(job_id, running)
@@ -216,6 +248,14 @@ fn running_process(state: &AppState, job_id: &str) -> Option<api::ProcessIdentit
 /// `POST /api/v1/jobs/{job_id}/track`: adopt a running process after checking its name, its
 /// executable and its user (403 `not_migratekit` when it is not the configured migratekit,
 /// 409 `job_running` when the job already runs as another process).
+#[utoipa::path(post, path = "/api/v1/jobs/{job_id}/track", tag = "jobs", params(("job_id" = JobId, Path, description = "The job (migratekit's `--job-id`).")),
+    security(("bearer" = [])), request_body = TrackJobRequest,
+    responses((status = 200, description = "Adopted and watched.", body = VmaJobStatus),
+        (status = 400, description = "The body breaks the schema (`invalid_body`, `invalid_field`).", body = api::ErrorBody),
+        (status = 403, description = "The process is not this VMA's migratekit: another name (`process_name_mismatch`), executable or user (`not_migratekit`).", body = api::ErrorBody),
+        (status = 404, description = "No process with that pid (`no_such_process`).", body = api::ErrorBody),
+        (status = 409, description = "The job already runs as another process (`job_running`).", body = api::ErrorBody),
+        (status = 500, description = "The process could not be registered (`internal_error`).", body = api::ErrorBody)))]
 pub async fn track_job(
     State(state): State<AppState>,
     JobPath(job_id): JobPath,
@@ -237,7 +277,7 @@ pub async fn track_job(
     let comm = proc_comm(pid).map_err(|_| no_such())?;
     let names = &state.launcher.config().match_names;
     if !names.contains(&comm) {
-        return Err(ApiError::Unprocessable(
+        return Err(ApiError::Forbidden(
             "process_name_mismatch",
             format!("pid {pid} is named {comm:?}, not one of the watched names {names:?}"),
         ));
@@ -272,19 +312,66 @@ pub async fn track_job(
     }
 }
 
+/// Answer of `GET /health`.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`: the API answers.
+    pub status: &'static str,
+    /// The detector that watches processes, when there is one.
+    pub detector: Option<api::Detector>,
+    /// The process registry's size.
+    pub registry: RegistryHealth,
+    /// The outbox's counters (absent without an OMA to deliver to).
+    pub outbox: Option<crate::outbox::OutboxStats>,
+    /// Progress updates refused.
+    pub progress: ProgressHealth,
+    /// The log.
+    pub log: LogHealth,
+}
+
+/// The registry's side of `/health`.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct RegistryHealth {
+    /// Processes registered and running.
+    pub running: usize,
+    /// Jobs known (running or exited).
+    pub jobs: usize,
+}
+
+/// The progress side of `/health`.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ProgressHealth {
+    /// Updates refused since start (not from loopback, not from the job's process).
+    pub refused_updates: u64,
+}
+
+/// The log side of `/health`.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct LogHealth {
+    /// Log lines dropped because stderr did not take them.
+    pub dropped_lines: u64,
+}
+
 /// `GET /health`: liveness, the detector, the registry's size, the outbox's counters and the
 /// log lines dropped because stderr did not take them.
-pub async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let outbox = state.outbox.as_ref().map(|o| o.stats());
+#[utoipa::path(get, path = "/health", tag = "health", responses((status = 200, body = Health)))]
+pub async fn health(State(state): State<AppState>) -> Json<Health> {
     let jobs = state.jobs.health();
-    Json(serde_json::json!({
-        "status": "ok",
-        "detector": jobs.detector,
-        "registry": { "running": jobs.running, "jobs": jobs.jobs },
-        "outbox": outbox,
-        "progress": { "refused_updates": super::refused_updates() },
-        "log": { "dropped_lines": crate::logging::dropped_lines() },
-    }))
+    Json(Health {
+        status: "ok",
+        detector: jobs.detector,
+        registry: RegistryHealth {
+            running: jobs.running,
+            jobs: jobs.jobs,
+        },
+        outbox: state.outbox.as_ref().map(|o| o.stats()),
+        progress: ProgressHealth {
+            refused_updates: super::refused_updates(),
+        },
+        log: LogHealth {
+            dropped_lines: crate::logging::dropped_lines(),
+        },
+    })
 }
 
 /// Any other path.

@@ -4,7 +4,8 @@
 //! (connection cap, header and idle timeouts, optional TLS), which gives handlers both ends
 //! of each connection: progress updates are accepted from loopback peers only, and only from
 //! the job's own registered process (`progress_gate`). Every route but `/health` and progress
-//! updates needs the bearer token. `progress_router(state)` is the progress route alone, for
+//! updates needs the bearer token; `/openapi.json` (the document, [`openapi`]) does not.
+//! `progress_router(state)` is the progress route alone, for
 //! the plain-HTTP loopback listener migratekit posts to when the API itself is HTTPS.
 
 mod auth;
@@ -12,6 +13,7 @@ mod error;
 mod handlers;
 #[cfg(feature = "test-doubles")]
 mod memory_jobs;
+pub mod openapi;
 mod progress_gate;
 
 use std::collections::HashSet;
@@ -162,6 +164,10 @@ pub fn router(state: AppState) -> Router {
         .merge(protected)
         .merge(progress_routes(&state))
         .route("/health", get(handlers::health))
+        .route(
+            "/openapi.json",
+            get(|| async { axum::Json(openapi::document()) }),
+        )
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(state.body_limit))
         .with_state(state)
@@ -180,17 +186,16 @@ pub fn progress_router(state: AppState) -> Router {
 }
 
 fn progress_routes(state: &AppState) -> Router<AppState> {
-    Router::new()
-        .route(
-            "/api/v1/progress/{job_id}/update",
-            post(handlers::post_progress),
-        )
-        // Inside the loopback check: only the job's own process may report its progress.
+    // The checks wrap the POST alone, so another method is a 405 like anywhere else rather
+    // than a refusal by the checks. Inside the loopback check: only the job's own process may
+    // report its progress.
+    let update = post(handlers::post_progress)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             progress_gate::require_job_process,
         ))
-        .route_layer(axum::middleware::from_fn(auth::require_loopback))
+        .route_layer(axum::middleware::from_fn(auth::require_loopback));
+    Router::new().route("/api/v1/progress/{job_id}/update", update)
 }
 
 /// Serves the API on `listener` in plain HTTP with the transport's default limits until

@@ -4,21 +4,9 @@
 use std::collections::BTreeMap;
 
 use api::StartJobRequest;
+use api::launch::{RESERVED_PARAMETERS as RESERVED, is_parameter_value};
 
 use super::LauncherConfig;
-
-/// Longest value accepted for one parameter.
-const MAX_VALUE_LEN: usize = 4096;
-/// Names the request's free `parameters` may not set: they come from the job or the VMA.
-const RESERVED: &[&str] = &[
-    "job_id",
-    "vm_path",
-    "nbd_targets",
-    "nbd_export_name",
-    "vmware_endpoint",
-    "vmware_username",
-    "vmware_password",
-];
 
 /// One argument of the rendered command line.
 #[derive(Clone, PartialEq, Eq)]
@@ -103,7 +91,7 @@ pub fn render(
         values.insert("vmware_password", (creds.password.expose(), true));
     }
     for (name, (value, _)) in &values {
-        if value.len() > MAX_VALUE_LEN || value.chars().any(char::is_control) {
+        if !is_parameter_value(value) {
             return Err(TemplateError::InvalidValue((*name).to_owned()));
         }
     }

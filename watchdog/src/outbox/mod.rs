@@ -67,7 +67,7 @@ impl Default for OutboxLimits {
 }
 
 /// Counters of the outbox, for `/health` and metrics.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct OutboxStats {
     /// Events waiting for the OMA's acknowledgement.
     pub queued: u64,
