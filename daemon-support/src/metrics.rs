@@ -302,7 +302,12 @@ mod tests {
         let addr = taken.local_addr().unwrap();
         assert!(bind(None, addr).await.unwrap().is_none());
         assert!(bind(Some(MetricsListen::At(addr)), addr).await.is_err());
-        assert!(bind(Some(MetricsListen::Off), addr).await.unwrap().is_none());
+        assert!(
+            bind(Some(MetricsListen::Off), addr)
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 
     /// Requests through an instrumented router are counted by route template and status,
@@ -317,10 +322,13 @@ mod tests {
         let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api_addr = api.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(api, app).await.unwrap() });
-        let listener = bind(Some(MetricsListen::At("127.0.0.1:0".parse().unwrap())), api_addr)
-            .await
-            .unwrap()
-            .unwrap();
+        let listener = bind(
+            Some(MetricsListen::At("127.0.0.1:0".parse().unwrap())),
+            api_addr,
+        )
+        .await
+        .unwrap()
+        .unwrap();
         let metrics_addr = listener.local_addr().unwrap();
         let scrape: Arc<dyn Scrape> = Arc::new(Plain { registry });
         tokio::spawn(serve(listener, scrape, std::future::pending()));

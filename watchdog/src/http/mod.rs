@@ -31,6 +31,7 @@ pub use memory_jobs::MemoryJobs;
 pub use progress_gate::{Refusal, refused_updates};
 
 use crate::launcher::Launcher;
+use crate::metrics::{self, Metrics};
 use crate::outbox::Outbox;
 use crate::progress::ProgressStore;
 
@@ -129,6 +130,8 @@ pub struct AppState {
     /// asked again (the OMA's retry after a lost answer, or two OMAs) does not signal again,
     /// which could cut migratekit's own shutdown short. One entry per cancelled job.
     pub stopped: Arc<Mutex<HashSet<(u32, u64)>>>,
+    /// Requests, launches and progress updates are counted here.
+    pub metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -145,7 +148,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/progress/{job_id}", get(handlers::get_progress))
         .route("/api/v1/jobs", get(handlers::list_jobs))
         .route("/api/v1/jobs/{job_id}", get(handlers::get_job))
-        .route("/api/v1/jobs/{job_id}/start", post(handlers::start_job))
+        .route(
+            "/api/v1/jobs/{job_id}/start",
+            state.metrics.count_launches(post(handlers::start_job)),
+        )
         .route("/api/v1/jobs/{job_id}/track", post(handlers::track_job))
         .route("/api/v1/jobs/{job_id}/stop", post(handlers::stop_job))
         // Inside the token check (the later layer wraps the earlier): only a call with the
@@ -158,13 +164,13 @@ pub fn router(state: AppState) -> Router {
             state.token.clone(),
             auth::require_token,
         ));
-    Router::new()
+    let router = Router::new()
         .merge(protected)
         .merge(progress_routes(&state))
         .route("/health", get(handlers::health))
         .fallback(handlers::not_found)
-        .layer(DefaultBodyLimit::max(state.body_limit))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(state.body_limit));
+    state.metrics.daemon().instrument(router).with_state(state)
 }
 
 /// The router of the plain-HTTP loopback listener kept for migratekit when the API is
@@ -172,11 +178,11 @@ pub fn router(state: AppState) -> Router {
 /// served here alone, with the same loopback and job-process checks; every other path is
 /// 404, so no token-protected route is ever reachable without TLS.
 pub fn progress_router(state: AppState) -> Router {
-    Router::new()
+    let router = Router::new()
         .merge(progress_routes(&state))
         .fallback(handlers::not_found)
-        .layer(DefaultBodyLimit::max(state.body_limit))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(state.body_limit));
+    state.metrics.daemon().instrument(router).with_state(state)
 }
 
 fn progress_routes(state: &AppState) -> Router<AppState> {
@@ -191,6 +197,11 @@ fn progress_routes(state: &AppState) -> Router<AppState> {
             progress_gate::require_job_process,
         ))
         .route_layer(axum::middleware::from_fn(auth::require_loopback))
+        // Outside both checks, so that refused updates are counted too.
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.metrics),
+            metrics::count_progress,
+        ))
 }
 
 /// Serves the API on `listener` in plain HTTP with the transport's default limits until
