@@ -100,12 +100,26 @@ impl Poller {
                     h.last_error = Some(e.to_string());
                 }
             }
-            let tick = self.config.interval.min(Duration::from_secs(1));
             tokio::select! {
-                () = tokio::time::sleep(tick) => {}
+                () = tokio::time::sleep(self.tick()) => {}
                 () = &mut stopped => return,
             }
         }
+    }
+
+    /// How far the poller is behind its schedule: the time since its last cycle began beyond
+    /// the pause between cycles (zero while it keeps up, or before its first cycle).
+    pub fn cycle_lag(&self) -> Duration {
+        let Some(last) = self.health().last_cycle_at else {
+            return Duration::ZERO;
+        };
+        let since = (Utc::now() - last).to_std().unwrap_or_default();
+        since.saturating_sub(self.tick())
+    }
+
+    /// The pause between cycles.
+    fn tick(&self) -> Duration {
+        self.config.interval.min(Duration::from_secs(1))
     }
 
     fn backoff(&self, failures: u32) -> Duration {
@@ -152,6 +166,7 @@ impl Poller {
         for (job_id, vma_id) in due {
             let Some(url) = vmas.get(&vma_id).cloned() else {
                 let error = format!("no VMA is registered under id {vma_id}");
+                self.store.metrics().poll("unknown_vma");
                 self.finish(&job_id, Err(error));
                 continue;
             };
@@ -167,7 +182,13 @@ impl Poller {
             let poller = self.clone();
             tokio::spawn(async move {
                 let _permit = permits.acquire_owned().await;
-                let result = match poller.client.progress(&url, &job_id).await {
+                let answer = poller.client.progress(&url, &job_id).await;
+                let metrics = poller.store.metrics();
+                let answer_failed = answer.is_err();
+                if !answer_failed {
+                    metrics.vma_contact(&vma_id);
+                }
+                let result = match answer {
                     Ok(Some(progress)) => poller
                         .store
                         .mutate_job(&job_id, |cur, now| {
@@ -179,6 +200,11 @@ impl Poller {
                     Ok(None) => Ok(()),
                     Err(e) => Err(e.to_string()),
                 };
+                metrics.poll(match &result {
+                    Ok(()) => "ok",
+                    Err(_) if answer_failed => "unreachable",
+                    Err(_) => "store_error",
+                });
                 poller.finish(&job_id, result);
             });
         }
