@@ -143,7 +143,7 @@ impl Metrics {
     fn registered(mut self) -> Self {
         let r = &mut self.registry;
         r.register(
-            "build",
+            "build_info",
             "Version and database backend of this OMA (value 1)",
             self.build.clone(),
         );

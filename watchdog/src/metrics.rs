@@ -119,7 +119,7 @@ impl Metrics {
     fn registered(mut self) -> Self {
         let r = &mut self.registry;
         r.register(
-            "build",
+            "build_info",
             "Version, detector and kernel exit mode of this watchdog (value 1)",
             self.build.clone(),
         );
