@@ -11,7 +11,9 @@ use test_support::metrics::value;
 
 /// Scrapes the OMA's `/metrics` at `addr`.
 async fn scrape(addr: std::net::SocketAddr) -> String {
-    let response = reqwest::get(format!("http://{addr}/metrics")).await.unwrap();
+    let response = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap();
     assert_eq!(response.status(), reqwest::StatusCode::OK);
     response.text().await.unwrap()
 }
@@ -35,7 +37,10 @@ async fn a_killed_job_shows_in_jobs_transitions_events_and_requests() {
         let http = reqwest::Client::new();
         let job = json!({"id": "job-m", "vm_context_id": "ctx-m", "vm_name": "web01", "vma_id": "vma-1",
             "start": false});
-        let created = http.post(format!("{base}/api/v1/jobs")).bearer_auth(OPERATOR).json(&job);
+        let created = http
+            .post(format!("{base}/api/v1/jobs"))
+            .bearer_auth(OPERATOR)
+            .json(&job);
         assert_eq!(created.send().await.unwrap().status(), 201);
         let death = json!({"vma_id": "vma-1", "events": [{
             "event_id": uuid::Uuid::new_v4(), "kind": "process_exited", "job_id": "job-m",
@@ -50,12 +55,19 @@ async fn a_killed_job_shows_in_jobs_transitions_events_and_requests() {
                 .json(&death);
             assert_eq!(post.send().await.unwrap().status(), 200);
         }
-        let anonymous = http.get(format!("{base}/api/v1/jobs")).send().await.unwrap();
+        let anonymous = http
+            .get(format!("{base}/api/v1/jobs"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(anonymous.status(), 401);
         let page = eventually(10, "the startup recovery run counted", || async {
             let page = scrape(metrics_addr).await;
-            value(&page, r#"oma_recovery_runs_total{trigger="startup",result="ok"}"#)
-                .map(|_| page)
+            value(
+                &page,
+                r#"oma_recovery_runs_total{trigger="startup",result="ok"}"#,
+            )
+            .map(|_| page)
         })
         .await;
         let backend = db.backend;
@@ -79,17 +91,28 @@ async fn a_killed_job_shows_in_jobs_transitions_events_and_requests() {
             ("oma_recovery_interval_seconds".to_owned(), 3600.0),
         ];
         for (series, want) in expect {
-            assert_eq!(value(&page, &series), Some(want), "{backend}: {series}\n{page}");
+            assert_eq!(
+                value(&page, &series),
+                Some(want),
+                "{backend}: {series}\n{page}"
+            );
         }
         let applied = value(&page, r#"oma_watchdog_events_total{result="applied"}"#);
         assert_eq!(applied, Some(1.0), "{backend}\n{page}");
-        let contact = value(&page, r#"oma_vma_last_contact_timestamp_seconds{vma="vma-1"}"#);
+        let contact = value(
+            &page,
+            r#"oma_vma_last_contact_timestamp_seconds{vma="vma-1"}"#,
+        );
         let now = chrono::Utc::now().timestamp() as f64;
         assert!(contact.is_some_and(|t| (now - t).abs() < 60.0), "{page}");
         let build = format!(
             r#"oma_build_info{{version="{}",backend="{}"}}"#,
             env!("CARGO_PKG_VERSION"),
-            if backend == "sqlite" { "sqlite" } else { "postgres" }
+            if backend == "sqlite" {
+                "sqlite"
+            } else {
+                "postgres"
+            }
         );
         assert_eq!(value(&page, &build), Some(1.0), "{page}");
         assert!(value(&page, r#"oma_db_pool_connections{state="idle"}"#).is_some());

@@ -1,4 +1,41 @@
-//! Reading a scraped `/metrics` page (the Prometheus text format) in tests.
+//! Scraping a daemon's `/metrics` page and reading it (the Prometheus text format) in tests.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// Sends one plain HTTP/1.0 request (no body when `body` is empty) and returns the status code
+/// and the body: enough for `/metrics` and a progress post, without an async runtime.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect to the daemon");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    let request = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .expect("send the request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read the answer");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {head}"));
+    (status, body.to_owned())
+}
+
+/// The `/metrics` page of the daemon whose metrics listener is `addr`.
+pub fn scrape(addr: SocketAddr) -> String {
+    let (status, page) = http(addr, "GET", "/metrics", "");
+    assert_eq!(status, 200, "GET /metrics: {page}");
+    page
+}
 
 /// The value of the series written exactly as `series` (name and labels in the order the
 /// daemon writes them, such as `oma_jobs{status="failed"}`), or `None` when the page lacks it.
