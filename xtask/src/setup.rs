@@ -21,6 +21,9 @@ pub fn run() -> Result<()> {
     // The attack tests run forgers and impostors as another real user from another real
     // process: `curl` posts the forged progress, `useradd` makes the user.
     changed |= ensure_debian_packages("setup", &[("curl", "curl"), ("useradd", "passwd")])?;
+    // The alert rules' checks and unit tests (`promtool`) and the metrics' end-to-end test
+    // (a real Prometheus server, run by the test itself, never the package's service).
+    changed |= ensure_debian_packages("setup", &[("promtool", "prometheus")])?;
     if changed {
         println!("setup: done");
     } else {
