@@ -86,6 +86,8 @@ pub struct Oma {
     pub operator_token: String,
     /// The token the OMA presents to VMA watchdogs.
     pub vma_api_token: String,
+    /// Where its `/metrics` is served (a port of its own).
+    pub metrics: std::net::SocketAddr,
     client: JsonClient,
 }
 
@@ -158,6 +160,15 @@ impl Oma {
         if let Some(tls) = &config.tls {
             args.extend(tls_args(tls));
         }
+        // A port of its own, never the default one: tests run many OMAs at once.
+        let metrics_port = free_port(if config.netns.is_some() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            config.ip
+        })?;
+        let metrics = std::net::SocketAddr::new(config.ip, metrics_port);
+        args.push("--metrics-listen".into());
+        args.push(metrics.to_string().into());
         let daemon = Daemon::new(
             "oma",
             crate::bins::oma()?,
@@ -180,6 +191,7 @@ impl Oma {
             url,
             operator_token,
             vma_api_token,
+            metrics,
             client,
         };
         oma.start_again()?;

@@ -59,6 +59,8 @@ pub struct Watchdog {
     pub vma_token: String,
     /// The VMA id.
     pub vma_id: String,
+    /// Where its `/metrics` is served (a port of its own, as the OMA reaches it).
+    pub metrics: std::net::SocketAddr,
     api_token: String,
     client: JsonClient,
 }
@@ -140,6 +142,14 @@ impl Watchdog {
         if let Some(tls) = &config.tls {
             args.extend(tls_args(tls, progress_port));
         }
+        // A port of its own, never the default one: tests run many watchdogs at once.
+        let metrics_port = free_port(if config.netns.is_some() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            config.ip
+        })?;
+        args.push("--metrics-listen".into());
+        args.push(format!("{}:{metrics_port}", config.ip).into());
         let daemon = Daemon::new(
             "vma-watchdog",
             crate::bins::watchdog()?,
@@ -162,6 +172,7 @@ impl Watchdog {
             url,
             vma_token,
             vma_id: config.vma_id.clone(),
+            metrics: std::net::SocketAddr::new(config.advertised_ip, metrics_port),
             api_token: config.api_token.clone(),
             client,
         };
