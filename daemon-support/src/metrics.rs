@@ -153,11 +153,17 @@ pub async fn serve(
     .await;
 }
 
+/// `registry` in the Prometheus text format, as `/metrics` serves it.
+pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut text = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut text, registry)?;
+    Ok(text)
+}
+
 async fn scrape(State(metrics): State<Arc<dyn Scrape>>) -> Response {
     metrics.refresh().await;
-    let mut text = String::new();
-    match prometheus_client::encoding::prometheus_text::encode(&mut text, metrics.registry()) {
-        Ok(()) => ([(CONTENT_TYPE, CONTENT_TYPE_TEXT)], text).into_response(),
+    match encode(metrics.registry()) {
+        Ok(text) => ([(CONTENT_TYPE, CONTENT_TYPE_TEXT)], text).into_response(),
         Err(error) => {
             tracing::error!(event = "metrics_encode_failed", %error, "cannot encode the metrics");
             axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()

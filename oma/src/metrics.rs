@@ -234,6 +234,12 @@ impl Metrics {
         self
     }
 
+    /// The registry, for `/metrics` and for checks that dashboards and alerts name metrics
+    /// that exist.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The HTTP families, for the router's layer.
     pub fn daemon(&self) -> &Arc<DaemonMetrics> {
         &self.daemon

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use system_tests::contrib::{alert_expressions, dashboard_expressions, metric_words};
 use system_tests::system::{PATIENCE, System, SystemOptions};
 
 /// How often the test's Prometheus scrapes: fast, so the test does not wait long.
@@ -81,6 +82,19 @@ impl Prometheus {
         )
     }
 
+    /// Whether Prometheus accepts and evaluates `promql` (`None` while it cannot answer).
+    fn evaluates(&self, promql: &str) -> Option<serde_json::Value> {
+        let answer: serde_json::Value = self
+            .http
+            .get(format!("{}/api/v1/query", self.url))
+            .query(&[("query", promql)])
+            .send()
+            .ok()?
+            .json()
+            .ok()?;
+        Some(answer)
+    }
+
     /// The single value of `promql` (summed, with 0 when nothing matches).
     fn value(&self, promql: &str) -> Option<f64> {
         let values = self.query(&format!("sum({promql}) or vector(0)"))?;
@@ -143,6 +157,7 @@ fn prometheus_sees_a_killed_migratekit_fail_its_job_and_the_outbox_drain() {
         prometheus.value("vma_watchdog_death_to_ack_seconds_count"),
         Some(1.0)
     );
+    shipped_expressions_run(&sys, &prometheus);
     // The shipped rules loaded, and none fires on a healthy system.
     let rules: serde_json::Value = prometheus
         .http
@@ -159,4 +174,36 @@ fn prometheus_sees_a_killed_migratekit_fail_its_job_and_the_outbox_drain() {
         prometheus.query("ALERTS{alertstate=\"firing\"}"),
         Some(vec![])
     );
+}
+
+/// Every metric that the dashboard's and the alerts' expressions name is on the daemons' own
+/// `/metrics` pages (after a job's start and death, every family has a series), and every
+/// dashboard expression runs in Prometheus.
+fn shipped_expressions_run(sys: &System, prometheus: &Prometheus) {
+    let mut exported = vec!["up".to_owned()];
+    for addr in [sys.oma.metrics, sys.watchdog.metrics] {
+        exported.extend(test_support::metrics::names(
+            &test_support::metrics::scrape(addr),
+        ));
+    }
+    let dashboard = dashboard_expressions();
+    let alerts = alert_expressions()
+        .into_iter()
+        .map(|e| ("alert".to_owned(), e));
+    for (panel, expr) in dashboard.iter().cloned().chain(alerts) {
+        for word in metric_words(&expr) {
+            assert!(
+                exported.contains(&word),
+                "{panel}: {expr} names {word}, which neither daemon exports"
+            );
+        }
+    }
+    for (panel, expr) in dashboard {
+        // Grafana's own variables are not PromQL; the dashboard uses none in expressions.
+        let answer = prometheus.evaluates(&expr).expect("Prometheus answers");
+        assert_eq!(
+            answer["status"], "success",
+            "panel {panel:?}: {expr}: {answer}"
+        );
+    }
 }

@@ -423,7 +423,7 @@ impl Core {
     /// registry no longer lists `p` as running.
     fn report_claimed(&self, p: ProcessIdentity, exit: ExitStatus, detector: DetectorKind) {
         let (kind, name, class) = if detector == DetectorKind::Registry {
-            let name = "died_while_unwatched";
+            let name = crate::metrics::DIED_WHILE_UNWATCHED;
             (ProcessEventKind::DiedWhileUnwatched, name, name)
         } else {
             let class = exit.class().as_str();

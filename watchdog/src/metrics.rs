@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use api::DeathClass;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -26,6 +27,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::daemon::Tracker;
+
+/// The class of a death that happened while no watchdog ran (found at start).
+pub const DIED_WHILE_UNWATCHED: &str = "died_while_unwatched";
 
 /// The default `--metrics-listen` address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9181";
@@ -113,6 +117,21 @@ impl Metrics {
             program_run_time: Family::default(),
             registry,
         };
+        // Every death class at 0 from the start: `increase()` misses the first death of a
+        // series that appears at 1.
+        for class in [
+            DeathClass::Exited,
+            DeathClass::Killed,
+            DeathClass::OomKilled,
+            DeathClass::Unknown,
+        ] {
+            let _ = m.deaths.get_or_create(&ClassLabel {
+                class: class.as_str(),
+            });
+        }
+        let _ = m.deaths.get_or_create(&ClassLabel {
+            class: DIED_WHILE_UNWATCHED,
+        });
         Arc::new(m.registered())
     }
 
@@ -231,6 +250,12 @@ impl Metrics {
                 exit_mode,
             })
             .set(1);
+    }
+
+    /// The registry, for `/metrics` and for checks that dashboards and alerts name metrics
+    /// that exist.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// The HTTP families, for the routers' layer.
