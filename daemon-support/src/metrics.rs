@@ -31,8 +31,25 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::Registry;
+pub use prometheus_client::registry::Unit;
 use tokio::net::TcpListener;
+
+/// Registers families in a registry, one line each: `"name", "help", family;` or, with a
+/// unit, `"name" in Seconds, "help", family;` (the unit is a [`Unit`] variant). A daemon's
+/// list of metrics then reads as a table.
+#[macro_export]
+macro_rules! register {
+    ($registry:expr, $($name:literal $(in $unit:ident)?, $help:literal, $metric:expr;)*) => {
+        $($crate::register!(@one $registry, $name $(, $unit)?, $help, $metric);)*
+    };
+    (@one $registry:expr, $name:literal, $help:literal, $metric:expr) => {
+        $registry.register($name, $help, $metric)
+    };
+    (@one $registry:expr, $name:literal, $unit:ident, $help:literal, $metric:expr) => {
+        $registry.register_with_unit($name, $help, $crate::metrics::Unit::$unit, $metric)
+    };
+}
 
 /// The content type of the Prometheus text format, version 0.0.4.
 pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";

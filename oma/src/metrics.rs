@@ -22,7 +22,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::Registry;
 
 use crate::AppState;
 use crate::model::{FailureClass, JobStatus};
@@ -142,95 +142,27 @@ impl Metrics {
 
     fn registered(mut self) -> Self {
         let r = &mut self.registry;
-        r.register(
-            "build_info",
-            "Version and database backend of this OMA (value 1)",
-            self.build.clone(),
-        );
-        r.register("jobs", "Replication jobs, by status", self.jobs.clone());
-        r.register_with_unit("oldest_active_progress_age", "Time since the last progress of the active job that has gone longest without (0 when none is active)", Unit::Seconds, self.oldest_progress_age.clone());
-        r.register(
-            "stalled_jobs",
-            "Active jobs flagged stalled (bytes unmoved past the stall threshold)",
-            self.stalled.clone(),
-        );
-        r.register_with_unit(
-            "stall_threshold",
-            "The stall threshold (--stall-threshold-secs)",
-            Unit::Seconds,
-            self.stall_threshold.clone(),
-        );
-        r.register(
-            "transitions",
-            "Job status changes committed, by new status, failure class and actor",
-            self.transitions.clone(),
-        );
-        r.register(
-            "watchdog_events",
-            "Process events received from watchdogs, by outcome",
-            self.watchdog_events.clone(),
-        );
-        r.register_with_unit(
-            "intake_commit_duration",
-            "Time to apply and commit one batch of watchdog events",
-            Unit::Seconds,
-            self.intake_commit.clone(),
-        );
-        r.register(
-            "recovery_runs",
-            "Recovery runs, by trigger and result",
-            self.recovery_runs.clone(),
-        );
-        r.register(
-            "recovery_decisions",
-            "Decisions of recovery runs, by decision",
-            self.recovery_decisions.clone(),
-        );
-        r.register_with_unit(
-            "recovery_run_duration",
-            "Time a recovery run took",
-            Unit::Seconds,
-            self.recovery_duration.clone(),
-        );
-        r.register_with_unit(
-            "recovery_last_success_timestamp",
-            "When the last recovery run finished without error (unix time)",
-            Unit::Seconds,
-            self.recovery_last_success.clone(),
-        );
-        r.register_with_unit(
-            "recovery_interval",
-            "The periodic recovery interval (--recovery-interval-secs)",
-            Unit::Seconds,
-            self.recovery_interval.clone(),
-        );
-        r.register(
-            "polls",
-            "Progress polls of VMAs, by result",
-            self.polls.clone(),
-        );
-        r.register_with_unit(
-            "poll_cycle_lag",
-            "How far the poller's last cycle is behind its schedule",
-            Unit::Seconds,
-            self.poll_lag.clone(),
-        );
-        r.register_with_unit(
-            "vma_last_contact_timestamp",
-            "When each VMA last answered a poll or delivered events (unix time)",
-            Unit::Seconds,
-            self.vma_contact.clone(),
-        );
-        r.register(
-            "auth_failures",
-            "Requests refused by the token check, by reason",
-            self.auth_failures.clone(),
-        );
-        r.register(
-            "db_pool_connections",
-            "Database pool connections, by state (idle, in_use)",
-            self.pool.clone(),
-        );
+        // Name, help, (unit,) family: one line each, as the exported name reads.
+        daemon_support::register! { r,
+            "build_info", "Version and database backend of this OMA (value 1)", self.build.clone();
+            "jobs", "Replication jobs, by status", self.jobs.clone();
+            "oldest_active_progress_age" in Seconds, "Time since the last progress of the active job that has gone longest without (0 when none is active)", self.oldest_progress_age.clone();
+            "stalled_jobs", "Active jobs flagged stalled (bytes unmoved past the stall threshold)", self.stalled.clone();
+            "stall_threshold" in Seconds, "The stall threshold (--stall-threshold-secs)", self.stall_threshold.clone();
+            "transitions", "Job status changes committed, by new status, failure class and actor", self.transitions.clone();
+            "watchdog_events", "Process events received from watchdogs, by outcome", self.watchdog_events.clone();
+            "intake_commit_duration" in Seconds, "Time to apply and commit one batch of watchdog events", self.intake_commit.clone();
+            "recovery_runs", "Recovery runs, by trigger and result", self.recovery_runs.clone();
+            "recovery_decisions", "Decisions of recovery runs, by decision", self.recovery_decisions.clone();
+            "recovery_run_duration" in Seconds, "Time a recovery run took", self.recovery_duration.clone();
+            "recovery_last_success_timestamp" in Seconds, "When the last recovery run finished without error (unix time)", self.recovery_last_success.clone();
+            "recovery_interval" in Seconds, "The periodic recovery interval (--recovery-interval-secs)", self.recovery_interval.clone();
+            "polls", "Progress polls of VMAs, by result", self.polls.clone();
+            "poll_cycle_lag" in Seconds, "How far the poller's last cycle is behind its schedule", self.poll_lag.clone();
+            "vma_last_contact_timestamp" in Seconds, "When each VMA last answered a poll or delivered events (unix time)", self.vma_contact.clone();
+            "auth_failures", "Requests refused by the token check, by reason", self.auth_failures.clone();
+            "db_pool_connections", "Database pool connections, by state (idle, in_use)", self.pool.clone();
+        }
         self
     }
 

@@ -182,30 +182,7 @@ impl Poller {
             let poller = self.clone();
             tokio::spawn(async move {
                 let _permit = permits.acquire_owned().await;
-                let answer = poller.client.progress(&url, &job_id).await;
-                let metrics = poller.store.metrics();
-                let answer_failed = answer.is_err();
-                if !answer_failed {
-                    metrics.vma_contact(&vma_id);
-                }
-                let result = match answer {
-                    Ok(Some(progress)) => poller
-                        .store
-                        .mutate_job(&job_id, |cur, now| {
-                            Ok(on_progress(cur, &progress, now, stall_ms))
-                        })
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                    Ok(None) => Ok(()),
-                    Err(e) => Err(e.to_string()),
-                };
-                metrics.poll(match &result {
-                    Ok(()) => "ok",
-                    Err(_) if answer_failed => "unreachable",
-                    Err(_) => "store_error",
-                });
-                poller.finish(&job_id, result);
+                poller.poll(&job_id, &vma_id, &url, stall_ms).await;
             });
         }
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
@@ -215,6 +192,35 @@ impl Poller {
         health.jobs_tracked = jobs.len();
         health.jobs_backing_off = jobs.values().filter(|j| j.failures > 0).count();
         Ok(())
+    }
+
+    /// Polls one job's progress on its VMA and applies it; counts the poll and the VMA's
+    /// answer in the metrics.
+    async fn poll(&self, job_id: &str, vma_id: &str, url: &str, stall_ms: i64) {
+        let answer = self.client.progress(url, job_id).await;
+        let metrics = self.store.metrics();
+        let answer_failed = answer.is_err();
+        if !answer_failed {
+            metrics.vma_contact(vma_id);
+        }
+        let result = match answer {
+            Ok(Some(progress)) => self
+                .store
+                .mutate_job(job_id, |cur, now| {
+                    Ok(on_progress(cur, &progress, now, stall_ms))
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        metrics.poll(match &result {
+            Ok(()) => "ok",
+            Err(_) if answer_failed => "unreachable",
+            Err(_) => "store_error",
+        });
+        self.finish(job_id, result);
     }
 
     /// Records the outcome of one poll and schedules the next: the interval after success,

@@ -253,15 +253,7 @@ pub async fn start_with_metrics(
         ("poller", tokio::spawn(poller.run_forever(stopped.clone()))),
     ];
     if let Some(listener) = metrics {
-        let scraped = Arc::new(crate::metrics::Scraped {
-            state: state.clone(),
-        });
-        let serving = daemon_support::metrics::serve(
-            listener,
-            scraped,
-            daemon_support::stopped(stopped.clone()),
-        );
-        background.push(("metrics endpoint", tokio::spawn(serving)));
+        background.push(serve_metrics(listener, &state, stopped.clone()));
     }
     let addr = listener.local_addr()?;
     let limits = net.limits.fit_fd_limit(1);
@@ -287,6 +279,20 @@ pub async fn start_with_metrics(
         http,
         background,
     })
+}
+
+/// Serves `/metrics` on `listener` until `stopped` says true.
+fn serve_metrics(
+    listener: TcpListener,
+    state: &AppState,
+    stopped: watch::Receiver<bool>,
+) -> (&'static str, JoinHandle<()>) {
+    let scraped = Arc::new(crate::metrics::Scraped {
+        state: state.clone(),
+    });
+    let serving =
+        daemon_support::metrics::serve(listener, scraped, daemon_support::stopped(stopped));
+    ("metrics endpoint", tokio::spawn(serving))
 }
 
 #[cfg(test)]

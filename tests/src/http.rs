@@ -146,6 +146,24 @@ pub fn free_port(ip: std::net::IpAddr) -> Result<u16> {
         .map_err(|e| HarnessError::io(format!("finding a free port on {ip}"), e))
 }
 
+/// A `--metrics-listen` flag of its own for a daemon the harness starts on `ip` (never the
+/// default port: tests run many daemons at once), and its port. A daemon in a namespace
+/// takes a port free on loopback, as its API does.
+pub fn metrics_flag(
+    ip: std::net::IpAddr,
+    namespaced: bool,
+) -> Result<(u16, [std::ffi::OsString; 2])> {
+    let port = free_port(if namespaced {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        ip
+    })?;
+    Ok((
+        port,
+        ["--metrics-listen".into(), format!("{ip}:{port}").into()],
+    ))
+}
+
 /// Polls `probe` every `every` until it returns `Some`, or fails with a timeout naming `what`.
 pub fn wait_for<T>(
     what: &str,

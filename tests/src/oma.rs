@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::daemon::Daemon;
-use crate::http::{Answer, JsonClient, free_port, wait_for};
+use crate::http::{Answer, JsonClient, free_port, metrics_flag, wait_for};
 use crate::{HarnessError, Result};
 
 /// How to run the OMA. Intervals are short so that tests see recovery and polling quickly.
@@ -160,15 +160,9 @@ impl Oma {
         if let Some(tls) = &config.tls {
             args.extend(tls_args(tls));
         }
-        // A port of its own, never the default one: tests run many OMAs at once.
-        let metrics_port = free_port(if config.netns.is_some() {
-            IpAddr::from([127, 0, 0, 1])
-        } else {
-            config.ip
-        })?;
+        let (metrics_port, metrics_flag) = metrics_flag(config.ip, config.netns.is_some())?;
         let metrics = std::net::SocketAddr::new(config.ip, metrics_port);
-        args.push("--metrics-listen".into());
-        args.push(metrics.to_string().into());
+        args.extend(metrics_flag);
         let daemon = Daemon::new(
             "oma",
             crate::bins::oma()?,

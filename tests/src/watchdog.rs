@@ -18,7 +18,7 @@ use api::{StoredProgress, VmaJobStatus};
 use reqwest::Method;
 
 use crate::daemon::Daemon;
-use crate::http::{Answer, JsonClient, free_port};
+use crate::http::{Answer, JsonClient, free_port, metrics_flag};
 use crate::{HarnessError, Result};
 
 /// The vCenter password every launched stand-in carries on its command line. Tests assert it
@@ -142,14 +142,8 @@ impl Watchdog {
         if let Some(tls) = &config.tls {
             args.extend(tls_args(tls, progress_port));
         }
-        // A port of its own, never the default one: tests run many watchdogs at once.
-        let metrics_port = free_port(if config.netns.is_some() {
-            IpAddr::from([127, 0, 0, 1])
-        } else {
-            config.ip
-        })?;
-        args.push("--metrics-listen".into());
-        args.push(format!("{}:{metrics_port}", config.ip).into());
+        let (metrics_port, metrics_flag) = metrics_flag(config.ip, config.netns.is_some())?;
+        args.extend(metrics_flag);
         let daemon = Daemon::new(
             "vma-watchdog",
             crate::bins::watchdog()?,

@@ -24,7 +24,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::Registry;
 
 use crate::daemon::Tracker;
 
@@ -137,106 +137,28 @@ impl Metrics {
 
     fn registered(mut self) -> Self {
         let r = &mut self.registry;
-        r.register(
-            "build_info",
-            "Version, detector and kernel exit mode of this watchdog (value 1)",
-            self.build.clone(),
-        );
-        r.register(
-            "processes_watched",
-            "migratekit processes registered and running",
-            self.watched.clone(),
-        );
-        r.register(
-            "deaths",
-            "migratekit deaths recorded for the OMA, by class",
-            self.deaths.clone(),
-        );
-        r.register(
-            "impostors_ignored",
-            "Processes named like migratekit that were not adopted",
-            self.impostors.clone(),
-        );
-        r.register(
-            "ebpf_ring_events_lost",
-            "Events the kernel program could not put in the full ring buffer",
-            self.ring_lost.clone(),
-        );
-        r.register(
-            "ebpf_read_errors",
-            "Failed kernel memory reads in the kernel programs",
-            self.kernel_read_errors.clone(),
-        );
-        r.register(
-            "ebpf_program_runs",
-            "Runs of each kernel program (counted while kernel.bpf_stats_enabled is 1)",
-            self.program_runs.clone(),
-        );
-        r.register_with_unit(
-            "ebpf_program_run",
-            "Time spent in each kernel program (counted while kernel.bpf_stats_enabled is 1)",
-            Unit::Seconds,
-            self.program_run_time.clone(),
-        );
-        r.register(
-            "outbox_events",
-            "Events in the outbox, not yet acknowledged by the OMA",
-            self.outbox_events.clone(),
-        );
-        r.register_with_unit(
-            "outbox",
-            "Size of the outbox's unacknowledged events on disk",
-            Unit::Bytes,
-            self.outbox_bytes.clone(),
-        );
-        r.register(
-            "outbox_max_events",
-            "Bound on outbox_events (--outbox-max-events)",
-            self.outbox_max_events.clone(),
-        );
-        r.register_with_unit(
-            "outbox_max",
-            "Bound on outbox_bytes (--outbox-max-bytes)",
-            Unit::Bytes,
-            self.outbox_max_bytes.clone(),
-        );
-        r.register_with_unit(
-            "outbox_oldest_event_age",
-            "Age of the oldest unacknowledged event (0 when none)",
-            Unit::Seconds,
-            self.outbox_oldest_age.clone(),
-        );
-        r.register(
-            "outbox_refused_events",
-            "Events refused because the outbox was full",
-            self.outbox_refused.clone(),
-        );
-        r.register(
-            "delivery_attempts",
-            "Attempts to deliver a batch of events to the OMA, by result",
-            self.delivery_attempts.clone(),
-        );
-        r.register_with_unit(
-            "death_to_ack",
-            "Time from a death's observation to the OMA's acknowledgement",
-            Unit::Seconds,
-            self.death_to_ack.clone(),
-        );
-        r.register(
-            "launches",
-            "Requests to start migratekit, by result",
-            self.launches.clone(),
-        );
-        r.register(
-            "progress_updates",
-            "Progress updates posted by migratekit, by result",
-            self.progress_updates.clone(),
-        );
-        r.register(
-            "registry_write_errors",
-            "Failed writes of the process registry's file",
-            self.registry_write_errors.clone(),
-        );
+        // Name, help, (unit,) family: one line each, as the exported name reads.
+        daemon_support::register! { r,
+            "build_info", "Version, detector and kernel exit mode of this watchdog (value 1)", self.build.clone();
+            "processes_watched", "migratekit processes registered and running", self.watched.clone();
+            "deaths", "migratekit deaths recorded for the OMA, by class", self.deaths.clone();
+            "impostors_ignored", "Processes named like migratekit that were not adopted", self.impostors.clone();
+            "ebpf_ring_events_lost", "Events the kernel program could not put in the full ring buffer", self.ring_lost.clone();
+            "ebpf_read_errors", "Failed kernel memory reads in the kernel programs", self.kernel_read_errors.clone();
+            "ebpf_program_runs", "Runs of each kernel program (counted while kernel.bpf_stats_enabled is 1)", self.program_runs.clone();
+            "ebpf_program_run" in Seconds, "Time spent in each kernel program (counted while kernel.bpf_stats_enabled is 1)", self.program_run_time.clone();
+            "outbox_events", "Events in the outbox, not yet acknowledged by the OMA", self.outbox_events.clone();
+            "outbox" in Bytes, "Size of the outbox's unacknowledged events on disk", self.outbox_bytes.clone();
+            "outbox_max_events", "Bound on outbox_events (--outbox-max-events)", self.outbox_max_events.clone();
+            "outbox_max" in Bytes, "Bound on outbox_bytes (--outbox-max-bytes)", self.outbox_max_bytes.clone();
+            "outbox_oldest_event_age" in Seconds, "Age of the oldest unacknowledged event (0 when none)", self.outbox_oldest_age.clone();
+            "outbox_refused_events", "Events refused because the outbox was full", self.outbox_refused.clone();
+            "delivery_attempts", "Attempts to deliver a batch of events to the OMA, by result", self.delivery_attempts.clone();
+            "death_to_ack" in Seconds, "Time from a death's observation to the OMA's acknowledgement", self.death_to_ack.clone();
+            "launches", "Requests to start migratekit, by result", self.launches.clone();
+            "progress_updates", "Progress updates posted by migratekit, by result", self.progress_updates.clone();
+            "registry_write_errors", "Failed writes of the process registry's file", self.registry_write_errors.clone();
+        }
         self
     }
 
