@@ -146,21 +146,27 @@ pub fn free_port(ip: std::net::IpAddr) -> Result<u16> {
         .map_err(|e| HarnessError::io(format!("finding a free port on {ip}"), e))
 }
 
-/// A `--metrics-listen` flag of its own for a daemon the harness starts on `ip` (never the
-/// default port: tests run many daemons at once), and its port. A daemon in a namespace
-/// takes a port free on loopback, as its API does.
+/// The `--metrics-listen` flag of a daemon the harness starts on `ip`, and where its metrics
+/// are then served: a port of its own (never the default one: tests run many daemons at
+/// once; a daemon in a namespace takes a port free on loopback, as its API does), or `off`
+/// without `on` (the benchmark's baseline).
 pub fn metrics_flag(
     ip: std::net::IpAddr,
     namespaced: bool,
-) -> Result<(u16, [std::ffi::OsString; 2])> {
+    on: bool,
+) -> Result<(Option<std::net::SocketAddr>, [std::ffi::OsString; 2])> {
+    if !on {
+        return Ok((None, ["--metrics-listen".into(), "off".into()]));
+    }
     let port = free_port(if namespaced {
         std::net::IpAddr::from([127, 0, 0, 1])
     } else {
         ip
     })?;
+    let addr = std::net::SocketAddr::new(ip, port);
     Ok((
-        port,
-        ["--metrics-listen".into(), format!("{ip}:{port}").into()],
+        Some(addr),
+        ["--metrics-listen".into(), addr.to_string().into()],
     ))
 }
 

@@ -33,6 +33,8 @@ pub struct OmaConfig {
     pub vma_timeout_secs: f64,
     /// HTTPS with client certificates both ways (its API, its calls to VMAs).
     pub tls: Option<crate::tls::DaemonTls>,
+    /// Serve `/metrics` (on a port of its own); `false` runs it with `--metrics-listen off`.
+    pub metrics: bool,
 }
 
 impl Default for OmaConfig {
@@ -46,6 +48,7 @@ impl Default for OmaConfig {
             poll_max_backoff_secs: 1.0,
             vma_timeout_secs: 2.0,
             tls: None,
+            metrics: true,
         }
     }
 }
@@ -86,8 +89,8 @@ pub struct Oma {
     pub operator_token: String,
     /// The token the OMA presents to VMA watchdogs.
     pub vma_api_token: String,
-    /// Where its `/metrics` is served (a port of its own).
-    pub metrics: std::net::SocketAddr,
+    /// Where its `/metrics` is served (a port of its own), unless metrics are off.
+    pub metrics: Option<std::net::SocketAddr>,
     client: JsonClient,
 }
 
@@ -160,8 +163,8 @@ impl Oma {
         if let Some(tls) = &config.tls {
             args.extend(tls_args(tls));
         }
-        let (metrics_port, metrics_flag) = metrics_flag(config.ip, config.netns.is_some())?;
-        let metrics = std::net::SocketAddr::new(config.ip, metrics_port);
+        let (metrics, metrics_flag) =
+            metrics_flag(config.ip, config.netns.is_some(), config.metrics)?;
         args.extend(metrics_flag);
         let daemon = Daemon::new(
             "oma",

@@ -46,6 +46,8 @@ pub struct WatchdogConfig {
     /// HTTPS with client certificates both ways (its API, its delivery to the OMA);
     /// migratekit's progress then goes to a plain loopback listener of its own.
     pub tls: Option<crate::tls::DaemonTls>,
+    /// Serve `/metrics` (on a port of its own); `false` runs it with `--metrics-listen off`.
+    pub metrics: bool,
 }
 
 /// A running (or stopped) watchdog; its state directory outlives restarts.
@@ -59,8 +61,9 @@ pub struct Watchdog {
     pub vma_token: String,
     /// The VMA id.
     pub vma_id: String,
-    /// Where its `/metrics` is served (a port of its own, as the OMA reaches it).
-    pub metrics: std::net::SocketAddr,
+    /// Where its `/metrics` is served (a port of its own, as the OMA reaches it), unless
+    /// metrics are off.
+    pub metrics: Option<std::net::SocketAddr>,
     api_token: String,
     client: JsonClient,
 }
@@ -142,7 +145,8 @@ impl Watchdog {
         if let Some(tls) = &config.tls {
             args.extend(tls_args(tls, progress_port));
         }
-        let (metrics_port, metrics_flag) = metrics_flag(config.ip, config.netns.is_some())?;
+        let (metrics, metrics_flag) =
+            metrics_flag(config.ip, config.netns.is_some(), config.metrics)?;
         args.extend(metrics_flag);
         let daemon = Daemon::new(
             "vma-watchdog",
@@ -166,7 +170,7 @@ impl Watchdog {
             url,
             vma_token,
             vma_id: config.vma_id.clone(),
-            metrics: std::net::SocketAddr::new(config.advertised_ip, metrics_port),
+            metrics: metrics.map(|m| std::net::SocketAddr::new(config.advertised_ip, m.port())),
             api_token: config.api_token.clone(),
             client,
         };
