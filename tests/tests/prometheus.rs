@@ -64,14 +64,7 @@ impl Prometheus {
 
     /// The values of an instant query's result, or `None` while Prometheus cannot answer.
     fn query(&self, promql: &str) -> Option<Vec<f64>> {
-        let answer: serde_json::Value = self
-            .http
-            .get(format!("{}/api/v1/query", self.url))
-            .query(&[("query", promql)])
-            .send()
-            .ok()?
-            .json()
-            .ok()?;
+        let answer = self.evaluates(promql)?;
         assert_eq!(answer["status"], "success", "{promql}: {answer}");
         let result = answer["data"]["result"].as_array()?;
         Some(
@@ -82,7 +75,7 @@ impl Prometheus {
         )
     }
 
-    /// Whether Prometheus accepts and evaluates `promql` (`None` while it cannot answer).
+    /// Prometheus's answer to the instant query `promql` (`None` while it cannot answer).
     fn evaluates(&self, promql: &str) -> Option<serde_json::Value> {
         let answer: serde_json::Value = self
             .http
