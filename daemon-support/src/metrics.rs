@@ -233,22 +233,11 @@ impl DaemonMetrics {
             }),
             log_lines_dropped: Counter::default(),
         };
-        registry.register(
-            "http_requests",
-            "HTTP requests answered, by route and status code",
-            metrics.requests.clone(),
-        );
-        registry.register_with_unit(
-            "http_request_duration",
-            "Time to answer an HTTP request, by route",
-            Unit::Seconds,
-            metrics.durations.clone(),
-        );
-        registry.register(
-            "log_lines_dropped",
-            "Log lines dropped because the log output did not take them in time",
-            metrics.log_lines_dropped.clone(),
-        );
+        crate::register! { registry,
+            "http_requests", "HTTP requests answered, by route and status code", metrics.requests.clone();
+            "http_request_duration" in Seconds, "Time to answer an HTTP request, by route", metrics.durations.clone();
+            "log_lines_dropped", "Log lines dropped because the log output did not take them in time", metrics.log_lines_dropped.clone();
+        }
         Arc::new(metrics)
     }
 
