@@ -72,6 +72,19 @@ fn killed_migratekit_is_counted(detector: &str) {
     }
     let bytes = value(&page, "vma_watchdog_outbox_bytes").unwrap();
     assert!(bytes > 0.0, "{page}");
+    if watchdog.detector == "ebpf" {
+        // The programs' run statistics are there; they count only while the kernel's BPF
+        // statistics are enabled (a host-wide sysctl this test leaves alone).
+        let stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled");
+        let runs = value(
+            &page,
+            r#"vma_watchdog_ebpf_program_runs_total{program="watchdog_exit"}"#,
+        );
+        match stats.as_deref().map(str::trim) {
+            Ok("1") => assert!(runs.is_some_and(|n| n > 0.0), "{page}"),
+            _ => assert_eq!(runs, Some(0.0), "{page}"),
+        }
+    }
     s.reap();
     watchdog.stop();
 }
