@@ -15,8 +15,8 @@ pub use bounds::FieldError;
 pub use job_id::{JobId, JobIdError};
 pub use launch::{StartJobRequest, TrackJobRequest};
 pub use process::{
-    Detector, EventBatch, EventBatchAck, ExitStatus, FoundBy, JobProcessState, ProcessEvent,
-    ProcessEventKind, ProcessIdentity, VmaJobStatus,
+    DeathClass, Detector, EventBatch, EventBatchAck, ExitStatus, FoundBy, JobProcessState,
+    ProcessEvent, ProcessEventKind, ProcessIdentity, VmaJobStatus,
 };
 pub use progress::{ProgressStatus, ProgressUpdate, StoredProgress, SyncType};
 

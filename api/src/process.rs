@@ -66,6 +66,45 @@ impl ExitStatus {
     pub fn is_success(&self) -> bool {
         self.code == Some(0) && self.signal.is_none()
     }
+
+    /// How the process ended, in the words the OMA's failure classes and both daemons'
+    /// metrics use.
+    pub fn class(&self) -> DeathClass {
+        if self.oom_killed && !self.is_unknown() {
+            DeathClass::OomKilled
+        } else if self.signal.is_some() {
+            DeathClass::Killed
+        } else if self.code.is_some() {
+            DeathClass::Exited
+        } else {
+            DeathClass::Unknown
+        }
+    }
+}
+
+/// How a process ended: [`ExitStatus::class`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeathClass {
+    /// It called `exit()` (with any code, 0 included).
+    Exited,
+    /// A signal killed it.
+    Killed,
+    /// The kernel's OOM killer killed it.
+    OomKilled,
+    /// Nothing is known about how it ended.
+    Unknown,
+}
+
+impl DeathClass {
+    /// The class's name: `process_exited`, `process_killed`, `oom_killed`, `status_unknown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exited => "process_exited",
+            Self::Killed => "process_killed",
+            Self::OomKilled => "oom_killed",
+            Self::Unknown => "status_unknown",
+        }
+    }
 }
 
 /// Which mechanism saw the event.

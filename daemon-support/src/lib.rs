@@ -4,9 +4,11 @@
 //!   that takes nothing never stalls a daemon;
 //! - [`LogFormat`]: the `--log-format` setting (`text` or `json`);
 //! - [`priority`]: raising the daemon's CPU priority at start (a nice value);
-//! - [`join_within`]: waiting for a daemon's tasks at shutdown, for a bounded time.
+//! - [`join_within`]: waiting for a daemon's tasks at shutdown, for a bounded time;
+//! - [`metrics`]: the `/metrics` listener and endpoint, and the metric families both daemons have.
 
 pub mod log_queue;
+pub mod metrics;
 pub mod priority;
 
 use std::time::Duration;

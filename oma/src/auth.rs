@@ -162,15 +162,38 @@ async fn identify(
     }
 }
 
+/// Who holds `credentials` (from [`credentials`]), with every refusal counted in the metrics
+/// by reason.
+async fn principal(
+    state: &AppState,
+    credentials: Result<(bool, String), ApiError>,
+) -> Result<Principal, ApiError> {
+    let reason = match credentials {
+        Err(_) => "missing_token",
+        Ok(credentials) => match identify(state, credentials).await {
+            Err(ApiError::Unauthorized) => "unknown_token",
+            other => return other,
+        },
+    };
+    state.store.metrics().auth_failure(reason);
+    Err(ApiError::Unauthorized)
+}
+
+/// Counts a token of the other kind (an operator's on a VMA route, or the reverse).
+fn wrong_role(state: &AppState) -> ApiError {
+    state.store.metrics().auth_failure("wrong_role");
+    ApiError::Forbidden
+}
+
 /// Middleware for operator endpoints: 401 without a valid token, 403 for a VMA token.
 pub async fn require_operator(
     State(state): State<AppState>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    match identify(&state, credentials(&state, &request)?).await? {
+    match principal(&state, credentials(&state, &request)).await? {
         Principal::Operator => Ok(next.run(request).await),
-        Principal::Vma(_) => Err(ApiError::Forbidden),
+        Principal::Vma(_) => Err(wrong_role(&state)),
     }
 }
 
@@ -181,12 +204,12 @@ pub async fn require_vma(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    match identify(&state, credentials(&state, &request)?).await? {
+    match principal(&state, credentials(&state, &request)).await? {
         Principal::Vma(vma) => {
             request.extensions_mut().insert(Principal::Vma(vma));
             Ok(next.run(request).await)
         }
-        Principal::Operator => Err(ApiError::Forbidden),
+        Principal::Operator => Err(wrong_role(&state)),
     }
 }
 

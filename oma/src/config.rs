@@ -18,6 +18,11 @@ pub struct ServerArgs {
     /// Address to listen on.
     #[arg(long, env = "OMA_LISTEN", default_value = "127.0.0.1:8082")]
     pub listen: SocketAddr,
+    /// Address of the Prometheus metrics endpoint (`/metrics`, plain HTTP, no token), or
+    /// `off`. Default 127.0.0.1:9182; when that port is taken the OMA runs without metrics
+    /// and logs `metrics_unavailable`, while an address given here must be free.
+    #[arg(long, env = "OMA_METRICS_LISTEN")]
+    pub metrics_listen: Option<daemon_support::metrics::MetricsListen>,
     /// Database: a SQLite file path (created and migrated at start) or postgres://...
     #[arg(
         long,

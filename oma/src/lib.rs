@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod job;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod poller;
 pub mod recovery;
@@ -67,11 +68,12 @@ pub fn app(state: AppState) -> Router {
         state.clone(),
         auth::require_vma,
     ));
-    Router::new()
+    let router = Router::new()
         .merge(routes::health::router())
         .merge(operator)
         .merge(watchdog)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
-        .with_state(state)
+        .layer(tower_http::trace::TraceLayer::new_for_http());
+    let metrics = std::sync::Arc::clone(state.store.metrics().daemon());
+    metrics.instrument(router).with_state(state)
 }

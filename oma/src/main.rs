@@ -41,7 +41,14 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
                 args.listen
             )
         })?;
-    let server = oma::server::start(settings, listener)
+    let metrics = daemon_support::metrics::bind(
+        args.metrics_listen,
+        oma::metrics::DEFAULT_LISTEN
+            .parse()
+            .expect("a valid address"),
+    )
+    .await?;
+    let server = oma::server::start_with_metrics(settings, listener, metrics)
         .await
         .context("oma could not start")?;
     let mut term =

@@ -100,12 +100,26 @@ impl Poller {
                     h.last_error = Some(e.to_string());
                 }
             }
-            let tick = self.config.interval.min(Duration::from_secs(1));
             tokio::select! {
-                () = tokio::time::sleep(tick) => {}
+                () = tokio::time::sleep(self.tick()) => {}
                 () = &mut stopped => return,
             }
         }
+    }
+
+    /// How far the poller is behind its schedule: the time since its last cycle began beyond
+    /// the pause between cycles (zero while it keeps up, or before its first cycle).
+    pub fn cycle_lag(&self) -> Duration {
+        let Some(last) = self.health().last_cycle_at else {
+            return Duration::ZERO;
+        };
+        let since = (Utc::now() - last).to_std().unwrap_or_default();
+        since.saturating_sub(self.tick())
+    }
+
+    /// The pause between cycles.
+    fn tick(&self) -> Duration {
+        self.config.interval.min(Duration::from_secs(1))
     }
 
     fn backoff(&self, failures: u32) -> Duration {
@@ -152,6 +166,7 @@ impl Poller {
         for (job_id, vma_id) in due {
             let Some(url) = vmas.get(&vma_id).cloned() else {
                 let error = format!("no VMA is registered under id {vma_id}");
+                self.store.metrics().poll("unknown_vma");
                 self.finish(&job_id, Err(error));
                 continue;
             };
@@ -167,19 +182,7 @@ impl Poller {
             let poller = self.clone();
             tokio::spawn(async move {
                 let _permit = permits.acquire_owned().await;
-                let result = match poller.client.progress(&url, &job_id).await {
-                    Ok(Some(progress)) => poller
-                        .store
-                        .mutate_job(&job_id, |cur, now| {
-                            Ok(on_progress(cur, &progress, now, stall_ms))
-                        })
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                    Ok(None) => Ok(()),
-                    Err(e) => Err(e.to_string()),
-                };
-                poller.finish(&job_id, result);
+                poller.poll(&job_id, &vma_id, &url, stall_ms).await;
             });
         }
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
@@ -189,6 +192,35 @@ impl Poller {
         health.jobs_tracked = jobs.len();
         health.jobs_backing_off = jobs.values().filter(|j| j.failures > 0).count();
         Ok(())
+    }
+
+    /// Polls one job's progress on its VMA and applies it; counts the poll and the VMA's
+    /// answer in the metrics.
+    async fn poll(&self, job_id: &str, vma_id: &str, url: &str, stall_ms: i64) {
+        let answer = self.client.progress(url, job_id).await;
+        let metrics = self.store.metrics();
+        let answer_failed = answer.is_err();
+        if !answer_failed {
+            metrics.vma_contact(vma_id);
+        }
+        let result = match answer {
+            Ok(Some(progress)) => self
+                .store
+                .mutate_job(job_id, |cur, now| {
+                    Ok(on_progress(cur, &progress, now, stall_ms))
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        metrics.poll(match &result {
+            Ok(()) => "ok",
+            Err(_) if answer_failed => "unreachable",
+            Err(_) => "store_error",
+        });
+        self.finish(job_id, result);
     }
 
     /// Records the outcome of one poll and schedules the next: the interval after success,

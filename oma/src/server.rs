@@ -194,8 +194,17 @@ impl RunningServer {
 }
 
 /// Opens the database, starts recovery (startup run, then periodic), the poller and the
-/// HTTP server on `listener`.
+/// HTTP server on `listener`, without a metrics endpoint.
 pub async fn start(settings: Settings, listener: TcpListener) -> Result<RunningServer, StartError> {
+    start_with_metrics(settings, listener, None).await
+}
+
+/// [`start`], serving `/metrics` on `metrics` when given (see `crate::metrics`).
+pub async fn start_with_metrics(
+    settings: Settings,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+) -> Result<RunningServer, StartError> {
     let operators = OperatorTokens::new(settings.operator_tokens.clone());
     if operators.is_empty() {
         return Err(StartError::NoOperatorToken);
@@ -209,6 +218,15 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RunningS
     )?;
     let store = Store::connect(&settings.database).await?;
     tracing::info!(database = %redact_url(&settings.database), backend = ?store.backend(), "database ready");
+    let backend = match store.backend() {
+        crate::store::Backend::Sqlite => "sqlite",
+        crate::store::Backend::Postgres => "postgres",
+    };
+    store.metrics().set_settings(
+        backend,
+        settings.recovery.interval,
+        settings.poller.stall_threshold,
+    );
     let recovery = Arc::new(Recovery::new(
         store.clone(),
         client.clone(),
@@ -227,13 +245,16 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RunningS
         vma_client: client,
     };
     let (stop, stopped) = watch::channel(false);
-    let background = vec![
+    let mut background = vec![
         (
             "recovery",
             tokio::spawn(recovery.run_forever(stopped.clone())),
         ),
         ("poller", tokio::spawn(poller.run_forever(stopped.clone()))),
     ];
+    if let Some(listener) = metrics {
+        background.push(serve_metrics(listener, &state, stopped.clone()));
+    }
     let addr = listener.local_addr()?;
     let limits = net.limits.fit_fd_limit(1);
     let stats = Arc::new(ServeStats::default());
@@ -258,6 +279,20 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RunningS
         http,
         background,
     })
+}
+
+/// Serves `/metrics` on `listener` until `stopped` says true.
+fn serve_metrics(
+    listener: TcpListener,
+    state: &AppState,
+    stopped: watch::Receiver<bool>,
+) -> (&'static str, JoinHandle<()>) {
+    let scraped = Arc::new(crate::metrics::Scraped {
+        state: state.clone(),
+    });
+    let serving =
+        daemon_support::metrics::serve(listener, scraped, daemon_support::stopped(stopped));
+    ("metrics endpoint", tokio::spawn(serving))
 }
 
 #[cfg(test)]

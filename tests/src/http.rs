@@ -146,6 +146,30 @@ pub fn free_port(ip: std::net::IpAddr) -> Result<u16> {
         .map_err(|e| HarnessError::io(format!("finding a free port on {ip}"), e))
 }
 
+/// The `--metrics-listen` flag of a daemon the harness starts on `ip`, and where its metrics
+/// are then served: a port of its own (never the default one: tests run many daemons at
+/// once; a daemon in a namespace takes a port free on loopback, as its API does), or `off`
+/// without `on` (the benchmark's baseline).
+pub fn metrics_flag(
+    ip: std::net::IpAddr,
+    namespaced: bool,
+    on: bool,
+) -> Result<(Option<std::net::SocketAddr>, [std::ffi::OsString; 2])> {
+    if !on {
+        return Ok((None, ["--metrics-listen".into(), "off".into()]));
+    }
+    let port = free_port(if namespaced {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        ip
+    })?;
+    let addr = std::net::SocketAddr::new(ip, port);
+    Ok((
+        Some(addr),
+        ["--metrics-listen".into(), addr.to_string().into()],
+    ))
+}
+
 /// Polls `probe` every `every` until it returns `Some`, or fails with a timeout naming `what`.
 pub fn wait_for<T>(
     what: &str,

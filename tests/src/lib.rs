@@ -10,6 +10,7 @@
 
 pub mod bins;
 pub mod cgroup;
+pub mod contrib;
 pub mod daemon;
 pub mod error;
 pub mod http;

@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::daemon::Daemon;
-use crate::http::{Answer, JsonClient, free_port, wait_for};
+use crate::http::{Answer, JsonClient, free_port, metrics_flag, wait_for};
 use crate::{HarnessError, Result};
 
 /// How to run the OMA. Intervals are short so that tests see recovery and polling quickly.
@@ -33,6 +33,8 @@ pub struct OmaConfig {
     pub vma_timeout_secs: f64,
     /// HTTPS with client certificates both ways (its API, its calls to VMAs).
     pub tls: Option<crate::tls::DaemonTls>,
+    /// Serve `/metrics` (on a port of its own); `false` runs it with `--metrics-listen off`.
+    pub metrics: bool,
 }
 
 impl Default for OmaConfig {
@@ -46,6 +48,7 @@ impl Default for OmaConfig {
             poll_max_backoff_secs: 1.0,
             vma_timeout_secs: 2.0,
             tls: None,
+            metrics: true,
         }
     }
 }
@@ -86,6 +89,8 @@ pub struct Oma {
     pub operator_token: String,
     /// The token the OMA presents to VMA watchdogs.
     pub vma_api_token: String,
+    /// Where its `/metrics` is served (a port of its own), unless metrics are off.
+    pub metrics: Option<std::net::SocketAddr>,
     client: JsonClient,
 }
 
@@ -158,6 +163,9 @@ impl Oma {
         if let Some(tls) = &config.tls {
             args.extend(tls_args(tls));
         }
+        let (metrics, metrics_flag) =
+            metrics_flag(config.ip, config.netns.is_some(), config.metrics)?;
+        args.extend(metrics_flag);
         let daemon = Daemon::new(
             "oma",
             crate::bins::oma()?,
@@ -180,6 +188,7 @@ impl Oma {
             url,
             operator_token,
             vma_api_token,
+            metrics,
             client,
         };
         oma.start_again()?;

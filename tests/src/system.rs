@@ -33,6 +33,8 @@ pub struct SystemOptions {
     /// Both daemons over HTTPS with mutual TLS (certificates for 127.0.0.1: not with
     /// `partitioned`).
     pub tls: bool,
+    /// Both daemons serve `/metrics`; `false` runs both with `--metrics-listen off`.
+    pub metrics: bool,
 }
 
 impl Default for SystemOptions {
@@ -42,6 +44,7 @@ impl Default for SystemOptions {
             detector: "auto".into(),
             partitioned: false,
             tls: false,
+            metrics: true,
         }
     }
 }
@@ -95,6 +98,7 @@ impl System {
             None
         };
         let mut oma_config = options.oma.clone();
+        oma_config.metrics = options.metrics;
         let (oma_http, vma_http, vma_ip, vma_advertised) = match &net {
             Some(n) => {
                 oma_config.ip = n.oma_ip;
@@ -131,6 +135,7 @@ impl System {
                 api_token: oma.vma_api_token.clone(),
                 detector: options.detector.clone(),
                 tls: pki.as_ref().map(|p| p.daemon("vma-1")).transpose()?,
+                metrics: options.metrics,
             },
             vma_http,
         )?;

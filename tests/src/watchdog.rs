@@ -18,7 +18,7 @@ use api::{StoredProgress, VmaJobStatus};
 use reqwest::Method;
 
 use crate::daemon::Daemon;
-use crate::http::{Answer, JsonClient, free_port};
+use crate::http::{Answer, JsonClient, free_port, metrics_flag};
 use crate::{HarnessError, Result};
 
 /// The vCenter password every launched stand-in carries on its command line. Tests assert it
@@ -46,6 +46,8 @@ pub struct WatchdogConfig {
     /// HTTPS with client certificates both ways (its API, its delivery to the OMA);
     /// migratekit's progress then goes to a plain loopback listener of its own.
     pub tls: Option<crate::tls::DaemonTls>,
+    /// Serve `/metrics` (on a port of its own); `false` runs it with `--metrics-listen off`.
+    pub metrics: bool,
 }
 
 /// A running (or stopped) watchdog; its state directory outlives restarts.
@@ -59,6 +61,9 @@ pub struct Watchdog {
     pub vma_token: String,
     /// The VMA id.
     pub vma_id: String,
+    /// Where its `/metrics` is served (a port of its own, as the OMA reaches it), unless
+    /// metrics are off.
+    pub metrics: Option<std::net::SocketAddr>,
     api_token: String,
     client: JsonClient,
 }
@@ -140,6 +145,9 @@ impl Watchdog {
         if let Some(tls) = &config.tls {
             args.extend(tls_args(tls, progress_port));
         }
+        let (metrics, metrics_flag) =
+            metrics_flag(config.ip, config.netns.is_some(), config.metrics)?;
+        args.extend(metrics_flag);
         let daemon = Daemon::new(
             "vma-watchdog",
             crate::bins::watchdog()?,
@@ -162,6 +170,7 @@ impl Watchdog {
             url,
             vma_token,
             vma_id: config.vma_id.clone(),
+            metrics: metrics.map(|m| std::net::SocketAddr::new(config.advertised_ip, m.port())),
             api_token: config.api_token.clone(),
             client,
         };

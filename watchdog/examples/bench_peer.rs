@@ -141,6 +141,7 @@ async fn bench_http(rounds: usize) {
         outbox: None,
         body_limit: DEFAULT_BODY_LIMIT,
         stopped: Arc::default(),
+        metrics: vma_watchdog::metrics::Metrics::new(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!(

@@ -70,6 +70,11 @@ pub struct Cli {
     /// host has IPv6 loopback (migratekit posts to http://localhost:8081).
     #[arg(long)]
     pub listen: Vec<SocketAddr>,
+    /// Address of the Prometheus metrics endpoint (`/metrics`, plain HTTP, no token), or
+    /// `off`. Default 127.0.0.1:9181; when that port is taken the watchdog runs without
+    /// metrics and logs `metrics_unavailable`, while an address given here must be free.
+    #[arg(long, env = "VMA_WATCHDOG_METRICS_LISTEN")]
+    pub metrics_listen: Option<daemon_support::metrics::MetricsListen>,
     /// Bearer token the OMA presents to this API. Without one (here, in the file or in the
     /// environment) every call but /health and progress updates is refused.
     #[arg(long, env = "VMA_WATCHDOG_API_TOKEN", hide_env_values = true)]
@@ -171,6 +176,8 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     /// Addresses it listens on when it can (`[::1]` with the default address).
     pub listen_if_available: Vec<SocketAddr>,
+    /// Where metrics are served: `None` for the default address (skipped when taken).
+    pub metrics_listen: Option<daemon_support::metrics::MetricsListen>,
     /// Token the OMA presents; `None` refuses every protected call.
     pub api_token: Option<BearerToken>,
     /// The OMA, when deaths are to be delivered.
@@ -242,6 +249,7 @@ impl Config {
             nice,
             listen,
             listen_if_available,
+            metrics_listen: cli.metrics_listen,
             api_token,
             oma,
             vma_id,

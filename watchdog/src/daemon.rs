@@ -21,6 +21,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::detector::{Detector, DetectorEvent};
 use crate::logging::{death, detector_name, found_by_name};
+use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxError};
 use crate::proc_reader::{self, FoundProcess};
 use crate::progress::{ProgressError, ProgressStore};
@@ -89,6 +90,11 @@ impl Daemon {
     /// with the registry on disk. Every event is written once, to the outbox in
     /// `<state dir>/outbox`, whether or not anything delivers it.
     pub async fn start(config: Config) -> Result<Self, DaemonError> {
+        Self::start_with(config, Metrics::new()).await
+    }
+
+    /// [`Daemon::start`], counting into `metrics`.
+    pub async fn start_with(config: Config, metrics: Arc<Metrics>) -> Result<Self, DaemonError> {
         // Before anything in it is opened, and after logging starts, so that a fix is seen.
         crate::state_dir::secure(&config.state_dir).map_err(|source| DaemonError::StateDir {
             path: config.state_dir.clone(),
@@ -116,7 +122,12 @@ impl Daemon {
         let migratekit = config.launcher.migratekit.clone();
         warn_if_unreadable(&migratekit);
         let started = start::detector(&config)?;
+        metrics.set_build(
+            detector_name(started.detector.kind()),
+            started.detector.exit_mode_name(),
+        );
         let tracker = Tracker::new(Arc::new(Core {
+            metrics,
             registry,
             outbox,
             progress,
@@ -190,6 +201,8 @@ fn warn_if_unreadable(migratekit: &MigratekitIdentity) {
 
 #[derive(Debug)]
 struct Core {
+    /// Deaths and impostors are counted here.
+    metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     /// Every event, durable before anything else happens to it, until the OMA acknowledges it.
     outbox: Arc<Outbox>,
@@ -409,10 +422,12 @@ impl Core {
     /// [`Core::report_death`] once this caller alone reports `p`; when it returns, the
     /// registry no longer lists `p` as running.
     fn report_claimed(&self, p: ProcessIdentity, exit: ExitStatus, detector: DetectorKind) {
-        let (kind, name) = if detector == DetectorKind::Registry {
-            (ProcessEventKind::DiedWhileUnwatched, "died_while_unwatched")
+        let (kind, name, class) = if detector == DetectorKind::Registry {
+            let name = crate::metrics::DIED_WHILE_UNWATCHED;
+            (ProcessEventKind::DiedWhileUnwatched, name, name)
         } else {
-            (ProcessEventKind::ProcessExited, "process_exited")
+            let class = exit.class().as_str();
+            (ProcessEventKind::ProcessExited, "process_exited", class)
         };
         let Some(entry) = self.registry.record_exit(p, exit, detector) else {
             if self.forget_impostor(p) {
@@ -436,6 +451,7 @@ impl Core {
         // A death while unwatched carries an exit status with every field unknown.
         let recorded = self.record(kind, &entry.job_id, p, Some(exit), detector);
         let appended_us = crate::clock::monotonic_us();
+        self.metrics.death(class);
         let event_id = match recorded {
             Ok(ev) => Some(ev.event_id),
             Err(e) => {

@@ -8,6 +8,7 @@ pub(crate) mod disk;
 pub mod http;
 pub mod launcher;
 pub mod logging;
+pub mod metrics;
 pub mod outbox;
 pub mod peer;
 pub mod pidfd;

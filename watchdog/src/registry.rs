@@ -159,6 +159,8 @@ pub struct Registry {
     /// Held while the file is written, so that writes happen one at a time, each with a
     /// snapshot taken under it: a later write never carries older state.
     writer: Mutex<()>,
+    /// Writes of the file that failed since start (the metric `registry_write_errors_total`).
+    write_errors: std::sync::atomic::AtomicU64,
 }
 
 /// What to undo in memory when a registration could not be written.
@@ -206,6 +208,7 @@ impl Registry {
             state: Mutex::new(state),
             changed: Condvar::new(),
             writer: Mutex::new(()),
+            write_errors: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -354,13 +357,22 @@ impl Registry {
             // Replaced whole and created anew with mode 0600: the registry names every job
             // and process.
             .and_then(|bytes| disk::replace_atomically(&self.path(), &bytes))
-            .map_err(|source| RegistryError::Write {
-                path: self.path(),
-                source,
+            .map_err(|source| {
+                self.write_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                RegistryError::Write {
+                    path: self.path(),
+                    source,
+                }
             })?;
         let mut state = self.lock();
         state.written = state.written.max(generation);
         Ok(())
+    }
+
+    /// How many writes of the file have failed since the registry was opened.
+    pub fn write_errors(&self) -> u64 {
+        self.write_errors.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether changes are waiting to be written.

@@ -35,6 +35,9 @@ pub struct KillTestArgs {
     /// With --bench: both daemons over HTTPS with mutual TLS.
     #[arg(long, requires = "bench")]
     tls: bool,
+    /// With --bench: metrics off, then on and scraped every second, side by side in one run.
+    #[arg(long, requires = "bench")]
+    metrics_compare: bool,
     /// List the scenarios and what each proves.
     #[arg(long)]
     list: bool,
@@ -70,6 +73,7 @@ impl KillTestArgs {
             bench: None,
             busy: false,
             tls: false,
+            metrics_compare: false,
             list: false,
             release: false,
             vm: false,
@@ -112,6 +116,9 @@ pub fn run(args: &KillTestArgs) -> Result<()> {
         }
         if args.tls {
             runner.arg("--tls");
+        }
+        if args.metrics_compare {
+            runner.arg("--metrics-compare");
         }
     }
     if args.list {

@@ -24,6 +24,9 @@ pub fn run() -> Result<()> {
     // Schemathesis and the generated clients check the OpenAPI documents (`cargo xtask
     // contract`, part of `cargo xtask test`).
     changed |= crate::contract::ensure_tools()?;
+    // The alert rules' checks and unit tests (`promtool`) and the metrics' end-to-end test
+    // (a real Prometheus server, run by the test itself, never the package's service).
+    changed |= ensure_debian_packages("setup", &[("promtool", "prometheus")])?;
     if changed {
         println!("setup: done");
     } else {

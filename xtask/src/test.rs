@@ -53,6 +53,7 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
         cmd
     };
     checks(&cargo)?;
+    alert_rules()?;
     // The system tests and the watchdog's tests run the daemons and the stand-in as real
     // processes: build every binary first, so they never test a stale one.
     setup::build_bins(false)?;
@@ -116,6 +117,19 @@ fn checks(cargo: &dyn Fn() -> Command) -> Result<()> {
             .env("RUSTDOCFLAGS", "-D warnings"),
     )
     .context("rustdoc found problems (broken or private links): fix them before committing")
+}
+
+/// The shipped alert rules: `promtool check rules`, then their unit tests (an alert that fires
+/// and one that stays quiet each), and the example scrape configuration.
+fn alert_rules() -> Result<()> {
+    let dir = paths::workspace_root().join("contrib/prometheus");
+    let promtool = |args: &[&str]| {
+        setup::status(Command::new("promtool").args(args).current_dir(&dir))
+            .with_context(|| format!("promtool {} failed: see its output above", args.join(" ")))
+    };
+    promtool(&["check", "rules", "alerts.yml"])?;
+    promtool(&["test", "rules", "alerts_test.yml"])?;
+    promtool(&["check", "config", "prometheus.yml"])
 }
 
 /// nextest runs the privileged tests one at a time (.config/nextest.toml); without it,

@@ -4,7 +4,7 @@
 use super::{adopt, apply_progress, finalize, is_newer, reported_failure};
 use crate::model::{FailureClass, JobStatus};
 use crate::store::JobRecord;
-use api::{ExitStatus, ProcessIdentity, ProgressStatus, StoredProgress};
+use api::{DeathClass, ExitStatus, ProcessIdentity, ProgressStatus, StoredProgress};
 
 /// The audit action of a final transition decided from exit evidence.
 pub const TRANSITION: &str = "transition";
@@ -123,24 +123,21 @@ pub fn verdict_from_exit(exit: Option<&ExitStatus>, last: LastWord<'_>) -> Verdi
         };
         return Verdict::failed(FailureClass::DiedWhileUnwatched, message);
     };
-    if exit.oom_killed {
-        return Verdict::failed(
+    match exit.class() {
+        DeathClass::OomKilled => Verdict::failed(
             FailureClass::OomKilled,
             format!(
                 "migratekit was killed by the kernel's OOM killer (signal {}); give the VMA more memory",
                 exit.signal.unwrap_or(9)
             ),
-        );
-    }
-    if exit.signal.is_some() {
-        return Verdict::failed(
+        ),
+        DeathClass::Killed => Verdict::failed(
             FailureClass::ProcessKilled,
             format!("migratekit was {}", describe(exit)),
-        );
-    }
-    match exit.code {
-        Some(0) => Verdict::completed(),
-        _ => Verdict::failed(
+        ),
+        // `Unknown` cannot be here (`known` leaves it out); it reads as a failed exit.
+        DeathClass::Exited | DeathClass::Unknown if exit.code == Some(0) => Verdict::completed(),
+        DeathClass::Exited | DeathClass::Unknown => Verdict::failed(
             FailureClass::ProcessExited,
             format!("migratekit {}", describe(exit)),
         ),

@@ -25,6 +25,17 @@ pub enum Action {
     Wait,
 }
 
+impl Action {
+    /// The name on the wire and in the metrics: `keep`, `finalize`, `wait`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Keep => "keep",
+            Self::Finalize => "finalize",
+            Self::Wait => "wait",
+        }
+    }
+}
+
 /// One decision with its evidence, as orphans, dry runs and real runs report it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

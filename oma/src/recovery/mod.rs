@@ -44,6 +44,15 @@ pub enum Trigger {
 }
 
 impl Trigger {
+    /// The name on the wire and in the metrics: `startup`, `periodic`, `operator`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Startup => "startup",
+            Self::Periodic => "periodic",
+            Self::Operator => "operator",
+        }
+    }
+
     fn actor(self) -> Actor {
         match self {
             Self::Startup => Actor::StartupRecovery,
@@ -269,6 +278,29 @@ impl Recovery {
     /// [`RecoveryError::Busy`] while another run goes on in this OMA or, on PostgreSQL, in any
     /// OMA on the same database.
     pub async fn run(&self, trigger: Trigger, dry_run: bool) -> Result<RunReport, RecoveryError> {
+        let started = std::time::Instant::now();
+        let result = self.run_once(trigger, dry_run).await;
+        let (outcome, decisions) = match &result {
+            Ok(_) if dry_run => ("dry_run", Vec::new()),
+            Ok(report) => (
+                "ok",
+                report
+                    .decisions
+                    .iter()
+                    .map(|d| d.decision.action.as_str())
+                    .collect(),
+            ),
+            Err(RecoveryError::Busy) => ("busy", Vec::new()),
+            Err(_) => ("failed", Vec::new()),
+        };
+        self.store
+            .metrics()
+            .recovery_run(trigger.as_str(), outcome, &decisions, started.elapsed());
+        result
+    }
+
+    /// [`Recovery::run`] without the metrics.
+    async fn run_once(&self, trigger: Trigger, dry_run: bool) -> Result<RunReport, RecoveryError> {
         let _guard = self.lock.try_lock().map_err(|_| RecoveryError::Busy)?;
         let Some(db_lock) = self.store.try_recovery_lock().await? else {
             return Err(RecoveryError::Busy);
@@ -318,10 +350,7 @@ impl Recovery {
         };
         let run = RecoveryRunRecord {
             id: uuid::Uuid::now_v7().to_string(),
-            trigger: serde_json::to_value(trigger)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+            trigger: trigger.as_str().to_owned(),
             dry_run,
             started_at_ms: started,
             finished_at_ms: now_ms(),

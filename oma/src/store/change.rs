@@ -38,12 +38,17 @@ pub struct JobChange {
     pub request_stop: bool,
 }
 
-/// Logs one `info` line per change of status among `drafts`, which the caller has just
+/// Logs one `info` line per change of status among `drafts`, and counts it in the metrics, which the caller has just
 /// committed for `job_id` (entries that keep the status, such as `stalled`, are not
 /// transitions). Call it after the commit only: a line must never tell of a change that a
 /// rollback undid. The evidence is summarised to the exit code and signal, when it holds
 /// them: never a token, never a VMA's raw answer.
-pub(crate) fn log_transitions(job_id: &str, drafts: &[AuditDraft]) {
+pub(crate) fn log_transitions(
+    metrics: &crate::metrics::Metrics,
+    job_id: &str,
+    drafts: &[AuditDraft],
+) {
+    metrics.transitions(drafts);
     for d in drafts.iter().filter(|d| d.from != Some(d.to)) {
         // Intake keeps the exit under `exit`; recovery and start under the VMA's answer.
         let answer = &d.evidence["vma_answer"];

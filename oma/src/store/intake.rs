@@ -52,11 +52,19 @@ impl Store {
         events: &[ProcessEvent],
         decide: DecideEvent,
     ) -> Result<(Vec<uuid::Uuid>, u32), StoreError> {
+        let started = std::time::Instant::now();
         for _ in 0..MAX_ATTEMPTS {
             if let Some(decided) = self.intake_once(vma_id, events, decide).await? {
+                self.metrics.intake_committed(started.elapsed());
+                self.metrics.vma_contact(vma_id);
                 for (job_id, draft) in &decided.audit {
-                    log_transitions(job_id, std::slice::from_ref(draft));
+                    log_transitions(&self.metrics, job_id, std::slice::from_ref(draft));
                 }
+                for (_, _, outcome) in &decided.processed {
+                    self.metrics.watchdog_event(outcome, 1);
+                }
+                let duplicates = events.len() - decided.processed.len();
+                self.metrics.watchdog_event("duplicate", duplicates as u64);
                 let acknowledged = events.iter().map(|e| e.event_id).collect();
                 return Ok((acknowledged, decided.applied));
             }

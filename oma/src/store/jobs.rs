@@ -166,7 +166,7 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::UnknownJob(id.clone()))?;
         tx.commit().await?;
-        log_transitions(&id, std::slice::from_ref(&draft));
+        log_transitions(&self.metrics, &id, std::slice::from_ref(&draft));
         Ok(rec)
     }
 
@@ -278,7 +278,7 @@ impl Store {
             };
             if commit_change(&mut tx, self.backend, &before, &change, now).await? {
                 tx.commit().await?;
-                log_transitions(id, &change.audit);
+                log_transitions(&self.metrics, id, &change.audit);
                 return Ok(change.after);
             }
         }

@@ -20,6 +20,7 @@
 mod batch;
 mod change;
 mod checkpoint;
+mod gauges;
 mod intake;
 mod jobs;
 mod lock;
@@ -29,6 +30,7 @@ mod stops;
 mod token_cache;
 
 pub use change::{AuditDraft, JobChange};
+pub use gauges::JobGauges;
 pub use intake::{DecideEvent, IntakeOutcome};
 pub use jobs::{JobFilter, NewJob};
 pub use lock::{RecoveryLock, Released, StartFence, start_key};
@@ -157,6 +159,9 @@ pub struct Store {
     checkpoints: std::sync::Arc<Checkpoints>,
     /// Start fences that may hold a pooled connection at once (PostgreSQL): half the pool.
     fences: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The OMA's metrics: every part that counts something holds the store (see
+    /// `crate::metrics`).
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl Store {
@@ -223,6 +228,7 @@ impl Store {
                 task: std::sync::Mutex::new(task),
             }),
             fences: std::sync::Arc::new(tokio::sync::Semaphore::new(PG_CONNECTIONS as usize / 2)),
+            metrics: crate::metrics::Metrics::new(),
         })
     }
 
@@ -231,7 +237,12 @@ impl Store {
         self.backend
     }
 
-    /// The connection pool, for the benchmark's bulk loading.
+    /// The OMA's metrics.
+    pub fn metrics(&self) -> &std::sync::Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// The connection pool, for the benchmark's bulk loading and the metrics.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }

@@ -37,6 +37,10 @@ struct Args {
     /// With --bench: both daemons over HTTPS with mutual TLS.
     #[arg(long, requires = "bench")]
     tls: bool,
+    /// With --bench: measure twice in this run, both daemons with metrics off, then with
+    /// metrics on and scraped every second, and print the two side by side.
+    #[arg(long, requires = "bench")]
+    metrics_compare: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,8 +60,29 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(kills) = args.bench {
-        let figures = bench::kill_to_commit(kills, args.busy, &args.detector, args.tls)
-            .context("kill-to-commit benchmark")?;
+        let run = |metrics| {
+            bench::kill_to_commit(kills, args.busy, &args.detector, args.tls, metrics)
+                .context("kill-to-commit benchmark")
+        };
+        if args.metrics_compare {
+            let (off, on) = (run(false)?, run(true)?);
+            println!("metrics off: {off}\n\nmetrics on: {on}\n");
+            println!(
+                "side by side (ms), metrics off vs on: p50 {:.2} vs {:.2}, p99 {:.2} vs {:.2}, \
+                 max {:.2} vs {:.2}; baseline fdatasync p50 {:.2} vs {:.2}",
+                off.p50_ms,
+                on.p50_ms,
+                off.p99_ms,
+                on.p99_ms,
+                off.max_ms,
+                on.max_ms,
+                off.fdatasync_p50_ms,
+                on.fdatasync_p50_ms
+            );
+            write_json(&args.json, &[off, on])?;
+            return Ok(());
+        }
+        let figures = run(true)?;
         println!("{figures}");
         write_json(&args.json, &figures)?;
         return Ok(());

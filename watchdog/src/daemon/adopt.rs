@@ -163,6 +163,7 @@ impl Core {
                 ),
             ),
         };
+        self.metrics.impostor();
         tracing::warn!(event = "impostor_ignored", pid = p.pid, start_time = p.start_time, uid,
             exe = exe.as_deref(), job_id = job_id.map(JobId::as_str), reason, detail = %detail,
             found_by = found_by_name(found_by),

@@ -22,6 +22,7 @@ use super::{Daemon, DaemonError, Tracker};
 use crate::config::Config;
 use crate::http::{self, AppState, DEFAULT_BODY_LIMIT, SharedToken};
 use crate::launcher::Launcher;
+use crate::metrics::{Metrics, Scraped};
 use crate::outbox::{DeliveryConfig, OmaClient, deliver_with};
 
 /// How long the tasks get to finish (requests in flight, a delivery attempt) after the
@@ -45,6 +46,9 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// The metrics address given could not be bound.
+    #[error(transparent)]
+    MetricsBind(#[from] daemon_support::metrics::BindError),
     /// A TLS file (the API's certificate, key or client CA, or the OMA's CA or this
     /// watchdog's client certificate) could not be used.
     #[error(transparent)]
@@ -81,7 +85,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // connections (they wait in the backlog until the listeners are served, a moment later),
     // and a port already taken stops the start before the detector is loaded.
     let listeners = bind(&config).await?;
-    let daemon = Daemon::start(config.clone()).await?;
+    let metrics_listener = daemon_support::metrics::bind(
+        config.metrics_listen,
+        crate::metrics::DEFAULT_LISTEN
+            .parse()
+            .expect("a valid address"),
+    )
+    .await?;
+    let daemon = Daemon::start_with(config.clone(), Metrics::new()).await?;
     let tracker = daemon.tracker();
     let state = app_state(&config, &tracker);
     let (stop, stopped) = watch::channel(false);
@@ -98,6 +109,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tasks.spawn(async move {
             serving.await;
             ("REST API", Ok(()))
+        });
+    }
+    if let Some(listener) = metrics_listener {
+        let scraped = Arc::new(Scraped {
+            metrics: Arc::clone(tracker.metrics()),
+            tracker: tracker.clone(),
+        });
+        let serving = daemon_support::metrics::serve(listener, scraped, stopped());
+        tasks.spawn(async move {
+            serving.await;
+            ("metrics endpoint", Ok(()))
         });
     }
     if let Some(client) = &oma_client {
@@ -155,6 +177,7 @@ fn app_state(config: &Config, tracker: &Tracker) -> AppState {
         outbox: Some(Arc::clone(tracker.outbox())),
         body_limit: DEFAULT_BODY_LIMIT,
         stopped: Arc::default(),
+        metrics: Arc::clone(tracker.metrics()),
     }
 }
 
@@ -169,6 +192,7 @@ fn start_delivery(
     let mut delivery = DeliveryConfig::new(&oma.url, &config.vma_id, oma.token.clone());
     delivery.max_backoff = oma.max_backoff;
     delivery.tls = config.net.oma_tls.clone();
+    delivery.metrics = Arc::clone(tracker.metrics());
     tracing::info!(event = "delivery_started", oma_url = %oma.url, vma_id = %config.vma_id,
         https = oma.url.starts_with("https://"), client_certificate = config.net.oma_tls.cert.is_some(),
         queued = tracker.outbox().stats().queued, "delivering events to the OMA");

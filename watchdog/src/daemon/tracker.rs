@@ -53,6 +53,16 @@ impl Tracker {
         self.core.detector.kind()
     }
 
+    /// The kernel programs' counters, when the eBPF detector runs.
+    pub fn kernel_counters(&self) -> Option<crate::detector::KernelCounters> {
+        self.core.detector.kernel_counters()
+    }
+
+    /// The daemon's metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.core.metrics
+    }
+
     /// Registers `process` as running `job_id` (started by the launcher, or adopted through
     /// the track endpoint) and watches it. When this returns `Ok` the registration is on disk
     /// and the process watched, so its death cannot go unseen; a process that has died already

@@ -321,4 +321,21 @@ impl Detector for EbpfDetector {
             },
         }
     }
+
+    fn exit_mode_name(&self) -> &'static str {
+        self.exit_mode.name()
+    }
+
+    fn kernel_counters(&self) -> Option<super::KernelCounters> {
+        // Run statistics may be refused (an old kernel); the counters are still worth having.
+        let runs = self.run_stats().map(Vec::from).unwrap_or_default();
+        match self.stats() {
+            Ok(stats) => Some(super::KernelCounters { stats, runs }),
+            Err(error) => {
+                tracing::warn!(event = "ebpf_stats_unreadable", %error,
+                    "cannot read the eBPF programs' counters for the metrics");
+                None
+            }
+        }
+    }
 }

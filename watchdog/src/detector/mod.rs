@@ -41,6 +41,24 @@ pub trait Detector: Send + Sync + std::fmt::Debug {
     fn watch(&self, process: ProcessIdentity) -> std::io::Result<()>;
     /// Stop watching it (it died, or its job was forgotten).
     fn unwatch(&self, process: ProcessIdentity) -> std::io::Result<()>;
+    /// What the kernel programs counted, for the metrics: `None` for a detector without
+    /// kernel programs, or when their counters cannot be read.
+    fn kernel_counters(&self) -> Option<KernelCounters> {
+        None
+    }
+    /// How deaths are decided in the kernel (`group_dead`, `signal_live`), or `none`.
+    fn exit_mode_name(&self) -> &'static str {
+        "none"
+    }
+}
+
+/// The eBPF programs' own counters, read when Prometheus scrapes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// The per-CPU counters of the programs, summed.
+    pub stats: ebpf::EbpfStats,
+    /// Run count and time of each program (zero unless `kernel.bpf_stats_enabled` is 1).
+    pub runs: Vec<ebpf::ProgramRunStats>,
 }
 
 pub mod procfs;

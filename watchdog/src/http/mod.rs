@@ -33,6 +33,7 @@ pub use memory_jobs::MemoryJobs;
 pub use progress_gate::{Refusal, refused_updates};
 
 use crate::launcher::Launcher;
+use crate::metrics::{self, Metrics};
 use crate::outbox::Outbox;
 use crate::progress::ProgressStore;
 
@@ -131,6 +132,8 @@ pub struct AppState {
     /// asked again (the OMA's retry after a lost answer, or two OMAs) does not signal again,
     /// which could cut migratekit's own shutdown short. One entry per cancelled job.
     pub stopped: Arc<Mutex<HashSet<(u32, u64)>>>,
+    /// Requests, launches and progress updates are counted here.
+    pub metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -147,7 +150,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/progress/{job_id}", get(handlers::get_progress))
         .route("/api/v1/jobs", get(handlers::list_jobs))
         .route("/api/v1/jobs/{job_id}", get(handlers::get_job))
-        .route("/api/v1/jobs/{job_id}/start", post(handlers::start_job))
+        .route(
+            "/api/v1/jobs/{job_id}/start",
+            state.metrics.count_launches(post(handlers::start_job)),
+        )
         .route("/api/v1/jobs/{job_id}/track", post(handlers::track_job))
         .route("/api/v1/jobs/{job_id}/stop", post(handlers::stop_job))
         // Inside the token check (the later layer wraps the earlier): only a call with the
@@ -160,7 +166,7 @@ pub fn router(state: AppState) -> Router {
             state.token.clone(),
             auth::require_token,
         ));
-    Router::new()
+    let router = Router::new()
         .merge(protected)
         .merge(progress_routes(&state))
         .route("/health", get(handlers::health))
@@ -169,8 +175,8 @@ pub fn router(state: AppState) -> Router {
             get(|| async { axum::Json(openapi::document()) }),
         )
         .fallback(handlers::not_found)
-        .layer(DefaultBodyLimit::max(state.body_limit))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(state.body_limit));
+    state.metrics.daemon().instrument(router).with_state(state)
 }
 
 /// The router of the plain-HTTP loopback listener kept for migratekit when the API is
@@ -178,11 +184,11 @@ pub fn router(state: AppState) -> Router {
 /// served here alone, with the same loopback and job-process checks; every other path is
 /// 404, so no token-protected route is ever reachable without TLS.
 pub fn progress_router(state: AppState) -> Router {
-    Router::new()
+    let router = Router::new()
         .merge(progress_routes(&state))
         .fallback(handlers::not_found)
-        .layer(DefaultBodyLimit::max(state.body_limit))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(state.body_limit));
+    state.metrics.daemon().instrument(router).with_state(state)
 }
 
 fn progress_routes(state: &AppState) -> Router<AppState> {
@@ -194,7 +200,12 @@ fn progress_routes(state: &AppState) -> Router<AppState> {
             state.clone(),
             progress_gate::require_job_process,
         ))
-        .route_layer(axum::middleware::from_fn(auth::require_loopback));
+        .route_layer(axum::middleware::from_fn(auth::require_loopback))
+        // Outside both checks, so that refused updates are counted too.
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.metrics),
+            metrics::count_progress,
+        ));
     Router::new().route("/api/v1/progress/{job_id}/update", update)
 }
 

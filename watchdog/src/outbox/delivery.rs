@@ -11,6 +11,7 @@ use transport::{ClientTlsFiles, TlsError};
 use uuid::Uuid;
 
 use super::{Outbox, OutboxError};
+use crate::metrics::Metrics;
 use crate::secret::BearerToken;
 
 /// Where and how to deliver.
@@ -32,6 +33,8 @@ pub struct DeliveryConfig {
     pub request_timeout: Duration,
     /// What the client trusts (an `https://` OMA needs a CA) and presents.
     pub tls: ClientTlsFiles,
+    /// Where attempts and the time to each death's acknowledgement are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 impl DeliveryConfig {
@@ -46,6 +49,7 @@ impl DeliveryConfig {
             max_backoff: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
             tls: ClientTlsFiles::default(),
+            metrics: Metrics::new(),
         }
     }
 
@@ -72,6 +76,19 @@ enum AttemptError {
     Outbox(#[from] OutboxError),
     #[error("the acknowledgement could not be recorded: the blocking task failed")]
     Join,
+}
+
+impl AttemptError {
+    /// The `result` label of `delivery_attempts_total`.
+    fn result(&self) -> &'static str {
+        match self {
+            Self::Request(_) => "unreachable",
+            Self::Status(_) => "refused",
+            Self::BadAck(_) => "bad_answer",
+            Self::NothingAcknowledged(_) => "not_acknowledged",
+            Self::Outbox(_) | Self::Join => "local_error",
+        }
+    }
 }
 
 /// The least time between a failed attempt and an early retry because the OMA called (see
@@ -176,6 +193,11 @@ pub async fn deliver_with(
             continue;
         }
         let sent = batch.len();
+        let deaths: Vec<_> = batch
+            .iter()
+            .filter(|e| e.kind != api::ProcessEventKind::ProcessStarted)
+            .map(|e| e.observed_at)
+            .collect();
         let current = client.current();
         let attempt = attempt(&current, &url, &config, &outbox, batch);
         let started = tokio::time::Instant::now();
@@ -198,10 +220,13 @@ pub async fn deliver_with(
         };
         match result {
             Ok(removed) => {
+                config.metrics.delivery_attempt("acknowledged");
+                config.metrics.deaths_acknowledged(&deaths);
                 failures = 0;
                 tracing::debug!(sent, acknowledged = removed, "delivered events to the OMA");
             }
             Err(error) => {
+                config.metrics.delivery_attempt(error.result());
                 outbox.record_failed_attempt();
                 failures = failures.saturating_add(1);
                 let delay = backoff(failures, config.initial_backoff, config.max_backoff);

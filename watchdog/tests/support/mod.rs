@@ -59,6 +59,7 @@ pub fn state(dir: &Path, launcher: LauncherConfig) -> (AppState, Arc<MemoryJobs>
         outbox: None,
         body_limit: DEFAULT_BODY_LIMIT,
         stopped: Arc::default(),
+        metrics: vma_watchdog::metrics::Metrics::new(),
     };
     (state, jobs)
 }

@@ -84,12 +84,15 @@ impl fmt::Display for BenchFigures {
 /// 0.2 s, recovery every 2 s), so that polls and recovery runs share the disk and the
 /// database with the deaths far more often. The watchdog runs with `--detector detector`;
 /// with `tls`, both daemons run HTTPS with mutual TLS, so a death's delivery pays for TLS
-/// (a handshake only when the kept-alive connection was closed).
+/// (a handshake only when the kept-alive connection was closed). With `metrics`, both serve
+/// `/metrics` and are scraped every second while the kills go on (Prometheus's default is
+/// 15 s); without, both run with `--metrics-listen off`.
 pub fn kill_to_commit(
     kills: usize,
     busy: bool,
     detector: &str,
     tls: bool,
+    metrics: bool,
 ) -> crate::Result<BenchFigures> {
     let oma = if busy {
         OmaConfig::default()
@@ -97,17 +100,24 @@ pub fn kill_to_commit(
         OmaConfig::shipped()
     };
     let intervals = format!(
-        "OMA polling every {} s, recovery every {} s, {}",
+        "OMA polling every {} s, recovery every {} s, {}, {}",
         oma.poll_interval_secs,
         oma.recovery_interval_secs,
-        if tls { "mutual TLS" } else { "plain HTTP" }
+        if tls { "mutual TLS" } else { "plain HTTP" },
+        if metrics {
+            "metrics scraped every 1 s"
+        } else {
+            "metrics off"
+        }
     );
     let sys = System::start(&SystemOptions {
         oma,
         tls,
         detector: detector.to_owned(),
+        metrics,
         ..SystemOptions::default()
     })?;
+    let _scraper = Scraper::start([sys.oma.metrics, sys.watchdog.metrics]);
     // The detector that actually runs, as the watchdog's /health reports it.
     let detector = sys.detector()?;
     let mut ms = Vec::with_capacity(kills);
@@ -153,6 +163,44 @@ pub fn kill_to_commit(
         fdatasync_p50_ms: percentile(&syncs, 50.0).unwrap_or_default(),
         fdatasync_p99_ms: percentile(&syncs, 99.0).unwrap_or_default(),
     })
+}
+
+/// Scrapes `/metrics` of the given endpoints every second on a thread of its own, as a
+/// Prometheus server would, until dropped.
+struct Scraper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Scraper {
+    fn start(endpoints: [Option<std::net::SocketAddr>; 2]) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let endpoints: Vec<_> = endpoints.into_iter().flatten().collect();
+        let stopping = std::sync::Arc::clone(&stop);
+        let thread = (!endpoints.is_empty()).then(|| {
+            std::thread::spawn(move || {
+                let http = crate::http::client();
+                while !stopping.load(Ordering::Relaxed) {
+                    for addr in &endpoints {
+                        // A failed scrape is Prometheus's problem, not the benchmark's.
+                        let _ = http.get(format!("http://{addr}/metrics")).send();
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            })
+        });
+        Self { stop, thread }
+    }
+}
+
+impl Drop for Scraper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// `n` appends of a death-sized line to a file in `dir`, each followed by `fdatasync(2)`, 20 ms

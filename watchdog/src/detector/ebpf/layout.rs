@@ -27,6 +27,16 @@ pub enum ExitMode {
     SignalLive,
 }
 
+impl ExitMode {
+    /// A short name for the metrics' `build_info`: `group_dead` or `signal_live`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::TracepointGroupDead { .. } => "group_dead",
+            Self::SignalLive => "signal_live",
+        }
+    }
+}
+
 impl std::fmt::Display for ExitMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
