@@ -12,7 +12,7 @@ use super::scenarios::{expect_final, expect_none_active, started, system};
 use super::{Run, RunOutcome, check, fail};
 use crate::observed::may_be_unwatched;
 use crate::procs;
-use crate::system::PATIENCE;
+use crate::system::{PATIENCE, System};
 
 /// The job's id.
 const JOB: &str = "done-unwatched";
@@ -50,8 +50,30 @@ pub fn unwatched_completion(run: &Run) -> RunOutcome {
     sys.watchdog
         .start_again()
         .map_err(fail("restarting the watchdog"))?;
-    // The set-up did what it says: the stand-in ended inside the downtime, after its report
-    // was taken, and the restarted watchdog reported the death as unwatched.
+    setup_held(&sys)?;
+    expect_final(&sys, JOB, JobStatus::Completed, None)?;
+    let audit = sys
+        .oma
+        .audit(JOB)
+        .map_err(fail("reading the audit trail"))?;
+    let completions: Vec<_> = audit
+        .iter()
+        .filter(|a| a.action == "completed_unwatched")
+        .collect();
+    check(
+        completions.len() == 1 && completions[0].to_status == JobStatus::Completed,
+        || {
+            let actions: Vec<_> = audit.iter().map(|a| a.action.as_str()).collect();
+            format!("expected one completed_unwatched entry to completed, audit: {actions:?}")
+        },
+    )?;
+    expect_none_active(&sys)?;
+    Ok(Vec::new())
+}
+
+/// The set-up did what it says: the stand-in's `completed` report was accepted, its own end
+/// lies inside the downtime, and the restarted watchdog reported the death as unwatched.
+fn setup_held(sys: &System) -> Result<(), String> {
     let end = sys
         .watchdog
         .standin_end(JOB)
@@ -76,22 +98,5 @@ pub fn unwatched_completion(run: &Run) -> RunOutcome {
     check(deaths == ["died_while_unwatched"], || {
         format!("the watchdog logged {deaths:?}, expected one died_while_unwatched")
     })?;
-    expect_final(&sys, JOB, JobStatus::Completed, None)?;
-    let audit = sys
-        .oma
-        .audit(JOB)
-        .map_err(fail("reading the audit trail"))?;
-    let completions: Vec<_> = audit
-        .iter()
-        .filter(|a| a.action == "completed_unwatched")
-        .collect();
-    check(
-        completions.len() == 1 && completions[0].to_status == JobStatus::Completed,
-        || {
-            let actions: Vec<_> = audit.iter().map(|a| a.action.as_str()).collect();
-            format!("expected one completed_unwatched entry to completed, audit: {actions:?}")
-        },
-    )?;
-    expect_none_active(&sys)?;
-    Ok(Vec::new())
+    Ok(())
 }
