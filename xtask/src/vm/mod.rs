@@ -3,9 +3,11 @@
 //! watchdog must decide deaths by `signal->live` (docs/EBPF.md).
 //!
 //! Everything comes from Debian's packages and is cached under `target/vm/` (see [`assets`]).
-//! Each run builds the binaries, packs them onto a payload disk, boots qemu without KVM (TCG),
-//! and the guest (`tests/vm/guest-init.sh`) runs: the daemon until it logs its death path,
-//! the detector's privileged tests (both paths), and kill-test scenarios (default 3 and 5).
+//! Each run builds the binaries, packs them onto a payload disk, writes an initramfs that loads
+//! the virtio modules in the order of their own `depends=` ([`modules`]), boots qemu without
+//! KVM (TCG), and the guest (`tests/vm/guest-init.sh`) runs: the daemon until it logs its death
+//! path, the detector's privileged tests (both paths), and the kill-test scenarios (all by
+//! default). `cargo xtask test` runs it as root, so CI does.
 //! The host parses the serial console and fails when any step failed, skipped or timed out.
 //! Results: `target/vm/serial.log`, `target/vm/summary.txt`, `target/vm/kill-test-report.json`.
 
