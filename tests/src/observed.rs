@@ -41,15 +41,14 @@ pub fn ready_times(log: &str) -> Vec<SystemTime> {
         .collect()
 }
 
-/// Pairs each of `downs` (the harness's stops, in order) with the ready line of the start
-/// that followed it. `ready[0]` is the first start's, so stop `i` is followed by `ready[i+1]`.
+/// Pairs each of `downs` (the harness's stops) with the first ready line after it: the start
+/// that ended that downtime.
 pub fn downtimes(downs: &[SystemTime], ready: &[SystemTime]) -> Vec<Downtime> {
     downs
         .iter()
-        .enumerate()
-        .map(|(i, &down)| Downtime {
+        .map(|&down| Downtime {
             down,
-            ready: ready.get(i + 1).copied(),
+            ready: ready.iter().copied().filter(|&r| r >= down).min(),
         })
         .collect()
 }
@@ -150,7 +149,7 @@ not json
 
     #[test]
     fn each_stop_is_paired_with_the_next_start_s_ready_line() {
-        let d = downtimes(&[at(10), at(20)], &[at(0), at(12)]);
+        let d = downtimes(&[at(10), at(20)], &[at(0), at(12), at(5)]);
         assert_eq!(
             d,
             [
