@@ -41,6 +41,10 @@ pub struct Options {
     pub rate: u64,
     /// Time between two progress updates.
     pub progress_interval: Duration,
+    /// `--standin-linger-until PATH`: once its time is up (and its `completed` report, if
+    /// any, is posted), wait until PATH exists before ending. A test then decides the moment
+    /// of the end, e.g. while the watchdog is down, after a completion it has seen reported.
+    pub linger_until: Option<std::path::PathBuf>,
 }
 
 /// A command line the stand-in does not understand.
@@ -81,6 +85,7 @@ impl Options {
             total_bytes: 10 << 30,
             rate: 100 << 20,
             progress_interval: Duration::from_secs(1),
+            linger_until: None,
         };
         let mut exit_code = 0;
         let mut crash = false;
@@ -136,6 +141,9 @@ impl Options {
                         "--standin-progress-interval-ms",
                     )?;
                     o.progress_interval = Duration::from_millis(ms.max(1));
+                }
+                "--standin-linger-until" => {
+                    o.linger_until = Some(value("--standin-linger-until")?.into());
                 }
                 "--standin-leader-exit" => o.leader_exit = true,
                 "--standin-thread-exit" => o.thread_exit = true,
@@ -250,9 +258,12 @@ mod tests {
             "100",
             "--standin-progress-interval-ms",
             "50",
+            "--standin-linger-until",
+            "/tmp/end-now",
         ])
         .unwrap();
         assert_eq!(o.progress_url.as_deref(), Some("http://127.0.0.1:9"));
+        assert_eq!(o.linger_until, Some("/tmp/end-now".into()));
         assert_eq!((o.total_bytes, o.rate), (5000, 100));
         assert_eq!(o.progress_interval, Duration::from_millis(50));
     }

@@ -8,7 +8,9 @@
 //! Once exec'd with all its threads up it prints one line on stdout,
 //! `migratekit-standin ready pid=<pid> job_id=<id> threads=<n>`; tests wait for it before
 //! killing. It then ends after `--standin-run-for` seconds, or when any line arrives on stdin
-//! (end of input does nothing), or when killed.
+//! (end of input does nothing), or when killed; `--standin-linger-until PATH` holds the end
+//! (after the `completed` report) until PATH exists. An end of its own is announced by one
+//! last line, [`ENDING`], with the wall-clock time.
 //!
 //! With `MIGRATEKIT_PROGRESS_JOB_ID` set, it reports progress like the real client (see
 //! [`progress`]): a simulated copy of `--standin-total-bytes` at `--standin-rate` bytes/s,
@@ -31,6 +33,11 @@ pub const PROGRESS_URL_ENV: &str = "MIGRATEKIT_STANDIN_PROGRESS_URL";
 
 /// The ready line's first word, for tests to look for.
 pub const READY: &str = "migratekit-standin ready";
+
+/// The first words of the line printed just before the process ends on its own:
+/// `migratekit-standin ending pid=<pid> job_id=<id> unix_us=<wall clock, µs>
+/// completed=<accepted|refused|none>` (`completed`: how its 100 % report was answered).
+pub const ENDING: &str = "migratekit-standin ending";
 
 /// Runs the stand-in. Returns only on an error before the threads are up; otherwise it ends
 /// the process as `options` say.
@@ -67,17 +74,16 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     out.flush()?;
     drop(out);
 
-    let ending = options.ending;
-    let run_for = options.run_for;
     if options.leader_exit {
         // Another thread takes over the ending; the leader then exits on its own while the
         // rest of the process runs on.
+        let options = options.clone();
         thread::Builder::new()
             .name("conductor".into())
-            .spawn(move || conduct(run_for, ending, &trigger, reporter.as_deref()))?;
+            .spawn(move || conduct(&options, &trigger, reporter.as_deref()))?;
         leader_exit();
     }
-    conduct(run_for, ending, &trigger, reporter.as_deref())
+    conduct(options, &trigger, reporter.as_deref())
 }
 
 /// The progress reporter, when `MIGRATEKIT_PROGRESS_JOB_ID` names a job (as for the real
@@ -139,14 +145,16 @@ fn watch_stdin(trigger: &mpsc::Sender<()>) {
 }
 
 /// Waits for the time to be up (or a trigger) and ends the process; a successful end
-/// reports 100 % `completed` first, as the real client does.
+/// reports 100 % `completed` first, as the real client does. With `--standin-linger-until`
+/// it then waits for that file. Its last line, [`ENDING`], says when it ends (wall clock)
+/// and whether its `completed` report was taken, so a test can set what really happened
+/// against the watchdog's downtimes instead of predicting it.
 fn conduct(
-    run_for: Option<Duration>,
-    ending: Ending,
+    options: &Options,
     trigger: &mpsc::Receiver<()>,
     reporter: Option<&progress::Reporter>,
 ) -> ! {
-    match run_for {
+    match options.run_for {
         Some(d) => {
             let _ = trigger.recv_timeout(d);
         }
@@ -154,10 +162,33 @@ fn conduct(
             let _ = trigger.recv();
         }
     }
-    if let (Ending::Exit(0), Some(reporter)) = (ending, reporter) {
-        reporter.complete();
+    let completed = match (options.ending, reporter) {
+        (Ending::Exit(0), Some(reporter)) => Some(reporter.complete()),
+        _ => None,
+    };
+    if let Some(path) = &options.linger_until {
+        while !path.exists() {
+            thread::sleep(Duration::from_millis(20));
+        }
     }
-    end(ending)
+    let completed = match completed {
+        Some(true) => "accepted",
+        Some(false) => "refused",
+        None => "none",
+    };
+    let unix_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{ENDING} pid={} job_id={} unix_us={unix_us} completed={completed}",
+        std::process::id(),
+        options.job_id.as_deref().unwrap_or("-"),
+    );
+    let _ = out.flush();
+    drop(out);
+    end(options.ending)
 }
 
 /// Ends the whole process the way `ending` says, from any thread.

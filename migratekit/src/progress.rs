@@ -102,12 +102,13 @@ impl Reporter {
         self.send(&mut state, &body);
     }
 
-    /// Posts 100 % `completed`; later `report` calls do nothing.
-    pub fn complete(&self) {
+    /// Posts 100 % `completed`; later `report` calls do nothing. Returns whether the
+    /// watchdog took it (HTTP 200).
+    pub fn complete(&self) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.finished = true;
         let body = self.body("completed", self.total_bytes, 0);
-        self.send(&mut state, &body);
+        self.send(&mut state, &body)
     }
 
     fn body(&self, status: &str, done: u64, throughput: u64) -> String {
@@ -118,7 +119,8 @@ impl Reporter {
         )
     }
 
-    fn send(&self, state: &mut State, body: &str) {
+    /// Posts `body`; returns whether it was taken (HTTP 200).
+    fn send(&self, state: &mut State, body: &str) -> bool {
         match post(&self.target, body) {
             Ok(200) => {
                 if state.failures > 0 {
@@ -128,6 +130,7 @@ impl Reporter {
                     );
                 }
                 state.failures = 0;
+                true
             }
             result => {
                 if state.failures.is_multiple_of(20) {
@@ -141,6 +144,7 @@ impl Reporter {
                     );
                 }
                 state.failures += 1;
+                false
             }
         }
     }
@@ -239,7 +243,7 @@ mod tests {
             1000,
             10,
         );
-        r.complete();
+        assert!(r.complete(), "the 200 answer counts as taken");
         let request = server.join().unwrap();
         assert!(request.starts_with("POST /api/v1/progress/j/update HTTP/1.1\r\n"));
         assert!(!request.to_ascii_lowercase().contains("authorization"));

@@ -6,6 +6,8 @@
 //! - [`oma`] and [`watchdog`] run the two daemons on free ports with temporary state and talk
 //!   to their REST APIs;
 //! - [`procs`] finds and kills migratekit processes;
+//! - [`observed`] reads back what happened (the watchdog's downtimes, the deaths it logged,
+//!   each stand-in's own end), which the kill tests judge by;
 //! - [`netns`] and [`cgroup`] build the network partition and the memory limit of the kill tests.
 
 pub mod bins;
@@ -16,6 +18,7 @@ pub mod error;
 pub mod http;
 pub mod killtest;
 pub mod netns;
+pub mod observed;
 pub mod oma;
 pub mod procs;
 pub mod system;

@@ -12,7 +12,7 @@ use std::ffi::OsString;
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use api::{StoredProgress, VmaJobStatus};
 use reqwest::Method;
@@ -66,6 +66,11 @@ pub struct Watchdog {
     pub metrics: Option<std::net::SocketAddr>,
     api_token: String,
     client: JsonClient,
+    /// Starts so far, each confirmed by its `watchdog_ready` line.
+    starts: usize,
+    /// The wall clock just before each SIGKILL or SIGTERM the harness sent (see
+    /// [`crate::observed`]).
+    stops: Vec<SystemTime>,
 }
 
 fn wrapper_script(migratekit: &Path, dir: &Path, progress_url: &str) -> String {
@@ -173,27 +178,65 @@ impl Watchdog {
             metrics: metrics.map(|m| std::net::SocketAddr::new(config.advertised_ip, m.port())),
             api_token: config.api_token.clone(),
             client,
+            starts: 0,
+            stops: Vec::new(),
         };
         w.start_again()?;
         Ok(w)
     }
 
-    /// Starts the stopped watchdog again with the same state directory and port.
+    /// Starts the stopped watchdog again with the same state directory and port, and waits
+    /// for its `watchdog_ready` line (the end of its downtime; the API answers only after it,
+    /// but the line may reach the log a moment later).
     pub fn start_again(&mut self) -> Result<()> {
+        if self.daemon.is_running() {
+            return Ok(());
+        }
         self.daemon.start()?;
         self.client
             .wait_healthy(Duration::from_secs(30))
-            .map_err(|e| self.daemon.error_with_log("watchdog", &e))
+            .map_err(|e| self.daemon.error_with_log("watchdog", &e))?;
+        self.starts += 1;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while crate::observed::ready_times(&self.log()).len() < self.starts {
+            if Instant::now() > deadline {
+                let e = HarnessError::Status {
+                    what: "the watchdog answers /health but logged no watchdog_ready line in 10 s"
+                        .into(),
+                    status: 0,
+                    body: String::new(),
+                };
+                return Err(self.daemon.error_with_log("watchdog", &e));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// SIGKILL (a crash).
     pub fn sigkill(&mut self) -> Result<()> {
+        if self.daemon.is_running() {
+            self.stops.push(SystemTime::now());
+        }
         self.daemon.sigkill()
     }
 
     /// SIGTERM (a clean stop).
     pub fn stop(&mut self) -> Result<()> {
+        if self.daemon.is_running() {
+            self.stops.push(SystemTime::now());
+        }
         self.daemon.stop(Duration::from_secs(10))
+    }
+
+    /// When the harness stopped the watchdog (SIGKILL or SIGTERM), in order.
+    pub fn stops(&self) -> &[SystemTime] {
+        &self.stops
+    }
+
+    /// The watchdog's whole log (JSON lines, every start appended).
+    pub fn log(&self) -> String {
+        self.daemon.log()
     }
 
     /// The daemon (pid, log).
@@ -256,6 +299,21 @@ impl Watchdog {
                 body: answer.body,
             }),
         }
+    }
+
+    /// Waits until the watchdog's stored progress of `job_id` satisfies `done`.
+    pub fn wait_progress(
+        &self,
+        job_id: &str,
+        timeout: Duration,
+        done: impl Fn(&StoredProgress) -> bool,
+    ) -> Result<StoredProgress> {
+        crate::http::wait_for(
+            &format!("the progress of {job_id} at the watchdog"),
+            timeout,
+            Duration::from_millis(20),
+            || self.progress(job_id).ok().flatten().filter(|s| done(s)),
+        )
     }
 
     /// `GET /api/v1/progress/{id}`: `None` before the first update.

@@ -39,8 +39,11 @@ mount -t cgroup -o memory memory /sys/fs/cgroup/memory
 echo 1 > /proc/sys/kernel/sysrq
 hostname vmtest
 ip link set lo up
-# The partition scenario needs veth; the cloud kernel has it as a module.
-[ -f /vm/modules/veth.ko ] && insmod /vm/modules/veth.ko
+# The partition scenario needs veth; the cloud kernel has it as a module. /vm/modules/order
+# lists it after what it depends on (from the modules' own `depends=`).
+while read -r m; do
+    insmod "/vm/modules/$m.ko" || echo "VMTEST:fatal:insmod $m failed"
+done </vm/modules/order
 
 # The detector tests were compiled with the host's absolute path of ebpf-test-child
 # (CARGO_BIN_EXE_*), so that path must lead to the payload's binaries here too.
@@ -102,12 +105,13 @@ step_detector_tests() {
     return "${PIPESTATUS[0]}"
 }
 
-# Step 3: kill-test scenarios of the whole system.
+# Step 3: kill-test scenarios of the whole system (all of them when KILL_TEST_ONLY is empty).
 step_kill_test() {
-    [ -n "$KILL_TEST_ONLY" ] || return 0
     cd /tmp || return 1
+    local only=()
+    [ -n "$KILL_TEST_ONLY" ] && only=(--only "$KILL_TEST_ONLY")
     timeout --kill-after=10 "$KILL_TEST_TIMEOUT" /vm/bin/kill-test \
-        --runs "$KILL_TEST_RUNS" --only "$KILL_TEST_ONLY" --json /tmp/kill-test.json 2>&1 |
+        --runs "$KILL_TEST_RUNS" "${only[@]}" --json /tmp/kill-test.json 2>&1 |
         sed 's/^/vm-kill-test| /'
     local rc=${PIPESTATUS[0]}
     if [ -r /tmp/kill-test.json ]; then

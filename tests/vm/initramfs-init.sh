@@ -20,10 +20,12 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo 1 > /proc/sys/kernel/sysrq
 
-# Dependency order: the core, the ring, both PCI transports, the PCI driver, the disk.
-for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
-    insmod "/modules/$m.ko" || fatal "insmod $m failed"
-done
+# /modules/order lists the modules each after those its `depends=` names (the host read them
+# from the kernel package's .ko files, so the order follows the kernel booted).
+[ -s /modules/order ] || fatal "the initramfs has no /modules/order"
+while read -r m; do
+    insmod "/modules/$m.ko" || fatal "insmod $m failed (order: $(tr '\n' ' ' </modules/order))"
+done </modules/order
 
 # The disks appear asynchronously after the driver binds; wait up to 30 s (TCG is slow).
 i=0

@@ -44,13 +44,22 @@ pub struct KillTestArgs {
     /// Build and run everything optimized (for benchmark figures).
     #[arg(long)]
     release: bool,
-    /// Run the eBPF detector's tests and scenarios (default 3,5) in a qemu VM on Debian 12's
-    /// 6.1 kernel (no `group_dead`; see docs/RELIABILITY.md).
+    /// Run the eBPF detector's tests and the scenarios (all by default) in a qemu VM on
+    /// Debian 12's 6.1 kernel (no `group_dead`; see docs/RELIABILITY.md).
     #[arg(long, conflicts_with_all = ["bench", "list", "json", "detector"])]
     vm: bool,
 }
 
 impl KillTestArgs {
+    /// What `cargo xtask test` runs in the VM: the detector's tests and every scenario, twice,
+    /// on Debian 12's 6.1 kernel.
+    pub fn for_test_suite_vm() -> Self {
+        Self {
+            vm: true,
+            ..Self::for_test_suite()
+        }
+    }
+
     /// What `cargo xtask test` runs after [`Self::for_test_suite`]: every scenario once more on
     /// the fallback detector, where eBPF cannot load (no BTF, an old kernel, no privileges).
     pub fn for_test_suite_procfs() -> Self {

@@ -4,7 +4,8 @@
 //! else: the eBPF toolchain and tracefs (`setup`), the eBPF object (`build-ebpf`), and a
 //! PostgreSQL server for the OMA's store tests. After the test suites it runs the contract
 //! tests (Schemathesis on both daemons, `cargo xtask contract`) and the kill tests
-//! (`cargo xtask kill-test`, see docs/RELIABILITY.md).
+//! (`cargo xtask kill-test`, see docs/RELIABILITY.md): on this machine's kernel with each
+//! detector, then in a qemu VM on Debian 12's 6.1 kernel (`kill-test --vm`).
 
 use std::process::Command;
 
@@ -66,6 +67,9 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
             .context("kill tests failed: the table above says which scenario")?;
         kill_test::run(&kill_test::KillTestArgs::for_test_suite_procfs()).context(
             "kill tests on the procfs detector failed: the table above says which scenario",
+        )?;
+        kill_test::run(&kill_test::KillTestArgs::for_test_suite_vm()).context(
+            "kill tests in the VM (Debian 12's 6.1 kernel) failed: the summary above says which step; the console is in target/vm/serial.log",
         )?;
     } else {
         eprintln!("test: SKIP kill tests: they need root (run `sudo -E cargo xtask test`)");

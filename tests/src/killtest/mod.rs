@@ -4,8 +4,10 @@
 pub mod bench;
 mod report;
 mod scenarios;
+mod scenarios_load;
 mod scenarios_net;
 mod scenarios_trust;
+mod scenarios_unwatched;
 
 use std::time::{Duration, Instant};
 
@@ -78,8 +80,8 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             number: 7,
             name: "load",
-            proves: "50 concurrent jobs with random kills and restarts of both daemons: every job ends as its process's fate dictates, none stays active",
-            run: scenarios::load,
+            proves: "50 concurrent jobs with random kills and restarts of both daemons: every job ends as what really happened to its process dictates (its real end against the watchdog's real downtimes), none stays active",
+            run: scenarios_load::load,
         },
         Scenario {
             number: 8,
@@ -92,6 +94,12 @@ pub fn all() -> Vec<Scenario> {
             name: "trust",
             proves: "a local user's impostor migratekit processes (a copy, the real binary as another user, a copy run by root) and forged progress (a failed report) change nothing; the real death is reported as usual",
             run: scenarios_trust::trust,
+        },
+        Scenario {
+            number: 10,
+            name: "unwatched-completion",
+            proves: "a stand-in reports completed at 100 % and ends while the watchdog is down: the job ends completed with a completed_unwatched audit entry, not died_while_unwatched",
+            run: scenarios_unwatched::unwatched_completion,
         },
     ]
 }

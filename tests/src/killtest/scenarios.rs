@@ -1,10 +1,9 @@
-//! Scenarios 1, 2, 3, 5, 6 and 7 of issue 5, on loopback.
+//! Scenarios 1, 2, 3, 5 and 6 of issue 5, on loopback, and the checks every scenario shares.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api::ProcessIdentity;
 use oma::model::{FailureClass, JobStatus};
-use rand::Rng;
 
 use super::{Run, RunOutcome, check, fail};
 use crate::procs;
@@ -33,6 +32,16 @@ pub(crate) fn expect_final(
     status: JobStatus,
     class: Option<FailureClass>,
 ) -> Result<(), String> {
+    expect_final_among(sys, job, &[(status, class)])
+}
+
+/// Asserts the job's final state and class are one of `allowed`, with exactly one final
+/// transition.
+pub(crate) fn expect_final_among(
+    sys: &System,
+    job: &str,
+    allowed: &[(JobStatus, Option<FailureClass>)],
+) -> Result<(), String> {
     let j = sys
         .oma
         .wait_final(job, PATIENCE)
@@ -41,15 +50,20 @@ pub(crate) fn expect_final(
         .oma
         .audit(job)
         .map_err(fail("reading the audit trail"))?;
-    check(j.status == status && j.failure_class == class, || {
+    check(allowed.contains(&(j.status, j.failure_class)), || {
         let evidence = final_transitions(&audit).first().map(|a| {
             let actor = a.actor;
             let detector = json_find(&a.evidence, "detector").cloned();
             let exit = json_find(&a.evidence, "exit").cloned();
             format!(" (by {actor:?}, detector {detector:?}, exit {exit:?})")
         });
+        let expected: Vec<String> = allowed
+            .iter()
+            .map(|(s, c)| format!("{s:?}/{c:?}"))
+            .collect();
         format!(
-            "job {job}: expected {status:?}/{class:?}, got {:?}/{:?}{}",
+            "job {job}: expected {}, got {:?}/{:?}{}",
+            expected.join(" or "),
             j.status,
             j.failure_class,
             evidence.unwrap_or_default()
@@ -356,132 +370,4 @@ pub fn pid_reuse(run: &Run) -> RunOutcome {
     let _ = impostor.kill();
     let _ = impostor.wait();
     outcome.map(|()| Vec::new())
-}
-
-/// What the harness did to one job of the load scenario, and so how it must end.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Fate {
-    /// Exits 0 after reporting 100 %.
-    Completes,
-    /// Exits 3.
-    Exits3,
-    /// SIGKILLed by the harness while the watchdog ran.
-    Killed,
-    /// SIGKILLed while the watchdog was down.
-    KilledUnwatched,
-}
-
-/// Scenario 7: 50 concurrent jobs, random kills and restarts of both daemons for ~20 s.
-pub fn load(run: &Run) -> RunOutcome {
-    let mut sys = system(run)?;
-    let mut rng = rand::thread_rng();
-    let mut jobs: Vec<(String, Option<ProcessIdentity>, Fate)> = Vec::new();
-    // When each self-ending job is due to end (between two instants: its timer starts at
-    // exec, somewhere inside the start request), and when the watchdog was down: a job that
-    // ends on its own while nobody watches is rightly `died_while_unwatched`.
-    let mut ends: Vec<Option<(Instant, Instant)>> = Vec::new();
-    let mut downtimes: Vec<(Instant, Instant)> = Vec::new();
-    for i in 0..50 {
-        let job = format!("load-{}-{i}", run.index);
-        let run_for: f64 = rng.gen_range(2.0..15.0);
-        let (args, fate) = match rng.gen_range(0..4) {
-            0 => (format!("--standin-run-for {run_for:.1}"), Fate::Completes),
-            1 => (
-                format!("--standin-run-for {run_for:.1} --standin-exit-code 3"),
-                Fate::Exits3,
-            ),
-            _ => (String::new(), Fate::Killed),
-        };
-        let before = Instant::now();
-        let p = sys
-            .start_job(&job, &args)
-            .map_err(fail("starting a load job"))?;
-        let run_for = Duration::from_secs_f64(run_for);
-        ends.push((fate != Fate::Killed).then(|| (before + run_for, Instant::now() + run_for)));
-        jobs.push((job, Some(p), fate));
-    }
-    let end = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(rng.gen_range(200..800)));
-        match rng.gen_range(0..10) {
-            0 => {
-                sys.oma.sigkill().map_err(fail("SIGKILL of the OMA"))?;
-                sys.oma.start_again().map_err(fail("restarting the OMA"))?;
-            }
-            1 => {
-                let down = Instant::now();
-                sys.watchdog
-                    .sigkill()
-                    .map_err(fail("SIGKILL of the watchdog"))?;
-                // Kill one job while nobody watches.
-                if let Some(entry) = jobs
-                    .iter_mut()
-                    .find(|(_, p, f)| *f == Fate::Killed && p.is_some_and(procs::is_alive))
-                {
-                    if let Some(p) = entry.1 {
-                        let _ = procs::kill_process(p, libc::SIGKILL);
-                        let _ = procs::wait_gone(p, PATIENCE);
-                    }
-                    entry.2 = Fate::KilledUnwatched;
-                }
-                sys.watchdog
-                    .start_again()
-                    .map_err(fail("restarting the watchdog"))?;
-                downtimes.push((down, Instant::now()));
-            }
-            _ => {
-                let i = rng.gen_range(0..jobs.len());
-                if jobs[i].2 == Fate::Killed
-                    && let Some(p) = jobs[i].1.take()
-                {
-                    let _ = procs::kill_process(p, libc::SIGKILL);
-                }
-            }
-        }
-    }
-    // Whatever still runs to be killed is killed now, with the watchdog up.
-    for (_, p, fate) in &mut jobs {
-        if *fate == Fate::Killed
-            && let Some(p) = p.take()
-        {
-            let _ = procs::kill_process(p, libc::SIGKILL);
-        }
-    }
-    let slack = Duration::from_secs(1);
-    for ((job, _, fate), end) in jobs.iter().zip(&ends) {
-        let unwatched_end = end.is_some_and(|(earliest, latest)| {
-            downtimes
-                .iter()
-                .any(|(a, b)| latest + slack >= *a && earliest <= *b + slack)
-        });
-        if unwatched_end {
-            let j = sys.oma.wait_final(job, PATIENCE).map_err(fail(job))?;
-            let fine = j.failure_class == Some(FailureClass::DiedWhileUnwatched)
-                || matches!(
-                    (fate, j.status, j.failure_class),
-                    (Fate::Completes, JobStatus::Completed, None)
-                        | (
-                            Fate::Exits3,
-                            JobStatus::Failed,
-                            Some(FailureClass::ProcessExited)
-                        )
-                );
-            check(fine, || {
-                format!(
-                    "job {job}: {fate:?} ended as {:?}/{:?}",
-                    j.status, j.failure_class
-                )
-            })?;
-            continue;
-        }
-        let (status, class) = match fate {
-            Fate::Completes => (JobStatus::Completed, None),
-            Fate::Exits3 => (JobStatus::Failed, Some(FailureClass::ProcessExited)),
-            Fate::Killed => (JobStatus::Failed, Some(FailureClass::ProcessKilled)),
-            Fate::KilledUnwatched => (JobStatus::Failed, Some(FailureClass::DiedWhileUnwatched)),
-        };
-        expect_final(&sys, job, status, class)?;
-    }
-    expect_none_active(&sys)?;
-    Ok(Vec::new())
 }

@@ -12,6 +12,7 @@ use oma::model::{FailureClass, JobStatus};
 
 use super::scenarios::{expect_final, started, system};
 use super::{Run, RunOutcome, check, fail};
+use crate::system::PATIENCE;
 
 /// The attacker's account, created when missing.
 const ATTACKER: &str = "mkit-test-attacker";
@@ -32,8 +33,11 @@ pub fn trust(run: &Run) -> RunOutcome {
         .map_err(fail("a directory for the impostors"))?;
     let copy = public_copy(public.path()).map_err(fail("copying the stand-in"))?;
     // Impostors: a copy run by the attacker, the same copy run by root, and the real binary
-    // run by the attacker, each claiming the live job and ending at once with exit 0.
+    // run by the attacker, each claiming the live job. Each stays until the watchdog has
+    // logged all three as impostors (the procfs detector sees them only at its periodic scan),
+    // then exits 0: nothing assumes how fast the machine is.
     let standin = crate::bins::migratekit().map_err(fail("the stand-in binary"))?;
+    let release = public.path().join("release");
     // The harness reaps migratekit zombies itself (`procs::reap_orphans`), so each impostor is
     // awaited by its pid leaving `/proc`, not by `wait`.
     let mut pids = Vec::new();
@@ -42,11 +46,19 @@ pub fn trust(run: &Run) -> RunOutcome {
         (&copy, None),
         (&standin, Some((uid, gid))),
     ] {
-        let child = impostor(program, as_user, public.path())
+        let child = impostor(program, as_user, public.path(), &release)
             .spawn()
             .map_err(fail("running an impostor"))?;
         pids.push(child.id());
     }
+    let ignored = crate::http::wait_for(
+        "three impostor_ignored lines in the watchdog's log",
+        PATIENCE,
+        Duration::from_millis(50),
+        || (sys.watchdog.log().matches("impostor_ignored").count() >= 3).then_some(()),
+    );
+    std::fs::write(&release, b"").map_err(fail("releasing the impostors"))?;
+    ignored.map_err(fail("the watchdog recognising the impostors"))?;
     let gone = (0..200).any(|_| {
         std::thread::sleep(Duration::from_millis(50));
         pids.iter()
@@ -88,11 +100,7 @@ pub fn trust(run: &Run) -> RunOutcome {
     check(context.current_job_id.as_deref() == Some("victim"), || {
         format!("the VM context was released: {context:?}")
     })?;
-    let log =
-        std::fs::read_to_string(sys.watchdog.log_path()).map_err(fail("the watchdog's log"))?;
-    check(log.matches("impostor_ignored").count() >= 3, || {
-        "fewer than three impostor_ignored lines in the watchdog's log".into()
-    })?;
+    let log = sys.watchdog.log();
     check(log.matches("progress_refused").count() >= 2, || {
         "fewer than two progress_refused lines in the watchdog's log".into()
     })?;
@@ -121,11 +129,13 @@ fn public_copy(root: &Path) -> std::io::Result<PathBuf> {
     Ok(bin)
 }
 
-/// `program migrate --job-id victim`, as `user` (root when `None`), ending after 1.5 s: long
-/// enough for the procfs detector's periodic scan to see it too.
-fn impostor(program: &Path, user: Option<(u32, u32)>, cwd: &Path) -> Command {
+/// `program migrate --job-id victim`, as `user` (root when `None`), ending (exit 0) once
+/// `release` exists.
+fn impostor(program: &Path, user: Option<(u32, u32)>, cwd: &Path, release: &Path) -> Command {
     let mut cmd = Command::new(program);
-    cmd.args(["migrate", "--job-id", "victim", "--standin-run-for", "1.5"])
+    cmd.args(["migrate", "--job-id", "victim", "--standin-run-for", "0"])
+        .arg("--standin-linger-until")
+        .arg(release)
         .current_dir(cwd);
     if let Some((uid, gid)) = user {
         cmd.uid(uid).gid(gid);

@@ -13,8 +13,12 @@ use crate::setup;
 /// The meta-package whose dependency names the current 6.1 cloud kernel of Debian 12.
 const KERNEL_META: &str = "linux-image-cloud-amd64";
 /// Packages the guest's root file system gets on top of `--variant=minbase`: `ip` (loopback,
-/// the partition scenario's veth link and namespaces), `ps`/`pgrep`, `insmod`.
-const ROOTFS_PACKAGES: &str = "iproute2,procps,kmod";
+/// the partition scenario's veth link and namespaces), `ps`/`pgrep`, `insmod`, and `curl`
+/// (the trust scenario's forged progress, posted as another user).
+const ROOTFS_PACKAGES: &str = "iproute2,procps,kmod,curl";
+/// Written into the root file system and next to its image once built: what they hold, so a
+/// cache built with other packages is built again.
+const ROOTFS_STAMP: &str = ".kill-test-packages";
 const SUITE: &str = "bookworm";
 const MIRROR: &str = "http://deb.debian.org/debian";
 /// Size of the root file system image; the guest writes to tmpfs and a qemu snapshot.
@@ -156,12 +160,15 @@ pub fn ensure_busybox(dir: &Path) -> Result<PathBuf> {
 /// Debootstraps bookworm into `vm_dir/rootfs` once, then makes `vm_dir/rootfs.ext4` from it.
 pub fn ensure_rootfs_image(vm_dir: &Path) -> Result<PathBuf> {
     let image = vm_dir.join("rootfs.ext4");
-    if image.is_file() {
+    let image_stamp = vm_dir.join(format!("rootfs.ext4{ROOTFS_STAMP}"));
+    let current = |stamp: &Path| std::fs::read_to_string(stamp).is_ok_and(|s| s == ROOTFS_PACKAGES);
+    if image.is_file() && current(&image_stamp) {
         return Ok(image);
     }
     let rootfs = vm_dir.join("rootfs");
-    // debootstrap writes this file last; a rootfs without it was interrupted.
-    if !rootfs.join("usr/sbin/ip").exists() || !rootfs.join("var/log/bootstrap.log").exists() {
+    // The stamp is written after debootstrap succeeded; a rootfs without it was interrupted
+    // or has other packages.
+    if !current(&rootfs.join(ROOTFS_STAMP)) {
         let partial = vm_dir.join("rootfs.partial");
         let _ = std::fs::remove_dir_all(&partial);
         let _ = std::fs::remove_dir_all(&rootfs);
@@ -174,6 +181,8 @@ pub fn ensure_rootfs_image(vm_dir: &Path) -> Result<PathBuf> {
                 .arg(MIRROR),
         )
         .with_context(|| format!("debootstrap {SUITE} into {}", partial.display()))?;
+        std::fs::write(partial.join(ROOTFS_STAMP), ROOTFS_PACKAGES)
+            .context("stamping the root file system with its packages")?;
         std::fs::rename(&partial, &rootfs)
             .with_context(|| format!("renaming {} to {}", partial.display(), rootfs.display()))?;
     }
@@ -182,6 +191,8 @@ pub fn ensure_rootfs_image(vm_dir: &Path) -> Result<PathBuf> {
     make_ext4(&rootfs, &tmp, "vmroot", ROOTFS_IMAGE_MIB)?;
     std::fs::rename(&tmp, &image)
         .with_context(|| format!("renaming {} to {}", tmp.display(), image.display()))?;
+    std::fs::write(&image_stamp, ROOTFS_PACKAGES)
+        .with_context(|| format!("writing {}", image_stamp.display()))?;
     Ok(image)
 }
 

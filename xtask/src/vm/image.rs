@@ -1,4 +1,5 @@
-//! The two things built for every run: the initramfs (busybox, the virtio modules and
+//! The two things built for every run: the initramfs (busybox, the virtio modules in the order
+//! their own `depends=` give, and
 //! `tests/vm/initramfs-init.sh`, as a `newc` cpio archive written here, so no `cpio` tool is
 //! needed) and the payload disk (the test binaries, `tests/vm/guest-init.sh` and its `env`).
 
@@ -9,16 +10,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use super::assets::{self, Kernel};
+use super::modules::{self, Module};
 
-/// Modules stage 1 loads for the virtio disks, in dependency order (paths under `kernel/`).
-const DISK_MODULES: [&str; 6] = [
-    "drivers/virtio/virtio.ko",
-    "drivers/virtio/virtio_ring.ko",
-    "drivers/virtio/virtio_pci_legacy_dev.ko",
-    "drivers/virtio/virtio_pci_modern_dev.ko",
-    "drivers/virtio/virtio_pci.ko",
-    "drivers/block/virtio_blk.ko",
-];
+/// The drivers stage 1 loads for the two virtio disks; what they depend on, and the order,
+/// come from the modules themselves ([`modules::load_order`]).
+const DISK_DRIVERS: [&str; 2] = ["virtio_pci", "virtio_blk"];
+
+/// The drivers stage 2 loads: veth, for the partition scenario's link.
+const GUEST_DRIVERS: [&str; 1] = ["veth"];
 
 /// What the guest runs, written to `/vm/env` for `guest-init.sh`.
 #[derive(Debug)]
@@ -27,7 +26,7 @@ pub struct GuestPlan {
     pub host_profile_dir: PathBuf,
     /// File name of the detector test binary inside `/vm/bin`.
     pub detector_test: String,
-    /// Kill-test scenarios (`3,5`); empty to skip the runner.
+    /// Kill-test scenarios (`3,5`); empty for all of them.
     pub kill_test_only: String,
     pub kill_test_runs: usize,
     pub watchdog_timeout_s: u64,
@@ -59,7 +58,8 @@ impl GuestPlan {
 }
 
 /// Builds `vm_dir/payload.ext4`: `bin/` (the given binaries), `guest-init.sh`, `env`, and
-/// `modules/veth.ko`. Returns the image's path.
+/// `modules/` (veth and what it depends on, with their load order in `modules/order`).
+/// Returns the image's path.
 pub fn payload(
     vm_dir: &Path,
     scripts: &Path,
@@ -79,10 +79,12 @@ pub fn payload(
         bytes += copy(bin, &stage.join("bin").join(name))?;
     }
     copy(&scripts.join("guest-init.sh"), &stage.join("guest-init.sh"))?;
-    copy(
-        &kernel.modules.join("drivers/net/veth.ko"),
-        &stage.join("modules/veth.ko"),
-    )?;
+    let order = modules::load_order(&kernel.modules, &GUEST_DRIVERS)?;
+    for module in &order {
+        copy(&module.path, &stage.join(module_file(module)))?;
+    }
+    std::fs::write(stage.join("modules/order"), order_file(&order))
+        .context("writing the guest's module order")?;
     std::fs::write(stage.join("env"), plan.env_file()).context("writing the guest's env file")?;
     let image = vm_dir.join("payload.ext4");
     // ext4 metadata and the journal need room beyond the files themselves.
@@ -120,18 +122,27 @@ pub fn initramfs(
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
     cpio.file("init", 0o755, &read(&scripts.join("initramfs-init.sh"))?);
     cpio.file("bin/busybox", 0o755, &read(busybox)?);
-    for module in DISK_MODULES {
-        let path = kernel.modules.join(module);
-        let name = path.file_name().context("module without a name")?;
-        let dest = format!("modules/{}", name.to_string_lossy());
-        cpio.file(&dest, 0o644, &read(&path)?);
+    let order = modules::load_order(&kernel.modules, &DISK_DRIVERS)?;
+    for module in &order {
+        cpio.file(&module_file(module), 0o644, &read(&module.path)?);
     }
+    cpio.file("modules/order", 0o644, order_file(&order).as_bytes());
     let out = vm_dir.join("initramfs.cpio");
     let mut file =
         std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
     file.write_all(&cpio.finish())
         .with_context(|| format!("writing {}", out.display()))?;
     Ok(out)
+}
+
+/// Where a module goes in the initramfs or the payload: `modules/<name>.ko`.
+fn module_file(module: &Module) -> String {
+    format!("modules/{}.ko", module.name)
+}
+
+/// The load order the init scripts follow: one module name a line.
+fn order_file(order: &[Module]) -> String {
+    order.iter().map(|m| format!("{}\n", m.name)).collect()
 }
 
 /// A `newc` ("070701") cpio archive, the format the kernel unpacks into its initial rootfs.
