@@ -4,9 +4,11 @@
 //!   that takes nothing never stalls a daemon;
 //! - [`LogFormat`]: the `--log-format` setting (`text` or `json`);
 //! - [`priority`]: raising the daemon's CPU priority at start (a nice value);
-//! - [`join_within`]: waiting for a daemon's tasks at shutdown, for a bounded time.
+//! - [`join_within`]: waiting for a daemon's tasks at shutdown, for a bounded time;
+//! - [`notify`]: systemd's readiness, status and watchdog notifications (`Type=notify`).
 
 pub mod log_queue;
+pub mod notify;
 pub mod priority;
 
 use std::time::Duration;

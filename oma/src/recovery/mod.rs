@@ -374,7 +374,10 @@ impl Recovery {
         let stopped = daemon_support::stopped(stop);
         tokio::pin!(stopped);
         let mut trigger = Trigger::Startup;
+        // Stamped between runs: a run stuck on the database stops systemd's watchdog pings.
+        let heartbeat = daemon_support::notify::Heartbeat::new("recovery");
         loop {
+            heartbeat.beat();
             match self.run(trigger, false).await {
                 Ok(_) => {}
                 Err(RecoveryError::Busy) => {
@@ -386,7 +389,7 @@ impl Recovery {
             }
             trigger = Trigger::Periodic;
             tokio::select! {
-                () = tokio::time::sleep(self.config.interval) => {}
+                () = heartbeat.waiting(tokio::time::sleep(self.config.interval)) => {}
                 () = &mut stopped => return,
             }
         }
