@@ -13,6 +13,7 @@ mod disk;
 )]
 mod ebpf_stamp;
 mod kill_test;
+mod package;
 mod paths;
 mod postgres;
 mod run;
@@ -45,6 +46,8 @@ enum Command {
     Run(run::RunArgs),
     /// Kill tests: every way a replication can die, with real processes, restarts and cuts.
     KillTest(kill_test::KillTestArgs),
+    /// Build the Debian packages (vma-watchdog, oma) with cargo-deb; `--check` checks them.
+    Package(package::PackageArgs),
     /// The README's test command and what CI runs: set-up, eBPF build, formatting, lints, all tests.
     Test(test::TestArgs),
 }
@@ -58,5 +61,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(args) => test::run(&args),
         Command::Run(args) => run::run(&args),
         Command::KillTest(args) => kill_test::run(&args),
+        Command::Package(args) => package::run(&args).map(|_| ()),
     }
 }
