@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sqlx::Connection;
 use test_support::KillOnDrop;
-use test_support::notify::{NotifySocket, pings};
+use test_support::notify::{NotifySocket, assert_stopping_ends_pings, pings};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -115,16 +115,7 @@ async fn notifies_systemd_and_withholds_pings_while_a_loop_is_stuck_on_the_datab
             "{}: oma stopped with {status}",
             db.backend
         );
-        let got = socket.messages();
-        let stopping = got
-            .iter()
-            .position(|m| m.starts_with("STOPPING=1"))
-            .unwrap_or_else(|| panic!("no STOPPING=1 in {got:?}"));
-        assert_eq!(
-            pings(&got[stopping..]),
-            0,
-            "pings after STOPPING=1: {got:?}"
-        );
+        assert_stopping_ends_pings(&socket.messages());
     }
 }
 

@@ -99,3 +99,17 @@ impl Drop for NotifySocket {
 pub fn pings(messages: &[String]) -> usize {
     messages.iter().filter(|m| *m == "WATCHDOG=1").count()
 }
+
+/// Asserts that `messages` hold `STOPPING=1` and no `WATCHDOG=1` after it: a stopping daemon
+/// stops pinging.
+pub fn assert_stopping_ends_pings(messages: &[String]) {
+    let stopping = messages
+        .iter()
+        .position(|m| m.starts_with("STOPPING=1"))
+        .unwrap_or_else(|| panic!("no STOPPING=1 in {messages:?}"));
+    assert_eq!(
+        pings(&messages[stopping..]),
+        0,
+        "pings after STOPPING=1: {messages:?}"
+    );
+}

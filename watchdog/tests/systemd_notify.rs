@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use test_support::notify::{NotifySocket, pings};
+use test_support::notify::{NotifySocket, assert_stopping_ends_pings, pings};
 
 /// `WatchdogSec=4`: a ping every 2 s. Long enough that a loaded machine never misses one for
 /// a healthy daemon, short enough for a test.
@@ -149,15 +149,6 @@ fn notifies_systemd_and_withholds_watchdog_pings_while_its_event_loop_is_stuck()
     socket.wait_until("a ping after the thaw", TIMEOUT, |m| pings(m) > resumed);
 
     watchdog.stop();
-    let got = socket.messages();
-    let stopping = got
-        .iter()
-        .position(|m| m.starts_with("STOPPING=1"))
-        .unwrap_or_else(|| panic!("no STOPPING=1 in {got:?}"));
-    assert_eq!(
-        pings(&got[stopping..]),
-        0,
-        "pings after STOPPING=1: {got:?}"
-    );
+    assert_stopping_ends_pings(&socket.messages());
     drop(standin);
 }

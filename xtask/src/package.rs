@@ -60,10 +60,23 @@ impl PackageArgs {
 pub fn run(args: &PackageArgs) -> Result<Vec<PathBuf>> {
     let cargo_deb = setup::ensure_cargo_deb(false)?;
     build_ebpf::run().context("building the eBPF object that vma-watchdog embeds")?;
-    // The workspace's binaries in one build, so that shared dependencies are built once with
-    // one set of features (the same build `test` and `kill-test` make); cargo-deb then only
-    // packs (--no-build).
-    setup::build_bins(!args.dev)?;
+    // cargo-deb only packs (--no-build). With --dev, the packed binaries are the test suite's
+    // own build (the same command, so nothing is built twice); otherwise one release build of
+    // both daemons, so that their shared dependencies are built once with one set of features.
+    if args.dev {
+        setup::build_bins(false)?;
+    } else {
+        setup::status(setup::cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "vma-watchdog",
+            "-p",
+            "oma",
+            "--bins",
+        ]))
+        .context("building the release binaries of vma-watchdog and oma")?;
+    }
     let out_dir = args
         .out_dir
         .clone()
