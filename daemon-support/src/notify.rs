@@ -145,8 +145,8 @@ pub fn is_active() -> bool {
     NOTIFIER.get().is_some()
 }
 
-/// Sends one message (`KEY=value` lines); does nothing without systemd. A failure is logged
-/// once at most per kind of message, never returned: the daemon's work does not depend on it.
+/// Sends one message (`KEY=value` lines); does nothing without systemd. The first failure is
+/// logged, none is returned: the daemon's work does not depend on systemd hearing it.
 pub fn send(message: &str) {
     let Some(n) = NOTIFIER.get() else { return };
     if let Err(error) = n.socket.send_to_addr(message.as_bytes(), &n.address) {

@@ -45,10 +45,12 @@ pub struct PackageArgs {
 }
 
 impl PackageArgs {
-    /// What `cargo xtask test` runs: build and check.
+    /// What `cargo xtask test` runs: build from the test suite's binaries and check, into a
+    /// directory of its own (`target/debian-check`), so that it never leaves dev-profile
+    /// packages where `cargo xtask package` puts the release ones.
     pub fn for_test_suite() -> Self {
         Self {
-            out_dir: None,
+            out_dir: Some(paths::workspace_root().join("target").join("debian-check")),
             deb_version: None,
             dev: true,
             check: true,
