@@ -5,10 +5,12 @@
 //! - [`LogFormat`]: the `--log-format` setting (`text` or `json`);
 //! - [`priority`]: raising the daemon's CPU priority at start (a nice value);
 //! - [`join_within`]: waiting for a daemon's tasks at shutdown, for a bounded time;
-//! - [`metrics`]: the `/metrics` listener and endpoint, and the metric families both daemons have.
+//! - [`metrics`]: the `/metrics` listener and endpoint, and the metric families both daemons have;
+//! - [`notify`]: systemd's readiness, status and watchdog notifications (`Type=notify`).
 
 pub mod log_queue;
 pub mod metrics;
+pub mod notify;
 pub mod priority;
 
 use std::time::Duration;

@@ -18,6 +18,7 @@ pub mod server;
 pub mod start;
 pub mod stop;
 pub mod store;
+pub mod systemd;
 pub mod vma_client;
 
 use auth::OperatorTokens;

@@ -7,6 +7,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 fn main() -> anyhow::Result<()> {
     let args = ServerArgs::parse();
+    // systemd's notification socket, read and removed from the environment before any thread
+    // starts. SAFETY: no thread has been started yet.
+    let notify = unsafe { daemon_support::notify::take_from_env() };
     // Everything the OMA creates (the SQLite database, its WAL and shared-memory files) is
     // its own: jobs, VMAs' token hashes and the audit trail are nobody else's to read.
     // SAFETY: umask(2) cannot fail.
@@ -18,6 +21,7 @@ fn main() -> anyhow::Result<()> {
     let niced = daemon_support::priority::set_nice(args.nice);
     // Held to the end of `main`, when the queued lines are written out.
     let _log = oma::logging::init(args.log_format, args.log_queue_lines);
+    daemon_support::notify::announce(notify);
     if let Err(error) = niced {
         tracing::warn!(event = "priority_not_set", nice = args.nice, %error,
             "cannot set the OMA's CPU priority; deaths may be committed late on a busy host; run with CAP_SYS_NICE (systemd: Nice=) or pass --nice 0");
@@ -54,6 +58,10 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     let mut term =
         signal(SignalKind::terminate()).context("could not install the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("could not install the SIGHUP handler")?;
+    let (status_stop, status_stopped) = tokio::sync::oneshot::channel::<()>();
+    oma::systemd::ready(&server.state, async {
+        let _ = status_stopped.await;
+    });
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -61,11 +69,15 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
             // Token and TLS files re-read in place: connections and requests go on.
             _ = hup.recv() => {
                 tracing::info!(event = "reload_requested", "SIGHUP: re-reading token and TLS files");
+                daemon_support::notify::reloading();
                 let _ = server.reload();
+                daemon_support::notify::reloaded();
             }
         }
     }
     tracing::info!("shutting down");
+    daemon_support::notify::stopping();
+    drop(status_stop);
     server.shutdown().await;
     Ok(())
 }

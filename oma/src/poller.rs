@@ -93,7 +93,10 @@ impl Poller {
     pub async fn run_forever(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
         let stopped = daemon_support::stopped(stop);
         tokio::pin!(stopped);
+        // Stamped between cycles: a cycle stuck on the database stops systemd's watchdog pings.
+        let heartbeat = daemon_support::notify::Heartbeat::new("poller");
         loop {
+            heartbeat.beat();
             if let Err(e) = self.cycle().await {
                 tracing::error!(error = %e, "poller cycle failed; retrying");
                 if let Ok(mut h) = self.health.lock() {
@@ -101,7 +104,7 @@ impl Poller {
                 }
             }
             tokio::select! {
-                () = tokio::time::sleep(self.tick()) => {}
+                () = heartbeat.waiting(tokio::time::sleep(self.tick())) => {}
                 () = &mut stopped => return,
             }
         }

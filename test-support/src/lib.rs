@@ -2,6 +2,7 @@
 //! and daemons whose log output nobody reads.
 
 pub mod metrics;
+pub mod notify;
 pub mod openapi_copy;
 pub mod pki;
 

@@ -35,6 +35,7 @@ mod legacy;
 mod reload;
 mod serve;
 mod start;
+mod systemd;
 mod tracker;
 
 pub use legacy::LEGACY_JOURNAL;
@@ -166,13 +167,16 @@ impl Daemon {
     /// Follows detector events until `shutdown` completes or the detector stops.
     pub async fn follow_events(mut self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        // Stamped each time round, and while waiting for the next event: a death whose report
+        // never completes (a frozen file system under the outbox) stops the systemd watchdog's pings.
+        let heartbeat = daemon_support::notify::Heartbeat::new("event loop");
         loop {
             tokio::select! {
                 () = &mut shutdown => {
                     tracing::info!(event = "watchdog_stopping", "shutdown requested; stopping");
                     break;
                 }
-                event = self.events.recv() => match event {
+                event = heartbeat.waiting(self.events.recv()) => match event {
                     Some(event) => self.tracker.core().handle(event).await,
                     None => {
                         tracing::error!(event = "detector_stopped", "the detector stopped delivering events; stopping so a supervisor restarts the watchdog");

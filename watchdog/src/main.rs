@@ -18,11 +18,16 @@ fn main() -> anyhow::Result<ExitCode> {
     // it, so that neither migratekit nor a reader of /proc/<pid>/environ finds them.
     // SAFETY: no thread has been started yet (the log's writer and the runtime come later).
     let scrubbed = unsafe { config::scrub_environment() };
+    // systemd's notification socket, read and removed from the environment for the same
+    // reason (migratekit must not talk to systemd in the watchdog's name).
+    // SAFETY: still no thread but this one.
+    let notify = unsafe { daemon_support::notify::take_from_env() };
     // Before any thread starts (the log's writer, the runtime's), so that they all inherit it.
     let niced = daemon_support::priority::set_nice(config.nice);
     // Held to the end of `main`, so that the last lines are written out.
     let _log = logging::init(config.log_format, config.log_queue_lines)?;
     config::log_deferred_warnings();
+    daemon_support::notify::announce(notify);
     if !scrubbed.is_empty() {
         tracing::info!(event = "environment_scrubbed",
             variables = ?scrubbed.iter().map(|n| n.to_string_lossy()).collect::<Vec<_>>(),

@@ -14,6 +14,7 @@ mod disk;
 )]
 mod ebpf_stamp;
 mod kill_test;
+mod package;
 mod paths;
 mod postgres;
 mod run;
@@ -49,6 +50,8 @@ enum Command {
     /// Schemathesis against both daemons started on loopback, from the committed OpenAPI
     /// documents (docs/openapi/), with every check and stateful links.
     Contract(contract::ContractArgs),
+    /// Build the Debian packages (vma-watchdog, oma) with cargo-deb; `--check` checks them.
+    Package(package::PackageArgs),
     /// The README's test command and what CI runs: set-up, eBPF build, formatting, lints, all tests.
     Test(test::TestArgs),
 }
@@ -63,5 +66,6 @@ fn main() -> anyhow::Result<()> {
         Command::Contract(args) => contract::run(&args),
         Command::Run(args) => run::run(&args),
         Command::KillTest(args) => kill_test::run(&args),
+        Command::Package(args) => package::run(&args).map(|_| ()),
     }
 }

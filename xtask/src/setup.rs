@@ -27,6 +27,16 @@ pub fn run() -> Result<()> {
     // The alert rules' checks and unit tests (`promtool`) and the metrics' end-to-end test
     // (a real Prometheus server, run by the test itself, never the package's service).
     changed |= ensure_debian_packages("setup", &[("promtool", "prometheus")])?;
+    // `cargo xtask package`: cargo-deb, and what it and the package check run (dpkg-shlibdeps
+    // for the dependencies, fakeroot, systemd-analyze for the unit files).
+    ensure_cargo_deb(true)?;
+    changed |= ensure_debian_packages(
+        "setup",
+        &[
+            ("dpkg-shlibdeps", "dpkg-dev"),
+            ("systemd-analyze", "systemd"),
+        ],
+    )?;
     if changed {
         println!("setup: done");
     } else {
@@ -308,4 +318,48 @@ pub fn output(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// cargo-deb at [`crate::package::CARGO_DEB_VERSION`]: the one on the PATH when it is that
+/// release, else installed into the project's tools directory. Returns the binary to run.
+pub fn ensure_cargo_deb(verbose: bool) -> Result<PathBuf> {
+    let wanted = crate::package::CARGO_DEB_VERSION;
+    let is_wanted = |bin: &Path| {
+        Command::new(bin).arg("--version").output().is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(wanted)
+        })
+    };
+    let local = paths::tools_bin().join("cargo-deb");
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("cargo-deb"))
+            .find(|bin| bin.is_file())
+    });
+    for bin in [Some(local.clone()), on_path].into_iter().flatten() {
+        if is_wanted(&bin) {
+            if verbose {
+                println!("setup: cargo-deb {wanted}: present ({})", bin.display());
+            }
+            return Ok(bin);
+        }
+    }
+    println!(
+        "setup: cargo-deb {wanted}: installing into {} (about two minutes)",
+        paths::tools_bin().display()
+    );
+    status(
+        cargo()
+            .args([
+                "install",
+                "cargo-deb",
+                "--version",
+                wanted,
+                "--locked",
+                "--root",
+            ])
+            .arg(paths::tools_dir())
+            .env("CARGO_TARGET_DIR", paths::tools_dir().join("build")),
+    )
+    .context("installing cargo-deb; check that crates.io is reachable")?;
+    Ok(local)
 }

@@ -12,7 +12,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::{build_ebpf, contract, disk, kill_test, paths, postgres, run as run_cmd, setup};
+use crate::{build_ebpf, contract, disk, kill_test, package, paths, postgres, run as run_cmd, setup};
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
@@ -74,6 +74,7 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
     } else {
         eprintln!("test: SKIP kill tests: they need root (run `sudo -E cargo xtask test`)");
     }
+    packages(root)?;
     // The README's run command, end to end: OMA + watchdog + a demo job that must complete.
     run_cmd::run(&run_cmd::RunArgs::for_test_suite())
         .context("the README's run command (`cargo xtask run`) failed; see target/demo/*.log")?;
@@ -85,6 +86,18 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
 fn contract() -> Result<()> {
     contract::run(&contract::ContractArgs::for_test_suite())
         .context("the contract tests failed: the Schemathesis output above says where")
+}
+
+/// Both Debian packages, from the binaries just built, opened and checked (never installed).
+/// The token check gives files to other users, so it needs root.
+fn packages(root: bool) -> Result<()> {
+    if !root {
+        eprintln!("test: SKIP package checks: they need root (run `sudo -E cargo xtask test`)");
+        return Ok(());
+    }
+    package::run(&package::PackageArgs::for_test_suite())
+        .context("the Debian packages failed their checks: the lines above say which")?;
+    Ok(())
 }
 
 /// The OMA's store tests run on SQLite and on PostgreSQL; in CI a skipped PostgreSQL run is a

@@ -403,8 +403,12 @@ impl Recovery {
         let stopped = daemon_support::stopped(stop);
         tokio::pin!(stopped);
         let mut trigger = Trigger::Startup;
+        // Stamped while a run waits too: a run over many jobs whose VMAs do not answer takes
+        // minutes of timeouts, and is not stuck. A run blocked on the database shows in the
+        // poller's heartbeat, whose cycle reads the same tables every second.
+        let heartbeat = daemon_support::notify::Heartbeat::new("recovery");
         loop {
-            match self.run(trigger, false).await {
+            match heartbeat.waiting(self.run(trigger, false)).await {
                 Ok(_) => {}
                 Err(RecoveryError::Busy) => {
                     tracing::info!("recovery skipped: a run is in progress")
@@ -415,7 +419,7 @@ impl Recovery {
             }
             trigger = Trigger::Periodic;
             tokio::select! {
-                () = tokio::time::sleep(self.config.interval) => {}
+                () = heartbeat.waiting(tokio::time::sleep(self.config.interval)) => {}
                 () = &mut stopped => return,
             }
         }

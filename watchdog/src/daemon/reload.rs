@@ -71,7 +71,9 @@ impl Reloader {
                         return;
                     }
                     tracing::info!(event = "reload_requested", "SIGHUP: re-reading token and TLS files");
+                    daemon_support::notify::reloading();
                     self.reload();
+                    daemon_support::notify::reloaded();
                 }
             }
         }

@@ -142,7 +142,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         daemon.follow_events(detector_stopped).await;
         ("detector", Ok(()))
     });
+    super::systemd::ready(&tracker, stopped());
     let result = wait(&mut tasks, shutdown).await;
+    daemon_support::notify::stopping();
     let _ = stop.send(true);
     drain(tasks).await;
     result

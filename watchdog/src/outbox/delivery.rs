@@ -181,14 +181,18 @@ pub async fn deliver_with(
     let url = config.events_url();
     tokio::pin!(shutdown);
     let mut failures: u32 = 0;
+    // Stamped while the loop waits (for an append, for the OMA, for a back-off), not while it
+    // peeks or acknowledges: a stuck write there stops the systemd watchdog's pings.
+    let heartbeat = daemon_support::notify::Heartbeat::new("outbox delivery");
     loop {
+        heartbeat.beat();
         let batch = outbox.peek(config.batch_size.max(1));
         if batch.is_empty() {
             // Wake on the next append; the periodic wake-up is only a safety net.
             tokio::select! {
                 () = &mut shutdown => return,
                 () = outbox.appended() => {}
-                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                () = heartbeat.waiting(tokio::time::sleep(Duration::from_secs(5))) => {}
             }
             continue;
         }
@@ -203,7 +207,7 @@ pub async fn deliver_with(
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
             () = &mut shutdown => return,
-            result = attempt => result,
+            result = heartbeat.waiting(attempt) => result,
             // The OMA has just called, yet this attempt has hung for a while: its connection
             // most likely died in an outage (a request on a kept-alive connection waits for
             // TCP's retransmissions, seconds apart, or for the timeout). Dropping it closes
@@ -235,7 +239,7 @@ pub async fn deliver_with(
                 let earliest = tokio::time::Instant::now() + EARLY_RETRY_GAP;
                 tokio::select! {
                     () = &mut shutdown => return,
-                    () = tokio::time::sleep(delay) => {}
+                    () = heartbeat.waiting(tokio::time::sleep(delay)) => {}
                     // The OMA has just called this watchdog, so the way back to it most likely
                     // works again (a restarted OMA, a healed link): the rest of a back-off of
                     // up to `max_backoff` would only hold the deaths back.
