@@ -195,11 +195,13 @@ impl Oma {
         Ok(oma)
     }
 
-    /// Starts the stopped server again on the same port and database; waits for `/health`.
+    /// Starts the stopped server again on the same port and database; waits for `/health`,
+    /// generously, as [`crate::watchdog::Watchdog::start_again`] does: in an emulated VM on a
+    /// loaded host a start takes long, and nothing is judged from how long.
     pub fn start_again(&mut self) -> Result<()> {
         self.daemon.start()?;
         self.client
-            .wait_healthy(Duration::from_secs(20))
+            .wait_healthy(Duration::from_secs(120))
             .map_err(|e| self.with_log(&e))
     }
 
