@@ -214,6 +214,12 @@ fn non_matching_storm(detector: &str) {
                     .as_u64()
                     .is_some_and(|p| pids.contains(&(p as u32)))
             })
+            // Pids are reused: once they wrap, the stand-in below, or a stand-in of another
+            // checkout's tests on the same host (an impostor here, logged with its `exe`),
+            // may get a pid of the storm. Those lines are about migratekit processes, not
+            // about the storm's `true`.
+            .filter(|v| v["job_id"] != "job-after-storm")
+            .filter(|v| !v["exe"].as_str().is_some_and(|e| e.ends_with("/migratekit")))
             .collect()
     };
     assert!(
