@@ -219,7 +219,11 @@ fn non_matching_storm(detector: &str) {
             // may get a pid of the storm. Those lines are about migratekit processes, not
             // about the storm's `true`.
             .filter(|v| v["job_id"] != "job-after-storm")
-            .filter(|v| !v["exe"].as_str().is_some_and(|e| e.ends_with("/migratekit")))
+            .filter(|v| {
+                !v["exe"]
+                    .as_str()
+                    .is_some_and(|e| e.ends_with("/migratekit"))
+            })
             .collect()
     };
     assert!(

@@ -56,7 +56,10 @@ const SPECS: [Spec; 2] = [
             file("usr/share/oma/prometheus/alerts.yml", "-rw-r--r--"),
             file("usr/share/oma/prometheus/alerts_test.yml", "-rw-r--r--"),
             file("usr/share/oma/prometheus/prometheus.yml", "-rw-r--r--"),
-            file("usr/share/oma/grafana/migratekit-recovery.json", "-rw-r--r--"),
+            file(
+                "usr/share/oma/grafana/migratekit-recovery.json",
+                "-rw-r--r--",
+            ),
         ],
         conffiles: &["/etc/default/oma"],
         tokens: &["/etc/oma/operator.token", "/etc/oma/vma-api.token"],
