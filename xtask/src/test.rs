@@ -12,7 +12,9 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::{build_ebpf, contract, disk, kill_test, package, paths, postgres, run as run_cmd, setup};
+use crate::{
+    build_ebpf, contract, disk, kill_test, package, paths, postgres, run as run_cmd, setup,
+};
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
@@ -68,6 +70,7 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
         kill_test::run(&kill_test::KillTestArgs::for_test_suite_procfs()).context(
             "kill tests on the procfs detector failed: the table above says which scenario",
         )?;
+        kill_tests_postgres(postgres_url.as_deref(), args.ci)?;
         kill_test::run(&kill_test::KillTestArgs::for_test_suite_vm()).context(
             "kill tests in the VM (Debian 12's 6.1 kernel) failed: the summary above says which step; the console is in target/vm/serial.log",
         )?;
@@ -80,6 +83,21 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
         .context("the README's run command (`cargo xtask run`) failed; see target/demo/*.log")?;
     println!("test: all checks passed");
     Ok(())
+}
+
+/// Every kill-test scenario once more with the OMA on PostgreSQL (a fresh database per run);
+/// skipped, like the store tests, only outside CI when no server could start.
+fn kill_tests_postgres(url: Option<&str>, ci: bool) -> Result<()> {
+    let Some(url) = url else {
+        if ci {
+            bail!("CI needs PostgreSQL for the kill tests on the postgres backend");
+        }
+        eprintln!("test: SKIP kill tests on PostgreSQL: no server (see above)");
+        return Ok(());
+    };
+    kill_test::run(&kill_test::KillTestArgs::for_test_suite_postgres(url)).context(
+        "kill tests with the OMA on PostgreSQL failed: the table above says which scenario",
+    )
 }
 
 /// The REST contract of both daemons, fuzzed by Schemathesis (`cargo xtask contract`).

@@ -12,6 +12,7 @@ use crate::system::{PATIENCE, System, SystemOptions, final_transitions, json_fin
 pub(crate) fn system(run: &Run) -> Result<System, String> {
     let options = SystemOptions {
         detector: run.detector.clone(),
+        oma: run.oma_config(false)?,
         ..SystemOptions::default()
     };
     System::start(&options).map_err(fail("starting oma and vma-watchdog"))
