@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::{
-    build_ebpf, contract, disk, kill_test, package, paths, postgres, run as run_cmd, setup,
+    build_ebpf, contract, disk, kill_test, package, paths, postgres, run as run_cmd, setup, soak,
 };
 
 #[derive(Debug, Args)]
@@ -71,6 +71,10 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
             "kill tests on the procfs detector failed: the table above says which scenario",
         )?;
         kill_tests_postgres(postgres_url.as_deref(), args.ci)?;
+        // A short soak with a fresh seed, which it prints first: a failure here is replayed
+        // with `cargo xtask soak --seed <seed> --faults 500`.
+        soak::run(&soak::SoakArgs::for_test_suite())
+            .context("the short soak found a violation: replay it from the seed printed above")?;
         kill_test::run(&kill_test::KillTestArgs::for_test_suite_vm()).context(
             "kill tests in the VM (Debian 12's 6.1 kernel) failed: the summary above says which step; the console is in target/vm/serial.log",
         )?;

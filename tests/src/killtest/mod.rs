@@ -12,7 +12,7 @@ mod scenarios_unwatched;
 
 use std::time::{Duration, Instant};
 
-pub use backend::{Backend, FreshDatabase};
+pub use backend::{Backend, FreshDatabase, oma_config};
 pub use report::{Report, ScenarioResult};
 
 /// What one run of a scenario gives back: kill-to-commit latencies it measured.
