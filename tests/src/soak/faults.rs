@@ -199,7 +199,7 @@ impl Soak {
     /// Indexes of the jobs a `Kill` or `Cancel` may hit, in start order.
     fn running(&self) -> Vec<usize> {
         (0..self.jobs.len())
-            .filter(|&i| self.jobs[i].runs_until_killed())
+            .filter(|&i| self.jobs[i].runs_until_killed() && !self.jobs[i].judged)
             .collect()
     }
 
@@ -222,12 +222,17 @@ impl Soak {
             return format!("{}: no process yet, not killed", job.id);
         };
         let at = SystemTime::now();
-        match crate::procs::kill_process(p, signal) {
+        if let Err(e) = crate::procs::kill_process(p, signal) {
+            return format!("{}: {e}", job.id);
+        }
+        // Counted as a death only once the process is gone: a signal it survived would make
+        // the soak wait for a death that never came.
+        match crate::procs::wait_gone(p, std::time::Duration::from_secs(5)) {
             Ok(()) => {
                 job.killed = Some((at, signal));
                 format!("{} pid {} killed with signal {signal}", job.id, p.pid)
             }
-            Err(e) => format!("{}: {e}", job.id),
+            Err(_) => format!("{} pid {} survived signal {signal}", job.id, p.pid),
         }
     }
 

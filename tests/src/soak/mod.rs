@@ -212,11 +212,22 @@ impl Soak {
                 break;
             }
             if Instant::now() > deadline {
-                let left: Vec<&str> = self
+                let left: Vec<String> = self
                     .jobs
                     .iter()
                     .filter(|j| !j.judged)
-                    .map(|j| j.id.as_str())
+                    .map(|j| match self.sys.oma.job(&j.id) {
+                        Ok(o) => format!(
+                            "{} ({:?}, {:?}, process {:?} alive {}, pid at the OMA {:?})",
+                            j.id,
+                            j.fate,
+                            o.status,
+                            j.process,
+                            j.process.is_some_and(crate::procs::is_alive),
+                            o.pid
+                        ),
+                        Err(e) => format!("{} (unreadable: {e})", j.id),
+                    })
                     .collect();
                 return Err(format!(
                     "jobs never became final after the soak healed everything: {left:?}"
@@ -245,12 +256,32 @@ impl Soak {
         for line in &self.last {
             out.push_str(&format!("  {line}\n"));
         }
-        out.push_str(&format!(
-            "logs: OMA {}, watchdog {}",
-            self.sys.oma.log_path().display(),
-            self.sys.watchdog.log_path().display()
-        ));
+        out.push_str(&self.keep_logs(config.seed));
         out
+    }
+
+    /// Copies both daemons' logs and the stand-ins' launch logs out of their temporary
+    /// directories (removed when the soak ends) into `target/soak/failed-<seed>/`.
+    fn keep_logs(&self, seed: u64) -> String {
+        let dir = std::path::PathBuf::from(format!("target/soak/failed-{seed}"));
+        let jobs = dir.join("jobs");
+        let copy = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&jobs)?;
+            std::fs::copy(self.sys.oma.log_path(), dir.join("oma.log"))?;
+            std::fs::copy(self.sys.watchdog.log_path(), dir.join("watchdog.log"))?;
+            for entry in std::fs::read_dir(self.sys.watchdog.dir().join("jobs"))?.flatten() {
+                std::fs::copy(entry.path(), jobs.join(entry.file_name()))?;
+            }
+            Ok(())
+        };
+        match copy() {
+            Ok(()) => format!("logs kept in {}", dir.display()),
+            Err(e) => format!(
+                "logs (not kept: {e}): OMA {}, watchdog {}",
+                self.sys.oma.log_path().display(),
+                self.sys.watchdog.log_path().display()
+            ),
+        }
     }
 }
 
