@@ -64,8 +64,8 @@ pub fn kind(fault: &Fault) -> String {
         Action::WatchdogUp => "watchdog up".into(),
         Action::Cut => "link cut".into(),
         Action::Restore => "link restored".into(),
-        Action::Slow { .. } => "netem delay+loss on".into(),
-        Action::Fast => "netem off".into(),
+        Action::Slow { .. } => "slow lossy link on (netem, or tbf)".into(),
+        Action::Fast => "slow link off".into(),
         Action::PostgresDown => "PostgreSQL stop".into(),
         Action::PostgresUp => "PostgreSQL start".into(),
     }
@@ -159,7 +159,10 @@ impl Soak {
     }
 
     fn start_job(&mut self, fate: Fate) -> String {
-        let job = SoakJob::new(format!("soak-{}", self.jobs.len()), fate);
+        // The soak's pid in the id: the harness finds processes by job id in `/proc`, and two
+        // soaks on one machine must never take each other's.
+        let id = format!("soak-{}-{}", std::process::id(), self.jobs.len());
+        let job = SoakJob::new(id, fate);
         if let Err(e) = self
             .sys
             .watchdog
@@ -168,7 +171,7 @@ impl Soak {
             return format!("not started: {e}");
         }
         if matches!(fate, Fate::Oom { .. }) {
-            let name = format!("soak-{}-{}", std::process::id(), job.id);
+            let name = job.id.clone();
             match crate::cgroup::MemCgroup::create(&name, 64 << 20) {
                 Ok(cg) => {
                     let _ = self.sys.watchdog.set_cgroup(&job.id, &cg.procs_file());
