@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub use backend::{Backend, FreshDatabase, oma_config};
 pub use report::{Report, ScenarioResult};
+pub(crate) use scenarios::occupy_pid;
 
 /// What one run of a scenario gives back: kill-to-commit latencies it measured.
 pub type RunOutcome = Result<Vec<Duration>, String>;

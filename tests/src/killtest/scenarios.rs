@@ -303,7 +303,7 @@ const TRIES: usize = 300;
 
 /// Makes the next process land on `pid` (root: `/proc/sys/kernel/ns_last_pid`), retrying a
 /// few times since other processes on the machine fork too. Returns the new process.
-fn occupy_pid(pid: u32) -> Result<std::process::Child, String> {
+pub(crate) fn occupy_pid(pid: u32) -> Result<std::process::Child, String> {
     // The pid is free only once the dead process has been reaped (the harness's subreaper
     // does it) and no thread of another process holds it: wait for that first.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

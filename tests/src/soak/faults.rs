@@ -55,7 +55,11 @@ pub fn kind(fault: &Fault) -> String {
             Fate::Segv { .. } => "start (crashes, SIGSEGV)".into(),
             Fate::Oom { .. } => "start (OOM-killed in a cgroup)".into(),
         },
-        Action::Kill { signal, .. } => format!("kill ({})", signal_name(signal)),
+        Action::Kill { signal, reuse, .. } => format!(
+            "kill ({}){}",
+            signal_name(signal),
+            if reuse { ", pid reused" } else { "" }
+        ),
         Action::Cancel { .. } => "cancel".into(),
         Action::RestartOma { crash: true } => "OMA SIGKILL + restart".into(),
         Action::RestartOma { crash: false } => "OMA SIGTERM + restart".into(),
@@ -86,7 +90,11 @@ impl Soak {
         };
         match fault.action {
             Action::Start(fate) => Ok(self.start_job(fate)),
-            Action::Kill { pick, signal } => Ok(self.kill_pick(pick, signal)),
+            Action::Kill {
+                pick,
+                signal,
+                reuse,
+            } => Ok(self.kill_pick(pick, signal, reuse)),
             Action::Cancel { pick } => Ok(self.cancel_pick(pick)),
             Action::RestartOma { crash } => {
                 match crash {
@@ -206,13 +214,25 @@ impl Soak {
             .collect()
     }
 
-    fn kill_pick(&mut self, pick: u32, signal: i32) -> String {
+    fn kill_pick(&mut self, pick: u32, signal: i32, reuse: bool) -> String {
         let running = self.running();
         if running.is_empty() {
             return "no job to kill".into();
         }
         let i = running[pick as usize % running.len()];
-        self.kill(i, signal)
+        let done = self.kill(i, signal);
+        match (reuse, self.jobs[i].killed, self.jobs[i].process) {
+            (true, Some(_), Some(p)) => match crate::killtest::occupy_pid(p.pid) {
+                // The new process (`sleep 60`) holds the dead job's pid while the daemons
+                // judge the job; it is reaped when the soak ends.
+                Ok(decoy) => {
+                    self.decoys.push(decoy);
+                    format!("{done}; pid {} reused by a new process", p.pid)
+                }
+                Err(e) => format!("{done}; pid not reused: {e}"),
+            },
+            _ => done,
+        }
     }
 
     /// Signals job `i`'s process (found in `/proc` if the OMA has not recorded it yet).

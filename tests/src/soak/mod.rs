@@ -1,7 +1,7 @@
 //! The soak behind `cargo xtask soak`: the real daemons (the kill tests' system, OMA and VMA
 //! in two network namespaces) and stand-in migratekit processes under a long random fault
 //! schedule that its seed reproduces ([`schedule`]), with the invariants checked about every
-//! second while it runs ([`invariants`]), not only at the end.
+//! second while it runs (`invariants.rs`), not only at the end.
 //!
 //! A violation stops the run: the error names the invariant, the job, the seed and the last
 //! faults, so that `cargo xtask soak --seed S --faults N` replays the same schedule.
@@ -78,6 +78,8 @@ struct Soak {
     cluster: Option<postgres::Cluster>,
     jobs: Vec<SoakJob>,
     cgroups: Vec<crate::cgroup::MemCgroup>,
+    /// Processes forced onto dead jobs' pids; killed when the soak ends.
+    decoys: Vec<std::process::Child>,
     outages: faults::Outages,
     detector: String,
     started: Instant,
@@ -145,6 +147,7 @@ impl Soak {
             cluster,
             jobs: Vec::new(),
             cgroups: Vec::new(),
+            decoys: Vec::new(),
             outages: faults::Outages::new(),
             detector,
             started: Instant::now(),
@@ -289,5 +292,9 @@ impl Drop for Soak {
     fn drop(&mut self) {
         let ids: Vec<String> = self.jobs.iter().map(|j| j.id.clone()).collect();
         crate::procs::kill_all_of(&ids);
+        for decoy in &mut self.decoys {
+            let _ = decoy.kill();
+            let _ = decoy.wait();
+        }
     }
 }

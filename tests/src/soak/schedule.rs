@@ -33,8 +33,9 @@ pub enum Fate {
 pub enum Action {
     /// Start a job with this fate.
     Start(Fate),
-    /// Send `signal` to the `pick`-th running job (modulo their number).
-    Kill { pick: u32, signal: i32 },
+    /// Send `signal` to the `pick`-th running job (modulo their number); with `reuse`, a new
+    /// process is then forced onto the dead process's pid (`ns_last_pid`).
+    Kill { pick: u32, signal: i32, reuse: bool },
     /// Cancel the `pick`-th running job through the OMA.
     Cancel { pick: u32 },
     /// Restart the OMA: SIGKILL (`crash`) or SIGTERM, then start it again.
@@ -167,6 +168,7 @@ fn draw(rng: &mut StdRng, model: &mut Model, index: usize, remaining: usize) -> 
                 return Action::Kill {
                     pick: rng.r#gen(),
                     signal,
+                    reuse: rng.gen_bool(0.2),
                 };
             }
             50..=57 if model.running > 0 => {
@@ -265,7 +267,7 @@ mod tests {
         let pg = make(3, 2000, true);
         let has = |p: &dyn Fn(&Action) -> bool| pg.iter().any(|f| p(&f.action));
         assert!(has(&|a| matches!(a, Action::PostgresDown)));
-        assert!(has(&|a| matches!(a, Action::Kill { .. })));
+        assert!(has(&|a| matches!(a, Action::Kill { reuse: true, .. })));
         assert!(has(&|a| matches!(a, Action::Cancel { .. })));
         assert!(has(&|a| matches!(a, Action::RestartOma { crash: true })));
         assert!(has(&|a| matches!(a, Action::WatchdogDown { crash: false })));
