@@ -5,7 +5,8 @@
 //! PostgreSQL server for the OMA's store tests. After the test suites it runs the contract
 //! tests (Schemathesis on both daemons, `cargo xtask contract`) and the kill tests
 //! (`cargo xtask kill-test`, see docs/RELIABILITY.md): on this machine's kernel with each
-//! detector, then in a qemu VM on Debian 12's 6.1 kernel (`kill-test --vm`).
+//! detector and once with the OMA on PostgreSQL, then a short soak (`cargo xtask soak`, 500
+//! faults, a fresh seed), then in a qemu VM on Debian 12's 6.1 kernel (`kill-test --vm`).
 
 use std::process::Command;
 
