@@ -197,6 +197,11 @@ fn judge(
     }
     soak.jobs[i].judged = true;
     soak.report.judged += 1;
+    let verdict = match oma_job.failure_class {
+        Some(class) => format!("{}/{}", oma_job.status, class),
+        None => oma_job.status.to_string(),
+    };
+    *soak.report.verdicts.entry(verdict).or_default() += 1;
     Ok(())
 }
 

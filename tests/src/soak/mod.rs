@@ -60,6 +60,8 @@ pub struct SoakReport {
     pub jobs: usize,
     /// Jobs judged final with a right verdict and exactly one final transition.
     pub judged: usize,
+    /// The judged jobs by final status and failure class (e.g. `failed/process_killed`).
+    pub verdicts: BTreeMap<String, usize>,
     /// Invariant checks done while the schedule ran (each covers every job).
     pub checks: usize,
     /// The largest resident set and open file count seen per daemon.
