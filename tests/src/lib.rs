@@ -8,7 +8,8 @@
 //! - [`procs`] finds and kills migratekit processes;
 //! - [`observed`] reads back what happened (the watchdog's downtimes, the deaths it logged,
 //!   each stand-in's own end), which the kill tests judge by;
-//! - [`netns`] and [`cgroup`] build the network partition and the memory limit of the kill tests.
+//! - [`netns`] and [`cgroup`] build the network partition and the memory limit of the kill tests;
+//! - [`soak`] runs the long seeded fault schedule of `cargo xtask soak` on the same system.
 
 pub mod bins;
 pub mod cgroup;
@@ -21,6 +22,7 @@ pub mod netns;
 pub mod observed;
 pub mod oma;
 pub mod procs;
+pub mod soak;
 pub mod system;
 pub mod tls;
 pub mod watchdog;

@@ -35,6 +35,9 @@ pub struct OmaConfig {
     pub tls: Option<crate::tls::DaemonTls>,
     /// Serve `/metrics` (on a port of its own); `false` runs it with `--metrics-listen off`.
     pub metrics: bool,
+    /// `--database`: `None` is a SQLite file in its temporary directory; a `postgres://` URL
+    /// runs it on PostgreSQL (the kill tests' `--backend postgres`).
+    pub database: Option<String>,
 }
 
 impl Default for OmaConfig {
@@ -49,6 +52,7 @@ impl Default for OmaConfig {
             vma_timeout_secs: 2.0,
             tls: None,
             metrics: true,
+            database: None,
         }
     }
 }
@@ -142,7 +146,10 @@ impl Oma {
             "--listen".into(),
             format!("{}:{port}", config.ip).into(),
             "--database".into(),
-            dir.path().join("oma.db").into(),
+            match &config.database {
+                Some(url) => url.into(),
+                None => dir.path().join("oma.db").into(),
+            },
             "--operator-token-file".into(),
             operator_file.into(),
             "--vma-api-token-file".into(),

@@ -23,6 +23,13 @@ pub struct KillTestArgs {
     /// The watchdog's detector: `auto` (eBPF when it loads), `ebpf` or `procfs`.
     #[arg(long, default_value = "auto", value_parser = ["auto", "ebpf", "procfs"])]
     detector: String,
+    /// The OMA's store: `sqlite`, or `postgres` (a fresh database per run on the server of
+    /// OMA_TEST_POSTGRES_URL, else on the test server `cargo xtask test` starts).
+    #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "postgres"])]
+    backend: String,
+    /// With --backend postgres: the server (its user may create databases).
+    #[arg(long, env = "OMA_TEST_POSTGRES_URL")]
+    postgres_url: Option<String>,
     /// Where to write the JSON report (default target/kill-test/report.json).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -46,7 +53,7 @@ pub struct KillTestArgs {
     release: bool,
     /// Run the eBPF detector's tests and the scenarios (all by default) in a qemu VM on
     /// Debian 12's 6.1 kernel (no `group_dead`; see docs/RELIABILITY.md).
-    #[arg(long, conflicts_with_all = ["bench", "list", "json", "detector"])]
+    #[arg(long, conflicts_with_all = ["bench", "list", "json", "detector", "backend"])]
     vm: bool,
 }
 
@@ -71,12 +78,26 @@ impl KillTestArgs {
         }
     }
 
+    /// What `cargo xtask test` runs after the SQLite runs: every scenario once with the OMA on
+    /// PostgreSQL (a fresh database per run on the server at `postgres_url`).
+    pub fn for_test_suite_postgres(postgres_url: &str) -> Self {
+        Self {
+            runs: 1,
+            backend: "postgres".to_owned(),
+            postgres_url: Some(postgres_url.to_owned()),
+            json: Some("target/kill-test/report-postgres.json".into()),
+            ..Self::for_test_suite()
+        }
+    }
+
     /// What `cargo xtask test` runs: every scenario, the default number of runs, on the
     /// detector the watchdog picks by itself (eBPF where it loads).
     pub fn for_test_suite() -> Self {
         Self {
             runs: 2,
             detector: "auto".to_owned(),
+            backend: "sqlite".to_owned(),
+            postgres_url: None,
             only: Vec::new(),
             json: None,
             bench: None,
@@ -110,7 +131,16 @@ pub fn run(args: &KillTestArgs) -> Result<()> {
     runner
         .current_dir(&root)
         .args(["--runs", &args.runs.to_string()])
-        .args(["--detector", &args.detector]);
+        .args(["--detector", &args.detector])
+        .args(["--backend", &args.backend]);
+    if args.backend == "postgres" {
+        let url = match &args.postgres_url {
+            Some(url) => url.clone(),
+            None => crate::postgres::start_test_server()
+                .context("--backend postgres needs a server: set OMA_TEST_POSTGRES_URL")?,
+        };
+        runner.env("OMA_TEST_POSTGRES_URL", url);
+    }
     if !args.only.is_empty() {
         let only: Vec<String> = args.only.iter().map(u8::to_string).collect();
         runner.args(["--only", &only.join(",")]);

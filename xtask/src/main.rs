@@ -19,6 +19,7 @@ mod paths;
 mod postgres;
 mod run;
 mod setup;
+mod soak;
 mod test;
 mod vm;
 
@@ -47,6 +48,8 @@ enum Command {
     Run(run::RunArgs),
     /// Kill tests: every way a replication can die, with real processes, restarts and cuts.
     KillTest(kill_test::KillTestArgs),
+    /// A long random fault schedule its seed reproduces, invariants checked all the time.
+    Soak(soak::SoakArgs),
     /// Schemathesis against both daemons started on loopback, from the committed OpenAPI
     /// documents (docs/openapi/), with every check and stateful links.
     Contract(contract::ContractArgs),
@@ -66,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         Command::Contract(args) => contract::run(&args),
         Command::Run(args) => run::run(&args),
         Command::KillTest(args) => kill_test::run(&args),
+        Command::Soak(args) => soak::run(&args),
         Command::Package(args) => package::run(&args).map(|_| ()),
     }
 }

@@ -5,7 +5,8 @@
 //! PostgreSQL server for the OMA's store tests. After the test suites it runs the contract
 //! tests (Schemathesis on both daemons, `cargo xtask contract`) and the kill tests
 //! (`cargo xtask kill-test`, see docs/RELIABILITY.md): on this machine's kernel with each
-//! detector, then in a qemu VM on Debian 12's 6.1 kernel (`kill-test --vm`).
+//! detector and once with the OMA on PostgreSQL, then a short soak (`cargo xtask soak`, 500
+//! faults, a fresh seed), then in a qemu VM on Debian 12's 6.1 kernel (`kill-test --vm`).
 
 use std::process::Command;
 
@@ -13,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::{
-    build_ebpf, contract, disk, kill_test, package, paths, postgres, run as run_cmd, setup,
+    build_ebpf, contract, disk, kill_test, package, paths, postgres, run as run_cmd, setup, soak,
 };
 
 #[derive(Debug, Args)]
@@ -70,6 +71,11 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
         kill_test::run(&kill_test::KillTestArgs::for_test_suite_procfs()).context(
             "kill tests on the procfs detector failed: the table above says which scenario",
         )?;
+        kill_tests_postgres(postgres_url.as_deref(), args.ci)?;
+        // A short soak with a fresh seed, which it prints first: a failure here is replayed
+        // with `cargo xtask soak --seed <seed> --faults 500`.
+        soak::run(&soak::SoakArgs::for_test_suite())
+            .context("the short soak found a violation: replay it from the seed printed above")?;
         kill_test::run(&kill_test::KillTestArgs::for_test_suite_vm()).context(
             "kill tests in the VM (Debian 12's 6.1 kernel) failed: the summary above says which step; the console is in target/vm/serial.log",
         )?;
@@ -82,6 +88,21 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
         .context("the README's run command (`cargo xtask run`) failed; see target/demo/*.log")?;
     println!("test: all checks passed");
     Ok(())
+}
+
+/// Every kill-test scenario once more with the OMA on PostgreSQL (a fresh database per run);
+/// skipped, like the store tests, only outside CI when no server could start.
+fn kill_tests_postgres(url: Option<&str>, ci: bool) -> Result<()> {
+    let Some(url) = url else {
+        if ci {
+            bail!("CI needs PostgreSQL for the kill tests on the postgres backend");
+        }
+        eprintln!("test: SKIP kill tests on PostgreSQL: no server (see above)");
+        return Ok(());
+    };
+    kill_test::run(&kill_test::KillTestArgs::for_test_suite_postgres(url)).context(
+        "kill tests with the OMA on PostgreSQL failed: the table above says which scenario",
+    )
 }
 
 /// The REST contract of both daemons, fuzzed by Schemathesis (`cargo xtask contract`).

@@ -21,6 +21,13 @@ struct Args {
     /// proven on its own).
     #[arg(long, default_value = "auto", value_parser = ["auto", "ebpf", "procfs"])]
     detector: String,
+    /// The OMA's store: `sqlite` (a file per run) or `postgres` (a fresh database per run on
+    /// the server at --postgres-url, dropped after it).
+    #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "postgres"])]
+    backend: String,
+    /// With --backend postgres: a server URL whose user may create databases.
+    #[arg(long, env = "OMA_TEST_POSTGRES_URL")]
+    postgres_url: Option<String>,
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/kill-test/report.json")]
     json: PathBuf,
@@ -87,11 +94,20 @@ fn main() -> anyhow::Result<()> {
         write_json(&args.json, &figures)?;
         return Ok(());
     }
+    let backend = match (args.backend.as_str(), args.postgres_url) {
+        ("postgres", Some(admin_url)) => killtest::Backend::Postgres { admin_url },
+        ("postgres", None) => anyhow::bail!(
+            "--backend postgres needs --postgres-url or OMA_TEST_POSTGRES_URL (a server whose \
+             user may create databases; oma/scripts/start-test-postgres.sh starts one)"
+        ),
+        _ => killtest::Backend::Sqlite,
+    };
     eprintln!(
-        "kill-test: the watchdog runs with --detector {}",
-        args.detector
+        "kill-test: the watchdog runs with --detector {}, the OMA on {}",
+        args.detector,
+        backend.name()
     );
-    let report = killtest::run(&scenarios, args.runs, &args.detector);
+    let report = killtest::run(&scenarios, args.runs, &args.detector, &backend);
     println!("{}", report.table());
     write_json(&args.json, &report)?;
     eprintln!("report written to {}", args.json.display());

@@ -1,6 +1,7 @@
 //! The kill-test runner behind `cargo xtask kill-test`: runs each scenario of issue 5 a number
 //! of times against real daemons and real processes, and reports a table and JSON.
 
+mod backend;
 pub mod bench;
 mod report;
 mod scenarios;
@@ -11,7 +12,9 @@ mod scenarios_unwatched;
 
 use std::time::{Duration, Instant};
 
+pub use backend::{Backend, FreshDatabase, oma_config};
 pub use report::{Report, ScenarioResult};
+pub(crate) use scenarios::occupy_pid;
 
 /// What one run of a scenario gives back: kill-to-commit latencies it measured.
 pub type RunOutcome = Result<Vec<Duration>, String>;
@@ -36,6 +39,16 @@ pub struct Run {
     pub index: usize,
     /// The watchdog's `--detector`: `auto`, `ebpf` or `procfs`.
     pub detector: String,
+    /// The run's own PostgreSQL database, on the postgres backend (dropped after the run).
+    pub database: Option<std::sync::Arc<FreshDatabase>>,
+}
+
+impl Run {
+    /// The OMA's settings for this run: the tests' intervals, on the run's backend. An OMA in
+    /// a network namespace (`in_netns`) reaches PostgreSQL over its Unix socket.
+    pub fn oma_config(&self, in_netns: bool) -> Result<crate::oma::OmaConfig, String> {
+        backend::oma_config(self.database.as_deref(), in_netns)
+    }
 }
 
 /// Every scenario, in issue order.
@@ -104,17 +117,26 @@ pub fn all() -> Vec<Scenario> {
     ]
 }
 
-/// Runs `scenario` `runs` times with the watchdog's `detector` and collects the outcome.
-pub fn run_scenario(scenario: &Scenario, runs: usize, detector: &str) -> ScenarioResult {
+/// Runs `scenario` `runs` times with the watchdog's `detector`, the OMA on `backend`, and
+/// collects the outcome.
+pub fn run_scenario(
+    scenario: &Scenario,
+    runs: usize,
+    detector: &str,
+    backend: &Backend,
+) -> ScenarioResult {
     let mut result = ScenarioResult::new(scenario);
     for i in 0..runs {
         let started = Instant::now();
-        let run = Run {
-            index: i,
-            detector: detector.to_owned(),
-        };
-        let outcome = std::panic::catch_unwind(|| (scenario.run)(&run))
-            .unwrap_or_else(|p| Err(panic_text(&p)));
+        let outcome = backend.fresh().and_then(|database| {
+            let run = Run {
+                index: i,
+                detector: detector.to_owned(),
+                database: database.map(std::sync::Arc::new),
+            };
+            std::panic::catch_unwind(|| (scenario.run)(&run))
+                .unwrap_or_else(|p| Err(panic_text(&p)))
+        });
         eprintln!(
             "  scenario {} {} run {}/{}: {} ({:.1} s)",
             scenario.number,
@@ -149,18 +171,20 @@ pub(crate) fn check(cond: bool, message: impl FnOnce() -> String) -> Result<(), 
     if cond { Ok(()) } else { Err(message()) }
 }
 
-/// Runs every scenario in `scenarios` `runs` times, the watchdog with `--detector detector`.
-pub fn run(scenarios: &[Scenario], runs: usize, detector: &str) -> Report {
+/// Runs every scenario in `scenarios` `runs` times, the watchdog with `--detector detector`,
+/// the OMA on `backend`.
+pub fn run(scenarios: &[Scenario], runs: usize, detector: &str, backend: &Backend) -> Report {
     let started = Instant::now();
     let started_at = chrono::Utc::now().to_rfc3339();
     let mut results = Vec::new();
     for s in scenarios {
         eprintln!("scenario {} {}: {}", s.number, s.name, s.proves);
-        results.push(run_scenario(s, runs, detector));
+        results.push(run_scenario(s, runs, detector, backend));
     }
     Report {
         started_at,
         detector: detector.to_owned(),
+        backend: backend.name().to_owned(),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()

@@ -71,6 +71,8 @@ pub struct Report {
     pub started_at: String,
     /// The watchdog's `--detector` (with `auto`, each scenario checks which one ran).
     pub detector: String,
+    /// The OMA's store: `sqlite` or `postgres` (a fresh database per run).
+    pub backend: String,
     /// Kernel release.
     pub kernel: String,
     /// Runs per scenario.

@@ -12,6 +12,7 @@ use crate::system::{PATIENCE, System, SystemOptions, final_transitions, json_fin
 pub(crate) fn system(run: &Run) -> Result<System, String> {
     let options = SystemOptions {
         detector: run.detector.clone(),
+        oma: run.oma_config(false)?,
         ..SystemOptions::default()
     };
     System::start(&options).map_err(fail("starting oma and vma-watchdog"))
@@ -302,7 +303,7 @@ const TRIES: usize = 300;
 
 /// Makes the next process land on `pid` (root: `/proc/sys/kernel/ns_last_pid`), retrying a
 /// few times since other processes on the machine fork too. Returns the new process.
-fn occupy_pid(pid: u32) -> Result<std::process::Child, String> {
+pub(crate) fn occupy_pid(pid: u32) -> Result<std::process::Child, String> {
     // The pid is free only once the dead process has been reaped (the harness's subreaper
     // does it) and no thread of another process holds it: wait for that first.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

@@ -19,6 +19,7 @@ pub fn partition(run: &Run) -> RunOutcome {
     let options = SystemOptions {
         partitioned: true,
         detector: run.detector.clone(),
+        oma: run.oma_config(true)?,
         ..SystemOptions::default()
     };
     let sys = System::start(&options).map_err(fail("starting the system in namespaces"))?;
