@@ -12,7 +12,9 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::{build_ebpf, contract, disk, kill_test, package, paths, postgres, run as run_cmd, setup};
+use crate::{
+    build_ebpf, contract, disk, kill_test, package, paths, postgres, run as run_cmd, setup,
+};
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
