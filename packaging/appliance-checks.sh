@@ -40,16 +40,21 @@ migratekit_unit() {
 }
 main_pid() { systemctl show -p MainPID --value "$1"; }
 status_text() { systemctl show -p StatusText --value "$1"; }
+# For `within`, which runs a command again and again (a "$(...)" in its arguments would be
+# read once, before the first try).
+is_active() { [ "$(systemctl is-active "$1")" = active ]; }
+has_status() { [ -n "$(status_text "$1")" ]; }
+pid_changed() { [ "$(main_pid "$1")" != "$2" ]; }
 start_time() { awk '{sub(/.*\) /, ""); print $20}' "/proc/$1/stat"; }
 journal() { journalctl -q -o cat -u "$1"; }
 
 check_install() {
     dpkg -i /vm/debs/oma_*.deb /vm/debs/vma-watchdog_*.deb || fail "dpkg -i of both packages"
     for unit in oma vma-watchdog; do
-        within 60 test "$(systemctl is-active "$unit")" = active || fail "$unit is $(systemctl is-active "$unit")"
+        within 60 is_active "$unit" || fail "$unit is $(systemctl is-active "$unit")"
         # Type=notify: active means READY=1 arrived.
         [ "$(systemctl show -p Type --value "$unit")" = notify ] || fail "$unit is not Type=notify"
-        within 10 test -n "$(status_text "$unit")" || fail "$unit sent no STATUS"
+        within 10 has_status "$unit" || fail "$unit sent no STATUS"
         note "$unit: $(status_text "$unit")"
     done
     status_text vma-watchdog | grep -q '^detector ebpf;' || fail "the watchdog is not on eBPF: $(status_text vma-watchdog)"
@@ -82,7 +87,7 @@ ENV
 
 start_job() { # JOB_ID
     job-recovery --oma-url "$OMA_URL" --token-file /etc/oma/operator.token create \
-        --vm-context "ctx-$1" --vm-name "vm-$1" --vma vma-1 --job-id "$1" >/dev/null \
+        --vm-context "ctx-$1" --vm-name "vm-$1" --vma vma-1 --id "$1" >/dev/null \
         || fail "creating job $1"
     within 60 job_is "$1" replicating || fail "job $1 is $(job_field "$1" status), not replicating"
 }
@@ -122,7 +127,7 @@ check_restart() {
     local pid; pid=$(job_field "$JOB1" pid)
     local st bytes; st=$(start_time "$pid"); bytes=$(job_field "$JOB1" bytes_transferred)
     systemctl restart vma-watchdog || fail "systemctl restart vma-watchdog"
-    within 60 test "$(systemctl is-active vma-watchdog)" = active || fail "not active after the restart"
+    within 60 is_active vma-watchdog || fail "not active after the restart"
     survives restart "$pid" "$st" "$bytes"
 }
 
@@ -133,7 +138,7 @@ check_upgrade() {
     dpkg -i /vm/debs/upgrade/vma-watchdog_*.deb || fail "dpkg -i of the upgrade"
     local after; after=$(dpkg-query -W -f '${Version}' vma-watchdog)
     dpkg --compare-versions "$after" gt "$before" || fail "version $after is not above $before"
-    within 60 test "$(systemctl is-active vma-watchdog)" = active || fail "not active after the upgrade"
+    within 60 is_active vma-watchdog || fail "not active after the upgrade"
     note "upgraded vma-watchdog $before -> $after"
     survives upgrade "$pid" "$st" "$bytes"
 }
@@ -152,8 +157,8 @@ check_freeze() {
     kill -STOP "$watchdog"
     kill -9 "$pid"
     # WatchdogSec=30: systemd aborts the frozen daemon and Restart=on-failure starts it again.
-    within 120 test "$(main_pid vma-watchdog)" != "$watchdog" || fail "the frozen watchdog was not restarted"
-    within 60 test "$(systemctl is-active vma-watchdog)" = active || fail "not active after the restart"
+    within 120 pid_changed vma-watchdog "$watchdog" || fail "the frozen watchdog was not restarted"
+    within 60 is_active vma-watchdog || fail "not active after the restart"
     journalctl -q -u vma-watchdog | grep -q 'Watchdog timeout' || fail "no watchdog timeout in the journal"
     within 60 job_is "$JOB2" failed || fail "job $JOB2 is $(job_field "$JOB2" status) after its death during the freeze"
     local deaths; deaths=$(curl -sf -H "Authorization: Bearer $(head -n1 /etc/oma/operator.token)" \
@@ -164,6 +169,9 @@ check_freeze() {
 
 check_purge() {
     dpkg --purge oma vma-watchdog || fail "dpkg --purge"
+    # dpkg removes what the packages made; a file the operator added is theirs to keep.
+    [ "$(ls -A /etc/vma-watchdog)" = launch.json ] || fail "/etc/vma-watchdog holds $(ls -A /etc/vma-watchdog)"
+    rm /etc/vma-watchdog/launch.json && rmdir /etc/vma-watchdog
     for path in /etc/oma /etc/vma-watchdog /var/lib/oma /var/lib/vma-watchdog /etc/default/oma \
         /etc/default/vma-watchdog /usr/lib/systemd/system/oma.service \
         /usr/lib/systemd/system/vma-watchdog.service /usr/libexec/vma-watchdog /usr/libexec/oma; do
@@ -192,17 +200,27 @@ all() {
     echo "VMTEST:kernel:$(uname -r)"
     echo "VMTEST:pid1:$(cat /proc/1/comm)"
     echo "VMTEST:systemd:$(systemctl --version | head -n1)"
-    echo "VMTEST:boot:$(systemd-analyze 2>/dev/null | head -n1)"
     # Nothing makes sense without the packages; the job checks need the job.
+    local failed=
     if check install && check configure; then
         if check job_unit; then
-            check restart
-            check upgrade
-            check kill9
+            check restart || failed=1
+            check upgrade || failed=1
+            check kill9 || failed=1
+        else
+            failed=1
         fi
-        check freeze
+        check freeze || failed=1
+    else
+        failed=1
     fi
-    check purge
+    check purge || failed=1
+    if [ -n "${failed:-}" ]; then
+        for unit in vma-watchdog oma 'migratekit-*'; do
+            echo "appliance: the last lines of journalctl -u $unit:"
+            journalctl -q -o cat -n 40 -u "$unit" | cut -c1-400 | sed 's/^/appliance-journal| /'
+        done
+    fi
     echo "VMTEST:failed-units:$(systemctl list-units --failed --plain --no-legend | awk '{print $1}' | tr '\n' ' ')"
 }
 

@@ -25,4 +25,8 @@ ln -sf /etc/systemd/system/appliance-test.service /etc/systemd/system/multi-user
 # The console is the checks' own: no login prompt on it.
 ln -sf /dev/null /etc/systemd/system/serial-getty@ttyS0.service
 echo vmappliance > /etc/hostname
+# debootstrap writes no /etc/hosts; an installed system has one, and migratekit posts its
+# progress to http://localhost:8081.
+grep -qs '^127.0.0.1[[:space:]].*localhost' /etc/hosts ||
+    printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >> /etc/hosts
 exec /lib/systemd/systemd
