@@ -5,7 +5,8 @@
 //! PostgreSQL server for the OMA's store tests. After the test suites it runs the contract
 //! tests (Schemathesis on both daemons, `cargo xtask contract`) and the kill tests
 //! (`cargo xtask kill-test`, see docs/RELIABILITY.md): on this machine's kernel with each
-//! detector, then in a qemu VM on Debian 12's 6.1 kernel (`kill-test --vm`).
+//! detector, then in a qemu VM on Debian 12's 6.1 kernel (`kill-test --vm`); and, as root, both
+//! Debian packages on that VM booted with systemd (`cargo xtask appliance-test`).
 
 use std::process::Command;
 
@@ -13,7 +14,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::{
-    build_ebpf, contract, disk, kill_test, package, paths, postgres, run as run_cmd, setup,
+    appliance, build_ebpf, contract, disk, kill_test, package, paths, postgres, run as run_cmd,
+    setup,
 };
 
 #[derive(Debug, Args)]
@@ -77,6 +79,14 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
         eprintln!("test: SKIP kill tests: they need root (run `sudo -E cargo xtask test`)");
     }
     packages(root)?;
+    // The packages installed on a systemd-booted VM (its root file system is the kill tests').
+    if root {
+        appliance::run(&appliance::ApplianceArgs {}).context(
+            "the appliance test failed: the summary above says which check; the console is in target/vm/appliance-serial.log",
+        )?;
+    } else {
+        eprintln!("test: SKIP appliance test: it needs root (run `sudo -E cargo xtask test`)");
+    }
     // The README's run command, end to end: OMA + watchdog + a demo job that must complete.
     run_cmd::run(&run_cmd::RunArgs::for_test_suite())
         .context("the README's run command (`cargo xtask run`) failed; see target/demo/*.log")?;

@@ -291,6 +291,13 @@ impl Launcher {
             let (stream, pid) = accepted.map_err(LaunchError::Identity)?;
             // On any failure below, the stream is dropped unanswered and the gate exits.
             let identity = proc_identity(pid).map_err(LaunchError::Identity)?;
+            // Still in the unit after its start time was read: that start time is the gate's,
+            // not a later process's that reused its pid.
+            if !in_unit(pid) {
+                return Err(LaunchError::Identity(std::io::Error::other(format!(
+                    "the gate of unit {gate_unit} (pid {pid}) ended before it was registered"
+                ))));
+            }
             let registered = register(identity).map_err(LaunchError::Registration)?;
             gate::release(stream, &command).map_err(LaunchError::Spawn)?;
             Ok((identity, registered))
