@@ -12,6 +12,9 @@ set -uo pipefail
 OMA_URL=http://127.0.0.1:8082
 JOB1=job-appliance-1
 JOB2=job-appliance-2
+JOB3=job-appliance-3
+# Kept across the reboot: what the jobs looked like before it.
+STATE=/var/lib/appliance-test
 
 fail() { echo "appliance: FAILED: $*" >&2; exit 1; }
 note() { echo "appliance: $*"; }
@@ -167,6 +170,40 @@ check_freeze() {
     note "job $JOB2: $(job_field "$JOB2" failure_class), reported once"
 }
 
+audit() { # JOB_ID: its audit entries, as JSON
+    curl -sf -H "Authorization: Bearer $(head -n1 /etc/oma/operator.token)" "$OMA_URL/api/v1/jobs/$1/audit"
+}
+# The jobs' statuses and the sizes of their audit trails, one job a line.
+jobs_digest() {
+    for job in "$JOB1" "$JOB2"; do
+        echo "$job $(job_field "$job" status) $(audit "$job" | jq '[.. | objects | select(has("to_status"))] | length')"
+    done
+}
+
+# A third job runs; the VM is reset (the checks carry on in the second boot, check_reboot).
+check_before_reboot() {
+    start_job "$JOB3"
+    within 30 bytes_above "$JOB3" 0 || fail "no progress from job $JOB3"
+    mkdir -p "$STATE"
+    jobs_digest > "$STATE/digest"
+    echo "$(job_field "$JOB3" pid)" > "$STATE/pid"
+}
+
+check_reboot() {
+    for unit in oma vma-watchdog; do
+        within 120 is_active "$unit" || fail "$unit is $(systemctl is-active "$unit") after the reboot"
+    done
+    within 120 job_is "$JOB3" failed || fail "job $JOB3 is $(job_field "$JOB3" status) after the reboot"
+    [ "$(job_field "$JOB3" failure_class)" = died_while_unwatched ] || fail "job $JOB3: $(job_field "$JOB3" failure_class), not died_while_unwatched"
+    # Given time to report it twice, had it a reason to.
+    sleep 10
+    local deaths; deaths=$(audit "$JOB3" | jq '[.. | objects | select(.to_status? == "failed")] | length')
+    [ "$deaths" = 1 ] || fail "job $JOB3 has $deaths transitions to failed in its audit"
+    [ "$(jobs_digest)" = "$(cat "$STATE/digest")" ] || fail "other jobs changed: $(jobs_digest) (before: $(cat "$STATE/digest"))"
+    [ -z "$(migratekit_unit "$JOB3")" ] || fail "job $JOB3 still has a unit"
+    note "job $JOB3 (pid $(cat "$STATE/pid") before the reboot): died_while_unwatched once; jobs $JOB1 and $JOB2 unchanged"
+}
+
 check_purge() {
     dpkg --purge oma vma-watchdog || fail "dpkg --purge"
     # dpkg removes what the packages made; a file the operator added is theirs to keep.
@@ -184,6 +221,13 @@ check_purge() {
     done
 }
 
+dump_journals() {
+    for unit in vma-watchdog oma 'migratekit-*'; do
+        echo "appliance: the last lines of journalctl -u $unit:"
+        journalctl -q -o cat -n 40 -u "$unit" | cut -c1-400 | sed 's/^/appliance-journal| /'
+    done
+}
+
 # Runs one check in a subshell and prints its verdict; returns its status.
 check() { # NAME
     local started=$SECONDS
@@ -196,6 +240,15 @@ check() { # NAME
 }
 
 all() {
+    if [ -f "$STATE/rebooted" ]; then
+        echo
+        echo "VMTEST:boot:2 ($(cat /proc/sys/kernel/random/boot_id))"
+        local failed=
+        check reboot || failed=1
+        check purge || failed=1
+        [ -z "$failed" ] || dump_journals
+        return 0
+    fi
     echo
     echo "VMTEST:kernel:$(uname -r)"
     echo "VMTEST:pid1:$(cat /proc/1/comm)"
@@ -211,22 +264,30 @@ all() {
             failed=1
         fi
         check freeze || failed=1
+        if [ -z "$failed" ] && check before_reboot; then
+            touch "$STATE/rebooted"
+            sync
+            echo "VMTEST:reboot:job $JOB3 runs as pid $(cat "$STATE/pid"); hard reset"
+            # A hard reset (power cut, host crash): migratekit dies with the machine and
+            # nothing sees it. A clean `systemctl reboot` stops migratekit's unit while the
+            # watchdog still runs, which then reports what it saw (SIGTERM: process_killed).
+            echo b > /proc/sysrq-trigger
+            return 3
+        fi
+        failed=1
     else
         failed=1
     fi
     check purge || failed=1
-    if [ -n "${failed:-}" ]; then
-        for unit in vma-watchdog oma 'migratekit-*'; do
-            echo "appliance: the last lines of journalctl -u $unit:"
-            journalctl -q -o cat -n 40 -u "$unit" | cut -c1-400 | sed 's/^/appliance-journal| /'
-        done
-    fi
+    [ -z "$failed" ] || dump_journals
     echo "VMTEST:failed-units:$(systemctl list-units --failed --plain --no-legend | awk '{print $1}' | tr '\n' ' ')"
 }
 
 case "${1:-}" in
     all)
         all
+        # 3: rebooting, the second boot carries on.
+        [ $? = 3 ] && sleep infinity
         echo "VMTEST:done"
         systemctl --no-block poweroff
         ;;

@@ -7,7 +7,9 @@
 //! `cargo xtask package --dev`, once at the crates' version and once more at a higher one for
 //! the upgrade), the stand-in migratekit, the checks, and a stage 2
 //! (`packaging/appliance-guest-init.sh`) that adds the checks' unit and execs systemd.
-//! Results: `target/vm/appliance-serial.log`, `target/vm/appliance-summary.txt`.
+//! The checks reboot the VM once: qemu ends (`-no-reboot`) and the same disk, a copy of the
+//! cached root file system, boots again.
+//! Results: `target/vm/appliance-serial-{1,2}.log`, `target/vm/appliance-summary.txt`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,8 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::package::{self, PackageArgs};
-use crate::paths;
 use crate::vm::{assets, boot, image};
+use crate::{paths, setup};
 
 /// Against hangs, not slowness: the whole guest, boot to power-off (about 6 minutes here).
 const BUDGET: Duration = Duration::from_secs(1500);
@@ -46,19 +48,42 @@ pub fn run(_args: &ApplianceArgs) -> Result<()> {
 
     let payload = payload(&root, &vm_dir)?;
     let initramfs = image::initramfs(&vm_dir, &root.join("tests").join("vm"), &busybox, &kernel)?;
-    println!(
-        "appliance: booting Debian 12 ({}) with systemd as PID 1 (TCG; at most {} s)",
-        kernel.version,
-        BUDGET.as_secs()
-    );
-    let outcome = boot::run(&boot::Boot {
-        vmlinuz: &kernel.vmlinuz,
-        initramfs: &initramfs,
-        rootfs: &rootfs,
-        payload: &payload,
-        serial_log: vm_dir.join("appliance-serial.log"),
-        budget: BUDGET,
-    })?;
+    // A copy the guest writes to for real (not a snapshot): the reboot check boots it twice.
+    let disk = vm_dir.join("appliance-root.ext4");
+    setup::status(
+        std::process::Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&rootfs)
+            .arg(&disk),
+    )
+    .with_context(|| format!("copying {} to {}", rootfs.display(), disk.display()))?;
+    let boot = |n: usize| {
+        println!(
+            "appliance: boot {n}: Debian 12 ({}) with systemd as PID 1 (TCG; at most {} s)",
+            kernel.version,
+            BUDGET.as_secs()
+        );
+        boot::run(&boot::Boot {
+            vmlinuz: &kernel.vmlinuz,
+            initramfs: &initramfs,
+            rootfs: &disk,
+            rootfs_snapshot: false,
+            payload: &payload,
+            serial_log: vm_dir.join(format!("appliance-serial-{n}.log")),
+            budget: BUDGET,
+        })
+    };
+    let mut outcome = boot(1)?;
+    // The guest asked for a reboot (`VMTEST:reboot`) and qemu (`-no-reboot`) ended: boot the
+    // same disk again; the checks carry on from where they were.
+    if !outcome.done && !outcome.timed_out && outcome.marker("reboot").is_some() {
+        let second = boot(2)?;
+        outcome.markers.extend(second.markers);
+        outcome.done = second.done;
+        outcome.timed_out = second.timed_out;
+        outcome.elapsed += second.elapsed;
+    }
+    let _ = std::fs::remove_file(&disk);
     let (summary, problems) = summarize(&outcome, started.elapsed());
     println!("{summary}");
     let path = vm_dir.join("appliance-summary.txt");
@@ -66,7 +91,7 @@ pub fn run(_args: &ApplianceArgs) -> Result<()> {
     if problems > 0 {
         bail!(
             "appliance-test: {problems} problem(s) (summary above; full console in {})",
-            vm_dir.join("appliance-serial.log").display()
+            vm_dir.join("appliance-serial-<boot>.log").display()
         );
     }
     Ok(())

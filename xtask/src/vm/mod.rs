@@ -72,6 +72,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
         vmlinuz: &kernel.vmlinuz,
         initramfs: &initramfs,
         rootfs: &rootfs,
+        rootfs_snapshot: true,
         payload: &payload,
         serial_log: vm_dir.join("serial.log"),
         budget: Duration::from_secs(plan.budget_s()),
