@@ -271,6 +271,8 @@ all() {
             # A hard reset (power cut, host crash): migratekit dies with the machine and
             # nothing sees it. A clean `systemctl reboot` stops migratekit's unit while the
             # watchdog still runs, which then reports what it saw (SIGTERM: process_killed).
+            # The pause lets the marker above leave the serial port before the reset.
+            sleep 3
             echo b > /proc/sysrq-trigger
             return 3
         fi

@@ -82,7 +82,7 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
     // The packages installed on a systemd-booted VM (its root file system is the kill tests').
     if root {
         appliance::run(&appliance::ApplianceArgs {}).context(
-            "the appliance test failed: the summary above says which check; the console is in target/vm/appliance-serial.log",
+            "the appliance test failed: the summary above says which check; the consoles are in target/vm/appliance-serial-{1,2}.log",
         )?;
     } else {
         eprintln!("test: SKIP appliance test: it needs root (run `sudo -E cargo xtask test`)");
