@@ -216,3 +216,48 @@ fn summarize(outcome: &boot::Outcome, wall: Duration) -> (String, usize) {
     let _ = writeln!(s, "verdict       {verdict}");
     (s, problems)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(markers: &[(&str, &str)], done: bool) -> boot::Outcome {
+        let mut outcome = boot::Outcome::default();
+        outcome.markers = markers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        outcome.done = done;
+        outcome
+    }
+
+    #[test]
+    fn every_failed_check_and_a_missing_end_are_problems() {
+        let wall = Duration::from_secs(1);
+        let passed = outcome(&[("check", "install:ok (3 s)"), ("done", "")], true);
+        let (summary, problems) = summarize(&passed, wall);
+        assert_eq!(problems, 0, "{summary}");
+        assert!(summary.contains("verdict       PASS"));
+        let failed = outcome(
+            &[
+                ("check", "install:ok (3 s)"),
+                ("check", "kill9:FAILED (4 s)"),
+                ("fatal", "initramfs: no disk"),
+            ],
+            false,
+        );
+        let (summary, problems) = summarize(&failed, wall);
+        // The failed check, the fatal line, and no power-off line.
+        assert_eq!(problems, 3, "{summary}");
+        assert!(summary.contains("check kill9        FAILED (4 s)"));
+        let (_, problems) = summarize(&outcome(&[], true), wall);
+        assert_eq!(problems, 1, "no check ran");
+    }
+
+    #[test]
+    fn the_version_comes_from_the_package_file_name() {
+        let deb = Path::new("/x/vma-watchdog_0.1.0-1_amd64.deb");
+        assert_eq!(deb_version(deb).unwrap(), "0.1.0-1");
+        assert!(deb_version(Path::new("/x/odd.deb")).is_err());
+    }
+}
