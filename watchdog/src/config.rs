@@ -118,7 +118,7 @@ pub struct Cli {
     /// Directory for each launched job's output ({job_id}.log); default: discarded.
     #[arg(long)]
     pub launch_log_dir: Option<PathBuf>,
-    /// Never start migratekit in a transient systemd scope, even when systemd runs.
+    /// Never start migratekit in a transient systemd service, even when systemd runs.
     #[arg(long)]
     pub launch_no_systemd: bool,
     /// The watchdog's CPU priority (nice value, -20 to 19). The default puts it above the

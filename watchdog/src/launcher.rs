@@ -5,25 +5,31 @@
 //! id and the configured vCenter credentials. The password reaches migratekit through its
 //! argument vector only: every log line shows [`Launched::redacted_argv`] instead.
 //!
-//! Surviving a watchdog restart: the child calls `setsid()` (own session and process group,
-//! no controlling terminal, so neither a signal to the watchdog's group nor a hang-up reaches
-//! it), its output goes to a file rather than a pipe to the watchdog, and
-//! - when systemd runs (`/run/systemd/system` exists), it is started through
-//!   `systemd-run --scope`, which moves it into its own transient scope unit before it
-//!   execs, so `KillMode=control-group` on the watchdog's unit does not kill it;
-//! - otherwise, on a pure cgroup v2 hierarchy, it is moved to the root cgroup when the
-//!   watchdog runs in a sub-cgroup;
-//! - otherwise (no systemd, cgroup v1 or hybrid hierarchy) it stays in the watchdog's v1
-//!   cgroups: without systemd nothing kills a v1 cgroup as a whole when the watchdog stops,
-//!   and moving it out of every v1 hierarchy would also escape limits an administrator set
-//!   on purpose, so the session is what protects it there.
+//! Surviving a watchdog restart:
+//! - when systemd runs (`/run/systemd/system` exists) and `systemd-run` and `migratekit-gate`
+//!   are installed, each migratekit runs in a transient service of its own,
+//!   `migratekit-<job>-<8 hex>`, forked by systemd: it inherits neither the watchdog's cgroup
+//!   nor its sandbox, and systemd (not the watchdog) is its parent ([`gate`] tells how it is
+//!   registered before migratekit runs);
+//! - otherwise the child calls `setsid()` (own session and process group, no controlling
+//!   terminal, so neither a signal to the watchdog's group nor a hang-up reaches it), its
+//!   output goes to a file rather than a pipe to the watchdog, and on a pure cgroup v2
+//!   hierarchy it is moved to the root cgroup when the watchdog runs in a sub-cgroup; on a
+//!   cgroup v1 or hybrid hierarchy it stays in the watchdog's v1 cgroups: without systemd
+//!   nothing kills a v1 cgroup as a whole when the watchdog stops, and moving it out of every
+//!   v1 hierarchy would also escape limits an administrator set on purpose, so the session is
+//!   what protects it there.
 //!
-//! Registration before it can die unseen: the child blocks in `pre_exec` (after `fork`,
-//! before `exec`) writing its pid to one pipe and reading a go byte from another. The
-//! launcher reads the pid, reads its start time from `/proc` (fixed at fork, unchanged by
-//! exec), lets the caller register it, and only then releases it. If registration fails,
-//! it sends a stop byte and the child exits without ever running migratekit.
+//! [`Launcher::new`] logs which of the two it uses (`event=launcher_selected`).
+//!
+//! Registration before it can die unseen (without systemd): the child blocks in `pre_exec`
+//! (after `fork`, before `exec`) writing its pid to one pipe and reading a go byte from
+//! another. The launcher reads the pid, reads its start time from `/proc` (fixed at fork,
+//! unchanged by exec), lets the caller register it, and only then releases it. If
+//! registration fails, it sends a stop byte and the child exits without ever running
+//! migratekit.
 
+pub mod gate;
 mod spawn;
 mod template;
 
@@ -52,7 +58,7 @@ pub struct LauncherConfig {
     pub log_dir: Option<PathBuf>,
     /// Process names (`comm`) that the track endpoint accepts.
     pub match_names: Vec<String>,
-    /// Whether to use `systemd-run --scope` when systemd runs.
+    /// Whether to start each migratekit in a transient systemd service when systemd runs.
     pub systemd: SystemdMode,
     /// The nice value migratekit runs with (0, normal, by default), whatever the watchdog's
     /// own (see [`daemon_support::priority`]).
@@ -85,7 +91,7 @@ impl LauncherConfig {
     }
 }
 
-/// Whether to start migratekit in a transient systemd scope.
+/// Whether to start migratekit in a transient systemd service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SystemdMode {
     /// When `/run/systemd/system` exists.

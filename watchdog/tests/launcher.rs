@@ -45,7 +45,7 @@ async fn a_program_that_exits_at_once_is_registered_before_it_runs() {
     assert_eq!(stat.rsplit_once(") ").unwrap().1.chars().next(), Some('Z'));
     let pid = launched.process.pid;
     let registered_at_launch = launched.process;
-    assert!(launched.reap().unwrap().success());
+    assert!(launched.reap().expect("our child").unwrap().success());
     assert!(proc_identity(pid).is_err(), "reaped");
     let (process, comm) = seen.lock().unwrap().clone().expect("registered");
     assert_eq!(process, registered_at_launch);
@@ -125,7 +125,7 @@ async fn the_password_never_appears_in_the_logged_argv() {
     let shown = format!("{:?} {:?}", launched.redacted_argv(), launched);
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(launched.redacted_argv().contains(&"<redacted>".to_string()));
-    launched.reap().unwrap();
+    launched.reap().expect("our child").unwrap();
 }
 
 const ROLE: &str = "VMALINK_LAUNCHER_ROLE";

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod appliance;
 mod bench;
 mod build_ebpf;
 mod contract;
@@ -55,6 +56,8 @@ enum Command {
     Contract(contract::ContractArgs),
     /// Build the Debian packages (vma-watchdog, oma) with cargo-deb; `--check` checks them.
     Package(package::PackageArgs),
+    /// Both packages on Debian 12 booted with systemd as PID 1 in a qemu VM (root).
+    ApplianceTest(appliance::ApplianceArgs),
     /// The README's test command and what CI runs: set-up, eBPF build, formatting, lints, all tests.
     Test(test::TestArgs),
 }
@@ -71,5 +74,6 @@ fn main() -> anyhow::Result<()> {
         Command::KillTest(args) => kill_test::run(&args),
         Command::Soak(args) => soak::run(&args),
         Command::Package(args) => package::run(&args).map(|_| ()),
+        Command::ApplianceTest(args) => appliance::run(&args),
     }
 }

@@ -58,6 +58,19 @@ impl PackageArgs {
     }
 }
 
+impl PackageArgs {
+    /// What `cargo xtask appliance-test` installs: the test suite's binaries, unchecked (the
+    /// VM checks them installed), into `out_dir`, at `deb_version` or the crates' version.
+    pub fn for_appliance(out_dir: PathBuf, deb_version: Option<String>) -> Self {
+        Self {
+            out_dir: Some(out_dir),
+            deb_version,
+            dev: true,
+            check: false,
+        }
+    }
+}
+
 /// Builds both packages (and checks them with `--check`); returns their paths.
 pub fn run(args: &PackageArgs) -> Result<Vec<PathBuf>> {
     let cargo_deb = setup::ensure_cargo_deb(false)?;
@@ -108,7 +121,9 @@ fn build_one(
         .args(["--no-build", "-p", package, "--output"])
         .arg(out_dir);
     if args.dev {
-        cmd.args(["--profile", "dev"]);
+        // Packages for tests are unpacked once, on this machine: the fast compression saves
+        // most of the time cargo-deb takes for the large unoptimized binaries.
+        cmd.args(["--profile", "dev", "--fast"]);
     }
     if let Some(version) = &args.deb_version {
         cmd.args(["--deb-version", version]);

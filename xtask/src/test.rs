@@ -6,7 +6,8 @@
 //! tests (Schemathesis on both daemons, `cargo xtask contract`) and the kill tests
 //! (`cargo xtask kill-test`, see docs/RELIABILITY.md): on this machine's kernel with each
 //! detector and once with the OMA on PostgreSQL, then a short soak (`cargo xtask soak`, 500
-//! faults, a fresh seed), then in a qemu VM on Debian 12's 6.1 kernel (`kill-test --vm`).
+//! faults, a fresh seed), then in a qemu VM on Debian 12's 6.1 kernel (`kill-test --vm`); and,
+//! as root, both Debian packages on that VM booted with systemd (`cargo xtask appliance-test`).
 
 use std::process::Command;
 
@@ -14,7 +15,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::{
-    build_ebpf, contract, disk, kill_test, package, paths, postgres, run as run_cmd, setup, soak,
+    appliance, build_ebpf, contract, disk, kill_test, package, paths, postgres, run as run_cmd,
+    setup, soak,
 };
 
 #[derive(Debug, Args)]
@@ -83,6 +85,14 @@ fn steps(args: &TestArgs, root: bool) -> Result<()> {
         eprintln!("test: SKIP kill tests: they need root (run `sudo -E cargo xtask test`)");
     }
     packages(root)?;
+    // The packages installed on a systemd-booted VM (its root file system is the kill tests').
+    if root {
+        appliance::run(&appliance::ApplianceArgs {}).context(
+            "the appliance test failed: the summary above says which check; the consoles are in target/vm/appliance-serial-{1,2}.log",
+        )?;
+    } else {
+        eprintln!("test: SKIP appliance test: it needs root (run `sudo -E cargo xtask test`)");
+    }
     // The README's run command, end to end: OMA + watchdog + a demo job that must complete.
     run_cmd::run(&run_cmd::RunArgs::for_test_suite())
         .context("the README's run command (`cargo xtask run`) failed; see target/demo/*.log")?;

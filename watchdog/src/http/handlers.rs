@@ -189,6 +189,10 @@ async fn launch_and_reap(
         .launch(&job_id, &request, register)
         .await
         .map_err(|e| launch_error(&job_id, e))?;
+    // In a systemd unit, systemd is its parent and reaps it; the detector reports its death.
+    if launched.child.is_none() {
+        return Ok((StatusCode::CREATED, Json(status)));
+    }
     // When the child ends, hand its exact status to the registry first and reap it only
     // then, so a detector that saw the death can still read the zombie's status. A plain
     // thread: it blocks for as long as the job runs.

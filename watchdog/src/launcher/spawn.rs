@@ -11,6 +11,7 @@ use api::{JobId, ProcessIdentity, StartJobRequest};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 
+use super::gate::{self, GateCommand, GateListener};
 use super::template::{RenderedArg, TemplateError, render};
 use super::{LauncherConfig, SystemdMode, proc_identity, systemd_running};
 
@@ -48,9 +49,9 @@ pub enum LaunchError<R> {
 /// Where the launched process was placed so that it survives a watchdog restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
-    /// Its own session, inside a transient systemd scope unit.
-    SystemdScope {
-        /// The unit's name.
+    /// A transient systemd service of its own, forked by systemd (see [`super::gate`]).
+    SystemdService {
+        /// The unit's name, without `.service`.
         unit: String,
     },
     /// Its own session; it stays in the watchdog's cgroups (no systemd).
@@ -65,8 +66,8 @@ pub struct Launched {
     /// Its identity, as registered.
     pub process: ProcessIdentity,
     /// The child handle (a `std` one: tokio's would reap it behind our back, see
-    /// [`Launched::wait_for_exit`]).
-    pub child: Child,
+    /// [`Launched::wait_for_exit`]); `None` in a systemd unit, where systemd is the parent.
+    pub child: Option<Child>,
     /// Where it runs.
     pub placement: Placement,
     argv: Vec<RenderedArg>,
@@ -110,9 +111,10 @@ impl Launched {
         }
     }
 
-    /// Reaps the exited process (so no zombie is left) and returns its status.
-    pub fn reap(mut self) -> std::io::Result<std::process::ExitStatus> {
-        self.child.wait()
+    /// Reaps the exited process (so no zombie is left) and returns its status; `None` when
+    /// it is not the watchdog's child (systemd reaps it).
+    pub fn reap(self) -> Option<std::io::Result<std::process::ExitStatus>> {
+        self.child.map(|mut child| child.wait())
     }
 
     /// Its command line with secrets replaced by `<redacted>`, fit for a log line.
@@ -140,12 +142,24 @@ pub struct Launcher {
 }
 
 impl Launcher {
-    /// A launcher for `config`.
+    /// A launcher for `config`. Logs which way it will start migratekit
+    /// (`event=launcher_selected`).
     pub fn new(config: LauncherConfig) -> Self {
-        Self {
+        let launcher = Self {
             config,
             lock: tokio::sync::Mutex::new(()),
+        };
+        match launcher.systemd_tools() {
+            Some(tools) => {
+                tracing::info!(event = "launcher_selected", launcher = "systemd_service",
+                systemd_run = tools.systemd_run, gate = %tools.gate.display(),
+                "each migratekit runs in a transient systemd service of its own")
+            }
+            None => tracing::info!(event = "launcher_selected", launcher = "session",
+                systemd = ?launcher.config.systemd, systemd_running = systemd_running(),
+                "each migratekit runs in its own session, started by the watchdog"),
         }
+        launcher
     }
 
     /// The configuration.
@@ -172,6 +186,9 @@ impl Launcher {
             source,
         })?;
         let _one_at_a_time = self.lock.lock().await;
+        if let Some(tools) = self.systemd_tools() {
+            return self.launch_unit(job_id, argv, &tools, register).await;
+        }
         let (pid_r, pid_w) = pipe().map_err(LaunchError::Spawn)?;
         let (go_r, go_w) = pipe().map_err(LaunchError::Spawn)?;
         let (mut cmd, placement) = self.command(job_id, &argv).map_err(LaunchError::Spawn)?;
@@ -223,67 +240,143 @@ impl Launcher {
         // Registered but exec failed: the registered process has already exited (std reaps
         // it), and the registry's detector reports that death like any other.
         let child = child?;
-        let launched = Launched {
-            process,
-            child,
-            placement,
-            argv,
-        };
-        tracing::info!(job_id = %job_id, pid = process.pid, start_time = process.start_time, placement = ?launched.placement, argv = ?launched.redacted_argv(), "started migratekit");
-        Ok((launched, registered))
+        Ok((
+            started(job_id, process, Some(child), placement, argv),
+            registered,
+        ))
     }
 
-    /// `systemd-run`, when it is to be used and exists. Checked before the fork: an exec
-    /// that fails after registration would look like a migratekit death.
-    fn systemd_run(&self) -> Option<&'static str> {
+    /// [`Launcher::launch`] in a transient systemd service (see [`super::gate`]): the unit
+    /// runs the gate, the watchdog registers the gate's pid once it proves it is in the unit,
+    /// then sends it migratekit's command line.
+    async fn launch_unit<T, R>(
+        &self,
+        job_id: &JobId,
+        argv: Vec<RenderedArg>,
+        tools: &SystemdTools,
+        register: impl FnOnce(ProcessIdentity) -> Result<T, R> + Send + 'static,
+    ) -> Result<(Launched, T), LaunchError<R>>
+    where
+        T: Send + 'static,
+        R: Send + 'static,
+    {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let unit = format!("migratekit-{job_id}-{}", &suffix[..8]);
+        let listener = GateListener::bind(gate::socket_name(&unit)).map_err(LaunchError::Spawn)?;
+        let mut run = self
+            .unit_command(tools, job_id, &unit, listener.name())
+            .map_err(LaunchError::Spawn)?;
+        let command = GateCommand {
+            program: self.config.program.clone().into_os_string(),
+            args: argv.iter().map(|a| a.value.clone().into()).collect(),
+            env: child_env(job_id),
+        };
+        let gate_unit = unit.clone();
+        let handoff = tokio::task::spawn_blocking(move || -> Result<_, LaunchError<R>> {
+            let mut run = run.spawn().map_err(LaunchError::<R>::Spawn)?;
+            let in_unit = |pid: u32| {
+                std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                    .is_ok_and(|c| gate::in_unit(&c, &gate_unit))
+            };
+            let run_failed = || match run.try_wait() {
+                Ok(Some(status)) if !status.success() => Err(std::io::Error::other(format!(
+                    "systemd-run could not start unit {gate_unit} ({status})"
+                ))),
+                _ => Ok(()),
+            };
+            let accepted = listener.accept(PID_TIMEOUT, in_unit, run_failed);
+            // systemd-run returns once the unit's process exists (Type=exec); reap it.
+            let _ = run.kill();
+            let _ = run.wait();
+            let (stream, pid) = accepted.map_err(LaunchError::Identity)?;
+            // On any failure below, the stream is dropped unanswered and the gate exits.
+            let identity = proc_identity(pid).map_err(LaunchError::Identity)?;
+            // Still in the unit after its start time was read: that start time is the gate's,
+            // not a later process's that reused its pid.
+            if !in_unit(pid) {
+                return Err(LaunchError::Identity(std::io::Error::other(format!(
+                    "the gate of unit {gate_unit} (pid {pid}) ended before it was registered"
+                ))));
+            }
+            let registered = register(identity).map_err(LaunchError::Registration)?;
+            gate::release(stream, &command).map_err(LaunchError::Spawn)?;
+            Ok((identity, registered))
+        });
+        let (process, registered) = handoff
+            .await
+            .map_err(|e| LaunchError::Spawn(std::io::Error::other(e)))??;
+        let placement = Placement::SystemdService { unit };
+        Ok((started(job_id, process, None, placement, argv), registered))
+    }
+
+    /// `systemd-run` for one migratekit unit that runs the gate. The unit gets an explicit
+    /// description (systemd would otherwise use its command line) and migratekit's priority,
+    /// umask and output file as its own properties.
+    fn unit_command(
+        &self,
+        tools: &SystemdTools,
+        job_id: &str,
+        unit: &str,
+        socket: &str,
+    ) -> std::io::Result<Command> {
+        let mut cmd = Command::new(tools.systemd_run);
+        cmd.args([
+            "--quiet",
+            "--collect",
+            "--service-type=exec",
+            "--unit",
+            unit,
+        ])
+        .arg(format!("--description=migratekit job {job_id}"))
+        .arg(format!("--property=Nice={}", self.config.nice));
+        let umask = CHILD_UMASK.load(Ordering::Relaxed);
+        if umask != KEEP_UMASK {
+            cmd.arg(format!("--property=UMask={umask:04o}"));
+        }
+        if let Some(dir) = &self.config.log_dir {
+            std::fs::create_dir_all(dir)?;
+            let log = dir.join(format!("{job_id}.log"));
+            for stream in ["StandardOutput", "StandardError"] {
+                cmd.arg(format!("--property={stream}=append:{}", log.display()));
+            }
+        }
+        cmd.arg("--").arg(&tools.gate).arg(socket);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        Ok(cmd)
+    }
+
+    /// `systemd-run` and the gate, when systemd is to be used and both exist. Checked before
+    /// anything starts: a launch that failed after registration would look like a death.
+    fn systemd_tools(&self) -> Option<SystemdTools> {
         if self.config.systemd != SystemdMode::Auto || !systemd_running() {
             return None;
         }
-        let found = ["/usr/bin/systemd-run", "/bin/systemd-run"]
+        let executable = |p: &std::path::Path| check_executable(p).is_ok();
+        let systemd_run = ["/usr/bin/systemd-run", "/bin/systemd-run"]
             .into_iter()
-            .find(|p| check_executable(std::path::Path::new(p)).is_ok());
-        if found.is_none() {
-            tracing::warn!(
-                "systemd runs but systemd-run was not found; starting migratekit in its own session only, so a stop of the watchdog's unit with KillMode=control-group would kill it"
-            );
+            .find(|p| executable(std::path::Path::new(p)));
+        let gate = gate_program().filter(|p| executable(p));
+        match (systemd_run, gate) {
+            (Some(systemd_run), Some(gate)) => Some(SystemdTools { systemd_run, gate }),
+            (run, gate) => {
+                tracing::warn!(event = "launcher_systemd_unavailable", systemd_run = ?run, gate = ?gate,
+                    "systemd runs but systemd-run or migratekit-gate is missing; migratekit starts in its own session, so a stop of the watchdog's unit with KillMode=control-group would kill it: reinstall the vma-watchdog package");
+                None
+            }
         }
-        found
     }
 
     fn command(&self, job_id: &str, argv: &[RenderedArg]) -> std::io::Result<(Command, Placement)> {
         let program = &self.config.program;
-        let (mut cmd, placement) = if let Some(systemd_run) = self.systemd_run() {
-            let suffix = uuid::Uuid::new_v4().simple().to_string();
-            let unit = format!("migratekit-{job_id}-{}", &suffix[..8]);
-            let mut cmd = Command::new(systemd_run);
-            // An explicit description: systemd would otherwise describe the scope by
-            // its command line, which carries the password, in its logs.
-            cmd.args(["--scope", "--quiet", "--collect", "--unit", &unit])
-                .arg("--description")
-                .arg(format!("migratekit job {job_id}"))
-                .arg("--")
-                .arg(program);
-            (cmd, Placement::SystemdScope { unit })
-        } else if in_cgroup_v2_subgroup() {
-            (Command::new(program), Placement::SessionRootCgroup)
+        let placement = if in_cgroup_v2_subgroup() {
+            Placement::SessionRootCgroup
         } else {
-            (Command::new(program), Placement::Session)
+            Placement::Session
         };
-        // The watchdog's own settings, its tokens among them (`VMA_WATCHDOG_API_TOKEN`,
-        // `VMA_WATCHDOG_OMA_TOKEN`, the files they are read from), are none of migratekit's
-        // business: a token in its environment is readable by whatever it runs and in every
-        // crash report of it.
-        for (name, _) in std::env::vars_os() {
-            if name
-                .as_encoded_bytes()
-                .starts_with(CHILD_ENV_REMOVED_PREFIX.as_bytes())
-            {
-                cmd.env_remove(name);
-            }
-        }
+        let mut cmd = Command::new(program);
         cmd.args(argv.iter().map(|a| &a.value))
-            .env("MIGRATEKIT_JOB_ID", job_id)
-            .env("MIGRATEKIT_PROGRESS_JOB_ID", job_id)
+            .env_clear()
+            .envs(child_env(job_id))
             .stdin(Stdio::null());
         // Never a pipe to the watchdog: it would break (SIGPIPE) when the watchdog restarts.
         match &self.config.log_dir {
@@ -303,6 +396,67 @@ impl Launcher {
 /// Every environment variable whose name starts with this is removed from migratekit's
 /// environment: the watchdog's settings and secrets.
 pub const CHILD_ENV_REMOVED_PREFIX: &str = "VMA_WATCHDOG_";
+
+/// migratekit's environment: the watchdog's own, less its settings, plus the job id. The
+/// watchdog's settings, its tokens among them (`VMA_WATCHDOG_API_TOKEN`,
+/// `VMA_WATCHDOG_OMA_TOKEN`, the files they are read from), are none of migratekit's business:
+/// a token in its environment is readable by whatever it runs and in every crash report of it.
+fn child_env(job_id: &str) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    let mut env: Vec<_> = std::env::vars_os()
+        .filter(|(name, _)| {
+            !name
+                .as_encoded_bytes()
+                .starts_with(CHILD_ENV_REMOVED_PREFIX.as_bytes())
+                && !matches!(
+                    name.to_str(),
+                    Some("MIGRATEKIT_JOB_ID" | "MIGRATEKIT_PROGRESS_JOB_ID")
+                )
+        })
+        .collect();
+    for name in ["MIGRATEKIT_JOB_ID", "MIGRATEKIT_PROGRESS_JOB_ID"] {
+        env.push((name.into(), job_id.into()));
+    }
+    env
+}
+
+/// What a systemd launch needs.
+#[derive(Debug)]
+struct SystemdTools {
+    systemd_run: &'static str,
+    gate: PathBuf,
+}
+
+/// The gate: `migratekit-gate` next to the running watchdog (a build tree), else where the
+/// package installs it.
+fn gate_program() -> Option<PathBuf> {
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("migratekit-gate")))
+        .filter(|p| p.is_file());
+    sibling.or_else(|| {
+        Some(PathBuf::from("/usr/libexec/vma-watchdog/migratekit-gate")).filter(|p| p.is_file())
+    })
+}
+
+/// Logs a started migratekit and wraps it up.
+fn started(
+    job_id: &str,
+    process: ProcessIdentity,
+    child: Option<Child>,
+    placement: Placement,
+    argv: Vec<RenderedArg>,
+) -> Launched {
+    let launched = Launched {
+        process,
+        child,
+        placement,
+        argv,
+    };
+    tracing::info!(event = "migratekit_started", job_id = %job_id, pid = process.pid,
+        start_time = process.start_time, placement = ?launched.placement,
+        argv = ?launched.redacted_argv(), "started migratekit");
+    launched
+}
 
 /// [`CHILD_UMASK`] when the child keeps the watchdog's umask.
 const KEEP_UMASK: u32 = u32::MAX;

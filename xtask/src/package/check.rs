@@ -36,6 +36,7 @@ const SPECS: [Spec; 2] = [
         files: &[
             file("usr/bin/vma-watchdog", "-rwxr-xr-x"),
             file("usr/libexec/vma-watchdog/make-token", "-rwxr-xr-x"),
+            file("usr/libexec/vma-watchdog/migratekit-gate", "-rwxr-xr-x"),
             file("etc/default/vma-watchdog", "-rw-r--r--"),
             file("usr/lib/systemd/system/vma-watchdog.service", "-rw-r--r--"),
             file("usr/share/doc/vma-watchdog/INSTALL.md", "-rw-r--r--"),

@@ -13,9 +13,11 @@ use crate::setup;
 /// The meta-package whose dependency names the current 6.1 cloud kernel of Debian 12.
 const KERNEL_META: &str = "linux-image-cloud-amd64";
 /// Packages the guest's root file system gets on top of `--variant=minbase`: `ip` (loopback,
-/// the partition scenario's veth link and namespaces), `ps`/`pgrep`, `insmod`, and `curl`
-/// (the trust scenario's forged progress, posted as another user).
-const ROOTFS_PACKAGES: &str = "iproute2,procps,kmod,curl";
+/// the partition scenario's veth link and namespaces), `ps`/`pgrep`, `insmod`, `curl` (the
+/// trust scenario's forged progress, posted as another user; the appliance checks' API calls),
+/// and for `appliance-test`, which boots the same image with systemd as PID 1: `systemd`,
+/// `systemd-sysv`, `dbus`, `adduser` (the oma package's postinst) and `jq`.
+const ROOTFS_PACKAGES: &str = "iproute2,procps,kmod,curl,systemd,systemd-sysv,dbus,adduser,jq";
 /// Written into the root file system and next to its image once built: what they hold, so a
 /// cache built with other packages is built again.
 const ROOTFS_STAMP: &str = ".kill-test-packages";

@@ -16,6 +16,9 @@ pub struct Boot<'a> {
     pub vmlinuz: &'a Path,
     pub initramfs: &'a Path,
     pub rootfs: &'a Path,
+    /// Boot `rootfs` under a throw-away qemu snapshot (kill-test), or write to it for real, so
+    /// that a second boot finds what the first left (appliance-test's reboot).
+    pub rootfs_snapshot: bool,
     pub payload: &'a Path,
     pub serial_log: PathBuf,
     pub budget: Duration,
@@ -136,6 +139,7 @@ pub fn run(boot: &Boot<'_>) -> Result<Outcome> {
     let mut cmd = Command::new("qemu-system-x86_64");
     // No -enable-kvm: /dev/kvm here is a nested mode in which Debian's kernel dies early in
     // boot; TCG works (docs/RELIABILITY.md). `snapshot=on` keeps the cached root image clean.
+    // `-no-reboot`: a reboot of the guest ends qemu, and the caller boots it again if it wants.
     cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048"])
         .args(["-nographic", "-no-reboot", "-kernel"])
         .arg(boot.vmlinuz)
@@ -143,7 +147,14 @@ pub fn run(boot: &Boot<'_>) -> Result<Outcome> {
         .arg(boot.initramfs)
         .args(["-append", "console=ttyS0 panic=-1 loglevel=4 rdinit=/init"])
         .arg("-drive")
-        .arg(drive(boot.rootfs, ",snapshot=on"))
+        .arg(drive(
+            boot.rootfs,
+            if boot.rootfs_snapshot {
+                ",snapshot=on"
+            } else {
+                ""
+            },
+        ))
         .arg("-drive")
         .arg(drive(boot.payload, ",readonly=on"))
         .args(["-nic", "none"])

@@ -94,7 +94,7 @@ pub fn payload(
 }
 
 /// A hard link when possible (same file system, no copy), else a copy. Returns the size.
-fn copy(from: &Path, to: &Path) -> Result<u64> {
+pub(crate) fn copy(from: &Path, to: &Path) -> Result<u64> {
     let _ = std::fs::remove_file(to);
     if std::fs::hard_link(from, to).is_err() {
         std::fs::copy(from, to)

@@ -11,9 +11,10 @@
 //! The host parses the serial console and fails when any step failed, skipped or timed out.
 //! Results: `target/vm/serial.log`, `target/vm/summary.txt`, `target/vm/kill-test-report.json`.
 
-mod assets;
-mod boot;
-mod image;
+// `assets`, `boot` and `image` are shared with `appliance-test`, which boots the same VM.
+pub(crate) mod assets;
+pub(crate) mod boot;
+pub(crate) mod image;
 mod modules;
 
 use std::fmt::Write as _;
@@ -71,6 +72,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
         vmlinuz: &kernel.vmlinuz,
         initramfs: &initramfs,
         rootfs: &rootfs,
+        rootfs_snapshot: true,
         payload: &payload,
         serial_log: vm_dir.join("serial.log"),
         budget: Duration::from_secs(plan.budget_s()),
