@@ -213,10 +213,7 @@ pub async fn deliver_with(
             // TCP's retransmissions, seconds apart, or for the timeout). Dropping it closes
             // that connection; the next attempt opens a new one. The OMA applies each event
             // id once, so a request that did arrive is harmless.
-            () = async {
-                outbox.oma_seen().await;
-                tokio::time::sleep_until(started + EARLY_RETRY_GAP).await;
-            } => {
+            () = oma_called(&outbox, started + EARLY_RETRY_GAP) => {
                 tracing::info!(event = "delivery_retry_early", url = %url, waited_ms = started.elapsed().as_millis() as u64,
                     "the OMA called this watchdog while a delivery hung; retrying on a new connection");
                 continue;
@@ -235,25 +232,39 @@ pub async fn deliver_with(
                 failures = failures.saturating_add(1);
                 let delay = backoff(failures, config.initial_backoff, config.max_backoff);
                 tracing::warn!(%error, url = %url, attempt = failures, retry_in_ms = delay.as_millis() as u64, queued = outbox.stats().queued, "delivering events to the OMA failed; will retry");
-                // However often the OMA calls, at most one early attempt per EARLY_RETRY_GAP.
-                let earliest = tokio::time::Instant::now() + EARLY_RETRY_GAP;
                 tokio::select! {
                     () = &mut shutdown => return,
-                    () = heartbeat.waiting(tokio::time::sleep(delay)) => {}
-                    // The OMA has just called this watchdog, so the way back to it most likely
-                    // works again (a restarted OMA, a healed link): the rest of a back-off of
-                    // up to `max_backoff` would only hold the deaths back.
-                    () = async {
-                        outbox.oma_seen().await;
-                        tokio::time::sleep_until(earliest).await;
-                    } => {
-                        tracing::info!(event = "delivery_retry_early", url = %url,
-                            "the OMA called this watchdog; retrying delivery now instead of waiting out the back-off");
-                    }
+                    () = back_off(&outbox, &heartbeat, delay, &url) => {}
                 }
             }
         }
     }
+}
+
+/// Waits out `delay` after a failed attempt, or less when the OMA calls this watchdog: the way
+/// back to it then most likely works again (a restarted OMA, a healed link), and the rest of a
+/// back-off of up to `max_backoff` would only hold the deaths back. However often the OMA
+/// calls, at most one early attempt per [`EARLY_RETRY_GAP`].
+async fn back_off(
+    outbox: &Outbox,
+    heartbeat: &daemon_support::notify::Heartbeat,
+    delay: Duration,
+    url: &str,
+) {
+    let earliest = tokio::time::Instant::now() + EARLY_RETRY_GAP;
+    tokio::select! {
+        () = heartbeat.waiting(tokio::time::sleep(delay)) => {}
+        () = oma_called(outbox, earliest) => {
+            tracing::info!(event = "delivery_retry_early", url = %url,
+                "the OMA called this watchdog; retrying delivery now instead of waiting out the back-off");
+        }
+    }
+}
+
+/// Resolves once the OMA has called this watchdog, but not before `earliest`.
+async fn oma_called(outbox: &Outbox, earliest: tokio::time::Instant) {
+    outbox.oma_seen().await;
+    tokio::time::sleep_until(earliest).await;
 }
 
 async fn attempt(
