@@ -18,7 +18,9 @@ pub use process::{
     DeathClass, Detector, EventBatch, EventBatchAck, ExitStatus, FoundBy, JobProcessState,
     ProcessEvent, ProcessEventKind, ProcessIdentity, VmaJobStatus,
 };
-pub use progress::{ProgressStatus, ProgressUpdate, StoredProgress, SyncType};
+pub use progress::{
+    ProgressFeed, ProgressFeedQuery, ProgressStatus, ProgressUpdate, StoredProgress, SyncType,
+};
 
 /// JSON body of every error response, on both appliances.
 ///

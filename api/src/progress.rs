@@ -120,6 +120,41 @@ pub struct StoredProgress {
     pub sequence: u64,
 }
 
+/// Query of `GET /api/v1/progress` on the watchdog: the progress of every job that changed
+/// since a cursor, so that the OMA asks each VMA once per poll interval instead of once per job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ProgressFeedQuery {
+    /// The `cursor` of the previous answer; absent (or 0) asks for every job's progress.
+    #[serde(default)]
+    pub since: Option<u64>,
+    /// The `epoch` of the previous answer. A cursor is only meaningful within the epoch that
+    /// gave it (one watchdog process); another epoch is answered from the beginning.
+    #[serde(default)]
+    pub epoch: Option<uuid::Uuid>,
+    /// At most this many jobs per answer (the watchdog caps it); `more` says when some were left.
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// Body of `GET /api/v1/progress` on the watchdog: every job whose progress changed after the
+/// query's cursor, oldest change first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProgressFeed {
+    /// This watchdog process's change feed; it changes when the watchdog restarts.
+    pub epoch: uuid::Uuid,
+    /// The cursor to send as `since` next time: the last change included in `jobs`.
+    #[serde(deserialize_with = "crate::bounds::whole::deserialize")]
+    #[schema(schema_with = crate::bounds::schema::stored_count)]
+    pub cursor: u64,
+    /// True when the answer was cut at the limit: ask again at once from `cursor`.
+    pub more: bool,
+    /// The jobs' latest progress, each at most once.
+    pub jobs: Vec<StoredProgress>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
