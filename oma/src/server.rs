@@ -259,6 +259,7 @@ pub async fn start_with_metrics(
         ("poller", tokio::spawn(poller.run_forever(stopped.clone()))),
     ];
     let leases = Leases::new(settings.lease.clone(), state.store.backend());
+    let _ = state.poller.leases.set(leases.clone());
     background.push(spawn_leases(&leases, &state, stopped.clone()));
     if let Some(listener) = metrics {
         background.push(serve_metrics(listener, &state, stopped.clone()));
