@@ -138,7 +138,9 @@ impl Leases {
             instances_expired: self.reap(store, now).await?,
             ..TickReport::default()
         };
-        if report.instances_expired > 0 {
+        // On SQLite the expired one was this OMA's own predecessor, whose work the startup
+        // recovery run has taken up already.
+        if report.instances_expired > 0 && !self.single {
             instance_lost();
         }
         let total = store.seed_poll_leases().await?;
