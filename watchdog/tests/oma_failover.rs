@@ -121,3 +121,37 @@ fn metrics_page(metrics: &vma_watchdog::metrics::Metrics) -> String {
     prometheus_client::encoding::text::encode(&mut page, metrics.registry()).unwrap();
     page
 }
+
+#[test]
+fn several_oma_urls_are_kept_in_order_from_flags_and_lists() {
+    use clap::Parser;
+    use vma_watchdog::config::{Cli, Config};
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "vma-watchdog",
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+        "--oma-url",
+        "http://oma-1:8082/",
+        "--oma-url",
+        "http://oma-2:8082,http://oma-3:8082",
+        "--oma-token",
+        "oma-secret",
+    ];
+    let config = Config::load(Cli::try_parse_from(args).unwrap()).unwrap();
+    assert_eq!(
+        config.oma.unwrap().url,
+        "http://oma-1:8082,http://oma-2:8082,http://oma-3:8082"
+    );
+    let bad = [
+        "vma-watchdog",
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+        "--oma-url",
+        "http://oma-1:8082,oma-2:8082",
+        "--oma-token",
+        "oma-secret",
+    ];
+    let err = Config::load(Cli::try_parse_from(bad).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("oma-2:8082"), "{err}");
+}
