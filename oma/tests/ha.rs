@@ -258,67 +258,89 @@ async fn three_omas_survive_a_killed_lock_holder_and_a_database_restart() {
         );
         return;
     };
-    let database = format!(
-        "{}/ha_kill_test",
-        cluster.admin.strip_suffix("/postgres").unwrap()
-    );
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.admin)
-        .await
-        .unwrap();
-    sqlx::query("DROP DATABASE IF EXISTS ha_kill_test WITH (FORCE)")
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    sqlx::query("CREATE DATABASE ha_kill_test")
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    let database = fresh_database(&cluster).await;
     let store = Store::connect(&database).await.unwrap();
     let vmas = fleet(&store).await;
     let dir = tempfile::tempdir().unwrap();
 
-    // (a) oma-1 starts first: its startup recovery run asks every VMA, each answer held back
-    // for 8 s, so the run holds the recovery lock while the others start (their startup runs
-    // find it taken) and the leases spread.
-    for vma in &vmas {
+    // (a)
+    let omas = kill_the_lock_holder(&store, &vmas, &database, dir.path()).await;
+
+    // (b), (c): deaths posted with the dead oma-1 first, PostgreSQL restarted meanwhile.
+    let urls: Vec<String> = omas.iter().map(|o| o.url.clone()).collect();
+    let report = post_deaths_across_a_restart(&cluster, &urls).await;
+    eprintln!(
+        "HA (b, c): {} deaths posted, {} of them while PostgreSQL restarted ({:.2} s); {} attempts failed, {} deaths went first to the dead oma-1 and on to the next",
+        report.deaths,
+        report.during_restart,
+        report.restart.as_secs_f64(),
+        report.failed_attempts,
+        report.failed_over
+    );
+    assert_eq!(
+        report.failed_over, report.deaths,
+        "each death moved past oma-1"
+    );
+    assert!(
+        report.during_restart > 0,
+        "deaths arrived during the restart: {report:?}"
+    );
+
+    // (d) Every job final, with exactly one final transition in its audit trail.
+    let store = Store::connect(&database).await.unwrap();
+    audit_each_job_finalized_once(&store).await;
+    store.close().await;
+    drop(omas);
+    drop(cluster);
+}
+
+/// A fresh database `ha_kill_test` on the cluster; its URL.
+async fn fresh_database(cluster: &Cluster) -> String {
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.admin)
+        .await
+        .unwrap();
+    for sql in [
+        "DROP DATABASE IF EXISTS ha_kill_test WITH (FORCE)",
+        "CREATE DATABASE ha_kill_test",
+    ] {
+        sqlx::query(sql).execute(&mut admin).await.unwrap();
+    }
+    let server = cluster.admin.strip_suffix("/postgres").unwrap();
+    format!("{server}/ha_kill_test")
+}
+
+/// (a) oma-1 starts first: its startup recovery run asks every VMA, each answer held back for
+/// 8 s, so the run holds the recovery lock while the others start (their startup runs find it
+/// taken) and the leases spread. oma-1 is then SIGKILLed; its VMAs must be polled by another
+/// OMA and recovery run again, both within 2 lease periods. Returns the three OMAs (oma-1
+/// dead).
+async fn kill_the_lock_holder(
+    store: &Store,
+    vmas: &[StandInVma],
+    database: &str,
+    dir: &Path,
+) -> Vec<OmaProc> {
+    for vma in vmas {
         vma.inner.lock().unwrap().delay_ms = 8000;
     }
-    let mut omas = vec![OmaProc::start("oma-1", &database, dir.path()).await];
+    let mut omas = vec![OmaProc::start("oma-1", database, dir).await];
     vmas[0].wait_job_calls(1).await;
     for name in ["oma-2", "oma-3"] {
-        omas.push(OmaProc::start(name, &database, dir.path()).await);
+        omas.push(OmaProc::start(name, database, dir).await);
     }
-    let spread = common::eventually(20, "the VMAs spread over three OMAs", || {
-        let store = store.clone();
-        async move {
-            let owners = owners(&store).await;
-            let per: HashSet<&String> = owners.values().collect();
-            (owners.len() == VMAS && per.len() == 3).then_some(owners)
-        }
-    })
-    .await;
-    let runs_before = store.recent_runs(100).await.unwrap().len();
-    assert_eq!(runs_before, 0, "oma-1's startup run is still under way");
-    let victims: Vec<String> = spread
-        .iter()
-        .filter(|(_, o)| *o == "oma-1")
-        .map(|(v, _)| v.clone())
-        .collect();
-    assert!(!victims.is_empty(), "oma-1 owns some VMAs: {spread:?}");
+    let victims = victims_once_spread(store).await;
     omas[0].child.kill().unwrap(); // SIGKILL, mid-run, holding the recovery lock.
     let killed = Instant::now();
     let killed_ms = oma::model::now_ms();
-    for vma in &vmas {
+    for vma in vmas {
         vma.inner.lock().unwrap().delay_ms = 0;
     }
     let calls_at_kill: Vec<u64> = vmas.iter().map(progress_calls).collect();
     let taken = common::eventually(30, "oma-1's VMAs taken over", || {
-        let store = store.clone();
-        let victims = victims.clone();
+        let (store, victims) = (store.clone(), victims.clone());
         async move {
             let owners = owners(&store).await;
-            victims
-                .iter()
+            (victims.iter())
                 .all(|v| owners.get(v).is_some_and(|o| o != "oma-1"))
                 .then(|| killed.elapsed())
         }
@@ -359,38 +381,33 @@ async fn three_omas_survive_a_killed_lock_holder_and_a_database_restart() {
         rerun <= 2 * LEASE,
         "recovery again within 2 lease periods: {rerun:?}"
     );
-    let reruns: usize = omas[1..]
-        .iter()
+    let reruns: usize = (omas[1..].iter())
         .map(|o| o.log_events("recovery_after_oma_lost"))
         .sum();
     assert_eq!(reruns, 1, "one survivor found oma-1 dead and ran recovery");
+    omas
+}
 
-    // (b), (c): deaths posted with the dead oma-1 first, PostgreSQL restarted meanwhile.
-    let urls: Vec<String> = omas.iter().map(|o| o.url.clone()).collect();
-    let report = post_deaths_across_a_restart(&cluster, &urls).await;
-    eprintln!(
-        "HA (b, c): {} deaths posted, {} of them while PostgreSQL restarted ({:.2} s); {} attempts failed, {} deaths went first to the dead oma-1 and on to the next",
-        report.deaths,
-        report.during_restart,
-        report.restart.as_secs_f64(),
-        report.failed_attempts,
-        report.failed_over
-    );
-    assert_eq!(
-        report.failed_over, report.deaths,
-        "each death moved past oma-1"
-    );
-    assert!(
-        report.during_restart > 0,
-        "deaths arrived during the restart: {report:?}"
-    );
-
-    // (d) Every job final, with exactly one final transition in its audit trail.
-    let store = Store::connect(&database).await.unwrap();
-    audit_each_job_finalized_once(&store).await;
-    store.close().await;
-    drop(omas);
-    drop(cluster);
+/// Waits until the VMAs are spread over the three OMAs, checks that no recovery run has ended
+/// yet (oma-1's is under way), and returns oma-1's VMAs.
+async fn victims_once_spread(store: &Store) -> Vec<String> {
+    let spread = common::eventually(20, "the VMAs spread over three OMAs", || {
+        let store = store.clone();
+        async move {
+            let owners = owners(&store).await;
+            let per: HashSet<&String> = owners.values().collect();
+            (owners.len() == VMAS && per.len() == 3).then_some(owners)
+        }
+    })
+    .await;
+    let runs_before = store.recent_runs(100).await.unwrap().len();
+    assert_eq!(runs_before, 0, "oma-1's startup run is still under way");
+    let victims: Vec<String> = (spread.iter())
+        .filter(|(_, o)| *o == "oma-1")
+        .map(|(v, _)| v.clone())
+        .collect();
+    assert!(!victims.is_empty(), "oma-1 owns some VMAs: {spread:?}");
+    victims
 }
 
 #[derive(Debug, Default)]
