@@ -10,7 +10,9 @@
 //! holds for one lease period after the renewal that began last, by this host's monotonic
 //! clock, so its own view expires no later than the database's.
 //!
-//! On SQLite (one OMA per file) the same code runs and the one OMA owns every lease.
+//! An OMA's first tick takes the leases of earlier instances of its own name (its predecessor
+//! crashed; a clean stop lets them go), so a restart polls at once. On SQLite (one OMA per
+//! file) the same code runs and the one OMA owns every lease.
 
 use crate::store::{LeaseCandidate, Store, StoreError};
 use std::collections::{HashMap, HashSet};
@@ -66,6 +68,8 @@ pub struct Leases {
     owned: Mutex<HashMap<String, Instant>>,
     /// The owned set after each tick.
     published: watch::Sender<HashSet<String>>,
+    /// Whether the first tick (which adopts the predecessor's leases) is done.
+    started: std::sync::atomic::AtomicBool,
 }
 
 impl Leases {
@@ -77,6 +81,7 @@ impl Leases {
             single: backend == crate::store::Backend::Sqlite,
             owned: Mutex::default(),
             published: watch::Sender::new(HashSet::new()),
+            started: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -134,6 +139,9 @@ impl Leases {
         store
             .oma_heartbeat(me, &self.config.name, now, until)
             .await?;
+        if !self.started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.adopt(store, until).await?;
+        }
         let mut report = TickReport {
             instances_expired: self.reap(store, now).await?,
             ..TickReport::default()
@@ -176,6 +184,25 @@ impl Leases {
         self.set_owned(owned, started + self.config.period, store);
         store.metrics().poll_leases(report.owned, report.live);
         Ok(report)
+    }
+
+    /// Takes the leases of earlier instances of this OMA's name: its predecessor, which
+    /// crashed (a clean stop lets its leases go), so that a restart polls at once.
+    async fn adopt(&self, store: &Store, until: i64) -> Result<(), StoreError> {
+        let adopted = (store.adopt_poll_leases(&self.instance_id, &self.config.name, until)).await;
+        let adopted = adopted.inspect_err(|_| {
+            // Tried again at the next tick.
+            self.started
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        })?;
+        if !adopted.is_empty() {
+            tracing::info!(event = "poll_leases_adopted", name = %self.config.name, vmas = adopted.len(),
+                "took the polling leases of an earlier instance of this OMA (it did not stop cleanly)");
+            store
+                .metrics()
+                .poll_lease_change("adopted", adopted.len() as u64);
+        }
+        Ok(())
     }
 
     /// Removes the OMAs whose heartbeat expired; returns how many this OMA removed.

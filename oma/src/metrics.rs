@@ -170,7 +170,7 @@ impl Metrics {
             "db_pool_connections", "Database pool connections, by state (idle, in_use)", self.pool.clone();
             "poll_leases_owned", "VMAs whose progress polling this OMA holds the lease of", self.poll_leases_owned.clone();
             "instances_live", "OMAs alive on this database (heartbeat not expired), this one included", self.oma_instances_live.clone();
-            "poll_lease_changes", "Lease changes made by this OMA, by reason (claimed, taken_over, rebalanced, lost, instance_expired)", self.poll_lease_changes.clone();
+            "poll_lease_changes", "Lease changes made by this OMA, by reason (claimed, taken_over, adopted, rebalanced, lost, instance_expired)", self.poll_lease_changes.clone();
         }
         self
     }
@@ -275,7 +275,7 @@ impl Metrics {
         self.oma_instances_live.set(live);
     }
 
-    /// Counts a lease change (`claimed`, `taken_over`, `rebalanced`, `lost`) or an expired
+    /// Counts a lease change (`claimed`, `taken_over`, `adopted`, `rebalanced`, `lost`) or an expired
     /// OMA removed (`instance_expired`).
     pub fn poll_lease_change(&self, reason: &'static str, n: u64) {
         self.poll_lease_changes

@@ -171,6 +171,36 @@ async fn a_clean_stop_hands_the_vmas_on_at_once() {
 }
 
 #[tokio::test]
+async fn a_restart_after_a_crash_takes_its_predecessors_leases_at_once() {
+    for db in test_dbs().await {
+        if db.backend != "postgres" {
+            continue;
+        }
+        let store = with_ten_vmas(&db).await;
+        let (a, b) = (leases(&store, "a"), leases(&store, "b"));
+        tick_all(&store, &[a.clone(), b.clone()], 3).await;
+        assert_eq!(exclusive(&[a.clone(), b.clone()]), vec![5, 5]);
+        // `a` crashes (no clean stop) and starts again under the same name: its first tick
+        // takes its predecessor's five leases without waiting for them to expire.
+        let a_again = leases(&store, "a");
+        a_again.tick(&store, &nothing).await.unwrap();
+        assert_eq!(a_again.owned_vmas().len(), 5);
+        let names: Vec<(String,)> = sqlx::query_as("SELECT name FROM oma_instances ORDER BY name")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(
+            names,
+            [("a".to_owned(),), ("b".to_owned(),)],
+            "the dead one is gone"
+        );
+        b.tick(&store, &nothing).await.unwrap();
+        assert_eq!(exclusive(&[a_again, b]), vec![5, 5]);
+        store.close().await;
+    }
+}
+
+#[tokio::test]
 async fn on_sqlite_the_one_oma_owns_every_vma() {
     for db in test_dbs().await {
         if db.backend != "sqlite" {

@@ -200,6 +200,37 @@ impl Store {
         Ok(())
     }
 
+    /// At an OMA's first tick: takes the leases of earlier instances of the same `name` (its
+    /// predecessor, dead since this one started in its place) until `expires_at`, and removes
+    /// their heartbeats, so that a restart after a crash polls at once instead of a lease
+    /// period later. Returns the VMAs taken.
+    pub async fn adopt_poll_leases(
+        &self,
+        instance: &str,
+        name: &str,
+        expires_at: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE vma_poll_leases SET owner = $1, expires_at = $3, generation = generation + 1 \
+             WHERE owner IN (SELECT instance_id FROM oma_instances \
+             WHERE name = $2 AND instance_id <> $1) RETURNING vma_id",
+        )
+        .bind(instance)
+        .bind(name)
+        .bind(expires_at)
+        .fetch_all(&self.pool)
+        .await?;
+        sqlx::query("DELETE FROM oma_instances WHERE name = $1 AND instance_id <> $2")
+            .bind(name)
+            .bind(instance)
+            .execute(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.try_get("vma_id"))
+            .collect::<Result<_, _>>()?)
+    }
+
     /// At a clean stop: lets every lease of `instance` expire now and removes its heartbeat,
     /// so that the other OMAs take its VMAs at their next tick instead of a lease period later.
     pub async fn leave_poll_leases(&self, instance: &str) -> Result<(), StoreError> {
