@@ -72,6 +72,15 @@ pub struct ServerArgs {
     /// Seconds of unmoved bytes after which a live job is flagged stalled (never failed).
     #[arg(long, env = "OMA_STALL_THRESHOLD_SECS", default_value_t = 900.0)]
     pub stall_threshold_secs: f64,
+    /// Seconds a VMA's polling lease lasts without renewal (several OMAs on one PostgreSQL
+    /// database: a VMA is polled by the one OMA holding its lease, renewed every third of
+    /// this; an OMA that dies or stalls loses its VMAs to the others after this long).
+    #[arg(long, env = "OMA_POLL_LEASE_SECS", default_value_t = 15.0)]
+    pub poll_lease_secs: f64,
+    /// This OMA's name among the OMAs sharing a database, in `oma_instances` and the logs
+    /// (default: the host name); each start also gets a random instance id.
+    #[arg(long, env = "OMA_NAME")]
+    pub oma_name: Option<String>,
     /// Log format: `text` or `json`.
     #[arg(long, env = "OMA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -182,6 +191,24 @@ pub fn vma_api_token(
     }
 }
 
+/// `--poll-lease-secs`, which must be positive: a lease of zero would never be owned.
+fn lease_period(value: f64) -> anyhow::Result<Duration> {
+    let period = secs(value, "poll-lease-secs")?;
+    if period < Duration::from_millis(30) {
+        anyhow::bail!("--poll-lease-secs must be at least 0.03 (renewals come every third)");
+    }
+    Ok(period)
+}
+
+/// The host name, the default `--oma-name`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "oma".to_owned())
+}
+
 impl ServerArgs {
     /// What is re-read on SIGHUP: token files and TLS files.
     fn net(&self) -> anyhow::Result<NetSettings> {
@@ -233,6 +260,10 @@ impl ServerArgs {
                 interval: secs(self.recovery_interval_secs, "recovery-interval-secs")?,
                 stale_threshold: secs(self.stale_threshold_secs, "stale-threshold-secs")?,
                 concurrency: self.recovery_concurrency,
+            },
+            lease: crate::lease::LeaseConfig {
+                period: lease_period(self.poll_lease_secs)?,
+                name: self.oma_name.clone().unwrap_or_else(host_name),
             },
             poller: PollerConfig {
                 interval: secs(self.poll_interval_secs, "poll-interval-secs")?,

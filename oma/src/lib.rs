@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod job;
+pub mod lease;
 pub mod logging;
 pub mod metrics;
 pub mod model;

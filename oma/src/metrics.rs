@@ -106,6 +106,9 @@ pub struct Metrics {
     vma_contact: Family<VmaLabel, FloatGauge>,
     auth_failures: Family<ReasonLabel, Counter>,
     pool: Family<PoolLabel, Gauge>,
+    poll_leases_owned: Gauge,
+    oma_instances_live: Gauge,
+    poll_lease_changes: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -135,6 +138,9 @@ impl Metrics {
             vma_contact: Family::default(),
             auth_failures: Family::default(),
             pool: Family::default(),
+            poll_leases_owned: Gauge::default(),
+            oma_instances_live: Gauge::default(),
+            poll_lease_changes: Family::default(),
             registry,
         };
         Arc::new(m.registered())
@@ -162,6 +168,9 @@ impl Metrics {
             "vma_last_contact_timestamp" in Seconds, "When each VMA last answered a poll or delivered events (unix time)", self.vma_contact.clone();
             "auth_failures", "Requests refused by the token check, by reason", self.auth_failures.clone();
             "db_pool_connections", "Database pool connections, by state (idle, in_use)", self.pool.clone();
+            "poll_leases_owned", "VMAs whose progress polling this OMA holds the lease of", self.poll_leases_owned.clone();
+            "instances_live", "OMAs alive on this database (heartbeat not expired), this one included", self.oma_instances_live.clone();
+            "poll_lease_changes", "Lease changes made by this OMA, by reason (claimed, taken_over, adopted, rebalanced, lost, instance_expired)", self.poll_lease_changes.clone();
         }
         self
     }
@@ -258,6 +267,20 @@ impl Metrics {
             vma: vma.to_owned(),
         };
         self.vma_contact.get_or_create(&label).set(unix_now());
+    }
+
+    /// Sets the leases this OMA owns and the OMAs alive (see `crate::lease`).
+    pub fn poll_leases(&self, owned: usize, live: i64) {
+        self.poll_leases_owned.set(owned as i64);
+        self.oma_instances_live.set(live);
+    }
+
+    /// Counts a lease change (`claimed`, `taken_over`, `adopted`, `rebalanced`, `lost`) or an expired
+    /// OMA removed (`instance_expired`).
+    pub fn poll_lease_change(&self, reason: &'static str, n: u64) {
+        self.poll_lease_changes
+            .get_or_create(&ReasonLabel { reason })
+            .inc_by(n);
     }
 
     /// Counts a request refused by the token check (`missing_token`, `unknown_token`,

@@ -68,6 +68,8 @@ pub struct Poller {
     health: Mutex<PollerHealth>,
     jobs: Mutex<HashMap<String, JobPoll>>,
     per_vma: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Set at start: only the VMAs whose polling lease this OMA holds are polled.
+    pub leases: std::sync::OnceLock<Arc<crate::lease::Leases>>,
 }
 
 impl Poller {
@@ -80,6 +82,7 @@ impl Poller {
             health: Mutex::default(),
             jobs: Mutex::default(),
             per_vma: Mutex::default(),
+            leases: std::sync::OnceLock::new(),
         }
     }
 
@@ -137,7 +140,8 @@ impl Poller {
     /// already being polled. Polls run detached, so a VMA that hangs until the timeout delays
     /// only its own jobs (bounded by its own semaphore), never another VMA's.
     pub async fn cycle(self: &Arc<Self>) -> Result<(), crate::store::StoreError> {
-        let active = self.store.active_job_ids().await?;
+        let mut active = self.store.active_job_ids().await?;
+        active.retain(|(_, vma)| self.leases.get().is_none_or(|l| l.owns(vma)));
         let vmas: HashMap<String, String> = self
             .store
             .list_vmas()

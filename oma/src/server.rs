@@ -1,6 +1,7 @@
 //! The `oma` server: settings, and starting the store, recovery loop, poller and HTTP server.
 
 use crate::auth::OperatorTokens;
+use crate::lease::Leases;
 use crate::poller::{Poller, PollerConfig};
 use crate::recovery::{Recovery, RecoveryConfig};
 use crate::store::{Store, StoreError};
@@ -29,6 +30,8 @@ pub struct Settings {
     pub recovery: RecoveryConfig,
     /// Poller settings.
     pub poller: PollerConfig,
+    /// VMA polling leases (several OMAs on one database).
+    pub lease: crate::lease::LeaseConfig,
     /// TLS, connection limits, and the files re-read on SIGHUP.
     pub net: NetSettings,
 }
@@ -73,6 +76,7 @@ impl std::fmt::Debug for Settings {
             .field("operator_tokens", &self.operator_tokens.len())
             .field("recovery", &self.recovery)
             .field("poller", &self.poller)
+            .field("lease", &self.lease)
             .field("net", &self.net)
             .finish_non_exhaustive()
     }
@@ -124,6 +128,8 @@ pub struct RunningServer {
     pub state: AppState,
     /// What the HTTP server refused or cut.
     pub stats: Arc<ServeStats>,
+    /// This OMA's VMA polling leases.
+    pub leases: Arc<Leases>,
     net: NetSettings,
     tls: Option<ServerTls>,
     stop: watch::Sender<bool>,
@@ -252,6 +258,9 @@ pub async fn start_with_metrics(
         ),
         ("poller", tokio::spawn(poller.run_forever(stopped.clone()))),
     ];
+    let leases = Leases::new(settings.lease.clone(), state.store.backend());
+    let _ = state.poller.leases.set(leases.clone());
+    background.push(spawn_leases(&leases, &state, stopped.clone()));
     if let Some(listener) = metrics {
         background.push(serve_metrics(listener, &state, stopped.clone()));
     }
@@ -273,12 +282,60 @@ pub async fn start_with_metrics(
         addr,
         state,
         stats,
+        leases,
         net,
         tls,
         stop,
         http,
         background,
     })
+}
+
+/// Starts the lease task; when it removes an OMA whose heartbeat expired, recovery runs again
+/// here (that OMA may have died mid-run, holding the recovery lock, which its database session
+/// freed when it died).
+fn spawn_leases(
+    leases: &Arc<Leases>,
+    state: &AppState,
+    stopped: watch::Receiver<bool>,
+) -> (&'static str, JoinHandle<()>) {
+    let recovery = state.recovery.clone();
+    let retry_every = leases.period() / 3;
+    let instance_lost = Arc::new(move || {
+        let recovery = recovery.clone();
+        tokio::spawn(recover_after_loss(recovery, retry_every));
+    });
+    let task = leases
+        .clone()
+        .run_forever(state.store.clone(), instance_lost, stopped);
+    ("poll leases", tokio::spawn(task))
+}
+
+/// Runs recovery after another OMA was found dead, retrying while a run holds the lock (the
+/// dead OMA's session may take a moment to end) for up to six retries a third of a lease
+/// period apart.
+async fn recover_after_loss(recovery: Arc<crate::recovery::Recovery>, retry_every: Duration) {
+    use crate::recovery::{RecoveryError, Trigger};
+    for attempt in 0..7 {
+        match recovery.run(Trigger::Periodic, false).await {
+            Err(RecoveryError::Busy) => tokio::time::sleep(retry_every).await,
+            Ok(report) => {
+                tracing::info!(
+                    event = "recovery_after_oma_lost",
+                    attempt,
+                    examined = report.run.examined,
+                    finalized = report.run.finalized,
+                    "recovery ran again after another OMA was found dead"
+                );
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(event = "recovery_after_oma_lost_failed", %error,
+                    "recovery after another OMA was found dead failed; the periodic run retries");
+                return;
+            }
+        }
+    }
 }
 
 /// Serves `/metrics` on `listener` until `stopped` says true.

@@ -82,10 +82,12 @@ pub struct Cli {
     /// File holding the API token (one line).
     #[arg(long, env = "VMA_WATCHDOG_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
-    /// Base URL of the OMA, e.g. http://oma:8082. Without it deaths are kept in the outbox
-    /// on disk and not delivered.
-    #[arg(long, env = "VMA_WATCHDOG_OMA_URL")]
-    pub oma_url: Option<String>,
+    /// Base URL of the OMA, e.g. http://oma:8082. Repeatable (or a comma-separated list, as
+    /// in the environment) for several OMAs on one database, in order of preference: deaths
+    /// go to the first that answers, and move on when it is unreachable or fails (5xx).
+    /// Without it deaths are kept in the outbox on disk and not delivered.
+    #[arg(long, env = "VMA_WATCHDOG_OMA_URL", value_delimiter = ',')]
+    pub oma_url: Vec<String>,
     /// This VMA's id at the OMA (default: the host name).
     #[arg(long, env = "VMA_WATCHDOG_VMA_ID")]
     pub vma_id: Option<String>,
@@ -145,7 +147,7 @@ pub struct Cli {
 /// Where and how deaths are delivered to the OMA.
 #[derive(Debug, Clone)]
 pub struct OmaConfig {
-    /// Base URL.
+    /// Base URL, or several comma-separated, in order of preference.
     pub url: String,
     /// Token the watchdog presents.
     pub token: BearerToken,
@@ -206,7 +208,10 @@ impl Config {
             bail!("--scan-interval-ms must be at least 1");
         }
         let (listen, listen_if_available) = listen_addresses(&cli.listen);
-        let mut net = net::load(&cli.net, &cli.listen, cli.oma_url.as_deref())?;
+        // The network checks look at an https:// URL among them, if any (it needs --oma-ca).
+        let some_url =
+            (cli.oma_url.iter().find(|u| u.starts_with("https://"))).or(cli.oma_url.first());
+        let mut net = net::load(&cli.net, &cli.listen, some_url.map(String::as_str))?;
         net.api_token_file.clone_from(&cli.api_token_file);
         net.oma_token_file.clone_from(&cli.oma_token_file);
         let api_token = secrets::token(
@@ -219,7 +224,7 @@ impl Config {
             cli.oma_token_file.as_deref(),
             "--oma-token",
         )?;
-        let oma = oma_config(cli.oma_url, oma_token, cli.oma_max_backoff_ms)?;
+        let oma = oma_config(&cli.oma_url, oma_token, cli.oma_max_backoff_ms)?;
         let vma_id = vma_id(cli.vma_id)?;
         if cli.outbox_max_events == 0 || cli.outbox_max_bytes < 4096 {
             bail!("--outbox-max-events must be at least 1 and --outbox-max-bytes at least 4096");
@@ -281,15 +286,24 @@ fn prepare_state_dir(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Where and how to deliver to the OMA: nothing without `--oma-url`, and an error when the
-/// URL is given without the token this VMA presents.
+/// URL is given without the token this VMA presents. Several URLs are kept comma-separated
+/// (see `crate::outbox::omas`).
 fn oma_config(
-    url: Option<String>,
+    urls: &[String],
     token: Option<BearerToken>,
     max_backoff_ms: u64,
 ) -> anyhow::Result<Option<OmaConfig>> {
+    let urls: Vec<String> = urls
+        .iter()
+        .filter(|u| !u.trim().is_empty())
+        .cloned()
+        .collect();
+    let url = (!urls.is_empty()).then_some(urls);
     Ok(match (url, token) {
-        (Some(url), Some(token)) => Some(OmaConfig {
-            url: check_url(&url)?,
+        (Some(urls), Some(token)) => Some(OmaConfig {
+            url: (urls.iter().map(|u| check_url(u.trim())))
+                .collect::<anyhow::Result<Vec<_>>>()?
+                .join(","),
             token,
             max_backoff: Duration::from_millis(max_backoff_ms.max(1)),
         }),

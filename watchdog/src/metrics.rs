@@ -70,6 +70,7 @@ pub struct Metrics {
     deaths: Family<ClassLabel, Counter>,
     impostors: Counter,
     delivery_attempts: Family<ResultLabel, Counter>,
+    delivery_failovers: Counter,
     death_to_ack: Histogram,
     launches: Family<ResultLabel, Counter>,
     progress_updates: Family<ResultLabel, Counter>,
@@ -98,6 +99,7 @@ impl Metrics {
             deaths: Family::default(),
             impostors: Counter::default(),
             delivery_attempts: Family::default(),
+            delivery_failovers: Counter::default(),
             // 1 ms to about 65 s: a death is acknowledged in milliseconds while the OMA is
             // up; anything slower waited for it in the outbox.
             death_to_ack: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
@@ -154,6 +156,7 @@ impl Metrics {
             "outbox_oldest_event_age" in Seconds, "Age of the oldest unacknowledged event (0 when none)", self.outbox_oldest_age.clone();
             "outbox_refused_events", "Events refused because the outbox was full", self.outbox_refused.clone();
             "delivery_attempts", "Attempts to deliver a batch of events to the OMA, by result", self.delivery_attempts.clone();
+            "delivery_failovers", "Moves to the next --oma-url after an OMA was unreachable or failed (5xx)", self.delivery_failovers.clone();
             "death_to_ack" in Seconds, "Time from a death's observation to the OMA's acknowledgement", self.death_to_ack.clone();
             "launches", "Requests to start migratekit, by result", self.launches.clone();
             "progress_updates", "Progress updates posted by migratekit, by result", self.progress_updates.clone();
@@ -193,6 +196,11 @@ impl Metrics {
     /// Counts a process named like migratekit that was not adopted.
     pub fn impostor(&self) {
         self.impostors.inc();
+    }
+
+    /// Counts a move to the next OMA (see `crate::outbox::omas`).
+    pub fn delivery_failover(&self) {
+        self.delivery_failovers.inc();
     }
 
     /// Counts a delivery attempt.

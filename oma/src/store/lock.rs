@@ -14,6 +14,13 @@ use std::sync::Arc;
 /// Advisory-lock key of recovery runs ("OMAREC" in ASCII).
 const RECOVERY_LOCK_KEY: i64 = 0x4f4d_4152_4543;
 
+/// TCP keepalive of the recovery lock's session, set on the server's side: when the host of
+/// the OMA holding the lock vanishes (power, network), with no FIN or RST to end its
+/// connection, PostgreSQL ends the session after idle + interval x count = 5 + 2 x 3 = 11 s
+/// and so frees the lock, instead of after the system's default of two hours. A process that
+/// dies (even by SIGKILL) has its connection closed by its kernel, which frees the lock at once.
+const LOCK_SESSION_KEEPALIVE: &str = "SELECT set_config('tcp_keepalives_idle', '5', false),      set_config('tcp_keepalives_interval', '2', false),      set_config('tcp_keepalives_count', '3', false),      set_config('tcp_user_timeout', '11000', false)";
+
 /// Held while a recovery run goes on; give it back with [`RecoveryLock::release`].
 #[derive(Debug)]
 pub struct RecoveryLock {
@@ -94,6 +101,9 @@ impl Store {
             }));
         }
         let mut conn = self.pool.acquire().await?;
+        sqlx::query(LOCK_SESSION_KEEPALIVE)
+            .execute(&mut *conn)
+            .await?;
         let row = sqlx::query("SELECT pg_try_advisory_lock($1) AS locked")
             .bind(RECOVERY_LOCK_KEY)
             .fetch_one(&mut *conn)

@@ -163,6 +163,10 @@ pub fn settings(db: &TestDb) -> Settings {
             per_vma_concurrency: 2,
             stall_threshold: Duration::from_secs(3600),
         },
+        lease: oma::lease::LeaseConfig {
+            period: Duration::from_secs(1),
+            name: "test".into(),
+        },
         net: oma::server::NetSettings::default(),
     }
 }

@@ -10,6 +10,7 @@ use rand::Rng;
 use transport::{ClientTlsFiles, TlsError};
 use uuid::Uuid;
 
+use super::omas::{OmaUrls, Outcome};
 use super::{Outbox, OutboxError};
 use crate::metrics::Metrics;
 use crate::secret::BearerToken;
@@ -17,7 +18,8 @@ use crate::secret::BearerToken;
 /// Where and how to deliver.
 #[derive(Debug, Clone)]
 pub struct DeliveryConfig {
-    /// Base URL of the OMA, e.g. `http://oma:8082`; `/api/v1/watchdog/events` is appended.
+    /// Base URL of the OMA, e.g. `http://oma:8082`, or several separated by commas, in order
+    /// of preference (see `super::omas`); `/api/v1/watchdog/events` is appended.
     pub oma_url: String,
     /// This VMA's id, sent in every batch.
     pub vma_id: String,
@@ -52,13 +54,6 @@ impl DeliveryConfig {
             metrics: Metrics::new(),
         }
     }
-
-    fn events_url(&self) -> String {
-        format!(
-            "{}/api/v1/watchdog/events",
-            self.oma_url.trim_end_matches('/')
-        )
-    }
 }
 
 /// Why one delivery attempt failed.
@@ -87,6 +82,15 @@ impl AttemptError {
             Self::BadAck(_) => "bad_answer",
             Self::NothingAcknowledged(_) => "not_acknowledged",
             Self::Outbox(_) | Self::Join => "local_error",
+        }
+    }
+
+    /// Whether another OMA should get the next attempt (see `super::omas`).
+    fn outcome(&self) -> Outcome {
+        match self {
+            Self::Request(_) | Self::BadAck(_) => Outcome::Unavailable,
+            Self::Status(status) if status.is_server_error() => Outcome::Unavailable,
+            _ => Outcome::Answered,
         }
     }
 }
@@ -178,7 +182,7 @@ pub async fn deliver_with(
     client: Arc<OmaClient>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let url = config.events_url();
+    let omas = OmaUrls::parse(&config.oma_url);
     tokio::pin!(shutdown);
     let mut failures: u32 = 0;
     // Stamped while the loop waits (for an append, for the OMA, for a back-off), not while it
@@ -203,6 +207,8 @@ pub async fn deliver_with(
             .map(|e| e.observed_at)
             .collect();
         let current = client.current();
+        let (oma, base) = omas.pick();
+        let url = format!("{base}/api/v1/watchdog/events");
         let attempt = attempt(&current, &url, &config, &outbox, batch);
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
@@ -221,12 +227,16 @@ pub async fn deliver_with(
         };
         match result {
             Ok(removed) => {
+                omas.record(oma, Outcome::Answered);
                 config.metrics.delivery_attempt("acknowledged");
                 config.metrics.deaths_acknowledged(&deaths);
                 failures = 0;
                 tracing::debug!(sent, acknowledged = removed, "delivered events to the OMA");
             }
             Err(error) => {
+                if omas.record(oma, error.outcome()) {
+                    config.metrics.delivery_failover();
+                }
                 config.metrics.delivery_attempt(error.result());
                 outbox.record_failed_attempt();
                 failures = failures.saturating_add(1);

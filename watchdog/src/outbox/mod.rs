@@ -6,6 +6,7 @@
 //! takes. A restart resumes from the files.
 
 pub mod delivery;
+pub mod omas;
 mod store;
 
 use std::path::PathBuf;
