@@ -7,6 +7,11 @@
 //!    splits that into kill→tracepoint and tracepoint→user space.
 //! 2. Cost: a storm of fork()+_exit(0) children that match nothing, counted per second with the
 //!    detector unloaded and loaded, alternating phases in the same run.
+//! 3. Memory (with `--watchdog-bin`): the real daemon's idle RSS and peak, its memory tuning
+//!    off and on, alternating in the same run (`bench_detect/memory.rs`).
+
+#[path = "bench_detect/memory.rs"]
+mod memory;
 
 use std::os::unix::fs::symlink;
 use std::process::Command;
@@ -28,6 +33,15 @@ struct Args {
     /// How many unloaded/loaded phase pairs.
     #[arg(long, default_value_t = 10)]
     rounds: u32,
+    /// The `vma-watchdog` binary whose memory to measure (skipped without it).
+    #[arg(long)]
+    watchdog_bin: Option<std::path::PathBuf>,
+    /// Seconds the daemon idles after `watchdog_ready` before its memory is read.
+    #[arg(long, default_value_t = 5.0)]
+    idle_secs: f64,
+    /// How many starts per configuration for the memory figures (median).
+    #[arg(long, default_value_t = 3)]
+    memory_rounds: u32,
     /// Internal: run one storm phase of this many seconds in this (fresh, small) process and
     /// print `rate cpu_us_per_proc`. The storm runs in its own process, like the unrelated
     /// programs of a real machine, so the watchdog's own memory does not slow its forks.
@@ -268,5 +282,10 @@ fn main() -> Result<()> {
     runtime.block_on(async {
         latency(&args).await?;
         cost(&args).await
-    })
+    })?;
+    if let Some(bin) = &args.watchdog_bin {
+        let idle = Duration::from_secs_f64(args.idle_secs);
+        memory::run(bin, args.memory_rounds, idle)?;
+    }
+    Ok(())
 }

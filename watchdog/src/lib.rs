@@ -8,6 +8,7 @@ pub(crate) mod disk;
 pub mod http;
 pub mod launcher;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod outbox;
 pub mod peer;

@@ -12,6 +12,8 @@ fn main() -> anyhow::Result<ExitCode> {
     // migratekit gets the umask the watchdog was started with back (see the launcher).
     // SAFETY: umask(2) cannot fail.
     let started_with = unsafe { libc::umask(0o077) };
+    // Before any thread starts: glibc picks a thread's malloc arena at its first allocation.
+    let memory_tuned = vma_watchdog::memory::configure();
     launcher::set_child_umask(started_with);
     let config = Config::from_args()?;
     // The tokens are read: out of the environment with them, while no other thread can read
@@ -27,6 +29,13 @@ fn main() -> anyhow::Result<ExitCode> {
     // Held to the end of `main`, so that the last lines are written out.
     let _log = logging::init(config.log_format, config.log_queue_lines)?;
     config::log_deferred_warnings();
+    tracing::info!(
+        event = "memory_tuning",
+        on = memory_tuned,
+        arena_max = memory_tuned.then_some(vma_watchdog::memory::ARENA_MAX),
+        "malloc arenas capped and freed heap returned after the detector loads, unless {}=off",
+        vma_watchdog::memory::TUNING_ENV
+    );
     daemon_support::notify::announce(notify);
     if !scrubbed.is_empty() {
         tracing::info!(event = "environment_scrubbed",

@@ -143,6 +143,15 @@ impl EbpfDetector {
     pub fn start_with(
         options: &EbpfOptions,
     ) -> Result<(EbpfDetector, mpsc::Receiver<DetectorEvent>), EbpfError> {
+        let started = Self::load(options);
+        // Loaded or not, the kernel's BTF was read and parsed on the way (see crate::memory).
+        crate::memory::release_freed("ebpf_load");
+        started
+    }
+
+    fn load(
+        options: &EbpfOptions,
+    ) -> Result<(EbpfDetector, mpsc::Receiver<DetectorEvent>), EbpfError> {
         if OBJECT.is_empty() {
             return Err(EbpfError::ObjectNotBuilt);
         }
@@ -158,6 +167,11 @@ impl EbpfDetector {
         raise_memlock_limit();
 
         let mut loader = EbpfLoader::new();
+        if !needs_kernel_btf() {
+            // Parsed by `new` (some 14 MiB of heap) and only used for CO-RE relocations:
+            // freed now rather than kept through the load.
+            loader.btf(None);
+        }
         let mode_globals = layout.mode_globals();
         for (name, value) in layout.offsets.iter().chain(mode_globals.iter()) {
             loader.override_global(name, value, true);
@@ -281,6 +295,13 @@ fn attach(
     Ok(())
 }
 
+/// True when the embedded object has CO-RE relocations, which aya applies against the
+/// kernel's BTF. Ours has none (offsets come from `layout`, set as globals); this keeps a
+/// future object that has some working.
+fn needs_kernel_btf() -> bool {
+    aya_obj::Object::parse(OBJECT).map_or(true, |object| object.has_btf_relocations())
+}
+
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.
 fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
@@ -337,5 +358,18 @@ impl Detector for EbpfDetector {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_embedded_object_needs_no_kernel_btf() {
+        if !super::object_built() {
+            eprintln!("SKIP: the eBPF object is not built (cargo xtask build-ebpf)");
+            return;
+        }
+        // The loader drops the kernel's BTF before loading only when this holds.
+        assert!(!super::needs_kernel_btf());
     }
 }
