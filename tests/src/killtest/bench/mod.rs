@@ -10,7 +10,10 @@ use serde::Serialize;
 use crate::oma::OmaConfig;
 use crate::system::{System, SystemOptions, percentile};
 
+mod flush;
 mod split;
+
+pub use flush::{FlushComparison, flush_compare};
 
 pub use split::{SlowKill, Step};
 
@@ -148,7 +151,13 @@ pub fn kill_to_commit(
         }
     }
     let syncs = fdatasync_baseline(sys.oma.dir(), 200)?;
-    let (steps, slowest) = split::split(sys.watchdog.log_path(), sys.oma.log_path(), &measured);
+    let (steps, slowest) = split::split(
+        sys.watchdog.log_path(),
+        sys.oma.log_path(),
+        &measured,
+        // The watchdog runs with its default order: delivery beside the outbox's flush.
+        true,
+    );
     Ok(BenchFigures {
         kills,
         p50_ms: percentile(&ms, 50.0).unwrap_or_default(),
@@ -206,7 +215,7 @@ impl Drop for Scraper {
 /// `n` appends of a death-sized line to a file in `dir`, each followed by `fdatasync(2)`, 20 ms
 /// apart (as isolated as the deaths of the benchmark, which a lone flush on a virtual disk
 /// pays more for than a burst); milliseconds each.
-fn fdatasync_baseline(dir: &std::path::Path, n: usize) -> crate::Result<Vec<f64>> {
+pub(crate) fn fdatasync_baseline(dir: &std::path::Path, n: usize) -> crate::Result<Vec<f64>> {
     use std::io::Write;
     let path = dir.join("fdatasync-baseline");
     let io = |e| crate::HarnessError::io(format!("measuring fdatasync in {}", dir.display()), e);
