@@ -620,6 +620,58 @@ mod tests {
         }
     }
 
+    /// Queues `e` as an append does right after its write(2), before its flush completes.
+    fn written_not_flushed(outbox: &Outbox, e: &ProcessEvent) -> u64 {
+        let mut inner = outbox.lock();
+        inner.written_seq += 1;
+        let seq = inner.written_seq;
+        let stored = StoredEvent {
+            appended_at: Utc::now(),
+            event: e.clone(),
+        };
+        let bytes = line_len(&stored).unwrap();
+        Outbox::queue(
+            &mut inner,
+            Pending {
+                stored,
+                bytes,
+                seq,
+                flush_failed: false,
+            },
+        );
+        seq
+    }
+
+    #[test]
+    fn an_acknowledgement_before_the_flush_waits_for_it_and_a_failed_flush_lets_it_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Arc::new(Outbox::open(dir.path(), OutboxLimits::default()).unwrap());
+        for flushed in [true, false] {
+            let e = event(if flushed { 1 } else { 2 });
+            let seq = written_not_flushed(&outbox, &e);
+            // Handed to the delivery before the flush.
+            assert_eq!(outbox.peek(10), vec![e.clone()]);
+            let acking = Arc::clone(&outbox);
+            let id = e.event_id;
+            let ack = std::thread::spawn(move || acking.acknowledge(&[id]).unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            assert!(
+                !ack.is_finished(),
+                "the acknowledgement waits for the flush"
+            );
+            assert_eq!(outbox.stats().queued, 1);
+            let result = if flushed {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("injected"))
+            };
+            outbox.flush_done(seq, id, result);
+            assert_eq!(ack.join().unwrap(), 1);
+            assert_eq!(outbox.stats().queued, 0);
+        }
+        assert_eq!(outbox.flush_failures(), 1);
+    }
+
     #[test]
     fn compaction_after_acks_keeps_appending_to_the_new_files() {
         let dir = tempfile::tempdir().unwrap();
