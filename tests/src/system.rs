@@ -35,6 +35,11 @@ pub struct SystemOptions {
     pub tls: bool,
     /// Both daemons serve `/metrics`; `false` runs both with `--metrics-listen off`.
     pub metrics: bool,
+    /// The watchdog delivers deaths to the OMA; `false` runs it without `--oma-url`, so that
+    /// only the OMA's polling and recovery learn of a death.
+    pub deliver: bool,
+    /// More arguments for the watchdog (e.g. `--outbox-flush-order serial`).
+    pub watchdog_args: Vec<String>,
 }
 
 impl Default for SystemOptions {
@@ -45,6 +50,8 @@ impl Default for SystemOptions {
             partitioned: false,
             tls: false,
             metrics: true,
+            deliver: true,
+            watchdog_args: Vec::new(),
         }
     }
 }
@@ -136,6 +143,8 @@ impl System {
                 detector: options.detector.clone(),
                 tls: pki.as_ref().map(|p| p.daemon("vma-1")).transpose()?,
                 metrics: options.metrics,
+                deliver: options.deliver,
+                extra_args: options.watchdog_args.clone(),
             },
             vma_http,
         )?;

@@ -48,6 +48,10 @@ pub struct WatchdogConfig {
     pub tls: Option<crate::tls::DaemonTls>,
     /// Serve `/metrics` (on a port of its own); `false` runs it with `--metrics-listen off`.
     pub metrics: bool,
+    /// Deliver deaths to `oma_url`; `false` runs it without `--oma-url`.
+    pub deliver: bool,
+    /// More arguments, appended to the command line.
+    pub extra_args: Vec<String>,
 }
 
 /// A running (or stopped) watchdog; its state directory outlives restarts.
@@ -138,7 +142,7 @@ impl Watchdog {
         let mut args = wiring_args(&WiringArgs {
             state_dir: dir.path().join("state"),
             listen: format!("{}:{port}", config.ip),
-            oma_url: config.oma_url.clone(),
+            oma_url: config.deliver.then(|| config.oma_url.clone()),
             vma_id: config.vma_id.clone(),
             oma_token_file,
             api_token_file,
@@ -153,6 +157,7 @@ impl Watchdog {
         let (metrics, metrics_flag) =
             metrics_flag(config.ip, config.netns.is_some(), config.metrics)?;
         args.extend(metrics_flag);
+        args.extend(config.extra_args.iter().map(OsString::from));
         let daemon = Daemon::new(
             "vma-watchdog",
             crate::bins::watchdog()?,
@@ -361,7 +366,7 @@ impl Watchdog {
 struct WiringArgs {
     state_dir: PathBuf,
     listen: String,
-    oma_url: String,
+    oma_url: Option<String>,
     vma_id: String,
     oma_token_file: PathBuf,
     api_token_file: PathBuf,
@@ -399,7 +404,9 @@ fn wiring_args(w: &WiringArgs) -> Vec<OsString> {
     };
     flag("--state-dir", w.state_dir.clone().into());
     flag("--listen", w.listen.clone().into());
-    flag("--oma-url", w.oma_url.clone().into());
+    if let Some(url) = &w.oma_url {
+        flag("--oma-url", url.into());
+    }
     flag("--vma-id", w.vma_id.clone().into());
     flag("--oma-token-file", w.oma_token_file.clone().into());
     flag("--api-token-file", w.api_token_file.clone().into());

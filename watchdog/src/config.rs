@@ -9,7 +9,7 @@ use clap::Parser;
 
 use crate::launcher::LauncherConfig;
 use crate::logging::LogFormat;
-use crate::outbox::OutboxLimits;
+use crate::outbox::{FlushOrder, OutboxLimits};
 use crate::proc_reader::COMM_MAX;
 use crate::secret::BearerToken;
 
@@ -106,6 +106,11 @@ pub struct Cli {
     /// At most this many bytes of undelivered events on disk.
     #[arg(long, default_value_t = OutboxLimits::default().max_bytes)]
     pub outbox_max_bytes: u64,
+    /// When a new event's delivery to the OMA starts: `parallel` (while the outbox's
+    /// fdatasync runs: one flush on a death's path) or `serial` (after it, the old order).
+    /// Either way an event is forgotten only once acknowledged and flushed.
+    #[arg(long, env = "VMA_WATCHDOG_OUTBOX_FLUSH_ORDER", value_enum, default_value_t = FlushOrder::Parallel)]
+    pub outbox_flush_order: FlushOrder,
     /// JSON file with the migratekit program, its argument template and vCenter
     /// credentials (see docs/WATCHDOG.md). Excludes --launch-program and --launch-arg.
     #[arg(long, env = "VMA_WATCHDOG_LAUNCH_CONFIG")]
@@ -188,6 +193,8 @@ pub struct Config {
     pub vma_id: String,
     /// Bounds of the outbox.
     pub outbox_limits: OutboxLimits,
+    /// When a new event's delivery starts (`--outbox-flush-order`).
+    pub outbox_flush_order: FlushOrder,
     /// How migratekit is started.
     pub launcher: LauncherConfig,
     /// TLS, the progress listener, connection bounds, and the files re-read on SIGHUP.
@@ -262,6 +269,7 @@ impl Config {
                 max_events: cli.outbox_max_events,
                 max_bytes: cli.outbox_max_bytes,
             },
+            outbox_flush_order: cli.outbox_flush_order,
             launcher,
             net,
         })

@@ -102,10 +102,13 @@ impl Daemon {
             source,
         })?;
         let registry = Arc::new(Registry::open(&config.state_dir)?);
-        let outbox = Arc::new(Outbox::open(
-            &config.state_dir.join(crate::outbox::DIR_NAME),
-            config.outbox_limits,
-        )?);
+        let outbox = Arc::new(
+            Outbox::open(
+                &config.state_dir.join(crate::outbox::DIR_NAME),
+                config.outbox_limits,
+            )?
+            .with_flush_order(config.outbox_flush_order),
+        );
         legacy::import_journal(&config.state_dir, &outbox);
         // Deaths reach the registry's file a moment after they happen; the outbox forgets an
         // acknowledged death only once the file holds it (see `crate::registry`).

@@ -81,6 +81,7 @@ pub struct Metrics {
     outbox_max_bytes: Gauge,
     outbox_oldest_age: Gauge<f64, AtomicU64>,
     outbox_refused: Counter,
+    outbox_flush_failures: Counter,
     registry_write_errors: Counter,
     ring_lost: Counter,
     kernel_read_errors: Counter,
@@ -112,6 +113,7 @@ impl Metrics {
             outbox_max_bytes: Gauge::default(),
             outbox_oldest_age: Gauge::default(),
             outbox_refused: Counter::default(),
+            outbox_flush_failures: Counter::default(),
             registry_write_errors: Counter::default(),
             ring_lost: Counter::default(),
             kernel_read_errors: Counter::default(),
@@ -155,6 +157,7 @@ impl Metrics {
             "outbox_max" in Bytes, "Bound on outbox_bytes (--outbox-max-bytes)", self.outbox_max_bytes.clone();
             "outbox_oldest_event_age" in Seconds, "Age of the oldest unacknowledged event (0 when none)", self.outbox_oldest_age.clone();
             "outbox_refused_events", "Events refused because the outbox was full", self.outbox_refused.clone();
+            "outbox_flush_failures", "Appended events whose fdatasync failed (kept in memory and delivered)", self.outbox_flush_failures.clone();
             "delivery_attempts", "Attempts to deliver a batch of events to the OMA, by result", self.delivery_attempts.clone();
             "delivery_failovers", "Moves to the next --oma-url after an OMA was unreachable or failed (5xx)", self.delivery_failovers.clone();
             "death_to_ack" in Seconds, "Time from a death's observation to the OMA's acknowledgement", self.death_to_ack.clone();
@@ -231,6 +234,10 @@ impl Metrics {
         self.outbox_oldest_age
             .set(outbox.oldest_age_seconds.unwrap_or(0.0));
         mirror(&self.outbox_refused, outbox.refused);
+        mirror(
+            &self.outbox_flush_failures,
+            tracker.outbox().flush_failures(),
+        );
         mirror(
             &self.registry_write_errors,
             tracker.registry().write_errors(),

@@ -45,6 +45,16 @@ pub struct KillTestArgs {
     /// With --bench: metrics off, then on and scraped every second, side by side in one run.
     #[arg(long, requires = "bench")]
     metrics_compare: bool,
+    /// With --bench: the watchdog's flush orders serial and parallel side by side over the
+    /// same number of kills, then kills with its delivery off (see docs/BENCHMARKS.md).
+    #[arg(long, requires = "bench")]
+    flush_compare: bool,
+    /// With --flush-compare: rounds the two orders alternate in.
+    #[arg(long, requires = "flush_compare")]
+    rounds: Option<usize>,
+    /// With --flush-compare: kills with the delivery off (default: as many as --bench).
+    #[arg(long, requires = "flush_compare")]
+    unwatched_kills: Option<usize>,
     /// List the scenarios and what each proves.
     #[arg(long)]
     list: bool,
@@ -104,6 +114,9 @@ impl KillTestArgs {
             busy: false,
             tls: false,
             metrics_compare: false,
+            flush_compare: false,
+            rounds: None,
+            unwatched_kills: None,
             list: false,
             release: false,
             vm: false,
@@ -158,6 +171,15 @@ pub fn run(args: &KillTestArgs) -> Result<()> {
         }
         if args.metrics_compare {
             runner.arg("--metrics-compare");
+        }
+        if args.flush_compare {
+            runner.arg("--flush-compare");
+        }
+        if let Some(rounds) = args.rounds {
+            runner.args(["--rounds", &rounds.to_string()]);
+        }
+        if let Some(n) = args.unwatched_kills {
+            runner.args(["--unwatched-kills", &n.to_string()]);
         }
     }
     if args.list {

@@ -48,6 +48,18 @@ struct Args {
     /// metrics on and scraped every second, and print the two side by side.
     #[arg(long, requires = "bench")]
     metrics_compare: bool,
+    /// With --bench: the watchdog's two flush orders (serial, parallel) side by side, each
+    /// over the --bench kills in alternating rounds, then --unwatched-kills kills with its
+    /// delivery off (only the OMA's polling and recovery notice the death).
+    #[arg(long, requires = "bench")]
+    flush_compare: bool,
+    /// With --flush-compare: rounds the two orders alternate in.
+    #[arg(long, default_value_t = 2, requires = "flush_compare")]
+    rounds: usize,
+    /// With --flush-compare: kills with the delivery off (default: as many as --bench; each
+    /// waits for the OMA's next poll, 2.5 s on average).
+    #[arg(long, requires = "flush_compare")]
+    unwatched_kills: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +83,14 @@ fn main() -> anyhow::Result<()> {
             bench::kill_to_commit(kills, args.busy, &args.detector, args.tls, metrics)
                 .context("kill-to-commit benchmark")
         };
+        if args.flush_compare {
+            let unwatched = args.unwatched_kills.unwrap_or(kills);
+            let figures = bench::flush_compare(kills, args.rounds, unwatched, &args.detector)
+                .context("kill-to-commit, one flush against two")?;
+            println!("{figures}");
+            write_json(&args.json, &figures)?;
+            return Ok(());
+        }
         if args.metrics_compare {
             let (off, on) = (run(false)?, run(true)?);
             println!("metrics off: {off}\n\nmetrics on: {on}\n");

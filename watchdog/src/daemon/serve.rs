@@ -197,7 +197,8 @@ fn start_delivery(
     delivery.metrics = Arc::clone(tracker.metrics());
     tracing::info!(event = "delivery_started", oma_url = %oma.url, vma_id = %config.vma_id,
         https = oma.url.starts_with("https://"), client_certificate = config.net.oma_tls.cert.is_some(),
-        queued = tracker.outbox().stats().queued, "delivering events to the OMA");
+        queued = tracker.outbox().stats().queued, flush_order = tracker.outbox().flush_order().as_str(),
+        "delivering events to the OMA");
     let outbox = Arc::clone(tracker.outbox());
     tasks.spawn(async move {
         deliver_with(outbox, delivery, client, stopped).await;

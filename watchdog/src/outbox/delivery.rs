@@ -285,6 +285,9 @@ async fn attempt(
     events: Vec<api::ProcessEvent>,
 ) -> Result<usize, AttemptError> {
     let sent: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    let death = events
+        .iter()
+        .any(|e| e.kind != api::ProcessEventKind::ProcessStarted);
     let batch = EventBatch {
         vma_id: config.vma_id.clone(),
         events,
@@ -299,6 +302,7 @@ async fn attempt(
         .send()
         .await
         .map_err(AttemptError::Request)?;
+    super::crash::at(super::crash::Point::DuringPost, death);
     if !response.status().is_success() {
         return Err(AttemptError::Status(response.status()));
     }

@@ -1,10 +1,13 @@
 //! Durable outbox of process events for the OMA, and the task that delivers it.
 //!
-//! [`Outbox::append`] returns only once the event is fsynced; [`delivery::deliver`] sends the
-//! oldest events in batches to `{oma}/api/v1/watchdog/events` and removes exactly the ids the
-//! OMA acknowledges, retrying with capped exponential backoff and jitter for as long as it
-//! takes. A restart resumes from the files.
+//! [`Outbox::append`] returns only once the event is fsynced; with [`FlushOrder::Parallel`]
+//! (the default) the event is handed to the delivery as soon as it is written, so the POST to
+//! the OMA runs while the `fdatasync` is in flight. [`delivery::deliver`] sends the oldest
+//! events in batches to `{oma}/api/v1/watchdog/events` and removes exactly the ids the OMA
+//! acknowledges, once their local flush has completed too, retrying with capped exponential
+//! backoff and jitter for as long as it takes. A restart resumes from the files.
 
+pub mod crash;
 pub mod delivery;
 pub mod omas;
 mod store;
@@ -45,6 +48,32 @@ pub trait AckObserver: Send + Sync + std::fmt::Debug {
     /// `events` were acknowledged and are forgotten. Called on the delivery's blocking
     /// thread, outside the outbox's lock; it may block on disk I/O.
     fn acknowledged(&self, events: &[api::ProcessEvent]);
+}
+
+/// When a new event is handed to the delivery: after its local flush, or while it runs.
+///
+/// Either way [`Outbox::append`] returns only once the event is on disk, and an event is
+/// forgotten only once the OMA has acknowledged it *and* its flush has completed. The
+/// difference is the death's path to the OMA: `serial` puts the outbox's `fdatasync` and the
+/// OMA's commit one after the other, `parallel` overlaps them (one flush on the path).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FlushOrder {
+    /// The POST starts while the append's `fdatasync` is in flight.
+    #[default]
+    Parallel,
+    /// The POST starts after the append's `fdatasync` has returned (the order before
+    /// 2026-12-04).
+    Serial,
+}
+
+impl FlushOrder {
+    /// Its name, as the flag spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Parallel => "parallel",
+            Self::Serial => "serial",
+        }
+    }
 }
 
 /// Bounds of the outbox on disk.

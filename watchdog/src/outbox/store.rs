@@ -1,5 +1,11 @@
 //! The outbox on disk: every process event is fsynced before `append` returns, and stays
-//! until the OMA acknowledges its id.
+//! until the OMA acknowledges its id and its own flush has completed.
+//!
+//! With [`FlushOrder::Parallel`] an event joins the pending queue (and the delivery is woken)
+//! right after its `write(2)`, while its `fdatasync` runs: the POST to the OMA and the local
+//! flush overlap. Each written line gets a sequence number; a completed `fdatasync` makes
+//! every line written before it durable (`durable_seq`). `acknowledge` waits until the
+//! acknowledged events are flushed (or their flush failed) before it forgets them.
 //!
 //! Two files in the outbox directory:
 //! - `events.jsonl`: one [`StoredEvent`] per line, appended and `fdatasync`ed;
@@ -15,14 +21,15 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use api::ProcessEvent;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{AckBarrier, AckObserver, OutboxError, OutboxLimits, OutboxStats};
+use super::crash::{self, Point};
+use super::{AckBarrier, AckObserver, FlushOrder, OutboxError, OutboxLimits, OutboxStats};
 use crate::disk;
 
 const EVENTS_FILE: &str = "events.jsonl";
@@ -42,14 +49,31 @@ struct StoredEvent {
 struct Pending {
     stored: StoredEvent,
     bytes: u64,
+    /// Sequence number of its line (0 for events loaded at open: durable already).
+    seq: u64,
+    /// Its `fdatasync` failed: it is delivered from memory, and forgotten once acknowledged.
+    flush_failed: bool,
+}
+
+impl Pending {
+    fn is_death(&self) -> bool {
+        self.stored.event.kind != api::ProcessEventKind::ProcessStarted
+    }
 }
 
 #[derive(Debug)]
 struct Inner {
     pending: VecDeque<Pending>,
     pending_bytes: u64,
-    events: File,
+    /// Shared with the appends whose `fdatasync` runs outside the lock.
+    events: Arc<File>,
     acks: File,
+    /// Lines written to the events file so far (the last one's sequence number).
+    written_seq: u64,
+    /// Every line up to this sequence number is durable.
+    durable_seq: u64,
+    /// `fdatasync`s of appended events that failed since this process started.
+    flush_failures: u64,
     acks_since_compaction: usize,
     delivered: u64,
     failed_attempts: u64,
@@ -66,6 +90,10 @@ pub struct Outbox {
     dir: PathBuf,
     limits: OutboxLimits,
     inner: Mutex<Inner>,
+    /// When a new event is handed to the delivery, see [`FlushOrder`].
+    order: FlushOrder,
+    /// Signalled whenever an append's flush completes or fails.
+    flushed: Condvar,
     notify: tokio::sync::Notify,
     /// Signalled when the OMA has just called this watchdog, see [`Outbox::oma_called`].
     oma_seen: tokio::sync::Notify,
@@ -109,7 +137,12 @@ impl Outbox {
             }
             let bytes = line_len(&stored)?;
             pending_bytes += bytes;
-            pending.push_back(Pending { stored, bytes });
+            pending.push_back(Pending {
+                stored,
+                bytes,
+                seq: 0,
+                flush_failed: false,
+            });
         }
         let (mut events, mut acks) = (None, None);
         compact(dir, &pending, &mut events, &mut acks).map_err(open_err(dir))?;
@@ -128,14 +161,19 @@ impl Outbox {
             inner: Mutex::new(Inner {
                 pending,
                 pending_bytes,
-                events,
+                events: Arc::new(events),
                 acks,
+                written_seq: 0,
+                durable_seq: 0,
+                flush_failures: 0,
                 acks_since_compaction: 0,
                 delivered: 0,
                 failed_attempts: 0,
                 refused: 0,
                 warned_filling: false,
             }),
+            order: FlushOrder::default(),
+            flushed: Condvar::new(),
             notify: tokio::sync::Notify::new(),
             oma_seen: tokio::sync::Notify::new(),
             barrier: OnceLock::new(),
@@ -146,7 +184,18 @@ impl Outbox {
         Ok(outbox)
     }
 
+    /// When new events are handed to the delivery (before the outbox is shared).
+    pub fn with_flush_order(mut self, order: FlushOrder) -> Self {
+        self.order = order;
+        self
+    }
+
     /// Appends an event and makes it durable before returning.
+    ///
+    /// With [`FlushOrder::Parallel`] the delivery may send the event while this waits for
+    /// its `fdatasync`. Should that flush fail, the event has been handed out already: it
+    /// stays queued in memory and is delivered (logged as `outbox_flush_failed` and counted),
+    /// and this returns `Ok`; an error means the event is not queued at all.
     ///
     /// When the outbox is full the new event is refused with [`OutboxError::Full`] rather
     /// than dropping the oldest: the oldest events are deaths nobody else has recorded, while
@@ -164,42 +213,105 @@ impl Outbox {
         })?;
         line.push(b'\n');
         let bytes = line.len() as u64;
+        let death = stored.event.kind != api::ProcessEventKind::ProcessStarted;
         let mut inner = self.lock();
-        let full = inner.pending.len() as u64 >= self.limits.max_events
-            || inner.pending_bytes + bytes > self.limits.max_bytes;
-        if full {
-            inner.refused += 1;
-            tracing::error!(
-                event_id = %stored.event.event_id, job_id = %stored.event.job_id,
-                queued = inner.pending.len(), queued_bytes = inner.pending_bytes,
-                max_events = self.limits.max_events, max_bytes = self.limits.max_bytes,
-                "outbox full: refusing a new event; the OMA has not acknowledged events for a while, check its reachability and the watchdog's token"
-            );
-            return Err(OutboxError::Full {
-                queued: inner.pending.len() as u64,
-                max_events: self.limits.max_events,
-                queued_bytes: inner.pending_bytes,
-                max_bytes: self.limits.max_bytes,
-            });
-        }
+        self.check_room(&mut inner, &stored.event, bytes)?;
         let write_err = |source| OutboxError::Write {
             path: self.dir.join(EVENTS_FILE),
             source,
         };
         let locked_us = crate::clock::monotonic_us();
-        inner.events.write_all(&line).map_err(write_err)?;
+        crash::at(Point::BeforeWrite, death);
+        (&*inner.events).write_all(&line).map_err(write_err)?;
         let written_us = crate::clock::monotonic_us();
-        inner.events.sync_data().map_err(write_err)?;
+        crash::at(Point::AfterWrite, death);
+        inner.written_seq += 1;
+        let seq = inner.written_seq;
+        let event_id = stored.event.event_id;
+        let pending = Pending {
+            stored,
+            bytes,
+            seq,
+            flush_failed: false,
+        };
+        if self.order == FlushOrder::Serial {
+            inner.events.sync_data().map_err(write_err)?;
+            inner.durable_seq = seq;
+            Self::queue(&mut inner, pending);
+            self.check_filling(&mut inner);
+            drop(inner);
+            self.notify.notify_one();
+        } else {
+            Self::queue(&mut inner, pending);
+            self.check_filling(&mut inner);
+            let file = Arc::clone(&inner.events);
+            drop(inner);
+            // The delivery starts now, while this thread flushes.
+            self.notify.notify_one();
+            crash::hold_flush(death);
+            let result = file.sync_data();
+            self.flush_done(seq, event_id, result);
+        }
+        crash::at(Point::AfterFlush, death);
         // The append's own steps (for the kill-to-commit benchmark's split).
         tracing::debug!(target: crate::clock::LATENCY_TARGET, event = "append_timing",
-            event_id = %stored.event.event_id, locked_us, written_us,
-            synced_us = crate::clock::monotonic_us(), "event appended");
-        inner.pending_bytes += bytes;
-        inner.pending.push_back(Pending { stored, bytes });
-        self.check_filling(&mut inner);
-        drop(inner);
-        self.notify.notify_one();
+            event_id = %event_id, locked_us, written_us,
+            synced_us = crate::clock::monotonic_us(), order = self.order.as_str(), "event appended");
         Ok(())
+    }
+
+    fn queue(inner: &mut Inner, pending: Pending) {
+        inner.pending_bytes += pending.bytes;
+        inner.pending.push_back(pending);
+    }
+
+    /// Refuses an event of `bytes` when the outbox is at its bounds.
+    fn check_room(
+        &self,
+        inner: &mut Inner,
+        event: &ProcessEvent,
+        bytes: u64,
+    ) -> Result<(), OutboxError> {
+        let full = inner.pending.len() as u64 >= self.limits.max_events
+            || inner.pending_bytes + bytes > self.limits.max_bytes;
+        if !full {
+            return Ok(());
+        }
+        inner.refused += 1;
+        tracing::error!(
+            event_id = %event.event_id, job_id = %event.job_id,
+            queued = inner.pending.len(), queued_bytes = inner.pending_bytes,
+            max_events = self.limits.max_events, max_bytes = self.limits.max_bytes,
+            "outbox full: refusing a new event; the OMA has not acknowledged events for a while, check its reachability and the watchdog's token"
+        );
+        Err(OutboxError::Full {
+            queued: inner.pending.len() as u64,
+            max_events: self.limits.max_events,
+            queued_bytes: inner.pending_bytes,
+            max_bytes: self.limits.max_bytes,
+        })
+    }
+
+    /// Records how the `fdatasync` of line `seq` ended, and wakes acknowledgements that wait
+    /// for it.
+    fn flush_done(&self, seq: u64, event_id: Uuid, result: std::io::Result<()>) {
+        let mut inner = self.lock();
+        match result {
+            Ok(()) => inner.durable_seq = inner.durable_seq.max(seq),
+            // A compaction since the write made the line durable in the new file.
+            Err(_) if inner.durable_seq >= seq => {}
+            Err(error) => {
+                inner.flush_failures += 1;
+                if let Some(p) = inner.pending.iter_mut().rev().find(|p| p.seq == seq) {
+                    p.flush_failed = true;
+                }
+                tracing::error!(event = "outbox_flush_failed", %error, %event_id,
+                    file = %self.dir.join(EVENTS_FILE).display(),
+                    "cannot flush an event to the outbox's file; it is kept in memory and delivered, but a crash before the OMA acknowledges it loses it (the registry then reports the death again at the next start); check the state directory's disk");
+            }
+        }
+        drop(inner);
+        self.flushed.notify_all();
     }
 
     /// [`Outbox::append`] from async code: the fsync runs on a blocking thread.
@@ -254,13 +366,22 @@ impl Outbox {
 
     /// Removes exactly the pending events whose ids are in `ids` (ids not pending are
     /// ignored), durably. Returns how many were removed.
+    ///
+    /// An acknowledgement that arrives while one of its events is still being flushed (see
+    /// [`FlushOrder::Parallel`]) waits for that flush: the event is forgotten only once both
+    /// have happened.
     pub fn acknowledge(&self, ids: &[Uuid]) -> Result<usize, OutboxError> {
         // Outside the lock: appends (deaths) must not wait for the barrier's writes.
         if let Some(barrier) = self.barrier.get() {
             barrier.before_forgetting().map_err(OutboxError::Barrier)?;
         }
-        let mut inner = self.lock();
         let ids: HashSet<Uuid> = ids.iter().copied().collect();
+        let mut inner = self.wait_flushed(&ids);
+        let death = inner
+            .pending
+            .iter()
+            .any(|p| ids.contains(&p.stored.event.event_id) && p.is_death());
+        crash::at(Point::AfterAckAndFlush, death);
         let present: Vec<Uuid> = inner
             .pending
             .iter()
@@ -304,6 +425,32 @@ impl Outbox {
         Ok(removed.len())
     }
 
+    /// Takes the lock once no event in `ids` waits for its flush any more.
+    fn wait_flushed(&self, ids: &HashSet<Uuid>) -> std::sync::MutexGuard<'_, Inner> {
+        let mut inner = self.lock();
+        loop {
+            let durable = inner.durable_seq;
+            let waiting = inner.pending.iter().find(|p| {
+                p.seq > durable && !p.flush_failed && ids.contains(&p.stored.event.event_id)
+            });
+            let Some(waiting) = waiting else {
+                return inner;
+            };
+            crash::at(Point::AfterAckBeforeFlush, waiting.is_death());
+            inner = self.flushed.wait(inner).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// `fdatasync`s of appended events that failed since this process started.
+    pub fn flush_failures(&self) -> u64 {
+        self.lock().flush_failures
+    }
+
+    /// When new events are handed to the delivery.
+    pub fn flush_order(&self) -> FlushOrder {
+        self.order
+    }
+
     /// Rewrites the files without the acknowledged events once enough have been.
     fn maybe_compact(&self, inner: &mut Inner) {
         if inner.acks_since_compaction < COMPACT_MIN_ACKS.max(inner.pending.len()) {
@@ -314,7 +461,11 @@ impl Outbox {
         let (mut events, mut acks) = (None, None);
         let result = compact(&self.dir, &inner.pending, &mut events, &mut acks);
         if let Some(events) = events {
-            inner.events = events;
+            inner.events = Arc::new(events);
+            // The new file holds every pending line, synced: flushes still in flight on the
+            // old one have nothing left to make durable.
+            inner.durable_seq = inner.written_seq;
+            self.flushed.notify_all();
         }
         if let Some(acks) = acks {
             inner.acks = acks;
@@ -467,6 +618,58 @@ mod tests {
             detector: Detector::Registry,
             last_progress: None,
         }
+    }
+
+    /// Queues `e` as an append does right after its write(2), before its flush completes.
+    fn written_not_flushed(outbox: &Outbox, e: &ProcessEvent) -> u64 {
+        let mut inner = outbox.lock();
+        inner.written_seq += 1;
+        let seq = inner.written_seq;
+        let stored = StoredEvent {
+            appended_at: Utc::now(),
+            event: e.clone(),
+        };
+        let bytes = line_len(&stored).unwrap();
+        Outbox::queue(
+            &mut inner,
+            Pending {
+                stored,
+                bytes,
+                seq,
+                flush_failed: false,
+            },
+        );
+        seq
+    }
+
+    #[test]
+    fn an_acknowledgement_before_the_flush_waits_for_it_and_a_failed_flush_lets_it_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Arc::new(Outbox::open(dir.path(), OutboxLimits::default()).unwrap());
+        for flushed in [true, false] {
+            let e = event(if flushed { 1 } else { 2 });
+            let seq = written_not_flushed(&outbox, &e);
+            // Handed to the delivery before the flush.
+            assert_eq!(outbox.peek(10), vec![e.clone()]);
+            let acking = Arc::clone(&outbox);
+            let id = e.event_id;
+            let ack = std::thread::spawn(move || acking.acknowledge(&[id]).unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            assert!(
+                !ack.is_finished(),
+                "the acknowledgement waits for the flush"
+            );
+            assert_eq!(outbox.stats().queued, 1);
+            let result = if flushed {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("injected"))
+            };
+            outbox.flush_done(seq, id, result);
+            assert_eq!(ack.join().unwrap(), 1);
+            assert_eq!(outbox.stats().queued, 0);
+        }
+        assert_eq!(outbox.flush_failures(), 1);
     }
 
     #[test]

@@ -76,9 +76,60 @@ fn committed_us(kill: &Kill) -> u64 {
     kill.killed_us + kill.total_us
 }
 
+/// The steps when the watchdog's delivery starts while the outbox flushes
+/// (`--outbox-flush-order parallel`): the flush is off the path, timed beside it.
+const PARALLEL_STEPS: [&str; 12] = [
+    "kill -> the kernel's exit tracepoint",
+    "tracepoint -> the daemon's event loop",
+    "event loop -> the reporting thread",
+    "reporting -> the outbox's lock taken",
+    "the outbox's write(2)",
+    "write -> delivery POST starts",
+    "POST -> OMA handler (HTTP, auth, JSON)",
+    "handler -> transaction begun",
+    "transaction's statements",
+    "commit (fsync)",
+    "commit -> its log line",
+    "(beside: the outbox's fdatasync(2))",
+];
+
 /// Reads the watchdog's log at `log` and the OMA's at `oma_log`, and splits every kill in
-/// `kills`: the steps' percentiles, and the slowest kills one by one.
-pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> (Vec<Step>, Vec<SlowKill>) {
+/// `kills`: the steps' percentiles, and the slowest kills one by one. With `parallel`, the
+/// outbox's flush runs beside the POST: it is left out of the chain and timed on its own.
+pub fn split(
+    log: &Path,
+    oma_log: &Path,
+    kills: &[Kill],
+    parallel: bool,
+) -> (Vec<Step>, Vec<SlowKill>) {
+    let (samples, slowest) = split_raw(log, oma_log, kills, parallel);
+    (steps(parallel, &samples), slowest)
+}
+
+/// The steps' percentiles over `samples` (one list per step, as [`split_raw`] gives them,
+/// possibly pooled over several runs).
+pub fn steps(parallel: bool, samples: &[Vec<f64>]) -> Vec<Step> {
+    let names = if parallel { PARALLEL_STEPS } else { STEPS };
+    names
+        .iter()
+        .zip(samples)
+        .map(|(name, s)| Step {
+            name,
+            p50_ms: percentile(s, 50.0).unwrap_or_default(),
+            p99_ms: percentile(s, 99.0).unwrap_or_default(),
+            samples: s.len(),
+        })
+        .collect()
+}
+
+/// [`split`] before the percentiles: every kill's time of each step, and the slowest kills.
+pub fn split_raw(
+    log: &Path,
+    oma_log: &Path,
+    kills: &[Kill],
+    parallel: bool,
+) -> (Vec<Vec<f64>>, Vec<SlowKill>) {
+    let names = if parallel { PARALLEL_STEPS } else { STEPS };
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let oma_text = std::fs::read_to_string(oma_log).unwrap_or_default();
     // The OMA's lines (tracing's JSON: the event's fields under `fields`), by first event id.
@@ -137,7 +188,7 @@ pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> (Vec<Step>, Vec<Slow
             _ => {}
         }
     }
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut slowest: Vec<SlowKill> = Vec::new();
     for kill in kills {
         let us = |v: Option<&&Value>, k: &str| v.and_then(|v| v[k].as_u64());
@@ -171,13 +222,19 @@ pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> (Vec<Step>, Vec<Slow
             wall("committed_us"),
             Some(committed_us(kill)),
         ];
-        let steps_ms: Vec<Option<f64>> = points
+        let step = |from: Option<u64>, to: Option<u64>| match (from, to) {
+            (Some(from), Some(to)) => Some(to.saturating_sub(from) as f64 / 1e3),
+            _ => None,
+        };
+        let mut steps_ms: Vec<Option<f64>> = points
             .windows(2)
-            .map(|pair| match pair {
-                [Some(from), Some(to)] => Some(to.saturating_sub(*from) as f64 / 1e3),
-                _ => None,
-            })
+            .map(|pair| step(pair[0], pair[1]))
             .collect();
+        if parallel {
+            // Out of the chain: written -> POST replaces fdatasync and synced -> POST.
+            steps_ms.splice(5..7, [step(points[5], points[7])]);
+            steps_ms.push(step(points[5], points[6]));
+        }
         for (i, ms) in steps_ms.iter().enumerate() {
             samples[i].extend(*ms);
         }
@@ -189,17 +246,7 @@ pub fn split(log: &Path, oma_log: &Path, kills: &[Kill]) -> (Vec<Step>, Vec<Slow
         slowest.sort_by(|a, b| b.total_ms.total_cmp(&a.total_ms));
         slowest.truncate(SLOWEST);
     }
-    let steps = STEPS
-        .iter()
-        .zip(samples)
-        .map(|(name, s)| Step {
-            name,
-            p50_ms: percentile(&s, 50.0).unwrap_or_default(),
-            p99_ms: percentile(&s, 99.0).unwrap_or_default(),
-            samples: s.len(),
-        })
-        .collect();
-    (steps, slowest)
+    (samples, slowest)
 }
 
 impl fmt::Display for Step {
