@@ -53,7 +53,7 @@ impl DeliveryConfig {
         }
     }
 
-    fn events_url(&self) -> String {
+    pub(crate) fn events_url(&self) -> String {
         format!(
             "{}/api/v1/watchdog/events",
             self.oma_url.trim_end_matches('/')
@@ -139,6 +139,27 @@ impl OmaClient {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+impl OmaClient {
+    /// Posts `batch` once with the current token and returns the ids the OMA acknowledged
+    /// (for the events held in memory while the outbox cannot be written, see `spill`).
+    pub(crate) async fn post_events(
+        &self,
+        url: &str,
+        batch: &EventBatch,
+    ) -> Result<Vec<Uuid>, reqwest::Error> {
+        let current = self.current();
+        let response = current
+            .http
+            .post(url)
+            .bearer_auth(current.token.expose())
+            .json(batch)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(response.json::<EventBatchAck>().await?.acknowledged)
     }
 }
 

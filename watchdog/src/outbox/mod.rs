@@ -6,6 +6,7 @@
 //! takes. A restart resumes from the files.
 
 pub mod delivery;
+pub mod spill;
 mod store;
 
 use std::path::PathBuf;
