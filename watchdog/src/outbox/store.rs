@@ -446,7 +446,8 @@ fn rewind_torn_append(file: &File, path: &Path, line_len: usize) {
         let len = file.metadata()?.len();
         let from = len.saturating_sub(line_len as u64);
         let mut tail = vec![0; (len - from) as usize];
-        file.read_exact_at(&mut tail, from)?;
+        // The handle is append-only: read through the path (the same file, under the lock).
+        File::open(path)?.read_exact_at(&mut tail, from)?;
         let keep = match tail.iter().rposition(|b| *b == b'\n') {
             Some(at) => from + at as u64 + 1,
             None if from == 0 => 0,
