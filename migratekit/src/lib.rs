@@ -64,7 +64,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             .map(|r| (r, options.progress_interval));
         thread::Builder::new()
             .name(format!("worker-{i}"))
-            .spawn(move || worker(i, &barrier, exits_early, reports))?;
+            .spawn(move || worker(i, &barrier, exits_early, reports.as_ref()))?;
     }
     barrier.wait();
 
@@ -128,7 +128,7 @@ fn worker(
     index: usize,
     barrier: &Barrier,
     exits_early: bool,
-    reports: Option<(Arc<progress::Reporter>, Duration)>,
+    reports: Option<&(Arc<progress::Reporter>, Duration)>,
 ) {
     barrier.wait();
     if exits_early {
@@ -137,7 +137,7 @@ fn worker(
     }
     let mut next_report = std::time::Instant::now();
     loop {
-        if let Some((reporter, every)) = &reports
+        if let Some((reporter, every)) = reports
             && std::time::Instant::now() >= next_report
         {
             reporter.report();
