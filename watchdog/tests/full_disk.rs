@@ -145,7 +145,7 @@ fn death_while_disk_full(detector: &str) {
     let metrics_line = w.wait_for("metrics_listening", |v| v["event"] == "metrics_listening");
     let metrics: SocketAddr = metrics_line["addr"].as_str().unwrap().parse().unwrap();
     assert_eq!(health(w.api_addr())["storage"]["state"], "ok");
-    let job = |n: usize| format!("job-full-{}-{n}", std::process::id());
+    let job = |n: usize| format!("job-full-{detector}-{}-{n}", std::process::id());
     let standins: Vec<Standin> = (0..DEATHS)
         .map(|n| Standin::start(dir.path(), &job(n), &secret(), &[]))
         .collect();

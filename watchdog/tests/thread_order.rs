@@ -83,7 +83,7 @@ fn ends_once(detector: &str, job: &str, flags: &[&str], code: i32) {
 /// the process: exit status 0 (the leader's), reported once when the last thread is gone.
 fn leader_first_then_each_thread(detector: &str) {
     let flags = ["--standin-dissolve", "--standin-run-for", "2"];
-    ends_once(detector, "job-dissolve", &flags, 0);
+    ends_once(detector, &format!("job-dissolve-{detector}"), &flags, 0);
 }
 
 /// A worker thread calls `exit_group(6)`: the whole process ends with code 6, reported once.
@@ -95,7 +95,12 @@ fn worker_exit_group(detector: &str) {
         "--standin-run-for",
         "2",
     ];
-    ends_once(detector, "job-worker-exit-group", &flags, 6);
+    ends_once(
+        detector,
+        &format!("job-worker-exit-group-{detector}"),
+        &flags,
+        6,
+    );
 }
 
 both_detectors!(leader_first_then_each_thread, worker_exit_group);
