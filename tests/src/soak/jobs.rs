@@ -85,6 +85,13 @@ impl SoakJob {
                 "--standin-run-for {:.3} --standin-oom --standin-oom-cap-mib 1024",
                 secs(after_ms)
             ),
+            Fate::Dissolves { after_ms } => {
+                format!("--standin-run-for {:.3} --standin-dissolve", secs(after_ms))
+            }
+            Fate::WorkerExitGroup { code, after_ms } => format!(
+                "--standin-run-for {:.3} --standin-exit-code {code} --standin-end-from-worker",
+                secs(after_ms)
+            ),
         }
     }
 
@@ -109,8 +116,11 @@ impl SoakJob {
         }
         match self.fate {
             Fate::UntilKilled | Fate::Segv { .. } => failed(FailureClass::ProcessKilled),
-            Fate::Exits { .. } => failed(FailureClass::ProcessExited),
-            Fate::Completes { .. } => (JobStatus::Completed, None),
+            Fate::Exits { .. } | Fate::WorkerExitGroup { .. } => {
+                failed(FailureClass::ProcessExited)
+            }
+            // Exit status 0 (the leader's) after its 100 % report.
+            Fate::Completes { .. } | Fate::Dissolves { .. } => (JobStatus::Completed, None),
             Fate::Oom { .. } if detector == "procfs" => failed(FailureClass::ProcessKilled),
             Fate::Oom { .. } => failed(FailureClass::OomKilled),
         }
