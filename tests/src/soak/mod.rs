@@ -79,6 +79,8 @@ pub struct SoakReport {
     /// Events of soak jobs appended to the watchdog's outbox (distinct ids), each checked
     /// acknowledged once and applied once.
     pub outbox_events: usize,
+    /// Events the watchdog held in memory on a full disk (and wrote once it was freed).
+    pub held_in_memory: usize,
 }
 
 /// The running soak: the system, its jobs, the outages now open, the faults so far.

@@ -58,6 +58,7 @@ impl Soak {
         self.outages.disk_full = false;
         let now = marks(&self.sys.watchdog.log());
         let held = now.held - self.disk_marks.held;
+        self.report.held_in_memory += held;
         if held > 0 && now.degraded == self.disk_marks.degraded {
             return Err(format!(
                 "VIOLATION: the watchdog held {held} events in memory on a full disk without logging storage_degraded"
