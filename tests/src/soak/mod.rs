@@ -81,6 +81,9 @@ pub struct SoakReport {
     pub outbox_events: usize,
     /// Events the watchdog held in memory on a full disk (and wrote once it was freed).
     pub held_in_memory: usize,
+    /// Injected failures of SQLite's automatic checkpoints (writes of the main database
+    /// file), which SQLite retries without telling the OMA.
+    pub sqlite_checkpoint_failures: usize,
 }
 
 /// The running soak: the system, its jobs, the outages now open, the faults so far.
@@ -100,14 +103,15 @@ struct Soak {
     api_failing: Option<Instant>,
     last: VecDeque<String>,
     report: SoakReport,
-    /// The compiled `LD_PRELOAD` shim that injects write/fsync errors.
-    shim: Option<storage::IoShim>,
     /// The small tmpfs under the watchdog's state directory (dropped after `sys`).
     state_fs: Option<storage::StateFs>,
     /// The watchdog's storage log lines when the disk last filled.
     disk_marks: storage_faults::DiskMarks,
     /// The outbox's records so far (exactly-once check).
     ledger: exactly_once::Ledger,
+    /// The compiled `LD_PRELOAD` shim that injects write/fsync errors (dropped last: every
+    /// process started until then loads it).
+    shim: Option<storage::IoShim>,
 }
 
 /// Runs the soak; `Err` carries a violation (with the seed and the last faults) or a

@@ -144,8 +144,17 @@ impl IoShim {
 
     /// How many calls the shim has failed so far.
     pub fn hits(&self) -> usize {
+        self.hit_paths().len()
+    }
+
+    /// The path of each call the shim has failed so far, in order.
+    pub fn hit_paths(&self) -> Vec<PathBuf> {
         let hits = self.ctl.with_extension("ctl.hits");
-        std::fs::read_to_string(hits).map_or(0, |t| t.lines().count())
+        let text = std::fs::read_to_string(hits).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.splitn(3, ' ').nth(2))
+            .map(PathBuf::from)
+            .collect()
     }
 }
 
