@@ -157,7 +157,16 @@ impl SoakJob {
             .deaths_logged(&self.id)
             .iter()
             .any(|e| e == "process_exited");
-        if may_be_unwatched(ended_from, downtimes, recorded) {
+        // A death the watchdog held in memory on a full or failing disk is lost with that
+        // memory when the watchdog is stopped before it could write it (docs/OPERATIONS.md,
+        // `storage_degraded`): the restarted one reports it as died while unwatched.
+        let held = format!("\"job_id\":\"{}\"", self.id);
+        let held_in_memory = sys
+            .watchdog
+            .log()
+            .lines()
+            .any(|l| l.contains("\"event_held_in_memory\"") && l.contains(&held));
+        if held_in_memory || may_be_unwatched(ended_from, downtimes, recorded) {
             vec![seen, UNWATCHED]
         } else {
             vec![seen]
