@@ -28,7 +28,7 @@ const SHIM_C: &str = r#"
 #include <sys/uio.h>
 #include <unistd.h>
 
-static int failing(int fd) {
+static int failing(int fd, const char *op) {
     const char *ctl = getenv("SOAK_FAILIO_CTL");
     if (!ctl) return 0;
     int saved = errno;
@@ -53,7 +53,7 @@ static int failing(int fd) {
             snprintf(hits, sizeof hits, "%s.hits", ctl);
             int h = open(hits, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
             if (h >= 0) {
-                int len = snprintf(note, sizeof note, "%d %d %s\n", (int)getpid(), err, path);
+                int len = snprintf(note, sizeof note, "%d %d %s %s\n", (int)getpid(), err, op, path);
                 ssize_t (*real)(int, const void *, size_t) = dlsym(RTLD_NEXT, "write");
                 if (real) real(h, note, (size_t)len);
                 close(h);
@@ -67,22 +67,22 @@ static int failing(int fd) {
 
 #define REAL(name) static __typeof__(&name) real_##name; \
     if (!real_##name) real_##name = (__typeof__(&name))dlsym(RTLD_NEXT, #name)
-#define FAIL(fd) do { int e = failing(fd); if (e) { errno = e; return -1; } } while (0)
+#define FAIL(fd, op) do { int e = failing(fd, op); if (e) { errno = e; return -1; } } while (0)
 
 ssize_t write(int fd, const void *b, size_t n) {
-    REAL(write); FAIL(fd); return real_write(fd, b, n);
+    REAL(write); FAIL(fd, "write"); return real_write(fd, b, n);
 }
 ssize_t pwrite(int fd, const void *b, size_t n, off_t o) {
-    REAL(pwrite); FAIL(fd); return real_pwrite(fd, b, n, o);
+    REAL(pwrite); FAIL(fd, "pwrite"); return real_pwrite(fd, b, n, o);
 }
 ssize_t pwrite64(int fd, const void *b, size_t n, off_t o) {
-    REAL(pwrite64); FAIL(fd); return real_pwrite64(fd, b, n, o);
+    REAL(pwrite64); FAIL(fd, "pwrite64"); return real_pwrite64(fd, b, n, o);
 }
 ssize_t writev(int fd, const struct iovec *v, int c) {
-    REAL(writev); FAIL(fd); return real_writev(fd, v, c);
+    REAL(writev); FAIL(fd, "writev"); return real_writev(fd, v, c);
 }
-int fsync(int fd) { REAL(fsync); FAIL(fd); return real_fsync(fd); }
-int fdatasync(int fd) { REAL(fdatasync); FAIL(fd); return real_fdatasync(fd); }
+int fsync(int fd) { REAL(fsync); FAIL(fd, "fsync"); return real_fsync(fd); }
+int fdatasync(int fd) { REAL(fdatasync); FAIL(fd, "fdatasync"); return real_fdatasync(fd); }
 "#;
 
 /// The compiled shim and its control file.
@@ -147,13 +147,15 @@ impl IoShim {
         self.hit_paths().len()
     }
 
-    /// The path of each call the shim has failed so far, in order.
-    pub fn hit_paths(&self) -> Vec<PathBuf> {
+    /// The call (`write`, `fsync`, ...) and path of each call the shim has failed so far.
+    pub fn hit_paths(&self) -> Vec<(String, PathBuf)> {
         let hits = self.ctl.with_extension("ctl.hits");
         let text = std::fs::read_to_string(hits).unwrap_or_default();
         text.lines()
-            .filter_map(|l| l.splitn(3, ' ').nth(2))
-            .map(PathBuf::from)
+            .filter_map(|l| {
+                let mut fields = l.splitn(4, ' ').skip(2);
+                Some((fields.next()?.to_owned(), PathBuf::from(fields.next()?)))
+            })
             .collect()
     }
 }

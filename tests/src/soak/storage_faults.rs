@@ -128,12 +128,15 @@ impl Soak {
                 return Ok("none open".into());
             };
             let paths = shim.hit_paths().split_off(hits_before);
-            // SQLite writes its main file only when it checkpoints the WAL, after commits
-            // that are durable in the WAL already; a failed automatic checkpoint is retried
-            // later and never reaches the OMA (SQLite ignores it by design). Counted, but only
-            // failures of the WAL or journal must show in the OMA's log.
+            // In WAL mode SQLite writes its main file, and fsyncs, only when it checkpoints,
+            // after commits that are durable in the WAL already; a failed automatic checkpoint
+            // is retried later and never reaches the OMA (SQLite ignores it by design).
+            // Counted; only failed writes of the WAL or journal must show in the OMA's log.
             let main_db = self.sys.oma.dir().join("oma.db");
-            let checkpoints = paths.iter().filter(|p| **p == main_db).count();
+            let checkpoints = paths
+                .iter()
+                .filter(|(op, p)| target == IoTarget::Oma && (*p == main_db || op.contains("sync")))
+                .count();
             self.report.sqlite_checkpoint_failures += checkpoints;
             let hits = paths.len() - checkpoints;
             let done = self.reported(target, hits, lines_before)?;
