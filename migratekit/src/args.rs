@@ -32,6 +32,14 @@ pub struct Options {
     pub leader_exit: bool,
     /// One worker thread exits right after the ready line.
     pub thread_exit: bool,
+    /// `--standin-dissolve`: the leader exits right after the ready line (as with
+    /// `leader_exit`), and at the end every other thread exits on its own with `exit(2)` of
+    /// the thread, in turn, so that the last of them ends the process (exit status 0, the
+    /// leader's). No thread calls `exit_group`.
+    pub dissolve: bool,
+    /// `--standin-end-from-worker`: the end (`exit_group` with the exit code, or the crash)
+    /// comes from a worker thread, not from the thread that decides it.
+    pub end_from_worker: bool,
     /// Base URL for progress updates (`--standin-progress-url`); `None`: the environment's
     /// `MIGRATEKIT_STANDIN_PROGRESS_URL`, else the real client's `http://localhost:8081`.
     pub progress_url: Option<String>,
@@ -81,6 +89,8 @@ impl Options {
             ending: Ending::Exit(0),
             leader_exit: false,
             thread_exit: false,
+            dissolve: false,
+            end_from_worker: false,
             progress_url: None,
             total_bytes: 10 << 30,
             rate: 100 << 20,
@@ -147,6 +157,11 @@ impl Options {
                 }
                 "--standin-leader-exit" => o.leader_exit = true,
                 "--standin-thread-exit" => o.thread_exit = true,
+                "--standin-dissolve" => {
+                    o.dissolve = true;
+                    o.leader_exit = true;
+                }
+                "--standin-end-from-worker" => o.end_from_worker = true,
                 f if f.starts_with("--standin-") => {
                     return Err(ArgsError::UnknownStandin(f.to_owned()));
                 }
@@ -168,6 +183,13 @@ impl Options {
         } else {
             Ending::Exit(exit_code)
         };
+        if o.dissolve && o.ending != Ending::Exit(0) {
+            // The status of a process whose threads all exit is the leader's: 0.
+            return Err(ArgsError::BadValue("--standin-dissolve"));
+        }
+        if (o.dissolve || o.end_from_worker) && o.threads < 1 {
+            o.threads = 1;
+        }
         if o.thread_exit && o.threads < 2 {
             // One worker exits early and at least one must remain to keep a thread running.
             o.threads = 2;

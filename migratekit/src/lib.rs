@@ -3,7 +3,10 @@
 //! Like the Go original it runs several OS threads, takes `migrate --job-id ID` (or
 //! `MIGRATEKIT_JOB_ID`) and accepts the original's other flags, `--vmware-password` included,
 //! without keeping them. The `--standin-*` flags say how it ends: exit code, SIGSEGV, OOM, and
-//! thread tricks (leader exits first, a worker exits early) that must not look like a death.
+//! thread tricks (leader exits first, a worker exits early) that must not look like a death,
+//! and ends in odd thread orders: `--standin-dissolve` (the leader exits first, the others
+//! later one by one, the last ending the process) and `--standin-end-from-worker` (a worker
+//! thread calls `exit_group`).
 //!
 //! Once exec'd with all its threads up it prints one line on stdout,
 //! `migratekit-standin ready pid=<pid> job_id=<id> threads=<n>`; tests wait for it before
@@ -18,8 +21,9 @@
 //! 100 % `completed` just before it exits.
 
 use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -39,6 +43,12 @@ pub const READY: &str = "migratekit-standin ready";
 /// completed=<accepted|refused|none>` (`completed`: how its 100 % report was answered).
 pub const ENDING: &str = "migratekit-standin ending";
 
+/// Set at the end of a `--standin-dissolve` run: every thread exits on its own.
+static DISSOLVE: AtomicBool = AtomicBool::new(false);
+
+/// The end a worker carries out (`--standin-end-from-worker`).
+static WORKER_END: Mutex<Option<Ending>> = Mutex::new(None);
+
 /// Runs the stand-in. Returns only on an error before the threads are up; otherwise it ends
 /// the process as `options` say.
 pub fn run(options: &Options) -> anyhow::Result<()> {
@@ -54,14 +64,19 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             .map(|r| (r, options.progress_interval));
         thread::Builder::new()
             .name(format!("worker-{i}"))
-            .spawn(move || worker(&barrier, exits_early, reports))?;
+            .spawn(move || worker(i, &barrier, exits_early, reports.as_ref()))?;
     }
     barrier.wait();
 
     let (trigger_tx, trigger) = mpsc::channel::<()>();
-    thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || watch_stdin(&trigger_tx))?;
+    if options.dissolve {
+        // No thread blocked in a read of stdin: each thread must be able to exit on its own.
+        std::mem::forget(trigger_tx);
+    } else {
+        thread::Builder::new()
+            .name("stdin".into())
+            .spawn(move || watch_stdin(&trigger_tx))?;
+    }
 
     let job = options.job_id.as_deref().unwrap_or("-");
     let mut out = std::io::stdout().lock();
@@ -110,23 +125,58 @@ fn reporter(options: &Options) -> anyhow::Result<Option<progress::Reporter>> {
 
 /// A worker: where the original copies disk blocks. One of them reports progress.
 fn worker(
+    index: usize,
     barrier: &Barrier,
     exits_early: bool,
-    reports: Option<(Arc<progress::Reporter>, Duration)>,
+    reports: Option<&(Arc<progress::Reporter>, Duration)>,
 ) {
     barrier.wait();
     if exits_early {
         thread::sleep(Duration::from_millis(100));
         return;
     }
-    match reports {
-        Some((reporter, every)) => loop {
+    let mut next_report = std::time::Instant::now();
+    loop {
+        if let Some((reporter, every)) = reports
+            && std::time::Instant::now() >= next_report
+        {
             reporter.report();
-            thread::sleep(every);
+            next_report = std::time::Instant::now() + *every;
+        }
+        if DISSOLVE.load(Ordering::SeqCst) {
+            // In turn, by index: the workers leave one after another, in no set relation
+            // to the thread that started the dissolving.
+            thread::sleep(Duration::from_millis(40 * (index as u64 % 5)));
+            exit_thread();
+        }
+        if index == 0 {
+            let end = WORKER_END.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(ending) = end {
+                end_group(ending);
+            }
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Ends the calling thread only (`exit(2)`, not `exit_group`), exit code 0.
+fn exit_thread() -> ! {
+    // SAFETY: SYS_exit ends this thread only; no Rust frame of it runs again.
+    unsafe {
+        libc::syscall(libc::SYS_exit, 0);
+    }
+    std::process::abort()
+}
+
+/// Ends the whole thread group from this thread: `exit_group(2)` itself for an exit code.
+fn end_group(ending: Ending) -> ! {
+    match ending {
+        // SAFETY: exit_group ends every thread of the process with this code.
+        Ending::Exit(code) => unsafe {
+            libc::syscall(libc::SYS_exit_group, code);
+            std::process::abort()
         },
-        None => loop {
-            thread::sleep(Duration::from_millis(250));
-        },
+        other => end(other),
     }
 }
 
@@ -188,6 +238,16 @@ fn conduct(
     );
     let _ = out.flush();
     drop(out);
+    if options.dissolve {
+        DISSOLVE.store(true, Ordering::SeqCst);
+        exit_thread();
+    }
+    if options.end_from_worker {
+        *WORKER_END.lock().unwrap_or_else(|e| e.into_inner()) = Some(options.ending);
+        loop {
+            thread::park();
+        }
+    }
     end(options.ending)
 }
 

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::detector::{Detector, DetectorEvent};
 use crate::logging::{death, detector_name, found_by_name};
 use crate::metrics::Metrics;
+use crate::outbox::spill::Spill;
 use crate::outbox::{Outbox, OutboxError};
 use crate::proc_reader::{self, FoundProcess};
 use crate::progress::{ProgressError, ProgressStore};
@@ -134,6 +135,7 @@ impl Daemon {
             metrics,
             registry,
             outbox,
+            spill: Spill::new(),
             progress,
             detector: started.detector,
             migratekit,
@@ -213,6 +215,8 @@ struct Core {
     registry: Arc<Registry>,
     /// Every event, durable before anything else happens to it, until the OMA acknowledges it.
     outbox: Arc<Outbox>,
+    /// Events the outbox could not write (full or failing disk), held until it can.
+    spill: Arc<Spill>,
     /// Latest progress per job; a death event carries its job's, see [`Core::record`].
     progress: Arc<ProgressStore>,
     detector: Arc<dyn Detector>,
@@ -528,7 +532,8 @@ impl Core {
             detector,
             last_progress,
         };
-        self.outbox.append(event.clone())?;
+        // Held in memory when the outbox cannot be written (see `crate::outbox::spill`).
+        self.spill.append(&self.outbox, event.clone())?;
         Ok(event)
     }
 }

@@ -82,6 +82,9 @@ pub struct Metrics {
     outbox_oldest_age: Gauge<f64, AtomicU64>,
     outbox_refused: Counter,
     outbox_flush_failures: Counter,
+    storage_degraded: Gauge,
+    events_held_in_memory: Gauge,
+    outbox_write_errors: Counter,
     registry_write_errors: Counter,
     ring_lost: Counter,
     kernel_read_errors: Counter,
@@ -114,6 +117,9 @@ impl Metrics {
             outbox_oldest_age: Gauge::default(),
             outbox_refused: Counter::default(),
             outbox_flush_failures: Counter::default(),
+            storage_degraded: Gauge::default(),
+            events_held_in_memory: Gauge::default(),
+            outbox_write_errors: Counter::default(),
             registry_write_errors: Counter::default(),
             ring_lost: Counter::default(),
             kernel_read_errors: Counter::default(),
@@ -158,6 +164,9 @@ impl Metrics {
             "outbox_oldest_event_age" in Seconds, "Age of the oldest unacknowledged event (0 when none)", self.outbox_oldest_age.clone();
             "outbox_refused_events", "Events refused because the outbox was full", self.outbox_refused.clone();
             "outbox_flush_failures", "Appended events whose fdatasync failed (kept in memory and delivered)", self.outbox_flush_failures.clone();
+            "storage_degraded", "1 while the outbox cannot be written (full or failing disk) and events are held in memory", self.storage_degraded.clone();
+            "events_held_in_memory", "Events held in memory because the outbox could not write them", self.events_held_in_memory.clone();
+            "outbox_write_errors", "Failed writes (write or fdatasync) of the outbox's events", self.outbox_write_errors.clone();
             "delivery_attempts", "Attempts to deliver a batch of events to the OMA, by result", self.delivery_attempts.clone();
             "delivery_failovers", "Moves to the next --oma-url after an OMA was unreachable or failed (5xx)", self.delivery_failovers.clone();
             "death_to_ack" in Seconds, "Time from a death's observation to the OMA's acknowledgement", self.death_to_ack.clone();
@@ -234,6 +243,12 @@ impl Metrics {
         self.outbox_oldest_age
             .set(outbox.oldest_age_seconds.unwrap_or(0.0));
         mirror(&self.outbox_refused, outbox.refused);
+        let storage = tracker.spill().health();
+        self.storage_degraded
+            .set(i64::from(storage.state == "degraded"));
+        self.events_held_in_memory
+            .set(storage.held_in_memory as i64);
+        mirror(&self.outbox_write_errors, storage.write_errors);
         mirror(
             &self.outbox_flush_failures,
             tracker.outbox().flush_failures(),

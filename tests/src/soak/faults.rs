@@ -5,7 +5,7 @@ use std::time::{Instant, SystemTime};
 
 use super::Soak;
 use super::jobs::SoakJob;
-use super::schedule::{Action, Fate, Fault};
+use super::schedule::{Action, Fate, Fault, IoTarget};
 
 /// Which outages are open now, and when the system was last made whole.
 #[derive(Debug)]
@@ -14,8 +14,18 @@ pub struct Outages {
     pub cut: bool,
     pub slow: bool,
     pub postgres_down: bool,
-    /// The OMA was stopped while PostgreSQL was down; it starts again with the database.
+    /// The OMA was stopped while PostgreSQL was down, or while its files failed; it starts
+    /// again when that ends.
     pub oma_down: bool,
+    /// The watchdog's state directory is full. Not an outage: deaths must still reach the
+    /// OMA (from the watchdog's memory) in time.
+    pub disk_full: bool,
+    /// Writes and fsyncs of one daemon's files fail (an outage while it lasts), with the
+    /// shim's failure count and the daemon's storage error lines when it began.
+    pub io_errors: Option<(IoTarget, usize, usize)>,
+    /// A watchdog start waits for its state directory to be writable again (its outbox
+    /// compacts when it opens).
+    pub watchdog_deferred: bool,
     /// When the last open outage closed (or the soak started).
     pub whole_since: Instant,
 }
@@ -28,17 +38,25 @@ impl Outages {
             slow: false,
             postgres_down: false,
             oma_down: false,
+            disk_full: false,
+            io_errors: None,
+            watchdog_deferred: false,
             whole_since: Instant::now(),
         }
     }
 
     /// Nothing open: both daemons up, the link up and fast, the database up.
     pub fn whole(&self) -> bool {
-        !(self.watchdog_down || self.cut || self.slow || self.postgres_down || self.oma_down)
+        !(self.watchdog_down
+            || self.cut
+            || self.slow
+            || self.postgres_down
+            || self.oma_down
+            || self.io_errors.is_some())
     }
 
     /// Notes that an outage closed; the system is whole again if it was the last.
-    fn closed(&mut self) {
+    pub(super) fn closed(&mut self) {
         if self.whole() {
             self.whole_since = Instant::now();
         }
@@ -54,6 +72,10 @@ pub fn kind(fault: &Fault) -> String {
             Fate::Completes { .. } => "start (completes)".into(),
             Fate::Segv { .. } => "start (crashes, SIGSEGV)".into(),
             Fate::Oom { .. } => "start (OOM-killed in a cgroup)".into(),
+            Fate::Dissolves { .. } => {
+                "start (leader thread exits first, then each thread in turn)".into()
+            }
+            Fate::WorkerExitGroup { .. } => "start (a worker thread calls exit_group)".into(),
         },
         Action::Kill { signal, reuse, .. } => format!(
             "kill ({}){}",
@@ -72,6 +94,17 @@ pub fn kind(fault: &Fault) -> String {
         Action::Fast => "slow link off".into(),
         Action::PostgresDown => "PostgreSQL stop".into(),
         Action::PostgresUp => "PostgreSQL start".into(),
+        Action::DiskFull => "watchdog state directory full".into(),
+        Action::DiskFreed => "watchdog state directory freed".into(),
+        Action::IoErrors { target, errno } => format!(
+            "{} on the {} files (write/fsync)",
+            if errno == libc::EIO { "EIO" } else { "ENOSPC" },
+            match target {
+                IoTarget::Watchdog => "watchdog's",
+                IoTarget::Oma => "OMA's",
+            }
+        ),
+        Action::IoHealed => "write/fsync errors end".into(),
     }
 }
 
@@ -103,8 +136,9 @@ impl Soak {
                 }
                 .map_err(harness("stopping the OMA"))?;
                 // On PostgreSQL down, the OMA cannot start (it opens its store first): it
-                // comes back with the database.
-                if !self.outages.postgres_down {
+                // comes back with the database; likewise while its files fail.
+                let files_fail = matches!(self.outages.io_errors, Some((IoTarget::Oma, ..)));
+                if !self.outages.postgres_down && !files_fail {
                     self.sys
                         .oma
                         .start_again()
@@ -112,7 +146,7 @@ impl Soak {
                     return Ok("restarted".into());
                 }
                 self.outages.oma_down = true;
-                Ok("stopped; restarts when PostgreSQL is back".into())
+                Ok("stopped; restarts when its store is back".into())
             }
             Action::WatchdogDown { crash } => {
                 match crash {
@@ -122,6 +156,10 @@ impl Soak {
                 .map_err(harness("stopping the watchdog"))?;
                 self.outages.watchdog_down = true;
                 Ok("down".into())
+            }
+            Action::WatchdogUp if self.watchdog_blocked() => {
+                self.outages.watchdog_deferred = true;
+                Ok("deferred until its state directory can be written".into())
             }
             Action::WatchdogUp => {
                 self.sys
@@ -138,6 +176,10 @@ impl Soak {
             Action::Fast => self.netem(None),
             Action::PostgresDown => self.postgres(false),
             Action::PostgresUp => self.postgres(true),
+            Action::DiskFull => self.disk(true),
+            Action::DiskFreed => self.disk(false),
+            Action::IoErrors { target, errno } => self.io_errors(Some((target, errno))),
+            Action::IoHealed => self.io_errors(None),
         }
     }
 
@@ -146,6 +188,12 @@ impl Soak {
         let mut closing = Vec::new();
         if self.outages.postgres_down {
             closing.push(Action::PostgresUp);
+        }
+        if self.outages.disk_full {
+            closing.push(Action::DiskFreed);
+        }
+        if self.outages.io_errors.is_some() {
+            closing.push(Action::IoHealed);
         }
         if self.outages.watchdog_down {
             closing.push(Action::WatchdogUp);

@@ -11,6 +11,9 @@
 //! - No VM context is released while its job's process lives, and none is held by a final job.
 //! - Both daemons' resident memory and open files stay under fixed bounds.
 //! - While the system is whole, the OMA's API answers (no longer than [`API_SILENCE`] out).
+//! - The outbox delivers each event exactly once ([`super::exactly_once`]): one death event per
+//!   process, no acknowledgement repeated across compactions, no event applied twice at the
+//!   OMA, and at the end nothing of the soak's jobs left unacknowledged.
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +37,9 @@ pub const API_SILENCE: Duration = Duration::from_secs(15);
 /// One round over every job and both daemons.
 pub fn check(soak: &mut Soak) -> Result<(), String> {
     resources(soak)?;
+    let state = soak.sys.watchdog.dir().join("state");
+    soak.ledger.read(&state, &soak_prefix())?;
+    soak.report.outbox_events = soak.ledger.appended;
     if soak.outages.oma_down || soak.outages.postgres_down {
         return Ok(());
     }
@@ -172,6 +178,7 @@ fn judge(
             "job {id} has {finals} final transitions (expected exactly 1): {audit:?}"
         ));
     }
+    super::exactly_once::applied_once(&id, &audit)?;
     let downtimes = downtimes.get_or_insert_with(|| soak.sys.watchdog.downtimes());
     let allowed = soak.jobs[i].allowed(&soak.sys, &soak.detector, downtimes);
     if !verdict_ok(oma_job, &allowed) {
@@ -256,7 +263,9 @@ pub fn final_audit(soak: &mut Soak) -> Result<(), String> {
                 job.id
             ));
         }
+        super::exactly_once::applied_once(&job.id, &audit)?;
     }
+    outbox_drained(soak)?;
     let active = soak
         .sys
         .oma
@@ -267,4 +276,34 @@ pub fn final_audit(soak: &mut Soak) -> Result<(), String> {
         return Err(format!("jobs still active at the end: {ids:?}"));
     }
     Ok(())
+}
+
+/// The soak's job ids start with this (they carry the soak's pid).
+fn soak_prefix() -> String {
+    format!("soak-{}-", std::process::id())
+}
+
+/// At the end, with everything healed: every event of the soak's jobs acknowledged.
+fn outbox_drained(soak: &mut Soak) -> Result<(), String> {
+    let state = soak.sys.watchdog.dir().join("state");
+    let deadline = Instant::now() + ACTIVE_AFTER_DEATH;
+    loop {
+        soak.ledger.read(&state, &soak_prefix())?;
+        soak.report.outbox_events = soak.ledger.appended;
+        let left = soak.ledger.unacknowledged();
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let ids: Vec<String> = left
+                .iter()
+                .map(|e| format!("{} ({}, {:?})", e.event_id, e.job_id, e.kind))
+                .collect();
+            return Err(format!(
+                "outbox: {} events of the soak's jobs never acknowledged: {ids:?}",
+                ids.len()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

@@ -85,6 +85,13 @@ impl SoakJob {
                 "--standin-run-for {:.3} --standin-oom --standin-oom-cap-mib 1024",
                 secs(after_ms)
             ),
+            Fate::Dissolves { after_ms } => {
+                format!("--standin-run-for {:.3} --standin-dissolve", secs(after_ms))
+            }
+            Fate::WorkerExitGroup { code, after_ms } => format!(
+                "--standin-run-for {:.3} --standin-exit-code {code} --standin-end-from-worker",
+                secs(after_ms)
+            ),
         }
     }
 
@@ -109,8 +116,11 @@ impl SoakJob {
         }
         match self.fate {
             Fate::UntilKilled | Fate::Segv { .. } => failed(FailureClass::ProcessKilled),
-            Fate::Exits { .. } => failed(FailureClass::ProcessExited),
-            Fate::Completes { .. } => (JobStatus::Completed, None),
+            Fate::Exits { .. } | Fate::WorkerExitGroup { .. } => {
+                failed(FailureClass::ProcessExited)
+            }
+            // Exit status 0 (the leader's) after its 100 % report.
+            Fate::Completes { .. } | Fate::Dissolves { .. } => (JobStatus::Completed, None),
             Fate::Oom { .. } if detector == "procfs" => failed(FailureClass::ProcessKilled),
             Fate::Oom { .. } => failed(FailureClass::OomKilled),
         }
@@ -147,7 +157,16 @@ impl SoakJob {
             .deaths_logged(&self.id)
             .iter()
             .any(|e| e == "process_exited");
-        if may_be_unwatched(ended_from, downtimes, recorded) {
+        // A death the watchdog held in memory on a full or failing disk is lost with that
+        // memory when the watchdog is stopped before it could write it (docs/OPERATIONS.md,
+        // `storage_degraded`): the restarted one reports it as died while unwatched.
+        let held = format!("\"job_id\":\"{}\"", self.id);
+        let held_in_memory = sys
+            .watchdog
+            .log()
+            .lines()
+            .any(|l| l.contains("\"event_held_in_memory\"") && l.contains(&held));
+        if held_in_memory || may_be_unwatched(ended_from, downtimes, recorded) {
             vec![seen, UNWATCHED]
         } else {
             vec![seen]

@@ -6,11 +6,14 @@
 //! A violation stops the run: the error names the invariant, the job, the seed and the last
 //! faults, so that `cargo xtask soak --seed S --faults N` replays the same schedule.
 
+mod exactly_once;
 mod faults;
 mod invariants;
 mod jobs;
 pub mod postgres;
 pub mod schedule;
+pub mod storage;
+mod storage_faults;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -70,6 +73,17 @@ pub struct SoakReport {
     pub max_fds: BTreeMap<String, usize>,
     /// Wall time, seconds.
     pub duration_secs: f64,
+    /// Windows of injected write/fsync errors in which calls failed and the daemon logged it,
+    /// by daemon.
+    pub io_errors_reported: BTreeMap<String, usize>,
+    /// Events of soak jobs appended to the watchdog's outbox (distinct ids), each checked
+    /// acknowledged once and applied once.
+    pub outbox_events: usize,
+    /// Events the watchdog held in memory on a full disk (and wrote once it was freed).
+    pub held_in_memory: usize,
+    /// Injected failures of SQLite's automatic checkpoints (writes of the main database
+    /// file), which SQLite retries without telling the OMA.
+    pub sqlite_checkpoint_failures: usize,
 }
 
 /// The running soak: the system, its jobs, the outages now open, the faults so far.
@@ -89,6 +103,15 @@ struct Soak {
     api_failing: Option<Instant>,
     last: VecDeque<String>,
     report: SoakReport,
+    /// The small tmpfs under the watchdog's state directory (dropped after `sys`).
+    state_fs: Option<storage::StateFs>,
+    /// The watchdog's storage log lines when the disk last filled.
+    disk_marks: storage_faults::DiskMarks,
+    /// The outbox's records so far (exactly-once check).
+    ledger: exactly_once::Ledger,
+    /// The compiled `LD_PRELOAD` shim that injects write/fsync errors (dropped last: every
+    /// process started until then loads it).
+    shim: Option<storage::IoShim>,
 }
 
 /// Runs the soak; `Err` carries a violation (with the seed and the last faults) or a
@@ -126,6 +149,15 @@ impl Soak {
             },
             None => Backend::Sqlite,
         };
+        // Built and put in the environment before any daemon starts (and before this process
+        // has other threads): every daemon the soak starts inherits it.
+        let shim = storage::IoShim::build()?;
+        // SAFETY: no other thread runs yet (the system, its clients and their threads start
+        // below), so nothing reads the environment concurrently.
+        unsafe {
+            std::env::set_var("LD_PRELOAD", &shim.library);
+            std::env::set_var(storage::CTL_ENV, &shim.ctl);
+        }
         let database = backend.fresh()?;
         let options = SystemOptions {
             partitioned: true,
@@ -133,7 +165,15 @@ impl Soak {
             oma: crate::killtest::oma_config(database.as_ref(), true)?,
             ..SystemOptions::default()
         };
-        let sys = System::start(&options).map_err(|e| format!("starting the system: {e}"))?;
+        let mut sys = System::start(&options).map_err(|e| format!("starting the system: {e}"))?;
+        // The state directory onto a small tmpfs of its own, which the soak fills and frees.
+        sys.watchdog
+            .stop()
+            .map_err(|e| format!("stopping the watchdog: {e}"))?;
+        let state_fs = storage::StateFs::mount(&sys.watchdog.dir().join("state"))?;
+        sys.watchdog
+            .start_again()
+            .map_err(|e| format!("starting the watchdog on its tmpfs: {e}"))?;
         let detector = sys
             .detector()
             .map_err(|e| format!("asking the watchdog's detector: {e}"))?;
@@ -156,6 +196,10 @@ impl Soak {
             api_failing: None,
             last: VecDeque::new(),
             report,
+            shim: Some(shim),
+            state_fs: Some(state_fs),
+            disk_marks: storage_faults::DiskMarks::default(),
+            ledger: exactly_once::Ledger::default(),
         })
     }
 
@@ -292,6 +336,10 @@ impl Soak {
 
 impl Drop for Soak {
     fn drop(&mut self) {
+        if let Some(shim) = &self.shim {
+            let _ = shim.heal();
+        }
+        let _ = self.sys.watchdog.sigkill();
         let ids: Vec<String> = self.jobs.iter().map(|j| j.id.clone()).collect();
         crate::procs::kill_all_of(&ids);
         for decoy in &mut self.decoys {

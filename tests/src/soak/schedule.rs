@@ -26,6 +26,21 @@ pub enum Fate {
     Segv { after_ms: u32 },
     /// Allocates until its memory cgroup's OOM killer kills it, after `after_ms`.
     Oom { after_ms: u32 },
+    /// Its leader thread exits at once (as `pthread_exit` in `main`); after `after_ms` it
+    /// reports 100 % and every other thread exits on its own, the last ending the process
+    /// (exit status 0, the leader's).
+    Dissolves { after_ms: u32 },
+    /// A worker thread calls `exit_group(code)` after `after_ms`.
+    WorkerExitGroup { code: u8, after_ms: u32 },
+}
+
+/// Whose files an [`Action::IoErrors`] window fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoTarget {
+    /// The watchdog's state directory (outbox, registry, progress store).
+    Watchdog,
+    /// The OMA's SQLite database (its file, journal and WAL). SQLite backend only.
+    Oma,
 }
 
 /// One action of the schedule.
@@ -56,6 +71,15 @@ pub enum Action {
     PostgresDown,
     /// Start PostgreSQL again.
     PostgresUp,
+    /// Fill the small file system under the watchdog's state directory.
+    DiskFull,
+    /// Free it again.
+    DiskFreed,
+    /// `write`, `pwrite`, `fsync` and `fdatasync` on `target`'s files fail with `errno`
+    /// (through the soak's `LD_PRELOAD` shim).
+    IoErrors { target: IoTarget, errno: i32 },
+    /// The injected errors stop.
+    IoHealed,
 }
 
 /// One fault: its index, the pause before it, and what it does.
@@ -102,6 +126,8 @@ enum Window {
     Link,
     Netem,
     Postgres,
+    Disk,
+    Io,
 }
 
 impl Window {
@@ -111,6 +137,8 @@ impl Window {
             Window::Link => Action::Restore,
             Window::Netem => Action::Fast,
             Window::Postgres => Action::PostgresUp,
+            Window::Disk => Action::DiskFreed,
+            Window::Io => Action::IoHealed,
         }
     }
 }
@@ -158,10 +186,13 @@ fn draw(rng: &mut StdRng, model: &mut Model, index: usize, remaining: usize) -> 
     let is_open = |m: &Model, w| m.open.iter().any(|&(o, _)| o == w);
     // Room to close a window opened now before the schedule ends.
     let may_open = remaining > model.open.len() + 3;
+    // No start while the watchdog's state cannot be written: it refuses to launch what it
+    // cannot register durably (the start fails by design, docs/OPERATIONS.md).
+    let may_start = !is_open(model, Window::Disk) && !is_open(model, Window::Io);
     loop {
-        let roll = rng.gen_range(0..100);
+        let roll = rng.gen_range(0..116);
         let window = match roll {
-            0..=29 if model.running < 12 => return start(rng, model),
+            0..=29 if model.running < 12 && may_start => return start(rng, model),
             30..=49 if model.running > 0 => {
                 model.running -= 1;
                 let signal = SIGNALS[rng.gen_range(0..SIGNALS.len())];
@@ -186,6 +217,8 @@ fn draw(rng: &mut StdRng, model: &mut Model, index: usize, remaining: usize) -> 
             92..=99 if may_open && model.postgres && !is_open(model, Window::Postgres) => {
                 Window::Postgres
             }
+            100..=107 if may_open && !is_open(model, Window::Disk) => Window::Disk,
+            108..=115 if may_open && !is_open(model, Window::Io) => Window::Io,
             _ => continue,
         };
         model.open.push((window, index + rng.gen_range(2..8)));
@@ -199,6 +232,20 @@ fn draw(rng: &mut StdRng, model: &mut Model, index: usize, remaining: usize) -> 
                 loss_pct: rng.gen_range(0..20),
             },
             Window::Postgres => Action::PostgresDown,
+            Window::Disk => Action::DiskFull,
+            Window::Io => Action::IoErrors {
+                // The OMA's files only on SQLite: PostgreSQL's are its own server's.
+                target: if !model.postgres && rng.gen_bool(0.5) {
+                    IoTarget::Oma
+                } else {
+                    IoTarget::Watchdog
+                },
+                errno: if rng.gen_bool(0.5) {
+                    libc::EIO
+                } else {
+                    libc::ENOSPC
+                },
+            },
         };
     }
 }
@@ -206,7 +253,7 @@ fn draw(rng: &mut StdRng, model: &mut Model, index: usize, remaining: usize) -> 
 /// A `Start` with a drawn fate: half run until killed, the rest end on their own.
 fn start(rng: &mut StdRng, model: &mut Model) -> Action {
     let after_ms = rng.gen_range(200..6000);
-    let fate = match rng.gen_range(0..10) {
+    let fate = match rng.gen_range(0..12) {
         0..=4 => {
             model.running += 1;
             Fate::UntilKilled
@@ -217,6 +264,11 @@ fn start(rng: &mut StdRng, model: &mut Model) -> Action {
         },
         7 => Fate::Completes { after_ms },
         8 => Fate::Segv { after_ms },
+        9 => Fate::Dissolves { after_ms },
+        10 => Fate::WorkerExitGroup {
+            code: rng.gen_range(1..=255),
+            after_ms,
+        },
         _ => Fate::Oom { after_ms },
     };
     Action::Start(fate)
@@ -246,6 +298,10 @@ mod tests {
                     Action::Fast => ("netem", false),
                     Action::PostgresDown => ("postgres", true),
                     Action::PostgresUp => ("postgres", false),
+                    Action::DiskFull => ("disk", true),
+                    Action::DiskFreed => ("disk", false),
+                    Action::IoErrors { .. } => ("io", true),
+                    Action::IoHealed => ("io", false),
                     _ => continue,
                 };
                 if opens {
@@ -273,5 +329,33 @@ mod tests {
         assert!(has(&|a| matches!(a, Action::WatchdogDown { crash: false })));
         assert!(has(&|a| matches!(a, Action::Slow { .. })));
         assert!(has(&|a| matches!(a, Action::Start(Fate::Oom { .. }))));
+        assert!(has(&|a| matches!(a, Action::Start(Fate::Dissolves { .. }))));
+        assert!(has(&|a| matches!(
+            a,
+            Action::Start(Fate::WorkerExitGroup { .. })
+        )));
+        assert!(has(&|a| matches!(a, Action::DiskFull)));
+        assert!(has(&|a| matches!(
+            a,
+            Action::IoErrors {
+                target: IoTarget::Watchdog,
+                ..
+            }
+        )));
+        let sqlite_has = |p: &dyn Fn(&Action) -> bool| sqlite.iter().any(|f| p(&f.action));
+        assert!(sqlite_has(&|a| matches!(
+            a,
+            Action::IoErrors {
+                target: IoTarget::Oma,
+                ..
+            }
+        )));
+        assert!(!has(&|a| matches!(
+            a,
+            Action::IoErrors {
+                target: IoTarget::Oma,
+                ..
+            }
+        )));
     }
 }

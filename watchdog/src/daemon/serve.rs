@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::http::{self, AppState, DEFAULT_BODY_LIMIT, SharedToken};
 use crate::launcher::Launcher;
 use crate::metrics::{Metrics, Scraped};
-use crate::outbox::{DeliveryConfig, OmaClient, deliver_with};
+use crate::outbox::{DeliveryConfig, OmaClient, deliver_with, spill};
 
 /// How long the tasks get to finish (requests in flight, a delivery attempt) after the
 /// shutdown signal before they are cut off.
@@ -122,6 +122,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             ("metrics endpoint", Ok(()))
         });
     }
+    start_spill(&mut tasks, &config, &tracker, oma_client.clone(), stopped());
     if let Some(client) = &oma_client {
         start_delivery(&mut tasks, &config, &tracker, client.clone(), stopped());
     } else {
@@ -203,6 +204,31 @@ fn start_delivery(
     tasks.spawn(async move {
         deliver_with(outbox, delivery, client, stopped).await;
         ("delivery to the OMA", Ok(()))
+    });
+}
+
+/// Retries writing the events held in memory and delivers them from there meanwhile.
+fn start_spill(
+    tasks: &mut Tasks,
+    config: &Config,
+    tracker: &Tracker,
+    client: Option<Arc<OmaClient>>,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) {
+    let delivery = config
+        .oma
+        .as_ref()
+        .zip(client)
+        .map(|(oma, client)| spill::MemoryDelivery {
+            client,
+            omas: Arc::new(crate::outbox::omas::OmaUrls::parse(&oma.url)),
+            vma_id: config.vma_id.clone(),
+            metrics: Arc::clone(tracker.metrics()),
+        });
+    let (held, outbox) = (Arc::clone(tracker.spill()), Arc::clone(tracker.outbox()));
+    tasks.spawn(async move {
+        spill::run(held, outbox, delivery, stopped).await;
+        ("delivery of events held in memory", Ok(()))
     });
 }
 

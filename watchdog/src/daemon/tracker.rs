@@ -48,6 +48,11 @@ impl Tracker {
         &self.core.outbox
     }
 
+    /// Events held in memory while the outbox cannot be written.
+    pub fn spill(&self) -> &Arc<crate::outbox::spill::Spill> {
+        &self.core.spill
+    }
+
     /// The detector that runs.
     pub fn detector_kind(&self) -> api::Detector {
         self.core.detector.kind()

@@ -327,6 +327,9 @@ pub struct Health {
     pub registry: RegistryHealth,
     /// The outbox's counters (absent without an OMA to deliver to).
     pub outbox: Option<crate::outbox::OutboxStats>,
+    /// Whether the outbox can be written: `degraded` (with the error and the events held in
+    /// memory meanwhile) when its file system is full or failing. Absent before the daemon runs.
+    pub storage: Option<crate::outbox::spill::StorageHealth>,
     /// Progress updates refused.
     pub progress: ProgressHealth,
     /// The log.
@@ -369,6 +372,7 @@ pub async fn health(State(state): State<AppState>) -> Json<Health> {
             jobs: jobs.jobs,
         },
         outbox: state.outbox.as_ref().map(|o| o.stats()),
+        storage: crate::outbox::spill::current_health(),
         progress: ProgressHealth {
             refused_updates: super::refused_updates(),
         },

@@ -146,6 +146,27 @@ impl OmaClient {
     }
 }
 
+impl OmaClient {
+    /// Posts `batch` once with the current token and returns the ids the OMA acknowledged
+    /// (for the events held in memory while the outbox cannot be written, see `spill`).
+    pub(crate) async fn post_events(
+        &self,
+        url: &str,
+        batch: &EventBatch,
+    ) -> Result<Vec<Uuid>, reqwest::Error> {
+        let current = self.current();
+        let response = current
+            .http
+            .post(url)
+            .bearer_auth(current.token.expose())
+            .json(batch)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(response.json::<EventBatchAck>().await?.acknowledged)
+    }
+}
+
 fn build_client(timeout: Duration, tls: &ClientTlsFiles) -> Result<reqwest::Client, TlsError> {
     tls.apply(reqwest::Client::builder().timeout(timeout))?
         .build()

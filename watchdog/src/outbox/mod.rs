@@ -10,6 +10,7 @@
 pub mod crash;
 pub mod delivery;
 pub mod omas;
+pub mod spill;
 mod store;
 
 use std::path::PathBuf;

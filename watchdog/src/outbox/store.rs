@@ -222,7 +222,12 @@ impl Outbox {
         };
         let locked_us = crate::clock::monotonic_us();
         crash::at(Point::BeforeWrite, death);
-        (&*inner.events).write_all(&line).map_err(write_err)?;
+        if let Err(error) = (&*inner.events).write_all(&line) {
+            // A write cut short (ENOSPC half-way) must not leave part of a line, or the next
+            // line appended after it would be unreadable at the next start.
+            rewind_torn_append(&inner.events, &self.dir.join(EVENTS_FILE), line.len());
+            return Err(write_err(error));
+        }
         let written_us = crate::clock::monotonic_us();
         crash::at(Point::AfterWrite, death);
         inner.written_seq += 1;
@@ -312,6 +317,46 @@ impl Outbox {
         }
         drop(inner);
         self.flushed.notify_all();
+    }
+
+    /// Writes `event` and its acknowledgement together, durably, without queueing it: for an
+    /// event the OMA acknowledged while the outbox could not be written (`spill`), so that the
+    /// files hold it once with one acknowledgement, as if it had been appended in time.
+    pub fn append_acknowledged(&self, event: ProcessEvent) -> Result<(), OutboxError> {
+        if let Some(barrier) = self.barrier.get() {
+            barrier.before_forgetting().map_err(OutboxError::Barrier)?;
+        }
+        let stored = StoredEvent {
+            appended_at: Utc::now(),
+            event,
+        };
+        let mut line = serde_json::to_vec(&stored).map_err(|source| OutboxError::Encode {
+            event_id: stored.event.event_id,
+            source,
+        })?;
+        line.push(b'\n');
+        let id = format!("\"{}\"\n", stored.event.event_id);
+        let mut inner = self.lock();
+        for (file, name, bytes) in [
+            (&*inner.events, EVENTS_FILE, &line[..]),
+            (&inner.acks, ACKS_FILE, id.as_bytes()),
+        ] {
+            let path = self.dir.join(name);
+            let mut writer: &File = file;
+            if let Err(source) = writer.write_all(bytes) {
+                rewind_torn_append(file, &path, bytes.len());
+                return Err(OutboxError::Write { path, source });
+            }
+            file.sync_data()
+                .map_err(|source| OutboxError::Write { path, source })?;
+        }
+        inner.delivered += 1;
+        inner.acks_since_compaction += 1;
+        drop(inner);
+        if let Some(observer) = self.observer.get() {
+            observer.acknowledged(&[stored.event]);
+        }
+        Ok(())
     }
 
     /// [`Outbox::append`] from async code: the fsync runs on a blocking thread.
@@ -541,6 +586,32 @@ impl Outbox {
             );
         }
         inner.warned_filling = filling;
+    }
+}
+
+/// Cuts off what a failed append wrote of its line: the file is truncated to the end of its
+/// last complete line (it ends with one before every append). Logged when that fails too.
+fn rewind_torn_append(file: &File, path: &Path, line_len: usize) {
+    use std::os::unix::fs::FileExt;
+    let cut = || -> std::io::Result<()> {
+        let len = file.metadata()?.len();
+        let from = len.saturating_sub(line_len as u64);
+        let mut tail = vec![0; (len - from) as usize];
+        // The handle is append-only: read through the path (the same file, under the lock).
+        File::open(path)?.read_exact_at(&mut tail, from)?;
+        let keep = match tail.iter().rposition(|b| *b == b'\n') {
+            Some(at) => from + at as u64 + 1,
+            None if from == 0 => 0,
+            None => return Ok(()), // nothing of this line was written
+        };
+        if keep < len {
+            file.set_len(keep)?;
+        }
+        Ok(())
+    };
+    if let Err(error) = cut() {
+        tracing::error!(event = "outbox_torn_append", %error, file = %path.display(),
+            "a failed append may have left part of a line in the outbox file; the next start skips it as corrupt");
     }
 }
 
