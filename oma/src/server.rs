@@ -1,7 +1,7 @@
 //! The `oma` server: settings, and starting the store, recovery loop, poller and HTTP server.
 
 use crate::auth::OperatorTokens;
-use crate::poller::{Poller, PollerConfig};
+use crate::poller::{PollProtocol, Poller, PollerConfig};
 use crate::recovery::{Recovery, RecoveryConfig};
 use crate::store::{Store, StoreError};
 use crate::vma_client::VmaClient;
@@ -29,6 +29,8 @@ pub struct Settings {
     pub recovery: RecoveryConfig,
     /// Poller settings.
     pub poller: PollerConfig,
+    /// How the poller asks VMAs (`--poll-protocol`).
+    pub poll_protocol: PollProtocol,
     /// TLS, connection limits, and the files re-read on SIGHUP.
     pub net: NetSettings,
 }
@@ -73,6 +75,7 @@ impl std::fmt::Debug for Settings {
             .field("operator_tokens", &self.operator_tokens.len())
             .field("recovery", &self.recovery)
             .field("poller", &self.poller)
+            .field("poll_protocol", &self.poll_protocol)
             .field("net", &self.net)
             .finish_non_exhaustive()
     }
@@ -232,11 +235,10 @@ pub async fn start_with_metrics(
         client.clone(),
         settings.recovery.clone(),
     ));
-    let poller = Arc::new(Poller::new(
-        store.clone(),
-        client.clone(),
-        settings.poller.clone(),
-    ));
+    let poller = Arc::new(
+        Poller::new(store.clone(), client.clone(), settings.poller.clone())
+            .with_protocol(settings.poll_protocol),
+    );
     let state = AppState {
         store,
         operators: Arc::new(operators),

@@ -163,6 +163,7 @@ pub fn settings(db: &TestDb) -> Settings {
             per_vma_concurrency: 2,
             stall_threshold: Duration::from_secs(3600),
         },
+        poll_protocol: oma::poller::PollProtocol::Auto,
         net: oma::server::NetSettings::default(),
     }
 }
