@@ -341,3 +341,94 @@ impl LagWindow {
         self.current = self.current.max(late);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn vma(id: &str) -> Vma {
+        Vma {
+            id: id.into(),
+            base_url: format!("http://{id}"),
+        }
+    }
+
+    fn active(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(j, v)| ((*j).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn each_vma_is_due_once_then_at_a_fixed_rate_or_backed_off() {
+        let mut s = Schedule::default();
+        let t0 = Instant::now();
+        let unknown = s.refresh(
+            active(&[("j1", "a"), ("j2", "a"), ("j3", "b"), ("j4", "gone")]),
+            vec![vma("a"), vma("b")],
+            PollProtocol::Auto,
+            t0,
+        );
+        assert_eq!(unknown, [("j4".to_owned(), "gone".to_owned())]);
+        let (work, next) = s.take_due(t0, 5 * SEC);
+        assert_eq!(work.len(), 2);
+        assert!(work.iter().all(|w| w.try_feed && w.cursor.is_none()));
+        assert_eq!(next, None, "both in flight");
+        assert!(s.take_due(t0 + SEC, 5 * SEC).0.is_empty());
+        let (a, b) = (&work[0], &work[1]);
+        let cursor = (Uuid::new_v4(), 7);
+        assert!(!s.finish_feed(a, FeedOutcome::Applied(cursor), 5 * SEC, |_| SEC));
+        s.finish_feed(b, FeedOutcome::Failed, 5 * SEC, |f| SEC * f);
+        assert_eq!(s.jobs_backing_off(), if b.vma_id == "a" { 2 } else { 1 });
+        // The failed one is due after its backoff, the other one interval after its due time.
+        let (soon, _) = s.take_due(Instant::now() + SEC * 2, 5 * SEC);
+        assert_eq!(soon.len(), 1);
+        assert_eq!(soon[0].vma_id, b.vma_id);
+        let (later, _) = s.take_due(t0 + 5 * SEC, 5 * SEC);
+        assert_eq!(later.len(), 1);
+        assert_eq!(later[0].cursor, Some(cursor));
+    }
+
+    #[test]
+    fn a_vma_without_the_feed_is_polled_job_by_job_until_the_probe() {
+        let mut s = Schedule::default();
+        let t0 = Instant::now();
+        s.refresh(
+            active(&[("j1", "a"), ("j2", "a")]),
+            vec![vma("a")],
+            PollProtocol::Auto,
+            t0,
+        );
+        let (work, _) = s.take_due(t0, SEC);
+        let probe_at = t0 + 600 * SEC;
+        assert!(s.fall_back("a", probe_at), "first fallback");
+        assert!(!s.fall_back("a", probe_at), "not the first any more");
+        let due = s.per_job_due("a", t0);
+        assert_eq!(due, ["j1", "j2"]);
+        let results = vec![("j1".into(), Ok(())), ("j2".into(), Err("down".into()))];
+        s.finish_per_job(&work[0], results, SEC, |_| 3 * SEC);
+        assert_eq!(s.jobs_backing_off(), 1);
+        let (next, _) = s.take_due(Instant::now() + SEC, SEC);
+        assert!(!next[0].try_feed, "job by job before the probe");
+        // A VMA that leaves the active set leaves the schedule.
+        s.refresh(Vec::new(), vec![vma("a")], PollProtocol::Auto, t0);
+        assert_eq!((s.jobs_tracked(), s.jobs_backing_off()), (0, 0));
+    }
+
+    #[test]
+    fn the_per_job_protocol_never_probes_the_feed() {
+        let mut s = Schedule::default();
+        let t0 = Instant::now();
+        s.refresh(
+            active(&[("j1", "a")]),
+            vec![vma("a")],
+            PollProtocol::PerJob,
+            t0,
+        );
+        let (work, _) = s.take_due(t0, SEC);
+        assert!(!work[0].try_feed);
+    }
+}
