@@ -64,7 +64,8 @@ async fn poll(poller: &Poller, job_id: &str, vma_id: &str, url: &str) -> Result<
     match &result {
         Ok(()) => poller.note_ok(),
         Err(error) => {
-            tracing::warn!(job_id = %job_id, error = %error, "progress poll failed; backing off");
+            tracing::warn!(event = "poll_failed", job_id = %job_id, error = %error,
+                "progress poll failed; backing off");
             poller.note_error(format!("job {job_id}: {error}"));
         }
     }
