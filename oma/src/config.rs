@@ -1,6 +1,6 @@
 //! Command-line flags of the `oma` server (each also readable from the environment).
 
-use crate::poller::PollerConfig;
+use crate::poller::{PollProtocol, PollerConfig};
 use crate::recovery::RecoveryConfig;
 use crate::server::{NetSettings, Settings};
 use anyhow::Context;
@@ -69,6 +69,11 @@ pub struct ServerArgs {
     /// Progress polls in flight per VMA.
     #[arg(long, env = "OMA_POLL_CONCURRENCY_PER_VMA", default_value_t = 4)]
     pub poll_concurrency_per_vma: usize,
+    /// How progress is polled: `auto` asks each VMA's progress feed once per interval
+    /// (falling back to one request per job for a watchdog without it), `per-job` asks one
+    /// request per job as before the feed.
+    #[arg(long, env = "OMA_POLL_PROTOCOL", value_enum, default_value_t = PollProtocol::Auto)]
+    pub poll_protocol: PollProtocol,
     /// Seconds of unmoved bytes after which a live job is flagged stalled (never failed).
     #[arg(long, env = "OMA_STALL_THRESHOLD_SECS", default_value_t = 900.0)]
     pub stall_threshold_secs: f64,
@@ -271,6 +276,7 @@ impl ServerArgs {
                 per_vma_concurrency: self.poll_concurrency_per_vma,
                 stall_threshold: secs(self.stall_threshold_secs, "stall-threshold-secs")?,
             },
+            poll_protocol: self.poll_protocol,
         })
     }
 }

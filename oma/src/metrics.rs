@@ -53,6 +53,11 @@ struct TransitionLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabel {
+    protocol: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -102,6 +107,8 @@ pub struct Metrics {
     recovery_interval: FloatGauge,
     stall_threshold: FloatGauge,
     polls: Family<ResultLabel, Counter>,
+    poll_requests: Family<ProtocolLabel, Counter>,
+    poll_fallbacks: Counter,
     poll_lag: FloatGauge,
     vma_contact: Family<VmaLabel, FloatGauge>,
     auth_failures: Family<ReasonLabel, Counter>,
@@ -134,6 +141,8 @@ impl Metrics {
             recovery_interval: FloatGauge::default(),
             stall_threshold: FloatGauge::default(),
             polls: Family::default(),
+            poll_requests: Family::default(),
+            poll_fallbacks: Counter::default(),
             poll_lag: FloatGauge::default(),
             vma_contact: Family::default(),
             auth_failures: Family::default(),
@@ -164,6 +173,8 @@ impl Metrics {
             "recovery_last_success_timestamp" in Seconds, "When the last recovery run finished without error (unix time)", self.recovery_last_success.clone();
             "recovery_interval" in Seconds, "The periodic recovery interval (--recovery-interval-secs)", self.recovery_interval.clone();
             "polls", "Progress polls of VMAs, by result", self.polls.clone();
+            "poll_requests", "Progress requests sent to VMAs, by protocol (feed: one per VMA; per_job: one per job)", self.poll_requests.clone();
+            "poll_feed_fallbacks", "Feed polls answered 404/405 (a watchdog without the progress feed), so polled job by job", self.poll_fallbacks.clone();
             "poll_cycle_lag" in Seconds, "How far the poller's last cycle is behind its schedule", self.poll_lag.clone();
             "vma_last_contact_timestamp" in Seconds, "When each VMA last answered a poll or delivered events (unix time)", self.vma_contact.clone();
             "auth_failures", "Requests refused by the token check, by reason", self.auth_failures.clone();
@@ -254,6 +265,18 @@ impl Metrics {
     /// Counts a progress poll.
     pub fn poll(&self, result: &'static str) {
         self.polls.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Counts a progress request sent to a VMA (`feed` or `per_job`).
+    pub fn poll_request(&self, protocol: &'static str) {
+        self.poll_requests
+            .get_or_create(&ProtocolLabel { protocol })
+            .inc();
+    }
+
+    /// Counts a VMA found without the progress feed.
+    pub fn poll_fallback(&self) {
+        self.poll_fallbacks.inc();
     }
 
     /// Sets how far the poller's cycle is behind its schedule.

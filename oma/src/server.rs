@@ -2,7 +2,7 @@
 
 use crate::auth::OperatorTokens;
 use crate::lease::Leases;
-use crate::poller::{Poller, PollerConfig};
+use crate::poller::{PollProtocol, Poller, PollerConfig};
 use crate::recovery::{Recovery, RecoveryConfig};
 use crate::store::{Store, StoreError};
 use crate::vma_client::VmaClient;
@@ -32,6 +32,8 @@ pub struct Settings {
     pub poller: PollerConfig,
     /// VMA polling leases (several OMAs on one database).
     pub lease: crate::lease::LeaseConfig,
+    /// How the poller asks VMAs (`--poll-protocol`).
+    pub poll_protocol: PollProtocol,
     /// TLS, connection limits, and the files re-read on SIGHUP.
     pub net: NetSettings,
 }
@@ -77,6 +79,7 @@ impl std::fmt::Debug for Settings {
             .field("recovery", &self.recovery)
             .field("poller", &self.poller)
             .field("lease", &self.lease)
+            .field("poll_protocol", &self.poll_protocol)
             .field("net", &self.net)
             .finish_non_exhaustive()
     }
@@ -238,11 +241,10 @@ pub async fn start_with_metrics(
         client.clone(),
         settings.recovery.clone(),
     ));
-    let poller = Arc::new(Poller::new(
-        store.clone(),
-        client.clone(),
-        settings.poller.clone(),
-    ));
+    let poller = Arc::new(
+        Poller::new(store.clone(), client.clone(), settings.poller.clone())
+            .with_protocol(settings.poll_protocol),
+    );
     let state = AppState {
         store,
         operators: Arc::new(operators),

@@ -1,7 +1,9 @@
 //! The OMA's client of a VMA's watchdog API: job status for recovery, progress for the
 //! poller, and starting a job's migratekit process.
 
-use api::{ErrorBody, JobProcessState, StartJobRequest, StoredProgress, VmaJobStatus};
+use api::{
+    ErrorBody, JobProcessState, ProgressFeed, StartJobRequest, StoredProgress, VmaJobStatus,
+};
 use reqwest::StatusCode;
 use serde::Serialize;
 use std::sync::{Arc, RwLock};
@@ -223,6 +225,33 @@ impl VmaClient {
                 Ok(Some(stored))
             }
             StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(Self::error_detail(response).await),
+        }
+    }
+
+    /// `GET {vma}/api/v1/progress?since=&epoch=&limit=`: every job whose progress changed
+    /// after the cursor. `Ok(None)` when the VMA answers 404 or 405: a watchdog older than the
+    /// feed, to be polled job by job. Each job's progress is checked by the caller.
+    pub async fn progress_feed(
+        &self,
+        base_url: &str,
+        cursor: Option<(uuid::Uuid, u64)>,
+        limit: u32,
+    ) -> Result<Option<ProgressFeed>, VmaError> {
+        let mut url = format!(
+            "{}/api/v1/progress?limit={limit}",
+            base_url.trim_end_matches('/')
+        );
+        if let Some((epoch, since)) = cursor {
+            url.push_str(&format!("&since={since}&epoch={epoch}"));
+        }
+        let response = self.get(url).send().await.map_err(|e| e.without_url())?;
+        match response.status() {
+            StatusCode::OK => {
+                let feed = response.json().await.map_err(reqwest::Error::without_url)?;
+                Ok(Some(feed))
+            }
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => Ok(None),
             _ => Err(Self::error_detail(response).await),
         }
     }

@@ -74,6 +74,8 @@ pub struct Metrics {
     death_to_ack: Histogram,
     launches: Family<ResultLabel, Counter>,
     progress_updates: Family<ResultLabel, Counter>,
+    progress_feed_requests: Counter,
+    progress_feed_jobs: Counter,
     watched: Gauge,
     outbox_events: Gauge,
     outbox_bytes: Gauge,
@@ -109,6 +111,8 @@ impl Metrics {
             death_to_ack: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
             launches: Family::default(),
             progress_updates: Family::default(),
+            progress_feed_requests: Counter::default(),
+            progress_feed_jobs: Counter::default(),
             watched: Gauge::default(),
             outbox_events: Gauge::default(),
             outbox_bytes: Gauge::default(),
@@ -172,9 +176,17 @@ impl Metrics {
             "death_to_ack" in Seconds, "Time from a death's observation to the OMA's acknowledgement", self.death_to_ack.clone();
             "launches", "Requests to start migratekit, by result", self.launches.clone();
             "progress_updates", "Progress updates posted by migratekit, by result", self.progress_updates.clone();
+            "progress_feed_requests", "Answers to the OMA's progress feed (GET /api/v1/progress)", self.progress_feed_requests.clone();
+            "progress_feed_jobs", "Jobs' progress sent in answers to the progress feed", self.progress_feed_jobs.clone();
             "registry_write_errors", "Failed writes of the process registry's file", self.registry_write_errors.clone();
         }
         self
+    }
+
+    /// Counts one answer of the progress feed and the jobs it carried.
+    pub fn progress_feed(&self, jobs: usize) {
+        self.progress_feed_requests.inc();
+        self.progress_feed_jobs.inc_by(jobs as u64);
     }
 
     /// Says which detector runs and how the kernel decides deaths (`build_info`).

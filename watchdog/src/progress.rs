@@ -20,11 +20,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use api::{JobId, ProgressUpdate, StoredProgress};
+use api::{JobId, ProgressFeed, ProgressFeedQuery, ProgressUpdate, StoredProgress};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
 use crate::disk;
+
+mod feed;
+
+use feed::ChangeIndex;
+pub use feed::MAX_FEED_JOBS;
 
 /// File name of the progress log inside the state directory.
 pub const LOG_FILE: &str = "progress.jsonl";
@@ -92,6 +97,8 @@ enum Record {
 #[derive(Debug)]
 struct Inner {
     latest: HashMap<JobId, StoredProgress>,
+    /// The jobs by their latest change, for the feed.
+    changes: ChangeIndex,
     /// Shared so that a sync can run without holding the lock (group commit).
     log: Arc<File>,
     /// Lines in the log, for the compaction rule.
@@ -158,11 +165,13 @@ impl ProgressStore {
         let len = log.metadata().map_err(open_err)?.len();
         let log = Arc::new(log);
         let lines = latest.len() as u64;
+        let changes = index_loaded(&latest);
         Ok(Self {
             path,
             max_jobs,
             inner: Mutex::new(Inner {
                 latest,
+                changes,
                 log,
                 lines,
                 len,
@@ -193,6 +202,7 @@ impl ProgressStore {
         };
         let mine = self.append(&mut inner, &RecordRef::Update(&stored), job_id)?;
         inner.latest.insert(job_id.clone(), stored.clone());
+        inner.changes.changed(job_id);
         self.maybe_compact(&mut inner)?;
         self.wait_durable(inner, mine)?;
         Ok(stored)
@@ -208,6 +218,28 @@ impl ProgressStore {
         self.lock().latest.values().cloned().collect()
     }
 
+    /// The latest progress of every job that changed after the query's cursor, oldest change
+    /// first, at most `limit` (default and cap [`MAX_FEED_JOBS`]); see [`feed`](self::feed).
+    pub fn feed(&self, query: &ProgressFeedQuery) -> ProgressFeed {
+        let limit = query
+            .limit
+            .filter(|&l| l > 0)
+            .map_or(MAX_FEED_JOBS, |l| l as usize);
+        let inner = self.lock();
+        let page = inner.changes.page(query.since, query.epoch, limit);
+        let jobs = page
+            .jobs
+            .iter()
+            .filter_map(|id| inner.latest.get(id).cloned())
+            .collect();
+        ProgressFeed {
+            epoch: page.epoch,
+            cursor: page.cursor,
+            more: page.more,
+            jobs,
+        }
+    }
+
     /// Forgets a job's progress (for example once the OMA has recorded its final state).
     /// Returns whether there was any.
     pub fn forget(&self, job_id: &JobId) -> Result<bool, ProgressError> {
@@ -217,6 +249,7 @@ impl ProgressStore {
         }
         let mine = self.append(&mut inner, &RecordRef::Forget(job_id), job_id)?;
         inner.latest.remove(job_id);
+        inner.changes.forgot(job_id);
         self.wait_durable(inner, mine)?;
         Ok(true)
     }
@@ -231,6 +264,7 @@ impl ProgressStore {
             if inner.latest.contains_key(job_id) {
                 mine = Some(self.append(&mut inner, &RecordRef::Forget(job_id), job_id)?);
                 inner.latest.remove(job_id);
+                inner.changes.forgot(job_id);
                 forgotten += 1;
             }
         }
@@ -261,6 +295,7 @@ impl ProgressStore {
         // Not synced here: the caller's own line follows, and its sync covers both.
         self.append(inner, &RecordRef::Forget(&oldest), &oldest)?;
         inner.latest.remove(&oldest);
+        inner.changes.forgot(&oldest);
         evicted(&oldest, self.max_jobs);
         Ok(())
     }
@@ -353,6 +388,18 @@ impl ProgressStore {
         })?;
         Ok(())
     }
+}
+
+/// The change index of the jobs loaded at open, numbered in the order their latest updates
+/// came (ties by job id), so the first answer of the feed is oldest first too.
+fn index_loaded(latest: &HashMap<JobId, StoredProgress>) -> ChangeIndex {
+    let mut loaded: Vec<&StoredProgress> = latest.values().collect();
+    loaded.sort_by(|a, b| (a.received_at, &a.job_id).cmp(&(b.received_at, &b.job_id)));
+    let mut index = ChangeIndex::new();
+    for stored in loaded {
+        index.changed(&stored.job_id);
+    }
+    index
 }
 
 /// The job whose latest update came first (ties by job id, so the choice is stable).

@@ -40,7 +40,7 @@ mod verdict;
 pub use cancel::cancel;
 pub use event::on_event;
 pub use progress::{
-    apply_progress, is_newer, last_progress_evidence, on_progress, reported_failure,
+    apply_progress, is_newer, last_progress_evidence, on_progress, on_unmoved, reported_failure,
 };
 pub use recovery::{on_decision, superseded};
 pub use start::on_start_answer;

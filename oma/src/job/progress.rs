@@ -119,6 +119,31 @@ pub fn on_progress(
     })
 }
 
+/// What a poll that found a job's progress unchanged does to it: the stall flag, set when
+/// its bytes have not moved for `stall_ms` (the progress feed answers only the jobs that
+/// changed, so a job it leaves out was polled and did not move).
+pub fn on_unmoved(cur: &JobRecord, now: i64, stall_ms: i64) -> Option<JobChange> {
+    if cur.job.status.is_final() {
+        return None;
+    }
+    let mut after = cur.clone();
+    let mut audit = Vec::new();
+    let evidence = json!({
+        "sequence": cur.progress_sequence, "bytes_transferred": cur.job.bytes_transferred,
+        "source": "progress_feed",
+    });
+    stall_flag(&mut after, now, stall_ms, evidence, &mut audit);
+    if after == *cur {
+        return None;
+    }
+    after.job.updated_at = from_ms(now);
+    Some(JobChange {
+        after,
+        audit,
+        request_stop: false,
+    })
+}
+
 /// How migratekit's last progress, sent with a death or fetched for an exited process, reads
 /// in the audit trail, and whether it was applied (newer than what the job held).
 pub fn last_progress_evidence(p: &StoredProgress, applied: bool) -> serde_json::Value {

@@ -167,6 +167,7 @@ pub fn settings(db: &TestDb) -> Settings {
             period: Duration::from_secs(1),
             name: "test".into(),
         },
+        poll_protocol: oma::poller::PollProtocol::Auto,
         net: oma::server::NetSettings::default(),
     }
 }

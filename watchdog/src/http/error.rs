@@ -136,3 +136,24 @@ impl<S: Send + Sync> FromRequestParts<S> for JobPath {
             .map_err(|e| ApiError::BadRequest("invalid_job_id", e.to_string()))
     }
 }
+
+/// A query string (`?since=1&limit=10`) of type `T`: a parameter that is not a number, out of
+/// its type's range or unknown is a 400 `invalid_query` whose message names it.
+#[derive(Debug)]
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| QueryParams(value))
+            .map_err(|rejection| {
+                ApiError::BadRequest(
+                    "invalid_query",
+                    format!("invalid query: {}", rejection.body_text()),
+                )
+            })
+    }
+}

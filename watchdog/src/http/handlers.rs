@@ -3,14 +3,14 @@
 use std::sync::Arc;
 
 use api::{
-    FoundBy, JobId, JobProcessState, ProgressUpdate, StartJobRequest, StoredProgress,
-    TrackJobRequest, VmaJobStatus,
+    FoundBy, JobId, JobProcessState, ProgressFeed, ProgressFeedQuery, ProgressUpdate,
+    StartJobRequest, StoredProgress, TrackJobRequest, VmaJobStatus,
 };
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 
-use super::error::{ApiError, JobPath, JsonBody};
+use super::error::{ApiError, JobPath, JsonBody, QueryParams};
 use super::{AppState, RegisterError};
 use crate::launcher::{LaunchError, TemplateError, proc_comm, proc_identity};
 
@@ -71,6 +71,32 @@ pub async fn get_progress(
             format!("no progress has been received for job {job_id}"),
         )
     })
+}
+
+/// `GET /api/v1/progress?since=&epoch=&limit=`: the latest progress of every job whose
+/// progress changed after the cursor, oldest change first, for the OMA's poller (one request
+/// per VMA and interval instead of one per job).
+#[utoipa::path(get, path = "/api/v1/progress", tag = "progress", params(ProgressFeedQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The jobs that changed after `since` (every job when \
+        `since` is absent or 0, or `epoch` is not this watchdog's), at most `limit` (default and \
+        cap 5000; 0 means the default); `more` when cut, `cursor` to send as `since` next.", body = ProgressFeed)))]
+pub async fn progress_feed(
+    State(state): State<AppState>,
+    QueryParams(query): QueryParams<ProgressFeedQuery>,
+) -> Result<Json<ProgressFeed>, ApiError> {
+    // The ranges the document gives (`since` int64, `limit` int32), not just the Rust types'.
+    if query.since.is_some_and(|s| i64::try_from(s).is_err()) {
+        let message = "invalid query: since must be from 0 to 2^63-1".to_owned();
+        return Err(ApiError::BadRequest("invalid_query", message));
+    }
+    if query.limit.is_some_and(|l| i32::try_from(l).is_err()) {
+        let message = "invalid query: limit must be from 0 to 2^31-1".to_owned();
+        return Err(ApiError::BadRequest("invalid_query", message));
+    }
+    let feed = state.progress.feed(&query);
+    state.metrics.progress_feed(feed.jobs.len());
+    Ok(Json(feed))
 }
 
 /// `GET /api/v1/jobs`: every job this VMA knows, with its process's latest state.

@@ -27,7 +27,7 @@ use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
 pub use auth::{SharedToken, is_loopback_peer};
-pub use error::{ApiError, JobPath, JsonBody};
+pub use error::{ApiError, JobPath, JsonBody, QueryParams};
 #[cfg(feature = "test-doubles")]
 pub use memory_jobs::MemoryJobs;
 pub use progress_gate::{Refusal, refused_updates};
@@ -147,6 +147,7 @@ impl std::fmt::Debug for AppState {
 /// The API's router.
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
+        .route("/api/v1/progress", get(handlers::progress_feed))
         .route("/api/v1/progress/{job_id}", get(handlers::get_progress))
         .route("/api/v1/jobs", get(handlers::list_jobs))
         .route("/api/v1/jobs/{job_id}", get(handlers::get_job))

@@ -8,9 +8,12 @@
 //!
 //! Each route's annotation lists what its handler answers; the answers of the layers in front
 //! of the handlers are added here by one rule each (`Contract`): a token route answers 401,
-//! a route with a `{job_id}` answers 400 `invalid_job_id`, a route with a body 400 and 413.
+//! a route with a `{job_id}` answers 400 `invalid_job_id`, a route with a query 400
+//! `invalid_query`, a route with a body 400 and 413.
 
-use api::openapi::{BearerAuth, add_error, add_links, link, needs_token, operations_mut};
+use api::openapi::{
+    BearerAuth, add_error, add_links, has_query, link, needs_token, operations_mut,
+};
 use utoipa::openapi::path::ParameterIn;
 use utoipa::{Modify, OpenApi};
 
@@ -23,7 +26,7 @@ use super::handlers;
         processes on a VMA; takes migratekit's progress and serves it to the OMA."),
     paths(
         handlers::health,
-        handlers::post_progress, handlers::get_progress,
+        handlers::post_progress, handlers::progress_feed, handlers::get_progress,
         handlers::list_jobs, handlers::get_job,
         handlers::start_job, handlers::track_job, handlers::stop_job,
     ),
@@ -66,6 +69,13 @@ impl Modify for Contract {
                         op,
                         "400",
                         "The job id in the path breaks the rule of job ids (`invalid_job_id`).",
+                    );
+                }
+                if has_query(op) {
+                    add_error(
+                        op,
+                        "400",
+                        "A query parameter is not of its type, or unknown (`invalid_query`).",
                     );
                 }
                 if op.request_body.is_some() {
@@ -114,7 +124,7 @@ mod tests {
     fn every_route_is_described_with_the_layers_answers() {
         let doc = document();
         let paths = doc["paths"].as_object().unwrap();
-        assert_eq!(paths.len(), 8, "{:?}", paths.keys().collect::<Vec<_>>());
+        assert_eq!(paths.len(), 9, "{:?}", paths.keys().collect::<Vec<_>>());
         let mut token_routes = 0;
         for (path, item) in paths {
             for (method, op) in item.as_object().unwrap() {
@@ -129,7 +139,9 @@ mod tests {
             }
         }
         // All but /health and progress updates (loopback and the job's own process).
-        assert_eq!(token_routes, 6);
+        assert_eq!(token_routes, 7);
+        let feed = &doc["paths"]["/api/v1/progress"]["get"];
+        assert!(feed["responses"].get("400").is_some(), "{feed}");
         let update = &doc["paths"]["/api/v1/progress/{job_id}/update"]["post"];
         assert!(update.get("security").is_none());
         assert!(update["responses"].get("403").is_some());
