@@ -115,7 +115,7 @@ async fn baseline(oma: &Oma, recorder: &Arc<Recorder>, deaths: usize) -> Result<
         oma.create_job(&id, &vma.id).await?;
     }
     let vmas = [vma];
-    let (took, _) = measure::deaths(oma, &vmas, deaths, Duration::from_millis(50)).await?;
+    let (took, _) = measure::deaths_apart(oma, &vmas, deaths, Duration::from_millis(50)).await?;
     let summary = summarize(took);
     eprintln!(
         "fleet-bench: idle baseline kill-to-commit p50 {:.2} ms p99 {:.2} ms",
@@ -181,12 +181,20 @@ async fn window(
     eprintln!("fleet-bench: measuring for {} s", args.secs);
     let poller_before = oma.poller().await?;
     let (oma0, self0): (ProcSample, ProcSample) = (proc_sample(args.oma_pid)?, proc_sample(0)?);
+    for counter in [
+        &recorder.progress_gets,
+        &recorder.feed_gets,
+        &recorder.feed_jobs,
+        &recorder.status_gets,
+    ] {
+        counter.store(0, Ordering::Relaxed);
+    }
     let started = Instant::now();
     recorder.recording.store(true, Ordering::Relaxed);
     let until = started + Duration::from_secs(args.secs);
     let every = Duration::from_secs_f64(args.secs as f64 / args.deaths.max(1) as f64);
     let (deaths, samples) = tokio::join!(
-        measure::deaths(oma, fleet, args.deaths, every),
+        measure::deaths_apart(oma, fleet, args.deaths, every),
         measure::sample(oma, fleet, args.oma_pid, 5, until),
     );
     let wall = started.elapsed();

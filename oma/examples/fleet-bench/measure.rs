@@ -103,6 +103,32 @@ pub async fn deaths(
     Ok((took, killed))
 }
 
+/// [`deaths`] on a thread of its own at nice -10 (as the watchdog runs), with its own
+/// runtime and connection: the simulated VMAs' serving does not delay the deaths' posts.
+pub async fn deaths_apart(
+    oma: &Oma,
+    vmas: &[Arc<VmaSim>],
+    count: usize,
+    every: Duration,
+) -> Result<(Vec<f64>, Vec<String>)> {
+    let (oma, vmas) = (oma.fresh()?, vmas.to_vec());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        // SAFETY: plain system calls about this thread.
+        unsafe {
+            let tid = libc::gettid() as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, -10);
+        }
+        let result = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(deaths(&oma, &vmas, count, every)));
+        let _ = tx.send(result);
+    });
+    rx.await.context("the deaths' thread ended")?
+}
+
 /// Jobs of `killed` that the OMA does not show final.
 pub async fn not_final(oma: &Oma, killed: &[String]) -> Result<usize> {
     let mut open = 0;

@@ -29,6 +29,11 @@ impl Oma {
         })
     }
 
+    /// The same OMA through a client of its own (for another runtime).
+    pub fn fresh(&self) -> Result<Self> {
+        Self::new(&self.url, &self.metrics_url, &self.token)
+    }
+
     /// Waits up to 60 s for `GET /health` to answer 200.
     pub async fn wait_healthy(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -122,9 +122,10 @@ pub fn run(args: &Args) -> Result<()> {
             row["backend"] = (*backend).into();
             row["protocol"] = (*protocol).into();
             rows.push(row);
+            // After every row, so that a later failure loses nothing.
+            println!("\n{}", table::render(&rows));
         }
     }
-    println!("\n{}", table::render(&rows));
     println!("{}", table::conditions());
     Ok(())
 }
@@ -250,10 +251,7 @@ impl Database {
             let url = dir.join("oma.db").display().to_string();
             return Ok(Self { url, admin: None });
         }
-        let admin = match std::env::var("OMA_TEST_POSTGRES_URL") {
-            Ok(url) => url,
-            Err(_) => postgres::start_test_server()?,
-        };
+        let admin = admin_url()?;
         let name = format!("fleet_{}_{protocol}", std::process::id());
         psql(&admin, &format!("DROP DATABASE IF EXISTS {name}"))?;
         psql(&admin, &format!("CREATE DATABASE {name}"))?;
@@ -276,6 +274,19 @@ impl Database {
             eprintln!("fleet: could not drop database {name}: {e:#}");
         }
     }
+}
+
+/// `OMA_TEST_POSTGRES_URL`, else a server already on the test port (the lead's, another
+/// worktree's), else the test server started here.
+fn admin_url() -> Result<String> {
+    if let Ok(url) = std::env::var("OMA_TEST_POSTGRES_URL") {
+        return Ok(url);
+    }
+    let running = "postgres://postgres@127.0.0.1:55432/postgres";
+    if psql(running, "SELECT 1").is_ok() {
+        return Ok(running.to_owned());
+    }
+    postgres::start_test_server()
 }
 
 fn psql(url: &str, sql: &str) -> Result<()> {
