@@ -4,7 +4,7 @@
 //!
 //! Phases: register the VMAs; an idle baseline (deaths on one small VMA before the fleet's
 //! jobs exist); create every job through `POST /api/v1/jobs` (the simulated VMA answers the
-//! start 201 running); warm up; a measured window with deaths injected and freshness
+//! start 201 running; no job has progress yet); progress starts moving; warm up; a measured window with deaths injected and freshness
 //! sampled; a timed recovery run.
 
 mod measure;
@@ -70,10 +70,16 @@ async fn main() -> Result<()> {
     let recorder = Arc::new(Recorder::default());
     let interval_ms = (args.poll_interval_secs * 1000.0) as u64;
     recorder.interval_ms.store(interval_ms, Ordering::Relaxed);
+    recorder.moving.store(true, Ordering::Relaxed);
     let baseline = baseline(&oma, &recorder, args.deaths.min(100)).await?;
+    recorder.moving.store(false, Ordering::Relaxed);
     let fleet = start_fleet(&oma, &recorder, args.vmas, args.jobs_per_vma).await?;
     let created = create_jobs(&oma, &fleet).await?;
-    eprintln!("fleet-bench: warming up {} s", args.warmup_secs);
+    recorder.moving.store(true, Ordering::Relaxed);
+    eprintln!(
+        "fleet-bench: progress moves; warming up {} s",
+        args.warmup_secs
+    );
     tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
     let window = window(&oma, &fleet, &recorder, &args).await?;
     eprintln!(
@@ -115,7 +121,14 @@ async fn baseline(oma: &Oma, recorder: &Arc<Recorder>, deaths: usize) -> Result<
         oma.create_job(&id, &vma.id).await?;
     }
     let vmas = [vma];
-    let (took, _) = measure::deaths_apart(oma, &vmas, deaths, Duration::from_millis(50)).await?;
+    let (took, _) = measure::deaths_apart(
+        oma,
+        &vmas,
+        deaths,
+        Duration::from_millis(50),
+        Instant::now() + Duration::from_secs(60),
+    )
+    .await?;
     let summary = summarize(took);
     eprintln!(
         "fleet-bench: idle baseline kill-to-commit p50 {:.2} ms p99 {:.2} ms",
@@ -194,7 +207,7 @@ async fn window(
     let until = started + Duration::from_secs(args.secs);
     let every = Duration::from_secs_f64(args.secs as f64 / args.deaths.max(1) as f64);
     let (deaths, samples) = tokio::join!(
-        measure::deaths_apart(oma, fleet, args.deaths, every),
+        measure::deaths_apart(oma, fleet, args.deaths, every, until),
         measure::sample(oma, fleet, args.oma_pid, 5, until),
     );
     let wall = started.elapsed();

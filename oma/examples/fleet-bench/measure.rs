@@ -79,26 +79,33 @@ impl Rng {
     }
 }
 
-/// Kills `count` random live jobs of `vmas`, one every `every`, each reported as the
-/// watchdog reports a death; returns each kill-to-commit (ms) and the jobs killed.
+/// Kills up to `count` random live jobs of `vmas`, one every `every` until `until`, each
+/// reported as its VMA's watchdog reports a death, without waiting for the deaths before it
+/// (each VMA delivers on its own); returns each kill-to-commit (ms) and the jobs killed.
 pub async fn deaths(
     oma: &Oma,
     vmas: &[Arc<VmaSim>],
     count: usize,
     every: Duration,
+    until: Instant,
 ) -> Result<(Vec<f64>, Vec<String>)> {
     let mut rng = Rng::new();
     let mut ticker = tokio::time::interval(every);
-    let (mut took, mut killed) = (Vec::new(), Vec::new());
-    while took.len() < count {
+    let mut posts = tokio::task::JoinSet::new();
+    let mut killed = Vec::new();
+    while killed.len() < count && Instant::now() < until {
         ticker.tick().await;
-        let vma = &vmas[rng.below(vmas.len())];
+        let vma = vmas[rng.below(vmas.len())].clone();
         let Some(death) = vma.kill(rng.below(vma.len())) else {
             continue;
         };
         killed.push(death.0.to_string());
-        let ack = oma.post_death(&vma.id, &vma.token, death).await?;
-        took.push(ack.as_secs_f64() * 1000.0);
+        let oma = oma.clone();
+        posts.spawn(async move { oma.post_death(&vma.id, &vma.token, death).await });
+    }
+    let mut took = Vec::new();
+    while let Some(done) = posts.join_next().await {
+        took.push(done??.as_secs_f64() * 1000.0);
     }
     Ok((took, killed))
 }
@@ -110,6 +117,7 @@ pub async fn deaths_apart(
     vmas: &[Arc<VmaSim>],
     count: usize,
     every: Duration,
+    until: Instant,
 ) -> Result<(Vec<f64>, Vec<String>)> {
     let (oma, vmas) = (oma.fresh()?, vmas.to_vec());
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -123,7 +131,7 @@ pub async fn deaths_apart(
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(deaths(&oma, &vmas, count, every)));
+            .and_then(|rt| rt.block_on(deaths(&oma, &vmas, count, every, until)));
         let _ = tx.send(result);
     });
     rx.await.context("the deaths' thread ended")?

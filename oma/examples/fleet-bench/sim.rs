@@ -26,6 +26,10 @@ pub const MIB: u64 = 1 << 20;
 pub struct Recorder {
     /// Gaps are recorded only while this is set (the measurement window).
     pub recording: AtomicBool,
+    /// Progress is served only once this is set (after the jobs are created): before, every
+    /// job has none yet (404, and an empty feed), so a poll writes nothing and the creation
+    /// of 20,000 jobs does not wait behind 4,000 progress transactions a second.
+    pub moving: AtomicBool,
     /// The OMA's poll interval, subtracted from each gap.
     pub interval_ms: AtomicU64,
     /// Poll gaps minus the interval, ms: per job (per-job GETs) or per VMA (feed requests).
@@ -270,6 +274,9 @@ async fn progress(State(sim): State<Arc<VmaSim>>, Path(id): Path<String>) -> Res
     let Some(i) = sim.index(&id) else {
         return unknown_job(&id);
     };
+    if !sim.recorder.moving.load(Ordering::Relaxed) {
+        return StatusCode::NOT_FOUND.into_response();
+    }
     let tick = sim.tick();
     let mut jobs = sim.lock();
     sim.recorder.gap(&mut jobs[i].last_poll);
@@ -298,7 +305,7 @@ async fn feed(State(sim): State<Arc<VmaSim>>, Query(query): Query<ProgressFeedQu
         .iter()
         .enumerate()
         .map(|(i, j)| (j.dead.map_or(tick, |(k, _)| k) * n + i as u64 + 1, i))
-        .filter(|(change, _)| *change > since)
+        .filter(|(change, _)| *change > since && sim.recorder.moving.load(Ordering::Relaxed))
         .collect();
     changed.sort_unstable();
     let more = changed.len() > limit;
