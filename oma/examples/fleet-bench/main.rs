@@ -82,6 +82,8 @@ async fn main() -> Result<()> {
     );
     tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
     let window = window(&oma, &fleet, &recorder, &args).await?;
+    // Printed now too: a recovery run at saturation may take minutes.
+    eprintln!("fleet-bench: window {window}");
     eprintln!(
         "fleet-bench: recovery run over {} active jobs",
         fleet.len() * args.jobs_per_vma

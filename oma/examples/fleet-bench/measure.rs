@@ -137,15 +137,22 @@ pub async fn deaths_apart(
     rx.await.context("the deaths' thread ended")?
 }
 
-/// Jobs of `killed` that the OMA does not show final.
+/// Jobs of `killed` that the OMA does not show final (16 questions in flight: under
+/// saturation each waits seconds for a database connection).
 pub async fn not_final(oma: &Oma, killed: &[String]) -> Result<usize> {
-    let mut open = 0;
-    for id in killed {
-        if !oma.job(id).await?.status.is_final() {
-            open += 1;
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (oma, count) = (oma.clone(), open.clone());
+    crate::futures_like::for_each_limited(killed.to_vec(), 16, move |id| {
+        let (oma, count) = (oma.clone(), count.clone());
+        async move {
+            if !oma.job(&id).await?.status.is_final() {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(())
         }
-    }
-    Ok(open)
+    })
+    .await?;
+    Ok(open.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 /// What the sampler saw over the window.
