@@ -83,6 +83,8 @@ pub struct Metrics {
     outbox_max_bytes: Gauge,
     outbox_oldest_age: Gauge<f64, AtomicU64>,
     outbox_refused: Counter,
+    resident_memory: Gauge,
+    resident_memory_peak: Gauge,
     outbox_flush_failures: Counter,
     storage_degraded: Gauge,
     events_held_in_memory: Gauge,
@@ -120,6 +122,8 @@ impl Metrics {
             outbox_max_bytes: Gauge::default(),
             outbox_oldest_age: Gauge::default(),
             outbox_refused: Counter::default(),
+            resident_memory: Gauge::default(),
+            resident_memory_peak: Gauge::default(),
             outbox_flush_failures: Counter::default(),
             storage_degraded: Gauge::default(),
             events_held_in_memory: Gauge::default(),
@@ -167,6 +171,8 @@ impl Metrics {
             "outbox_max" in Bytes, "Bound on outbox_bytes (--outbox-max-bytes)", self.outbox_max_bytes.clone();
             "outbox_oldest_event_age" in Seconds, "Age of the oldest unacknowledged event (0 when none)", self.outbox_oldest_age.clone();
             "outbox_refused_events", "Events refused because the outbox was full", self.outbox_refused.clone();
+            "resident_memory" in Bytes, "The daemon's resident memory (VmRSS)", self.resident_memory.clone();
+            "resident_memory_peak" in Bytes, "The most the daemon has had resident since it started (VmHWM)", self.resident_memory_peak.clone();
             "outbox_flush_failures", "Appended events whose fdatasync failed (kept in memory and delivered)", self.outbox_flush_failures.clone();
             "storage_degraded", "1 while the outbox cannot be written (full or failing disk) and events are held in memory", self.storage_degraded.clone();
             "events_held_in_memory", "Events held in memory because the outbox could not write them", self.events_held_in_memory.clone();
@@ -255,6 +261,12 @@ impl Metrics {
         self.outbox_oldest_age
             .set(outbox.oldest_age_seconds.unwrap_or(0.0));
         mirror(&self.outbox_refused, outbox.refused);
+        if let Some(resident) = crate::memory::resident_of(None) {
+            self.resident_memory
+                .set(i64::try_from(resident.rss).unwrap_or(i64::MAX));
+            self.resident_memory_peak
+                .set(i64::try_from(resident.peak).unwrap_or(i64::MAX));
+        }
         let storage = tracker.spill().health();
         self.storage_degraded
             .set(i64::from(storage.state == "degraded"));

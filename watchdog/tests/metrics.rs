@@ -72,6 +72,10 @@ fn killed_migratekit_is_counted(detector: &str) {
     }
     let bytes = value(&page, "vma_watchdog_outbox_bytes").unwrap();
     assert!(bytes > 0.0, "{page}");
+    // The daemon's own memory, read from its /proc at the scrape: resident now, at most the peak.
+    let rss = value(&page, "vma_watchdog_resident_memory_bytes").unwrap();
+    let peak = value(&page, "vma_watchdog_resident_memory_peak_bytes").unwrap();
+    assert!(rss > 1e6 && rss <= peak, "rss {rss}, peak {peak}\n{page}");
     if watchdog.detector == "ebpf" {
         // The programs' run statistics are there; they count only while the kernel's BPF
         // statistics are enabled (a host-wide sysctl this test leaves alone).
