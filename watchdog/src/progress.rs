@@ -219,7 +219,7 @@ impl ProgressStore {
     }
 
     /// The latest progress of every job that changed after the query's cursor, oldest change
-    /// first, at most `limit` (default and cap [`MAX_FEED_JOBS`]); see [`feed`](self::feed).
+    /// first, at most `limit` (default and cap [`MAX_FEED_JOBS`]); see the `feed` module.
     pub fn feed(&self, query: &ProgressFeedQuery) -> ProgressFeed {
         let limit = query
             .limit

@@ -1,7 +1,7 @@
 //! The progress poller: polls every active job's progress on its VMA, forever.
 //!
 //! Per VMA, not per job: each VMA with active jobs has a due time in a min-heap
-//! ([`schedule`]), and the loop sleeps until the earliest, so a tick costs O(VMAs due), never
+//! (`schedule.rs`), and the loop sleeps until the earliest, so a tick costs O(VMAs due), never
 //! O(jobs). A VMA whose watchdog has the progress feed (`GET /api/v1/progress?since=`) is
 //! asked once per interval for every job that moved since the last answer, and the answer is
 //! committed in one transaction ([`crate::store::Store::mutate_jobs`]); a job absent from the

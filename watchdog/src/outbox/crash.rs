@@ -1,7 +1,7 @@
 //! Crash points of the outbox's death path, for the crash-safety tests.
 //!
 //! Compiled in only with the `crash-points` feature (this crate's own tests turn it on; a
-//! normal build has none of it and [`at`] is an empty inline function). With the feature,
+//! normal build has none of it and `at` is an empty inline function). With the feature,
 //! the process SIGKILLs itself at the point named by `VMA_WATCHDOG_CRASH_AT`, the first time
 //! a death (not a start) passes it, so that a test can crash the real daemon at each step
 //! between a death's write and its removal from the outbox, deterministically.
