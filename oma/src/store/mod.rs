@@ -22,6 +22,7 @@ mod change;
 mod checkpoint;
 mod gauges;
 mod intake;
+mod io_error;
 mod jobs;
 mod lease;
 mod lock;
@@ -34,6 +35,7 @@ mod token_cache;
 pub use change::{AuditDraft, JobChange};
 pub use gauges::JobGauges;
 pub use intake::{DecideEvent, IntakeOutcome};
+pub use io_error::EXIT_SQLITE_IO_ERROR;
 pub use jobs::{JobFilter, NewJob};
 pub use lease::{ExpiredInstance, LeaseCandidate};
 pub use lock::{RecoveryLock, Released, StartFence, start_key};
@@ -67,9 +69,10 @@ pub enum Backend {
 /// Everything that can go wrong in the store, each saying what failed and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database refused or failed a statement.
+    /// The database refused or failed a statement. (A SQLite I/O error never gets here: the
+    /// conversion ends the process, see `io_error`.)
     #[error("database operation failed ({0}); check that the database is reachable and writable")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     /// Migrating the schema at start failed.
     #[error("database migration failed ({0}); the database may be newer than this oma binary")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -143,6 +146,15 @@ pub enum StoreError {
     /// Concurrent writers kept changing the same job.
     #[error("job {0} kept changing under concurrent updates; retry the request")]
     Contention(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    /// Every sqlx error of the store passes here (`?`), at once after the statement that
+    /// failed, so a SQLite I/O error ends the OMA before its connection serves anything else.
+    fn from(error: sqlx::Error) -> Self {
+        io_error::exit_on_sqlite_io_error(&error);
+        Self::Database(error)
+    }
 }
 
 /// Connections of the PostgreSQL pool.

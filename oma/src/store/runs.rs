@@ -66,7 +66,7 @@ impl Store {
         .map_err(|e| match e {
             // The id conflict is the upsert's own; the only other unique column is the token.
             sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::TokenInUse,
-            other => StoreError::Database(other),
+            other => StoreError::from(other),
         })?;
         // The VMA's old token must stop working here at once.
         self.vma_tokens.clear();
