@@ -99,6 +99,14 @@ impl Daemon {
         self.child.as_ref().map(Child::id)
     }
 
+    /// How the process ended, when it ended on its own: it is reaped, and a later
+    /// [`Daemon::start`] runs it again. `None` while it runs, or when it was not started.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
     /// True while the process runs (it is reaped if it has exited).
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {

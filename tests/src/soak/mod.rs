@@ -84,6 +84,9 @@ pub struct SoakReport {
     /// Injected failures of SQLite's automatic checkpoints (writes of the main database
     /// file), which SQLite retries without telling the OMA.
     pub sqlite_checkpoint_failures: usize,
+    /// Times the OMA stopped itself on a SQLite I/O error (exit 75) and was started again,
+    /// as systemd does, once its files could be written.
+    pub oma_io_error_exits: usize,
 }
 
 /// The running soak: the system, its jobs, the outages now open, the faults so far.
@@ -239,6 +242,7 @@ impl Soak {
 
     /// One round of the invariants, counted.
     fn check(&mut self) -> Result<(), String> {
+        self.supervise_oma()?;
         invariants::check(self).map_err(|v| format!("VIOLATION: {v}"))?;
         self.report.checks += 1;
         Ok(())

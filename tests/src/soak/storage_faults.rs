@@ -137,6 +137,10 @@ impl Soak {
 
     /// Starts (`Some`) or ends injected write/fsync errors.
     pub(super) fn io_errors(&mut self, spec: Option<(IoTarget, i32)>) -> Result<String, String> {
+        if spec.is_none() {
+            // An OMA that stopped itself in the window is started once the files heal.
+            self.supervise_oma()?;
+        }
         let shim = self.shim.as_ref().ok_or("no I/O shim")?;
         let Some((target, errno)) = spec else {
             shim.heal()?;
@@ -243,6 +247,8 @@ impl Soak {
                 self.sys.watchdog.daemon().log_tail(5)
             ));
         }
+        // It may have stopped itself (exit 75) just as the window closed.
+        self.supervise_oma()?;
         if !self.outages.oma_down && !self.sys.oma.daemon().is_running() {
             return Err(format!(
                 "VIOLATION: the OMA exited on its own during a storage fault: {}",
@@ -250,5 +256,40 @@ impl Soak {
             ));
         }
         Ok(out)
+    }
+
+    /// Plays systemd for the OMA: an OMA that stopped itself on a SQLite I/O error (exit 75,
+    /// its documented reaction, since a connection whose COMMIT failed would acknowledge
+    /// commits that never reach the files) is started again, at once if its files can be
+    /// written, else once they heal ([`Self::start_deferred`]). Any other exit of its own is
+    /// a violation.
+    pub(super) fn supervise_oma(&mut self) -> Result<(), String> {
+        if self.outages.oma_down {
+            return Ok(());
+        }
+        let Some(status) = self.sys.oma.daemon().exited() else {
+            return Ok(());
+        };
+        if status.code() != Some(oma::store::EXIT_SQLITE_IO_ERROR) {
+            return Err(format!(
+                "VIOLATION: the OMA exited on its own ({status}): {}",
+                self.sys.oma.daemon().log_tail(5)
+            ));
+        }
+        self.report.oma_io_error_exits += 1;
+        let files_fail = matches!(self.outages.io_errors, Some((IoTarget::Oma, ..)));
+        if files_fail || self.outages.postgres_down {
+            self.outages.oma_down = true;
+            self.note(
+                "OMA exited 75 on a SQLite I/O error; started again when its files heal".into(),
+            );
+            return Ok(());
+        }
+        self.sys
+            .oma
+            .start_again()
+            .map_err(|e| format!("starting the OMA again after its exit 75: {e}"))?;
+        self.note("OMA exited 75 on a SQLite I/O error; started again".into());
+        Ok(())
     }
 }
