@@ -177,15 +177,56 @@ async fn update_job(
     version: i64,
     rec: &JobRecord,
 ) -> Result<bool, StoreError> {
-    let j = &rec.job;
+    let set: Vec<String> = COLUMNS
+        .iter()
+        .zip(bind_columns(w, rec)?)
+        .map(|((name, _), value)| format!("{name} = {value}"))
+        .collect();
     let sql = format!(
-        "UPDATE replication_jobs SET status = {}, active = {}, progress_percent = {}, \
-         current_operation = {}, bytes_transferred = {}, total_bytes = {}, throughput = {}, \
-         sync_type = {}, started_at = {}, updated_at = {}, last_progress_at = {}, \
-         progress_sequence = {}, bytes_moved_at = {}, stalled_since = {}, \
-         progress_status = {}, completed_at = {}, error_message = {}, failure_class = {}, \
-         process_pid = {}, process_start_time = {}, attempt = {}, recovery_note = {}, \
-         version = version + 1 WHERE id = {} AND version = {}",
+        "UPDATE replication_jobs SET {}, version = version + 1 WHERE id = {} AND version = {}",
+        set.join(", "),
+        w.arg(rec.job.id.clone())?,
+        w.arg(version)?,
+    );
+    w.end(conn, &sql, 1).await
+}
+
+/// The columns a change of a job's row writes, in the order of [`bind_columns`], with their
+/// SQL types (the multi-row `UPDATE` casts each value, since a NULL argument has no type of its
+/// own on PostgreSQL). The one list of them, for the single and the batched path.
+pub(super) const COLUMNS: [(&str, &str); 22] = [
+    ("status", "TEXT"),
+    ("active", "BIGINT"),
+    ("progress_percent", "DOUBLE PRECISION"),
+    ("current_operation", "TEXT"),
+    ("bytes_transferred", "BIGINT"),
+    ("total_bytes", "BIGINT"),
+    ("throughput", "BIGINT"),
+    ("sync_type", "TEXT"),
+    ("started_at", "BIGINT"),
+    ("updated_at", "BIGINT"),
+    ("last_progress_at", "BIGINT"),
+    ("progress_sequence", "BIGINT"),
+    ("bytes_moved_at", "BIGINT"),
+    ("stalled_since", "BIGINT"),
+    ("progress_status", "TEXT"),
+    ("completed_at", "BIGINT"),
+    ("error_message", "TEXT"),
+    ("failure_class", "TEXT"),
+    ("process_pid", "BIGINT"),
+    ("process_start_time", "BIGINT"),
+    ("attempt", "BIGINT"),
+    ("recovery_note", "TEXT"),
+];
+
+/// Binds the values of [`COLUMNS`] for `rec` as arguments of `w`, in that order, and returns
+/// their placeholders (an array of the list's length, so that neither can change alone).
+pub(super) fn bind_columns(
+    w: &mut Writes<'_>,
+    rec: &JobRecord,
+) -> Result<[String; COLUMNS.len()], StoreError> {
+    let j = &rec.job;
+    Ok([
         w.arg(j.status.as_str())?,
         w.arg(i64::from(j.status.is_active()))?,
         w.arg(j.progress_percent)?,
@@ -208,10 +249,7 @@ async fn update_job(
         w.arg(j.process_start_time)?,
         w.arg(j.attempt)?,
         w.arg(rec.recovery_note.clone())?,
-        w.arg(j.id.clone())?,
-        w.arg(version)?,
-    );
-    w.end(conn, &sql, 1).await
+    ])
 }
 
 /// Frees the job's VM context: `current_job_id` cleared, status `ready_for_failover` (the
