@@ -98,7 +98,11 @@ impl Soak {
             ));
         }
         let mut done = format!("freed; {held} events were held in memory");
-        if held > 0 && self.sys.watchdog.daemon().is_running() {
+        // Writes injected to fail meanwhile keep the events held until that window heals too.
+        let files_fail = matches!(self.outages.io_errors, Some((IoTarget::Watchdog, ..)));
+        if files_fail {
+            done.push_str(", kept held while the watchdog's writes still fail");
+        } else if held > 0 && self.sys.watchdog.daemon().is_running() {
             self.await_recovered(now.recovered)?;
             done.push_str(", all written since (storage_recovered, /health ok)");
         }
