@@ -225,33 +225,8 @@ pub async fn start_with_metrics(
         settings.vma_api_token.clone(),
         &net.vma_tls,
     )?;
-    let store = Store::connect(&settings.database).await?;
-    tracing::info!(database = %redact_url(&settings.database), backend = ?store.backend(), "database ready");
-    let backend = match store.backend() {
-        crate::store::Backend::Sqlite => "sqlite",
-        crate::store::Backend::Postgres => "postgres",
-    };
-    store.metrics().set_settings(
-        backend,
-        settings.recovery.interval,
-        settings.poller.stall_threshold,
-    );
-    let recovery = Arc::new(Recovery::new(
-        store.clone(),
-        client.clone(),
-        settings.recovery.clone(),
-    ));
-    let poller = Arc::new(
-        Poller::new(store.clone(), client.clone(), settings.poller.clone())
-            .with_protocol(settings.poll_protocol),
-    );
-    let state = AppState {
-        store,
-        operators: Arc::new(operators),
-        recovery: recovery.clone(),
-        poller: poller.clone(),
-        vma_client: client,
-    };
+    let state = open_state(&settings, operators, client).await?;
+    let (recovery, poller) = (state.recovery.clone(), state.poller.clone());
     let (stop, stopped) = watch::channel(false);
     let mut background = vec![
         (
@@ -290,6 +265,42 @@ pub async fn start_with_metrics(
         stop,
         http,
         background,
+    })
+}
+
+/// The store (opened and migrated), recovery and the poller, shared by the routes and the
+/// background tasks.
+async fn open_state(
+    settings: &Settings,
+    operators: OperatorTokens,
+    client: VmaClient,
+) -> Result<AppState, StartError> {
+    let store = Store::connect(&settings.database).await?;
+    tracing::info!(database = %redact_url(&settings.database), backend = ?store.backend(), "database ready");
+    let backend = match store.backend() {
+        crate::store::Backend::Sqlite => "sqlite",
+        crate::store::Backend::Postgres => "postgres",
+    };
+    store.metrics().set_settings(
+        backend,
+        settings.recovery.interval,
+        settings.poller.stall_threshold,
+    );
+    let recovery = Arc::new(Recovery::new(
+        store.clone(),
+        client.clone(),
+        settings.recovery.clone(),
+    ));
+    let poller = Arc::new(
+        Poller::new(store.clone(), client.clone(), settings.poller.clone())
+            .with_protocol(settings.poll_protocol),
+    );
+    Ok(AppState {
+        store,
+        operators: Arc::new(operators),
+        recovery,
+        poller,
+        vma_client: client,
     })
 }
 
