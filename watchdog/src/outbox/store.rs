@@ -203,15 +203,7 @@ impl Outbox {
     /// registry, in the job status the OMA's recovery polls). Dropping silently is never
     /// an option.
     pub fn append(&self, event: ProcessEvent) -> Result<(), OutboxError> {
-        let stored = StoredEvent {
-            appended_at: Utc::now(),
-            event,
-        };
-        let mut line = serde_json::to_vec(&stored).map_err(|source| OutboxError::Encode {
-            event_id: stored.event.event_id,
-            source,
-        })?;
-        line.push(b'\n');
+        let (stored, line) = encode(event)?;
         let bytes = line.len() as u64;
         let death = stored.event.kind != api::ProcessEventKind::ProcessStarted;
         let mut inner = self.lock();
@@ -326,15 +318,7 @@ impl Outbox {
         if let Some(barrier) = self.barrier.get() {
             barrier.before_forgetting().map_err(OutboxError::Barrier)?;
         }
-        let stored = StoredEvent {
-            appended_at: Utc::now(),
-            event,
-        };
-        let mut line = serde_json::to_vec(&stored).map_err(|source| OutboxError::Encode {
-            event_id: stored.event.event_id,
-            source,
-        })?;
-        line.push(b'\n');
+        let (stored, line) = encode(event)?;
         let id = format!("\"{}\"\n", stored.event.event_id);
         let mut inner = self.lock();
         for (file, name, bytes) in [
@@ -615,6 +599,19 @@ fn rewind_torn_append(file: &File, path: &Path, line_len: usize) {
     }
 }
 
+/// The event as the outbox stores it, and its line (JSON and a newline).
+fn encode(event: ProcessEvent) -> Result<(StoredEvent, Vec<u8>), OutboxError> {
+    let stored = StoredEvent {
+        appended_at: Utc::now(),
+        event,
+    };
+    let mut line = serde_json::to_vec(&stored).map_err(|source| OutboxError::Encode {
+        event_id: stored.event.event_id,
+        source,
+    })?;
+    line.push(b'\n');
+    Ok((stored, line))
+}
 fn line_len(stored: &StoredEvent) -> Result<u64, OutboxError> {
     serde_json::to_vec(stored)
         .map(|v| v.len() as u64 + 1)
