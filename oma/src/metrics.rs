@@ -100,6 +100,7 @@ pub struct Metrics {
     transitions: Family<TransitionLabels, Counter>,
     watchdog_events: Family<ResultLabel, Counter>,
     intake_commit: Histogram,
+    background_write_wait: Histogram,
     recovery_runs: Family<RunLabels, Counter>,
     recovery_decisions: Family<DecisionLabel, Counter>,
     recovery_duration: Histogram,
@@ -133,6 +134,8 @@ impl Metrics {
             watchdog_events: Family::default(),
             // 0.5 ms to about 4 s: a batch commits in milliseconds (one fsync on SQLite).
             intake_commit: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            // 0.1 ms to about 26 s: the poller's commits wait for each other, not for deaths.
+            background_write_wait: Histogram::new(exponential_buckets(0.0001, 2.0, 19)),
             recovery_runs: Family::default(),
             recovery_decisions: Family::default(),
             // 1 ms to about 65 s: a run asks every VMA with active jobs.
@@ -167,6 +170,7 @@ impl Metrics {
             "transitions", "Job status changes committed, by new status, failure class and actor", self.transitions.clone();
             "watchdog_events", "Process events received from watchdogs, by outcome", self.watchdog_events.clone();
             "intake_commit_duration" in Seconds, "Time to apply and commit one batch of watchdog events", self.intake_commit.clone();
+            "background_write_wait" in Seconds, "Time a poller transaction waited for its place in the lane of writes that can wait (deaths never wait there)", self.background_write_wait.clone();
             "recovery_runs", "Recovery runs, by trigger and result", self.recovery_runs.clone();
             "recovery_decisions", "Decisions of recovery runs, by decision", self.recovery_decisions.clone();
             "recovery_run_duration" in Seconds, "Time a recovery run took", self.recovery_duration.clone();
@@ -238,6 +242,11 @@ impl Metrics {
     /// Observes the time one batch took to apply and commit.
     pub fn intake_committed(&self, took: Duration) {
         self.intake_commit.observe(took.as_secs_f64());
+    }
+
+    /// Observes how long a background write waited for its lane.
+    pub fn background_write_waited(&self, took: Duration) {
+        self.background_write_wait.observe(took.as_secs_f64());
     }
 
     /// Counts a recovery run, its decisions and its duration.

@@ -242,6 +242,8 @@ async fn feed_progress_lands_with_its_audit_and_unmoved_jobs_are_flagged_stalled
         })
         .await;
         assert!(metric(&store, "oma_poll_requests_total{protocol=\"feed\"}") > 0.0);
+        // Every commit of the feed and of the stall sweep went through the lane.
+        assert!(metric(&store, "oma_background_write_wait_seconds_count") >= 4.0);
         assert_eq!(
             metric(&store, "oma_poll_requests_total{protocol=\"per_job\"}"),
             0.0

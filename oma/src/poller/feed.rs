@@ -77,6 +77,7 @@ async fn apply(poller: &Poller, vma_id: &str, jobs: &[StoredProgress]) -> Result
     }
     let ids: Vec<String> = entries.keys().cloned().collect();
     let stall_ms = poller.stall_ms();
+    let _lane = poller.write_lane().await;
     let outcome = poller
         .store
         .mutate_jobs(&ids, |cur, now| {
@@ -129,6 +130,7 @@ async fn stall_sweep(poller: &Poller) -> Result<(), crate::store::StoreError> {
         .filter(|(_, vma)| healthy.contains(vma))
         .map(|(id, _)| id)
         .collect();
+    let _lane = poller.write_lane().await;
     poller
         .store
         .mutate_jobs(&ids, |cur, now| Ok(on_unmoved(cur, now, stall_ms)))

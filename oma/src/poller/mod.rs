@@ -35,6 +35,9 @@ use utoipa::ToSchema;
 /// How often a VMA polled job by job because its watchdog had no feed is asked again.
 pub const REPROBE: Duration = Duration::from_secs(600);
 
+/// `poll_writes_behind` is logged at most this often.
+const BEHIND_LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// Poller settings.
 #[derive(Debug, Clone)]
 pub struct PollerConfig {
@@ -92,6 +95,8 @@ pub struct Poller {
     wake: Notify,
     /// The stall sweep of feed VMAs is running.
     sweeping: std::sync::atomic::AtomicBool,
+    /// When `poll_writes_behind` was last logged (rate limit).
+    behind_logged: Mutex<Option<Instant>>,
     /// Set at start: only the VMAs whose polling lease this OMA holds are polled.
     pub leases: std::sync::OnceLock<Arc<crate::lease::Leases>>,
 }
@@ -108,6 +113,7 @@ impl Poller {
             schedule: Mutex::default(),
             wake: Notify::new(),
             sweeping: false.into(),
+            behind_logged: Mutex::default(),
             leases: std::sync::OnceLock::new(),
         }
     }
@@ -265,6 +271,28 @@ impl Poller {
     pub fn cycle_lag(&self) -> Duration {
         self.lock_schedule()
             .lag(Instant::now(), self.config.interval)
+    }
+
+    /// A place in the store's lane of writes that can wait, taken before each of the
+    /// poller's transactions so that deaths never queue behind them. A wait longer than the
+    /// poll interval means the database cannot keep up with the fleet's progress: said at
+    /// most once a minute.
+    async fn write_lane(&self) -> crate::store::LanePermit {
+        let permit = self.store.background_lane().await;
+        if permit.waited > self.config.interval {
+            let mut last = self.behind_logged.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_none_or(|at| at.elapsed() >= BEHIND_LOG_EVERY) {
+                *last = Some(Instant::now());
+                tracing::warn!(
+                    event = "poll_writes_behind",
+                    waited_ms = u64::try_from(permit.waited.as_millis()).unwrap_or(u64::MAX),
+                    "a progress commit waited longer than the poll interval for the database; \
+                     progress at the OMA is late (deaths are not delayed): check the disk's \
+                     latency, or move to PostgreSQL"
+                );
+            }
+        }
+        permit
     }
 
     /// The pause between re-reads of the active set.

@@ -45,14 +45,17 @@ async fn poll(poller: &Poller, job_id: &str, vma_id: &str, url: &str) -> Result<
     }
     let stall_ms = poller.stall_ms();
     let result = match answer {
-        Ok(Some(progress)) => poller
-            .store
-            .mutate_job(job_id, |cur, now| {
-                Ok(on_progress(cur, &progress, now, stall_ms))
-            })
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
+        Ok(Some(progress)) => {
+            let _lane = poller.write_lane().await;
+            poller
+                .store
+                .mutate_job(job_id, |cur, now| {
+                    Ok(on_progress(cur, &progress, now, stall_ms))
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
         Ok(None) => Ok(()),
         Err(e) => Err(e.to_string()),
     };

@@ -24,6 +24,7 @@ mod gauges;
 mod intake;
 mod io_error;
 mod jobs;
+mod lane;
 mod lease;
 mod lock;
 mod many;
@@ -37,6 +38,7 @@ pub use gauges::JobGauges;
 pub use intake::{DecideEvent, IntakeOutcome};
 pub use io_error::EXIT_SQLITE_IO_ERROR;
 pub use jobs::{JobFilter, NewJob};
+pub use lane::LanePermit;
 pub use lease::{ExpiredInstance, LeaseCandidate};
 pub use lock::{RecoveryLock, Released, StartFence, start_key};
 pub use many::ManyOutcome;
@@ -175,6 +177,8 @@ pub struct Store {
     checkpoints: std::sync::Arc<Checkpoints>,
     /// Start fences that may hold a pooled connection at once (PostgreSQL): half the pool.
     fences: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Writes that can wait (the poller's) hold a place in it (see `lane`).
+    lane: lane::Lane,
     /// The OMA's metrics: every part that counts something holds the store (see
     /// `crate::metrics`).
     metrics: std::sync::Arc<crate::metrics::Metrics>,
@@ -244,6 +248,7 @@ impl Store {
                 task: std::sync::Mutex::new(task),
             }),
             fences: std::sync::Arc::new(tokio::sync::Semaphore::new(PG_CONNECTIONS as usize / 2)),
+            lane: lane::Lane::new(backend),
             metrics: crate::metrics::Metrics::new(),
         })
     }
@@ -251,6 +256,15 @@ impl Store {
     /// The backend in use.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// A place in the lane of writes that can wait: the poller takes one for each of its
+    /// transactions, so that a death's intake never queues behind a fleet's progress (see
+    /// `lane`). The wait is observed in `oma_background_write_wait_seconds`.
+    pub async fn background_lane(&self) -> LanePermit {
+        let permit = self.lane.enter().await;
+        self.metrics.background_write_waited(permit.waited);
+        permit
     }
 
     /// The OMA's metrics.
