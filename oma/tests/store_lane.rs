@@ -11,8 +11,8 @@
 
 mod common;
 
-use api::{JobId, ProcessEventKind, ProgressUpdate, StoredProgress};
-use common::fixtures::{code, event, new_job, setup};
+use api::ProcessEventKind;
+use common::fixtures::{code, event, new_job, progress, setup};
 use common::vma::pid;
 use common::{sqlite_db, test_dbs};
 use oma::job::{on_event, on_progress};
@@ -29,20 +29,6 @@ const WRITERS: usize = 40;
 const JOBS_PER_WRITER: usize = 20;
 /// The lane's width on PostgreSQL: a quarter of its pool of 16.
 const LANE_ON_POSTGRES: usize = 4;
-
-fn progress(job: &str, bytes: u64) -> StoredProgress {
-    let update: ProgressUpdate = serde_json::from_value(serde_json::json!({
-        "stage": "Transfer", "bytes_transferred": bytes, "total_bytes": 1_000_000_000,
-        "throughput_bps": 10, "percent": 1.0
-    }))
-    .unwrap();
-    StoredProgress {
-        job_id: JobId::parse(job).unwrap(),
-        update,
-        received_at: chrono::Utc::now(),
-        sequence: bytes,
-    }
-}
 
 /// Jobs each writer's transaction changes, and the dying job, started.
 async fn jobs(store: &Store) -> (Vec<Vec<String>>, api::ProcessIdentity) {
@@ -100,7 +86,7 @@ async fn on_sqlite_a_death_commits_ahead_of_the_pollers_queue() {
                 .mutate_jobs(&ids, |cur, now| {
                     Ok(on_progress(
                         cur,
-                        &progress(&cur.job.id, bytes),
+                        &progress(&cur.job.id, bytes, bytes),
                         now,
                         i64::MAX,
                     ))

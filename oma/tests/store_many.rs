@@ -5,8 +5,8 @@
 
 mod common;
 
-use api::{JobId, ProgressUpdate, StoredProgress};
-use common::fixtures::new_job;
+use api::StoredProgress;
+use common::fixtures::{new_job, progress};
 use common::{store_with_vmas, test_dbs};
 use oma::job::{cancel, on_progress};
 use oma::model::{ContextStatus, JobStatus};
@@ -14,20 +14,6 @@ use std::collections::HashMap;
 
 /// More than one multi-row UPDATE's worth (400 rows).
 const JOBS: usize = 450;
-
-fn progress(job: &str, sequence: u64, bytes: u64) -> StoredProgress {
-    let update: ProgressUpdate = serde_json::from_value(serde_json::json!({
-        "stage": "Transfer", "bytes_transferred": bytes, "total_bytes": 1_000_000,
-        "throughput_bps": 10, "percent": 1.5
-    }))
-    .unwrap();
-    StoredProgress {
-        job_id: JobId::parse(job).unwrap(),
-        update,
-        received_at: chrono::Utc::now(),
-        sequence,
-    }
-}
 
 #[tokio::test]
 async fn many_jobs_commit_in_one_transaction_with_their_audit_entries() {
