@@ -3,91 +3,17 @@
 //! 6984348877983463611): the real `oma` binary runs under an `LD_PRELOAD` shim that fails
 //! `write`/`pwrite`/`fsync`/`fdatasync` on the database's directory while a control file
 //! exists.
-//!
-//! The shim's C source is a copy of the soak's (tests/src/soak/storage.rs, `SHIM_C`), cut to
-//! what this test needs: the `tests` crate is not a dependency of `oma`.
+//! The shim is the soak's (`test_support::failio`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use test_support::failio::{CTL_ENV, IoShim};
 use test_support::{KillOnDrop, free_port};
 
 const TOKEN: &str = "sqlite-io-test-operator-token-42";
 const VMA_TOKEN: &str = "sqlite-io-test-vma-token-0000042";
-
-const SHIM_C: &str = r#"
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/types.h>
-#include <sys/uio.h>
-#include <unistd.h>
-
-static int failing(int fd) {
-    const char *ctl = getenv("SOAK_FAILIO_CTL");
-    if (!ctl) return 0;
-    int saved = errno;
-    int cfd = open(ctl, O_RDONLY | O_CLOEXEC);
-    if (cfd < 0) { errno = saved; return 0; }
-    char buf[4096];
-    ssize_t n = read(cfd, buf, sizeof buf - 1);
-    close(cfd);
-    if (n <= 0) { errno = saved; return 0; }
-    buf[n] = 0;
-    char link[64], path[4096];
-    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
-    ssize_t m = readlink(link, path, sizeof path - 1);
-    if (m <= 0) { errno = saved; return 0; }
-    path[m] = 0;
-    int err; char prefix[4096];
-    if (sscanf(buf, "%d %4095s", &err, prefix) == 2
-        && strncmp(path, prefix, strlen(prefix)) == 0) return err;
-    errno = saved;
-    return 0;
-}
-
-#define REAL(name) static __typeof__(&name) real_##name; \
-    if (!real_##name) real_##name = (__typeof__(&name))dlsym(RTLD_NEXT, #name)
-#define FAIL(fd) do { int e = failing(fd); if (e) { errno = e; return -1; } } while (0)
-
-ssize_t write(int fd, const void *b, size_t n) { REAL(write); FAIL(fd); return real_write(fd, b, n); }
-ssize_t pwrite(int fd, const void *b, size_t n, off_t o) {
-    REAL(pwrite); FAIL(fd); return real_pwrite(fd, b, n, o);
-}
-ssize_t pwrite64(int fd, const void *b, size_t n, off_t o) {
-    REAL(pwrite64); FAIL(fd); return real_pwrite64(fd, b, n, o);
-}
-ssize_t writev(int fd, const struct iovec *v, int c) {
-    REAL(writev); FAIL(fd); return real_writev(fd, v, c);
-}
-int fsync(int fd) { REAL(fsync); FAIL(fd); return real_fsync(fd); }
-int fdatasync(int fd) { REAL(fdatasync); FAIL(fd); return real_fdatasync(fd); }
-"#;
-
-/// The compiled shim; `None` (the test skips) without `gcc`.
-fn build_shim(dir: &Path) -> Option<PathBuf> {
-    let source = dir.join("failio.c");
-    std::fs::write(&source, SHIM_C).unwrap();
-    let library = dir.join("libfailio.so");
-    let out = Command::new("gcc")
-        .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o"])
-        .arg(&library)
-        .arg(&source)
-        .arg("-ldl")
-        .output()
-        .ok()?;
-    assert!(
-        out.status.success(),
-        "gcc could not build the shim: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(library)
-}
 
 /// The OMA under test, on a fixed port and database, started again (as systemd's
 /// `Restart=on-failure` would) whenever it has ended by itself.
@@ -95,7 +21,7 @@ struct Oma {
     child: Option<KillOnDrop>,
     port: u16,
     dir: PathBuf,
-    shim: PathBuf,
+    shim: IoShim,
     starts: usize,
     /// Exit codes of the runs that ended by themselves.
     exits: Vec<Option<i32>>,
@@ -114,8 +40,8 @@ impl Oma {
             .arg("--database")
             .arg(self.dir.join("db").join("oma.db"))
             .env("OMA_OPERATOR_TOKEN", TOKEN)
-            .env("LD_PRELOAD", &self.shim)
-            .env("SOAK_FAILIO_CTL", self.ctl())
+            .env("LD_PRELOAD", &self.shim.library)
+            .env(CTL_ENV, &self.shim.ctl)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
@@ -124,17 +50,15 @@ impl Oma {
         self.starts += 1;
     }
 
-    fn ctl(&self) -> PathBuf {
-        self.dir.join("failio.ctl")
-    }
-
+    /// Fails writes and fsyncs of the database's directory (its files, not the log).
     fn fail(&self, errno: i32) {
-        let prefix = self.dir.join("db");
-        std::fs::write(self.ctl(), format!("{errno} {}/\n", prefix.display())).unwrap();
+        self.shim
+            .fail(&self.dir.join("db").join(""), errno)
+            .unwrap();
     }
 
     fn heal(&self) {
-        let _ = std::fs::remove_file(self.ctl());
+        self.shim.heal().unwrap();
     }
 
     /// Starts the OMA again if it has ended by itself.
@@ -230,10 +154,11 @@ async fn register_vma(http: &reqwest::Client, oma: &mut Oma) {
 #[tokio::test]
 async fn a_job_acknowledged_after_write_errors_on_sqlite_survives_a_sigkill_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(shim) = build_shim(dir.path()) else {
+    if Command::new("gcc").arg("--version").output().is_err() {
         eprintln!("SKIP: no gcc to build the LD_PRELOAD shim");
         return;
-    };
+    }
+    let shim = IoShim::build().unwrap();
     std::fs::create_dir(dir.path().join("db")).unwrap();
     let mut oma = Oma {
         child: None,

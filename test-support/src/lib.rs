@@ -1,6 +1,7 @@
 //! What the tests of `oma`, `vma-watchdog` and the system tests share: ports that stay free,
 //! and daemons whose log output nobody reads.
 
+pub mod failio;
 pub mod metrics;
 pub mod notify;
 pub mod openapi_copy;
