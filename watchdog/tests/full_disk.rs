@@ -2,7 +2,8 @@
 //! again. Deaths that happen while the outbox cannot be written are held in memory, logged,
 //! shown on `/health` and in the metrics, delivered to a real (tiny) OMA from memory exactly
 //! once, and written to the outbox with their acknowledgement once space returns; a restart
-//! after that reports none of them again.
+//! after that reports none of them again. And an OMA that accepts connections but never
+//! answers does not keep what is held off the disk once it frees.
 //!
 //! Run: `cargo test -p vma-watchdog --test full_disk` as root (it mounts a tmpfs).
 
@@ -283,4 +284,61 @@ fn read_pending(state: &Path) -> Vec<api::ProcessEvent> {
     vma_watchdog::outbox::read_pending(&state.join("outbox")).unwrap()
 }
 
-both_detectors!(death_while_disk_full);
+/// The disk frees while a delivery from memory hangs (an OMA that accepts and never answers:
+/// a listener nobody accepts on, its connections completed by the kernel): the held death is
+/// written within a retry, not when the POST gives up (soak seed 16026862061546120504).
+/// Ordered, not timed: `storage_recovered` must come before the hung POST's
+/// `memory_delivery_failed`, which comes at the client's 10 s request timeout.
+fn held_deaths_reach_the_disk_while_the_oma_hangs(detector: &str) {
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let oma = format!("http://{}", hung.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().join("fs");
+    let _tmpfs = Tmpfs::mount(&mount, "2m");
+    let state = mount.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let w = watchdog(&state, detector, &oma);
+    let job = |n: usize| format!("job-hung-{detector}-{}-{n}", std::process::id());
+    let standins: Vec<Standin> = (0..DEATHS)
+        .map(|n| Standin::start(dir.path(), &job(n), &secret(), &[]))
+        .collect();
+    for s in &standins {
+        w.wait_event("process_started", s.pid);
+    }
+    fill(&mount.join("filler"));
+    // Deaths until one is held (the first may still fit in the outbox file's last page).
+    for s in &standins {
+        s.kill(libc::SIGKILL);
+        w.wait_event("process_exited", s.pid);
+        if w.raw().contains("\"event_held_in_memory\"") {
+            break;
+        }
+    }
+    assert!(
+        w.raw().contains("\"event_held_in_memory\""),
+        "no death was held in memory:\n{}",
+        w.raw()
+    );
+    // The delivery from memory starts at once and hangs; free the disk while it does.
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::remove_file(mount.join("filler")).unwrap();
+    w.wait_for("storage_recovered", |v| v["event"] == "storage_recovered");
+    let log = w.raw();
+    let recovered = log.find("\"storage_recovered\"").unwrap();
+    assert!(
+        !log[..recovered].contains("\"memory_delivery_failed\""),
+        "the held death was written only after the hung delivery gave up:\n{log}"
+    );
+    assert_eq!(health(w.api_addr())["storage"]["state"], "ok");
+    w.stop();
+    for s in standins {
+        s.kill(libc::SIGKILL);
+        s.reap();
+    }
+    drop(hung);
+}
+
+both_detectors!(
+    death_while_disk_full,
+    held_deaths_reach_the_disk_while_the_oma_hangs
+);

@@ -77,7 +77,9 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct Spill {
     inner: Mutex<Inner>,
-    wake: tokio::sync::Notify,
+    /// Rung when an event is held: [`run`]'s writes and deliveries both try at once.
+    wake_writes: tokio::sync::Notify,
+    wake_deliveries: tokio::sync::Notify,
 }
 
 /// The daemon's spill, for `/health` (one daemon per process).
@@ -136,7 +138,8 @@ impl Spill {
             acked: false,
         });
         drop(inner);
-        self.wake.notify_one();
+        self.wake_writes.notify_one();
+        self.wake_deliveries.notify_one();
         Ok(())
     }
 
@@ -278,27 +281,56 @@ pub struct MemoryDelivery {
 
 /// Until `shutdown`: every [`RETRY_EVERY`] (or when an event is held), writes the held events
 /// to the outbox, and delivers those still held to the OMA from memory.
+///
+/// The two run side by side, never one after the other: a delivery can hang for the OMA
+/// client's whole request timeout (an OMA that accepts and never answers, a link that drops
+/// every packet), and the held events must reach the disk within a retry of its freeing
+/// all the same, since only the disk keeps them across a restart (soak seed
+/// 16026862061546120504: a freed disk left unwritten for as long as a POST hung).
 pub async fn run(
     spill: Arc<Spill>,
     outbox: Arc<Outbox>,
     delivery: Option<MemoryDelivery>,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
+    let deliveries = async {
+        match &delivery {
+            Some(delivery) => deliver_until_stopped(&spill, &outbox, delivery).await,
+            // No OMA to deliver to (tests): only the writes.
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = shutdown => {}
+        () = write_until_stopped(&spill, &outbox) => {}
+        () = deliveries => {}
+    }
+}
+
+/// Writes the held events to the outbox every [`RETRY_EVERY`] and whenever one is held.
+async fn write_until_stopped(spill: &Arc<Spill>, outbox: &Arc<Outbox>) {
     loop {
         tokio::select! {
-            () = &mut shutdown => return,
-            () = spill.wake.notified() => {}
+            () = spill.wake_writes.notified() => {}
             () = tokio::time::sleep(RETRY_EVERY) => {}
         }
-        let (s, o) = (Arc::clone(&spill), Arc::clone(&outbox));
-        let empty = tokio::task::spawn_blocking(move || s.retry_writes(&o)).await;
-        if matches!(empty, Ok(true)) {
-            continue;
+        let (s, o) = (Arc::clone(spill), Arc::clone(outbox));
+        let _ = tokio::task::spawn_blocking(move || s.retry_writes(&o)).await;
+    }
+}
+
+/// Delivers what is still held every [`RETRY_EVERY`] and whenever an event is held.
+async fn deliver_until_stopped(
+    spill: &Arc<Spill>,
+    outbox: &Arc<Outbox>,
+    delivery: &MemoryDelivery,
+) {
+    loop {
+        tokio::select! {
+            () = spill.wake_deliveries.notified() => {}
+            () = tokio::time::sleep(RETRY_EVERY) => {}
         }
-        if let Some(delivery) = &delivery {
-            deliver_held(&spill, &outbox, delivery).await;
-        }
+        deliver_held(spill, outbox, delivery).await;
     }
 }
 
