@@ -7,7 +7,11 @@
 //!   compacted away (it would have been queued and delivered again); a line repeated within
 //!   one generation is an append retried after a failed fsync, which is allowed;
 //! - no event id drives two transitions at the OMA (the audit's evidence carries it);
-//! - at the end, every event appended for a soak job is acknowledged.
+//! - at the end, every event appended for a soak job is acknowledged. An event gone from
+//!   `events.jsonl` counts as acknowledged: the outbox drops lines only when it compacts, and a
+//!   compaction keeps every pending event; the ack line may have come and gone between two
+//!   reads (soak seed 6821138225733380978: acknowledged, then compacted by a restart 2 s
+//!   later). It may then never be acknowledged again.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -36,22 +40,37 @@ struct Stored {
 }
 
 fn lines(path: &Path) -> Vec<String> {
+    read_lines(path).unwrap_or_default()
+}
+
+/// The lines of `path`, or `None` when it cannot be read.
+fn read_lines(path: &Path) -> Option<Vec<String>> {
     std::fs::read_to_string(path)
+        .ok()
         .map(|t| t.lines().map(str::to_owned).collect())
-        .unwrap_or_default()
 }
 
 impl Ledger {
     /// Reads the outbox in `state/outbox` once; `prefix` selects the soak's jobs.
     pub fn read(&mut self, state: &Path, prefix: &str) -> Result<(), String> {
         let dir = state.join("outbox");
-        for line in lines(&dir.join("events.jsonl")) {
+        let Some(file) = read_lines(&dir.join("events.jsonl")) else {
+            // Not there yet (before the first start), or unreadable this once.
+            return Ok(());
+        };
+        let mut present = HashSet::new();
+        for line in file {
             // A torn last line (read during an append) parses next time.
             let Ok(stored) = serde_json::from_str::<Stored>(&line) else {
                 continue;
             };
+            present.insert(stored.event.event_id);
             self.event(stored.event, prefix)?;
         }
+        // Compacted away: acknowledged (see the module's documentation). Counted once the
+        // acknowledgements are read: the acks file may still be the older generation's.
+        let gone = self.events.keys().filter(|id| !present.contains(id));
+        let gone: Vec<Uuid> = gone.copied().collect();
         let acks: Vec<Uuid> = lines(&dir.join("acks.jsonl"))
             .iter()
             .filter_map(|l| serde_json::from_str::<Uuid>(l).ok())
@@ -68,6 +87,8 @@ impl Ledger {
             ));
         }
         self.acks_now = acks;
+        let gone = gone.into_iter().filter(|id| !self.acks_now.contains(id));
+        self.acked_before.extend(gone.collect::<Vec<_>>());
         Ok(())
     }
 
@@ -113,4 +134,69 @@ pub fn applied_once(job: &str, audit: &[oma::model::AuditEntry]) -> Result<(), S
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(job: &str, pid: u32) -> ProcessEvent {
+        ProcessEvent {
+            event_id: Uuid::now_v7(),
+            kind: ProcessEventKind::ProcessExited,
+            job_id: api::JobId::parse(job).unwrap(),
+            process: ProcessIdentity { pid, start_time: 7 },
+            exit: None,
+            observed_at: chrono::Utc::now(),
+            detector: api::Detector::Procfs,
+            last_progress: None,
+        }
+    }
+
+    fn write(state: &Path, events: &[&ProcessEvent], acks: &[Uuid]) {
+        let dir = state.join("outbox");
+        std::fs::create_dir_all(&dir).unwrap();
+        let lines: String = events
+            .iter()
+            .map(|e| format!("{}\n", serde_json::json!({ "event": e })))
+            .collect();
+        std::fs::write(dir.join("events.jsonl"), lines).unwrap();
+        let acks: String = acks.iter().map(|a| format!("\"{a}\"\n")).collect();
+        std::fs::write(dir.join("acks.jsonl"), acks).unwrap();
+    }
+
+    #[test]
+    fn an_event_compacted_away_between_two_reads_was_acknowledged_once() {
+        let state = tempfile::tempdir().unwrap();
+        let (a, b) = (event("soak-1-1", 10), event("soak-1-2", 11));
+        let mut ledger = Ledger::default();
+        write(state.path(), &[&a, &b], &[]);
+        ledger.read(state.path(), "soak-1-").unwrap();
+        assert_eq!(ledger.unacknowledged().len(), 2);
+        // `a` acknowledged, then compacted away before the next read saw its ack.
+        write(state.path(), &[&b], &[]);
+        ledger.read(state.path(), "soak-1-").unwrap();
+        let pending: Vec<Uuid> = ledger.unacknowledged().iter().map(|e| e.event_id).collect();
+        assert_eq!(pending, vec![b.event_id]);
+        // Acknowledged again later: it was delivered twice.
+        write(state.path(), &[&b], &[a.event_id]);
+        let error = ledger.read(state.path(), "soak-1-").unwrap_err();
+        assert!(error.contains("acknowledged again"), "{error}");
+    }
+
+    #[test]
+    fn a_compaction_read_between_its_two_files_is_no_double_acknowledgement() {
+        let state = tempfile::tempdir().unwrap();
+        let a = event("soak-2-1", 10);
+        let mut ledger = Ledger::default();
+        write(state.path(), &[&a], &[]);
+        ledger.read(state.path(), "soak-2-").unwrap();
+        // The new events file without `a`, the acks file still the old one with its ack.
+        write(state.path(), &[], &[a.event_id]);
+        ledger.read(state.path(), "soak-2-").unwrap();
+        // Then the new, empty acks file.
+        write(state.path(), &[], &[]);
+        ledger.read(state.path(), "soak-2-").unwrap();
+        assert!(ledger.unacknowledged().is_empty());
+    }
 }

@@ -16,7 +16,6 @@ const REPORT_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, Default, Clone, Copy)]
 pub struct DiskMarks {
     held: usize,
-    recovered: usize,
 }
 
 fn count(log: &str, event: &str) -> usize {
@@ -64,7 +63,6 @@ fn in_degraded_episode(log: &str) -> bool {
 fn marks(log: &str) -> DiskMarks {
     DiskMarks {
         held: count(log, "event_held_in_memory"),
-        recovered: count(log, "storage_recovered"),
     }
 }
 
@@ -103,7 +101,7 @@ impl Soak {
         if files_fail {
             done.push_str(", kept held while the watchdog's writes still fail");
         } else if held > 0 && self.sys.watchdog.daemon().is_running() {
-            self.await_recovered(now.recovered)?;
+            self.await_recovered()?;
             done.push_str(", all written since (storage_recovered, /health ok)");
         }
         done.push_str(&self.start_deferred()?);
@@ -111,11 +109,14 @@ impl Soak {
         Ok(done)
     }
 
-    /// After a full disk was freed: `storage_recovered` logged and `/health` back to `ok`.
-    fn await_recovered(&mut self, recovered_before: usize) -> Result<(), String> {
+    /// After a full disk was freed: the episode closed by `storage_recovered` (or by a new
+    /// process, which holds nothing) and `/health` back to `ok`. The episode may have closed
+    /// before the disk was freed: a small write can still fit in the free room of a file's
+    /// last page on a full file system (soak seed 16250711704014577519).
+    fn await_recovered(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + REPORT_GRACE;
         loop {
-            let recovered = marks(&self.sys.watchdog.log()).recovered > recovered_before;
+            let recovered = !in_degraded_episode(&self.sys.watchdog.log());
             let health: Option<serde_json::Value> = self
                 .sys
                 .watchdog
