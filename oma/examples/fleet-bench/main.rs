@@ -64,7 +64,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    raise_fd_limit();
+    // Up to the hard limit: a thousand listeners and their connections.
+    transport::raise_fd_limit(1 << 20).context("raising the file limit")?;
     let oma = Oma::new(&args.oma_url, &args.metrics_url, &args.operator_token)?;
     oma.wait_healthy().await?;
     let recorder = Arc::new(Recorder::default());
@@ -98,21 +99,6 @@ async fn main() -> Result<()> {
     });
     println!("{result}");
     Ok(())
-}
-
-/// The fd limit up to its hard limit: a thousand listeners and their connections.
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain system calls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
 }
 
 /// Deaths on one small VMA before the fleet exists: kill-to-commit without poll load.
