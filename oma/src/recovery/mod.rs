@@ -115,7 +115,7 @@ async fn still_locked(db_lock: &mut RecoveryLock, done: usize) -> Result<(), Rec
     };
     tracing::error!(event = "recovery_lock_lost", decisions_done = done, %reason,
         "this recovery run no longer holds the recovery lock, so it stops before its next write \
-         (counted as failed); another OMA took over recovery, and each change this run made was \
+         (counted as failed); another OMA may be recovering now, and each change this run made was \
          applied only if the job had not changed since it was read");
     Err(RecoveryError::LockLost(reason))
 }
@@ -351,8 +351,8 @@ impl Recovery {
         result
     }
 
-    /// The run, under `db_lock`: each write (a decision, the stop retries) only while the
-    /// lock is still held, since an OMA that stalled mid-run may wake up after another one
+    /// The run, under `db_lock`: each decision, and then the run's record and the stop
+    /// retries, written only while the lock is still held, since an OMA that stalled mid-run may wake up after another one
     /// ended its sessions and took over.
     async fn run_locked(
         &self,
