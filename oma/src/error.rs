@@ -61,6 +61,7 @@ impl From<RecoveryError> for ApiError {
         match e {
             RecoveryError::Busy => Self::RecoveryBusy,
             RecoveryError::Store(e) => Self::Store(e),
+            e @ RecoveryError::LockLost(_) => Self::Internal(e.to_string()),
         }
     }
 }

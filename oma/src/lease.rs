@@ -6,7 +6,8 @@
 //! may have died mid-run), then claims expired leases until it owns its fair share,
 //! `ceil(VMAs / live OMAs)`, or lets its excess go when another OMA joined. An OMA that dies or
 //! stalls stops renewing: one lease period later its VMAs are claimable, and the next tick of
-//! another OMA takes them. A stalled OMA that wakes up polls none of them meanwhile: [`Leases::owns`]
+//! another OMA takes them and ends its database sessions (found by their `application_name`),
+//! so that a stalled OMA's session frees the recovery lock for the recovery run that follows. A stalled OMA that wakes up polls none of them meanwhile: [`Leases::owns`]
 //! holds for one lease period after the renewal that began last, by this host's monotonic
 //! clock, so its own view expires no later than the database's.
 //!
@@ -14,7 +15,7 @@
 //! crashed; a clean stop lets them go), so a restart polls at once. On SQLite (one OMA per
 //! file) the same code runs and the one OMA owns every lease.
 
-use crate::store::{LeaseCandidate, Store, StoreError};
+use crate::store::{ExpiredInstance, LeaseCandidate, Store, StoreError};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,6 +48,11 @@ pub struct TickReport {
     pub instances_expired: usize,
 }
 
+/// A new random instance id, one per start of an OMA.
+pub fn new_instance_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
 /// How many of `total` VMAs the OMA `me` should own among the `live` ones (sorted): the
 /// quotient each, and one more for the first `total % live` of them, so that the shares add
 /// up to `total` exactly.
@@ -55,6 +61,29 @@ pub fn fair_share(total: i64, live: &[String], me: &str) -> usize {
     let rank = live.iter().position(|id| id == me).unwrap_or(live.len()) as i64;
     let share = total / n + i64::from(rank < total % n);
     usize::try_from(share).unwrap_or(0)
+}
+
+/// Ends the database sessions of the expired OMA `gone`, found by their `application_name`:
+/// a stalled OMA's sessions stay open and would hold the recovery lock (and its start fences)
+/// for as long as it stalls, so the recovery that follows its loss could never run. A dead
+/// OMA's sessions are mostly gone already (count 0). A failure (another database role without
+/// `pg_signal_backend`) is logged; the sessions then end only with the stalled OMA.
+async fn end_sessions_of(store: &Store, gone: &ExpiredInstance) {
+    let application_name = crate::store::application_name(&gone.name, &gone.instance_id);
+    match store.end_instance_sessions(&application_name).await {
+        Ok(0) => {}
+        Ok(sessions) => {
+            tracing::warn!(event = "stalled_oma_sessions_ended", instance_id = %gone.instance_id,
+                name = %gone.name, %application_name, sessions,
+                "ended the database sessions of an OMA whose heartbeat expired (it stalled with its connections open), freeing the recovery lock and start fences it held");
+            store.metrics().stalled_sessions_ended(sessions);
+        }
+        Err(error) => {
+            tracing::warn!(event = "stalled_oma_sessions_end_failed", instance_id = %gone.instance_id,
+                name = %gone.name, %error,
+                "could not end the database sessions of an OMA whose heartbeat expired; if it stalled holding the recovery lock, recovery waits until it resumes or dies (give every OMA the same database role)");
+        }
+    }
 }
 
 /// This OMA's leases. Share it in an `Arc`; [`Leases::run_forever`] keeps them.
@@ -75,8 +104,18 @@ pub struct Leases {
 impl Leases {
     /// Leases for a new OMA instance, with a random instance id.
     pub fn new(config: LeaseConfig, backend: crate::store::Backend) -> Arc<Self> {
+        Self::with_instance_id(config, backend, new_instance_id())
+    }
+
+    /// Leases for the OMA instance `instance_id` (from [`new_instance_id`]): the server makes
+    /// the id first, since its database sessions carry it (see `crate::store::application_name`).
+    pub fn with_instance_id(
+        config: LeaseConfig,
+        backend: crate::store::Backend,
+        instance_id: String,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            instance_id: uuid::Uuid::new_v4().to_string(),
+            instance_id,
             config,
             single: backend == crate::store::Backend::Sqlite,
             owned: Mutex::default(),
@@ -136,11 +175,11 @@ impl Leases {
         let now = store.lease_clock_ms().await?;
         let until = now.saturating_add(period_ms);
         let me = self.instance_id.as_str();
-        store
-            .oma_heartbeat(me, &self.config.name, now, until)
-            .await?;
+        let new_row = (store.oma_heartbeat(me, &self.config.name, now, until)).await?;
         if !self.started.swap(true, std::sync::atomic::Ordering::SeqCst) {
             self.adopt(store, until).await?;
+        } else if new_row {
+            self.rejoined(store);
         }
         let mut report = TickReport {
             instances_expired: self.reap(store, now).await?,
@@ -205,12 +244,25 @@ impl Leases {
         Ok(())
     }
 
-    /// Removes the OMAs whose heartbeat expired; returns how many this OMA removed.
+    /// This OMA's heartbeat row was gone at a later tick: it stalled for a lease period or
+    /// more, another OMA removed it as expired, took its VMAs and ended its database sessions
+    /// (its recovery run, if one was under way, stops at its next decision, see
+    /// `crate::recovery`). The heartbeat just written brings it back as a new member: its
+    /// leases lapsed by its own clock already, and it claims its share again.
+    fn rejoined(&self, store: &Store) {
+        tracing::warn!(event = "oma_instance_rejoined", instance_id = %self.instance_id,
+            name = %self.config.name, "this OMA's own heartbeat had expired (it stalled for a lease period or more): other OMAs took its VMAs and ended its database sessions; it rejoins and claims its share again");
+        store.metrics().poll_lease_change("rejoined", 1);
+    }
+
+    /// Removes the OMAs whose heartbeat expired, and ends their database sessions; returns
+    /// how many this OMA removed.
     async fn reap(&self, store: &Store, now: i64) -> Result<usize, StoreError> {
         let expired = store.reap_oma_instances(now).await?;
         for gone in &expired {
             tracing::warn!(event = "oma_instance_expired", instance_id = %gone.instance_id,
                 name = %gone.name, "another OMA stopped renewing its heartbeat (it died or stalled); its VMAs' leases are taken over and recovery runs again");
+            end_sessions_of(store, gone).await;
         }
         store
             .metrics()

@@ -117,6 +117,7 @@ pub struct Metrics {
     poll_leases_owned: Gauge,
     oma_instances_live: Gauge,
     poll_lease_changes: Family<ReasonLabel, Counter>,
+    stalled_sessions_ended: Counter,
 }
 
 impl Metrics {
@@ -153,6 +154,7 @@ impl Metrics {
             poll_leases_owned: Gauge::default(),
             oma_instances_live: Gauge::default(),
             poll_lease_changes: Family::default(),
+            stalled_sessions_ended: Counter::default(),
             registry,
         };
         Arc::new(m.registered())
@@ -185,7 +187,8 @@ impl Metrics {
             "db_pool_connections", "Database pool connections, by state (idle, in_use)", self.pool.clone();
             "poll_leases_owned", "VMAs whose progress polling this OMA holds the lease of", self.poll_leases_owned.clone();
             "instances_live", "OMAs alive on this database (heartbeat not expired), this one included", self.oma_instances_live.clone();
-            "poll_lease_changes", "Lease changes made by this OMA, by reason (claimed, taken_over, adopted, rebalanced, lost, instance_expired)", self.poll_lease_changes.clone();
+            "poll_lease_changes", "Lease changes made by this OMA, by reason (claimed, taken_over, adopted, rebalanced, lost, instance_expired, rejoined)", self.poll_lease_changes.clone();
+            "stalled_sessions_ended", "Database sessions of expired OMAs (stalled, or dead with their connections still open) that this OMA ended", self.stalled_sessions_ended.clone();
         }
         self
     }
@@ -307,12 +310,17 @@ impl Metrics {
         self.oma_instances_live.set(live);
     }
 
-    /// Counts a lease change (`claimed`, `taken_over`, `adopted`, `rebalanced`, `lost`) or an expired
-    /// OMA removed (`instance_expired`).
+    /// Counts a lease change (`claimed`, `taken_over`, `adopted`, `rebalanced`, `lost`), an expired
+    /// OMA removed (`instance_expired`) or this OMA found expired itself (`rejoined`).
     pub fn poll_lease_change(&self, reason: &'static str, n: u64) {
         self.poll_lease_changes
             .get_or_create(&ReasonLabel { reason })
             .inc_by(n);
+    }
+
+    /// Counts the database sessions of expired OMAs this OMA ended (see `crate::lease`).
+    pub fn stalled_sessions_ended(&self, n: u64) {
+        self.stalled_sessions_ended.inc_by(n);
     }
 
     /// Counts a request refused by the token check (`missing_token`, `unknown_token`,

@@ -225,7 +225,8 @@ pub async fn start_with_metrics(
         settings.vma_api_token.clone(),
         &net.vma_tls,
     )?;
-    let state = open_state(&settings, operators, client).await?;
+    let instance_id = crate::lease::new_instance_id();
+    let state = open_state(&settings, operators, client, &instance_id).await?;
     let (recovery, poller) = (state.recovery.clone(), state.poller.clone());
     let (stop, stopped) = watch::channel(false);
     let mut background = vec![
@@ -235,7 +236,8 @@ pub async fn start_with_metrics(
         ),
         ("poller", tokio::spawn(poller.run_forever(stopped.clone()))),
     ];
-    let leases = Leases::new(settings.lease.clone(), state.store.backend());
+    let leases =
+        Leases::with_instance_id(settings.lease.clone(), state.store.backend(), instance_id);
     let _ = state.poller.leases.set(leases.clone());
     background.push(spawn_leases(&leases, &state, stopped.clone()));
     if let Some(listener) = metrics {
@@ -268,14 +270,16 @@ pub async fn start_with_metrics(
     })
 }
 
-/// The store (opened and migrated), recovery and the poller, shared by the routes and the
-/// background tasks.
+/// The store (opened and migrated, its sessions named after this OMA instance), recovery and
+/// the poller, shared by the routes and the background tasks.
 async fn open_state(
     settings: &Settings,
     operators: OperatorTokens,
     client: VmaClient,
+    instance_id: &str,
 ) -> Result<AppState, StartError> {
-    let store = Store::connect(&settings.database).await?;
+    let application_name = crate::store::application_name(&settings.lease.name, instance_id);
+    let store = Store::connect_as(&settings.database, &application_name).await?;
     tracing::info!(database = %redact_url(&settings.database), backend = ?store.backend(), "database ready");
     let backend = match store.backend() {
         crate::store::Backend::Sqlite => "sqlite",

@@ -14,186 +14,19 @@
 mod common;
 
 use api::{EventBatch, EventBatchAck, ProcessEventKind};
+use common::cluster::{Cluster, OmaProc, fresh_database};
 use common::fixtures::{code, event, new_job};
 use common::vma::{Answer, StandInVma, pid};
 use oma::auth::hash_token;
 use oma::job::on_event;
 use oma::store::Store;
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const LEASE: Duration = Duration::from_secs(3);
-const OPERATOR: &str = "operator-token-for-ha-tests-01";
 const VMAS: usize = 6;
 const JOBS_PER_VMA: usize = 4;
-
-/// A PostgreSQL cluster of this test's own.
-struct Cluster {
-    dir: PathBuf,
-    admin: String,
-}
-
-fn pg_bindir() -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|e| Some(e.ok()?.path().join("bin")))
-        .filter(|d| d.join("pg_ctl").is_file())
-        .collect();
-    dirs.sort();
-    dirs.pop()
-}
-
-impl Cluster {
-    fn start() -> Option<Self> {
-        pg_bindir()?;
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-        let dir = std::path::absolute(target.join("ha-test-postgres")).ok()?;
-        let port = test_support::free_port([127, 0, 0, 1].into()).ok()?;
-        // A cluster left by an earlier run is reused: its port is in its options, so stop it
-        // first and start it on the free port.
-        let cluster = Self {
-            dir: dir.clone(),
-            admin: String::new(),
-        };
-        let _ = cluster.pg_ctl(&["stop", "-m", "immediate"]);
-        std::mem::forget(cluster); // Its drop would stop the cluster started below.
-        let out = Command::new(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/start-test-postgres.sh"),
-        )
-        .arg(&dir)
-        .arg(port.to_string())
-        .output()
-        .ok()?;
-        if !out.status.success() {
-            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-            return None;
-        }
-        let admin = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        Some(Self { dir, admin })
-    }
-
-    fn pg_ctl(&self, args: &[&str]) -> std::io::Result<std::process::ExitStatus> {
-        let pg_ctl = pg_bindir().expect("pg_ctl").join("pg_ctl");
-        let mut cmd = if unsafe { libc::geteuid() } == 0 {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(pg_ctl);
-            c
-        } else {
-            Command::new(pg_ctl)
-        };
-        cmd.arg("-D")
-            .arg(&self.dir)
-            .args(["-w", "-t", "60"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-    }
-
-    /// Stops the server (fast: sessions are ended), keeps it down for a second, starts it
-    /// again on the same port.
-    fn restart(&self) {
-        let status = self.pg_ctl(&["stop", "-m", "fast"]).expect("pg_ctl stop");
-        assert!(status.success(), "pg_ctl stop: {status}");
-        std::thread::sleep(Duration::from_secs(1));
-        let port = self
-            .admin
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap();
-        let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c max_connections=200",
-            self.dir.display()
-        );
-        let log = self.dir.join("server.log");
-        let log = log.to_str().unwrap();
-        let status = self
-            .pg_ctl(&["-l", log, "-o", &options, "start"])
-            .expect("pg_ctl start");
-        assert!(status.success(), "pg_ctl start: {status}");
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = self.pg_ctl(&["stop", "-m", "immediate"]);
-    }
-}
-
-/// One `oma` process.
-struct OmaProc {
-    url: String,
-    log: PathBuf,
-    child: Child,
-}
-
-impl OmaProc {
-    async fn start(name: &str, database: &str, dir: &Path) -> Self {
-        let port = test_support::free_port([127, 0, 0, 1].into()).unwrap();
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_oma"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--database",
-                database,
-            ])
-            .args(["--operator-token", OPERATOR, "--oma-name", name])
-            .args([
-                "--poll-interval-secs",
-                "0.5",
-                "--recovery-interval-secs",
-                "600",
-            ])
-            .args(["--vma-timeout-secs", "20", "--poll-max-backoff-secs", "1"])
-            .args(["--poll-lease-secs", &LEASE.as_secs_f64().to_string()])
-            .args([
-                "--log-format",
-                "json",
-                "--metrics-listen",
-                "off",
-                "--nice",
-                "0",
-            ])
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn oma");
-        let url = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
-        common::eventually(60, "the OMA's /health", || {
-            let (http, url) = (http.clone(), url.clone());
-            async move {
-                let r = http.get(format!("{url}/health")).send().await.ok()?;
-                r.status().is_success().then_some(())
-            }
-        })
-        .await;
-        Self { url, log, child }
-    }
-
-    fn log_events(&self, event: &str) -> usize {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        text.lines()
-            .filter(|l| l.contains(&format!("\"event\":\"{event}\"")))
-            .count()
-    }
-}
-
-impl Drop for OmaProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn token(i: usize) -> String {
     format!("vma-{i}-token-for-the-ha-kill-test")
@@ -252,13 +85,13 @@ fn progress_calls(vma: &StandInVma) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_omas_survive_a_killed_lock_holder_and_a_database_restart() {
-    let Some(cluster) = Cluster::start() else {
+    let Some(cluster) = Cluster::start("ha-test-postgres") else {
         eprintln!(
             "SKIP: three_omas_survive...: no PostgreSQL binaries (apt-get install postgresql)"
         );
         return;
     };
-    let database = fresh_database(&cluster).await;
+    let database = fresh_database(&cluster, "ha_kill_test").await;
     let store = Store::connect(&database).await.unwrap();
     let vmas = fleet(&store).await;
     let dir = tempfile::tempdir().unwrap();
@@ -294,21 +127,6 @@ async fn three_omas_survive_a_killed_lock_holder_and_a_database_restart() {
     drop(cluster);
 }
 
-/// A fresh database `ha_kill_test` on the cluster; its URL.
-async fn fresh_database(cluster: &Cluster) -> String {
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.admin)
-        .await
-        .unwrap();
-    for sql in [
-        "DROP DATABASE IF EXISTS ha_kill_test WITH (FORCE)",
-        "CREATE DATABASE ha_kill_test",
-    ] {
-        sqlx::query(sql).execute(&mut admin).await.unwrap();
-    }
-    let server = cluster.admin.strip_suffix("/postgres").unwrap();
-    format!("{server}/ha_kill_test")
-}
-
 /// (a) oma-1 starts first: its startup recovery run asks every VMA, each answer held back for
 /// 8 s, so the run holds the recovery lock while the others start (their startup runs find it
 /// taken) and the leases spread. oma-1 is then SIGKILLed; its VMAs must be polled by another
@@ -323,10 +141,10 @@ async fn kill_the_lock_holder(
     for vma in vmas {
         vma.inner.lock().unwrap().delay_ms = 8000;
     }
-    let mut omas = vec![OmaProc::start("oma-1", database, dir).await];
+    let mut omas = vec![OmaProc::start("oma-1", database, dir, LEASE).await];
     vmas[0].wait_job_calls(1).await;
     for name in ["oma-2", "oma-3"] {
-        omas.push(OmaProc::start(name, database, dir).await);
+        omas.push(OmaProc::start(name, database, dir, LEASE).await);
     }
     let victims = victims_once_spread(store).await;
     omas[0].child.kill().unwrap(); // SIGKILL, mid-run, holding the recovery lock.

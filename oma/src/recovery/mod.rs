@@ -8,7 +8,8 @@ pub use decide::{Action, Decision, decide};
 use crate::job::{on_decision, superseded};
 use crate::model::{Actor, now_ms};
 use crate::store::{
-    JobRecord, PendingStop, RecoveryRunRecord, Released, StartFence, Store, StoreError, start_key,
+    JobRecord, PendingStop, RecoveryLock, RecoveryRunRecord, Released, StartFence, Store,
+    StoreError, start_key,
 };
 use crate::vma_client::{VmaAnswer, VmaClient};
 use api::JobProcessState;
@@ -89,9 +90,34 @@ pub enum RecoveryError {
     /// Another run holds the lock.
     #[error("a recovery run is already in progress; wait for it to finish and retry")]
     Busy,
+    /// The run lost the recovery lock before it finished (PostgreSQL), and stopped before
+    /// its next write: another OMA may be recovering now.
+    #[error(
+        "the recovery lock was lost during the run ({0}); the run stopped before its next \
+         decision: this OMA probably stalled long enough for another OMA to find its heartbeat \
+         expired and end its database sessions (see the log's stalled_oma_sessions_ended), or \
+         its connection was cut; the other OMA recovers instead"
+    )]
+    LockLost(String),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Stops a run, with `recovery_lock_lost` in the log, unless it still holds the recovery lock
+/// (asked on the lock's own session; always held on SQLite). `done` is how many decisions the
+/// run has gone through so far (written, or found superseded).
+async fn still_locked(db_lock: &mut RecoveryLock, done: usize) -> Result<(), RecoveryError> {
+    let reason = match db_lock.check().await {
+        Released::Held => return Ok(()),
+        Released::Lost => "its database session ended".to_owned(),
+        Released::Unknown(error) => format!("checking it failed: {error}"),
+    };
+    tracing::error!(event = "recovery_lock_lost", decisions_done = done, %reason,
+        "this recovery run no longer holds the recovery lock, so it stops before its next write \
+         (counted as failed); another OMA may be recovering now, and each change this run made was \
+         applied only if the job had not changed since it was read");
+    Err(RecoveryError::LockLost(reason))
 }
 
 /// The recovery engine. One per OMA; its mutex keeps two runs from overlapping.
@@ -302,10 +328,14 @@ impl Recovery {
     /// [`Recovery::run`] without the metrics.
     async fn run_once(&self, trigger: Trigger, dry_run: bool) -> Result<RunReport, RecoveryError> {
         let _guard = self.lock.try_lock().map_err(|_| RecoveryError::Busy)?;
-        let Some(db_lock) = self.store.try_recovery_lock().await? else {
+        let Some(mut db_lock) = self.store.try_recovery_lock().await? else {
             return Err(RecoveryError::Busy);
         };
-        let result = self.run_locked(trigger, dry_run).await;
+        let result = self.run_locked(trigger, dry_run, &mut db_lock).await;
+        if let Err(RecoveryError::LockLost(_)) = &result {
+            // Said already; dropped, its session is closed.
+            return result;
+        }
         match db_lock.release().await {
             Released::Held => {}
             Released::Lost => tracing::warn!(
@@ -321,10 +351,14 @@ impl Recovery {
         result
     }
 
+    /// The run, under `db_lock`: each decision, and then the run's record and the stop
+    /// retries, written only while the lock is still held, since an OMA that stalled mid-run may wake up after another one
+    /// ended its sessions and took over.
     async fn run_locked(
         &self,
         trigger: Trigger,
         dry_run: bool,
+        db_lock: &mut RecoveryLock,
     ) -> Result<RunReport, RecoveryError> {
         let started = now_ms();
         let plan = self.plan().await?;
@@ -333,6 +367,7 @@ impl Recovery {
             let (applied, superseded) = if dry_run {
                 (false, false)
             } else {
+                still_locked(db_lock, decisions.len()).await?;
                 let applied = self.apply(&read, &decision, trigger.actor()).await?;
                 (applied, !applied)
             };
@@ -360,6 +395,9 @@ impl Recovery {
             waiting: count(Action::Wait),
             superseded: decisions.iter().filter(|d| d.superseded).count() as i64,
         };
+        if !dry_run {
+            still_locked(db_lock, decisions.len()).await?;
+        }
         self.store.record_run(&run).await?;
         if !dry_run {
             // Under the recovery lock, so that one OMA at a time asks again.

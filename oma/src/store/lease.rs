@@ -30,7 +30,46 @@ pub struct ExpiredInstance {
     pub name: String,
 }
 
+/// PostgreSQL's limit on `application_name` (NAMEDATALEN - 1 bytes); longer ones are cut.
+const APPLICATION_NAME_MAX: usize = 63;
+
+/// The `application_name` of every database session of the OMA instance `instance_id` named
+/// `name`: `oma/<name>/<instance id>`, the name reduced to the characters PostgreSQL keeps as
+/// they are (printable ASCII; others become `_`) and cut so that the whole fits in 63 bytes,
+/// so that another OMA computes the same string from `oma_instances` and finds the sessions
+/// in `pg_stat_activity` ([`Store::end_instance_sessions`]).
+pub fn application_name(name: &str, instance_id: &str) -> String {
+    let room = APPLICATION_NAME_MAX.saturating_sub("oma//".len() + instance_id.len());
+    let name: String = (name.chars())
+        .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+        .take(room)
+        .collect();
+    let mut full = format!("oma/{name}/{instance_id}");
+    full.truncate(APPLICATION_NAME_MAX);
+    full
+}
+
 impl Store {
+    /// Ends the database sessions of another OMA instance, found by their `application_name`
+    /// (see [`application_name`]): an OMA whose heartbeat expired may only have stalled, and
+    /// its sessions would go on holding the recovery lock and its start fences. Returns how
+    /// many sessions were ended (none on SQLite, which has no sessions to end). Needs the
+    /// same database role as the other OMA's (or `pg_signal_backend`).
+    pub async fn end_instance_sessions(&self, application_name: &str) -> Result<u64, StoreError> {
+        if self.backend != Backend::Postgres {
+            return Ok(0);
+        }
+        let row = sqlx::query(
+            "SELECT COUNT(*) FILTER (WHERE pg_terminate_backend(pid)) AS n FROM pg_stat_activity \
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(application_name)
+        .fetch_one(&self.pool)
+        .await?;
+        let n: i64 = row.try_get("n")?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// "Now" for leases, in unix milliseconds: the database server's clock on PostgreSQL (one
     /// clock for every OMA), this host's on SQLite (one OMA).
     pub async fn lease_clock_ms(&self) -> Result<i64, StoreError> {
@@ -45,26 +84,29 @@ impl Store {
         Ok(row.try_get("now_ms")?)
     }
 
-    /// Records that `instance` is alive until `expires_at`.
+    /// Records that `instance` is alive until `expires_at`. Returns `true` when its row was
+    /// new: at its first heartbeat, or after another OMA removed it as expired (it stalled).
     pub async fn oma_heartbeat(
         &self,
         instance: &str,
         name: &str,
         now: i64,
         expires_at: i64,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
+    ) -> Result<bool, StoreError> {
+        // `started_at` is `now` only in a row this statement inserted.
+        let row = sqlx::query(
             "INSERT INTO oma_instances (instance_id, name, started_at, heartbeat_at, expires_at) \
              VALUES ($1, $2, $3, $3, $4) ON CONFLICT (instance_id) DO UPDATE \
-             SET heartbeat_at = excluded.heartbeat_at, expires_at = excluded.expires_at",
+             SET heartbeat_at = excluded.heartbeat_at, expires_at = excluded.expires_at \
+             RETURNING started_at",
         )
         .bind(instance)
         .bind(name)
         .bind(now)
         .bind(expires_at)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        Ok(())
+        Ok(row.try_get::<i64, _>("started_at")? == now)
     }
 
     /// Deletes the OMAs whose heartbeat expired by `now` and returns them: each to exactly one
@@ -263,5 +305,19 @@ impl Store {
                 ))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::application_name;
+
+    #[test]
+    fn application_names_fit_postgres_and_keep_the_instance_id_whole() {
+        let id = "0b6c3f5e-8a41-4f1e-9d37-2f5a8c1e7d90";
+        assert_eq!(application_name("oma-1", id), format!("oma/oma-1/{id}"));
+        let long = application_name("a rather long OMA name, with ü", id);
+        assert_eq!(long, format!("oma/a_rather_long_OMA_name/{id}"));
+        assert_eq!(long.len(), 63);
     }
 }

@@ -33,7 +33,7 @@ pub struct RecoveryLock {
 #[derive(Debug)]
 struct LockedSession(Option<PoolConnection<sqlx::Any>>);
 
-/// What releasing a lock found.
+/// What releasing (or checking) a lock found.
 #[derive(Debug)]
 pub enum Released {
     /// The lock was held to the end (always, on SQLite).
@@ -62,23 +62,42 @@ impl LockedSession {
         let Some(mut conn) = self.0.take() else {
             return Released::Held;
         };
-        match unlock.fetch_one(&mut *conn).await {
-            Ok(row) if row.try_get::<bool, _>(0).unwrap_or(false) => Released::Held,
-            Ok(_) => Released::Lost,
-            Err(e) => {
-                conn.close_on_drop();
-                // The connection failed, or the server ended the session (SQLSTATE class 57:
-                // administrator or crash shutdown, a server that cannot take connections now).
-                let ended = match &e {
-                    sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
-                    sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("57P")),
-                    _ => false,
-                };
-                if ended {
-                    Released::Lost
-                } else {
-                    Released::Unknown(e)
-                }
+        ask(&mut conn, unlock).await
+    }
+
+    /// Runs `held` (a query answering whether the session still holds its lock) on the
+    /// session, which stays locked. On any failure the connection is closed when dropped,
+    /// which frees the lock in any case.
+    async fn check<'q>(&mut self, held: Query<'q, sqlx::Any, AnyArguments<'q>>) -> Released {
+        match self.0.as_mut() {
+            Some(conn) => ask(conn, held).await,
+            None => Released::Held,
+        }
+    }
+}
+
+/// Runs `query`, whose one column says whether the lock is (or was) held, on the lock's
+/// session. A session the server ended (`pg_terminate_backend`, a restart) fails it.
+async fn ask<'q>(
+    conn: &mut PoolConnection<sqlx::Any>,
+    query: Query<'q, sqlx::Any, AnyArguments<'q>>,
+) -> Released {
+    match query.fetch_one(&mut **conn).await {
+        Ok(row) if row.try_get::<bool, _>(0).unwrap_or(false) => Released::Held,
+        Ok(_) => Released::Lost,
+        Err(e) => {
+            conn.close_on_drop();
+            // The connection failed, or the server ended the session (SQLSTATE class 57:
+            // administrator or crash shutdown, a server that cannot take connections now).
+            let ended = match &e {
+                sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+                sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("57P")),
+                _ => false,
+            };
+            if ended {
+                Released::Lost
+            } else {
+                Released::Unknown(e)
             }
         }
     }
@@ -116,6 +135,21 @@ impl Store {
 }
 
 impl RecoveryLock {
+    /// Whether this OMA still holds the lock, asked on the lock's own session: before each
+    /// decision a run writes, since an OMA that stalled long enough for the others to find
+    /// its heartbeat expired has had its sessions ended (`Store::end_instance_sessions`) and
+    /// another OMA may be recovering now. [`Released::Held`] on SQLite.
+    pub async fn check(&mut self) -> Released {
+        let held = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+             AND pid = pg_backend_pid() AND granted AND objsubid = 1 \
+             AND classid::bigint = $1 AND objid::bigint = $2)",
+        )
+        .bind(RECOVERY_LOCK_KEY >> 32)
+        .bind(RECOVERY_LOCK_KEY & 0xffff_ffff);
+        self.session.check(held).await
+    }
+
     /// Gives the lock back, and says whether it had been held to the end.
     pub async fn release(self) -> Released {
         let unlock = sqlx::query("SELECT pg_advisory_unlock($1)").bind(RECOVERY_LOCK_KEY);

@@ -39,7 +39,7 @@ pub use intake::{DecideEvent, IntakeOutcome};
 pub use io_error::EXIT_SQLITE_IO_ERROR;
 pub use jobs::{JobFilter, NewJob};
 pub use lane::LanePermit;
-pub use lease::{ExpiredInstance, LeaseCandidate};
+pub use lease::{ExpiredInstance, LeaseCandidate, application_name};
 pub use lock::{RecoveryLock, Released, StartFence, start_key};
 pub use many::ManyOutcome;
 pub use rows::{DECISION_COLUMNS, JobRecord};
@@ -193,9 +193,26 @@ impl Store {
         Self::connect_with(url, Some(checkpoint::INTERVAL)).await
     }
 
+    /// [`Store::connect`], each PostgreSQL session named `application_name` (see
+    /// [`application_name`]), set as each connection opens, before any of them serves: the
+    /// name by which another OMA ends this one's sessions if it stalls. Ignored on SQLite.
+    pub async fn connect_as(url: &str, application_name: &str) -> Result<Self, StoreError> {
+        let name = Some(application_name.to_owned());
+        Self::open(url, Some(checkpoint::INTERVAL), name).await
+    }
+
     /// [`Store::connect`], with SQLite's background checkpoints every `checkpoints` (none
     /// with `None`: the tests that watch them run their own).
     async fn connect_with(url: &str, checkpoints: Option<Duration>) -> Result<Self, StoreError> {
+        Self::open(url, checkpoints, None).await
+    }
+
+    /// Opens the store; `application_name` names the PostgreSQL sessions.
+    async fn open(
+        url: &str,
+        checkpoints: Option<Duration>,
+        application_name: Option<String>,
+    ) -> Result<Self, StoreError> {
         install_default_drivers();
         let (backend, url) = normalise_url(url)?;
         let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
@@ -227,8 +244,22 @@ impl Store {
                     .await?
             }
             Backend::Postgres => {
+                // Set in the session rather than in the URL: it wins over an
+                // `application_name` the operator's URL may carry, and needs no escaping.
                 options
                     .max_connections(PG_CONNECTIONS)
+                    .after_connect(move |conn, _meta| {
+                        let name = application_name.clone();
+                        Box::pin(async move {
+                            if let Some(name) = name {
+                                sqlx::query("SELECT set_config('application_name', $1, false)")
+                                    .bind(name)
+                                    .execute(conn)
+                                    .await?;
+                            }
+                            Ok(())
+                        })
+                    })
                     .connect(&url)
                     .await?
             }

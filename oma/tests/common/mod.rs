@@ -2,6 +2,7 @@
 //! VMA that follows the watchdog's contract on 127.0.0.1:0, and a running OMA.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod fixtures;
 pub mod vma;
 
