@@ -117,47 +117,7 @@ impl Watchdog {
         std::fs::create_dir_all(&behaviour)
             .map_err(|e| HarnessError::io(format!("creating {}", behaviour.display()), e))?;
         let vma_token = format!("vma-{}", uuid::Uuid::new_v4().simple());
-        let write = |name: &str, text: &str| -> Result<PathBuf> {
-            let p = dir.path().join(name);
-            std::fs::write(&p, text)
-                .map_err(|e| HarnessError::io(format!("writing {}", p.display()), e))?;
-            Ok(p)
-        };
-        // With TLS the API's port speaks HTTPS only: migratekit posts to the plain progress
-        // listener on a port of its own.
-        let progress_port = match config.tls {
-            Some(_) => free_port(IpAddr::from([127, 0, 0, 1]))?,
-            None => port,
-        };
-        let progress_url = format!("http://127.0.0.1:{progress_port}");
-        let migratekit = crate::bins::migratekit()?;
-        let wrapper = write(
-            "launch-mk.sh",
-            &wrapper_script(&migratekit, dir.path(), &progress_url),
-        )?;
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| HarnessError::io("making the launch wrapper executable", e))?;
-        let oma_token_file = write("oma.token", &vma_token)?;
-        let api_token_file = write("api.token", &config.api_token)?;
-        let mut args = wiring_args(&WiringArgs {
-            state_dir: dir.path().join("state"),
-            listen: format!("{}:{port}", config.ip),
-            oma_url: config.deliver.then(|| config.oma_url.clone()),
-            vma_id: config.vma_id.clone(),
-            oma_token_file,
-            api_token_file,
-            wrapper,
-            migratekit,
-            log_dir: dir.path().join("jobs"),
-            detector: config.detector.clone(),
-        });
-        if let Some(tls) = &config.tls {
-            args.extend(tls_args(tls, progress_port));
-        }
-        let (metrics, metrics_flag) =
-            metrics_flag(config.ip, config.netns.is_some(), config.metrics)?;
-        args.extend(metrics_flag);
-        args.extend(config.extra_args.iter().map(OsString::from));
+        let (args, metrics) = command_line(config, dir.path(), port, &vma_token)?;
         let daemon = Daemon::new(
             "vma-watchdog",
             crate::bins::watchdog()?,
@@ -361,6 +321,61 @@ impl Watchdog {
     }
 }
 
+/// Writes `text` to `name` in `dir`; returns the file's path.
+fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, text)
+        .map_err(|e| HarnessError::io(format!("writing {}", p.display()), e))?;
+    Ok(p)
+}
+
+/// Writes the launch wrapper and the token files into `dir`, and returns the watchdog's
+/// arguments for `config`, listening on `port` and presenting `vma_token` to the OMA, with
+/// the address its `/metrics` listens on (none when metrics are off).
+fn command_line(
+    config: &WatchdogConfig,
+    dir: &Path,
+    port: u16,
+    vma_token: &str,
+) -> Result<(Vec<OsString>, Option<std::net::SocketAddr>)> {
+    // With TLS the API's port speaks HTTPS only: migratekit posts to the plain progress
+    // listener on a port of its own.
+    let progress_port = match config.tls {
+        Some(_) => free_port(IpAddr::from([127, 0, 0, 1]))?,
+        None => port,
+    };
+    let progress_url = format!("http://127.0.0.1:{progress_port}");
+    let migratekit = crate::bins::migratekit()?;
+    let wrapper = write_file(
+        dir,
+        "launch-mk.sh",
+        &wrapper_script(&migratekit, dir, &progress_url),
+    )?;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| HarnessError::io("making the launch wrapper executable", e))?;
+    let oma_token_file = write_file(dir, "oma.token", vma_token)?;
+    let api_token_file = write_file(dir, "api.token", &config.api_token)?;
+    let mut args = wiring_args(&WiringArgs {
+        state_dir: dir.join("state"),
+        listen: format!("{}:{port}", config.ip),
+        oma_url: config.deliver.then(|| config.oma_url.clone()),
+        vma_id: config.vma_id.clone(),
+        oma_token_file,
+        api_token_file,
+        wrapper,
+        migratekit,
+        log_dir: dir.join("jobs"),
+        detector: config.detector.clone(),
+    });
+    if let Some(tls) = &config.tls {
+        args.extend(tls_args(tls, progress_port));
+    }
+    let (metrics, metrics_flag) = metrics_flag(config.ip, config.netns.is_some(), config.metrics)?;
+    args.extend(metrics_flag);
+    args.extend(config.extra_args.iter().map(OsString::from));
+    Ok((args, metrics))
+}
+
 /// Everything the watchdog's command line carries.
 #[derive(Debug)]
 struct WiringArgs {
@@ -376,7 +391,6 @@ struct WiringArgs {
     detector: String,
 }
 
-/// The watchdog's command line, in one place so that a renamed flag is fixed once.
 /// HTTPS requiring client certificates of the CA, the plain progress listener on
 /// `progress_port`, and the CA and a client certificate for the delivery to the OMA.
 fn tls_args(tls: &crate::tls::DaemonTls, progress_port: u16) -> Vec<OsString> {
@@ -396,6 +410,7 @@ fn tls_args(tls: &crate::tls::DaemonTls, progress_port: u16) -> Vec<OsString> {
     args
 }
 
+/// The watchdog's command line, in one place so that a renamed flag is fixed once.
 fn wiring_args(w: &WiringArgs) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut flag = |name: &str, value: OsString| {

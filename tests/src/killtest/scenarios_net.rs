@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use api::ProcessIdentity;
 use oma::model::{FailureClass, JobStatus};
 use reqwest::Method;
 
@@ -62,18 +63,42 @@ fn refused(what: &str, status: u16, allowed: &[u16]) -> Result<(), String> {
     })
 }
 
+/// A JSON body for a [`Case`].
+fn json(b: &[u8]) -> Option<(&'static str, Vec<u8>)> {
+    Some(("application/json", b.to_vec()))
+}
+
 /// Scenario 8: malformed, oversized, unauthenticated and wrong-VMA requests.
 pub fn bad_input(run: &Run) -> RunOutcome {
     let sys = system(run)?;
     let p = started(&sys, "victim", "")?;
-    let json = |b: &[u8]| Some(("application/json", b.to_vec()));
-    // Just over each server's limit (the OMA's 1 MiB, the watchdog's 64 KiB): a server stops
-    // reading at its limit, and what remains must fit the socket buffers so that the client
-    // reads the 413 instead of failing on a reset while still sending.
+    for (what, method, path, token, body, allowed) in oma_cases(Some(&sys.oma.operator_token)) {
+        let a = sys.oma.raw(method, path, token, body).map_err(fail(what))?;
+        refused(&format!("OMA {what}"), a.status, allowed)?;
+    }
+    other_vmas_event(&sys, p)?;
+    for (what, method, path, token, body, allowed) in watchdog_cases(Some(&sys.oma.vma_api_token)) {
+        let a = sys
+            .watchdog
+            .raw(method, path, token, body)
+            .map_err(fail(what))?;
+        refused(&format!("watchdog {what}"), a.status, allowed)?;
+    }
+    nothing_changed(&sys)?;
+    let (_, latency) = sys
+        .kill_and_wait("victim", p, libc::SIGKILL)
+        .map_err(fail("killing the victim"))?;
+    expect_none_active(&sys)?;
+    Ok(vec![latency])
+}
+
+/// The requests the OMA must refuse; `op` is the operator's token.
+fn oma_cases(op: Option<&str>) -> Vec<Case<'_>> {
+    // Just over the OMA's 1 MiB limit: a server stops reading at its limit, and what remains
+    // must fit the socket buffers so that the client reads the 413 instead of failing on a
+    // reset while still sending.
     let oma_big = vec![b'x'; oma::BODY_LIMIT + (64 << 10)];
-    let wd_big = vec![b'x'; 128 << 10];
-    let op = Some(sys.oma.operator_token.as_str());
-    let oma_cases: Vec<Case<'_>> = vec![
+    vec![
         (
             "malformed job",
             Method::POST,
@@ -115,12 +140,11 @@ pub fn bad_input(run: &Run) -> RunOutcome {
             json(br#"{"vma_id":"vma-1","events":[]}"#),
             &[401, 403],
         ),
-    ];
-    for (what, method, path, token, body, allowed) in oma_cases {
-        let a = sys.oma.raw(method, path, token, body).map_err(fail(what))?;
-        refused(&format!("OMA {what}"), a.status, allowed)?;
-    }
-    // A second VMA reporting the first one's job is refused.
+    ]
+}
+
+/// A second VMA reporting the first one's job (`p`, the victim's process) is refused.
+fn other_vmas_event(sys: &System, p: ProcessIdentity) -> Result<(), String> {
     let other_token = "vma-2-token-0123456789abcdef";
     sys.oma
         .register_vma("vma-2", "http://127.0.0.1:9", other_token)
@@ -147,10 +171,15 @@ pub fn bad_input(run: &Run) -> RunOutcome {
             json(&body),
         )
         .map_err(fail("wrong-VMA event"))?;
-    refused("OMA event about another VMA's job", a.status, &[403])?;
+    refused("OMA event about another VMA's job", a.status, &[403])
+}
 
-    let api = Some(sys.oma.vma_api_token.as_str());
-    let wd_cases: Vec<Case<'_>> = vec![
+/// The requests the watchdog must refuse; `api` is the token the OMA presents to it.
+fn watchdog_cases(api: Option<&str>) -> Vec<Case<'_>> {
+    // Just over the watchdog's 64 KiB limit, for the same reason as the OMA's oversized job
+    // (see `oma_cases`): the client must read the answer rather than a reset.
+    let wd_big = vec![b'x'; 128 << 10];
+    vec![
         (
             "malformed start",
             Method::POST,
@@ -211,15 +240,12 @@ pub fn bad_input(run: &Run) -> RunOutcome {
             json(format!("{{\"pid\":{}}}", std::process::id()).as_bytes()),
             &[400, 403, 404, 409],
         ),
-    ];
-    for (what, method, path, token, body, allowed) in wd_cases {
-        let a = sys
-            .watchdog
-            .raw(method, path, token, body)
-            .map_err(fail(what))?;
-        refused(&format!("watchdog {what}"), a.status, allowed)?;
-    }
-    // Nothing changed and both daemons are up.
+    ]
+}
+
+/// After the refused requests: no job was started, the victim's job did not move, no job was
+/// added, and both daemons are up.
+fn nothing_changed(sys: &System) -> Result<(), String> {
     for job in ["new-1", "new-2", "new-3"] {
         check(procs::migratekit_processes(job).is_empty(), || {
             format!("a refused request started {job}")
@@ -241,9 +267,5 @@ pub fn bad_input(run: &Run) -> RunOutcome {
         .client()
         .wait_healthy(Duration::from_secs(2))
         .map_err(fail("watchdog health"))?;
-    let (_, latency) = sys
-        .kill_and_wait("victim", p, libc::SIGKILL)
-        .map_err(fail("killing the victim"))?;
-    expect_none_active(&sys)?;
-    Ok(vec![latency])
+    Ok(())
 }

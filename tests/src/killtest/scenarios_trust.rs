@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use api::ProcessIdentity;
 use oma::model::{FailureClass, JobStatus};
 
 use super::scenarios::{expect_final, started, system};
 use super::{Run, RunOutcome, check, fail};
-use crate::system::PATIENCE;
+use crate::system::{PATIENCE, System};
 
 /// The attacker's account, created when missing.
 const ATTACKER: &str = "mkit-test-attacker";
@@ -27,26 +28,47 @@ pub fn trust(run: &Run) -> RunOutcome {
         .audit("victim")
         .map_err(fail("reading the audit"))?
         .len();
+    // Created here rather than in `impostors` so that the directory, which holds the
+    // impostors' copy of the stand-in, lives until the scenario ends.
     let public = tempfile::Builder::new()
         .prefix("trust-")
         .tempdir()
         .map_err(fail("a directory for the impostors"))?;
-    let copy = public_copy(public.path()).map_err(fail("copying the stand-in"))?;
+    impostors(&sys, (uid, gid), public.path())?;
+    forged_progress(&sys, (uid, gid))?;
+    nothing_changed(&sys, real, audit_before)?;
+    // The real process's death is reported as usual.
+    let (_, latency) = sys
+        .kill_and_wait("victim", real, libc::SIGKILL)
+        .map_err(fail("killing the real process"))?;
+    expect_final(
+        &sys,
+        "victim",
+        JobStatus::Failed,
+        Some(FailureClass::ProcessKilled),
+    )?;
+    Ok(vec![latency])
+}
+
+/// Runs the impostors from `public` and waits until the watchdog has recognised them and
+/// they have ended; `attacker` is the attacker's uid and gid.
+fn impostors(sys: &System, attacker: (u32, u32), public: &Path) -> Result<(), String> {
+    let copy = public_copy(public).map_err(fail("copying the stand-in"))?;
     // Impostors: a copy run by the attacker, the same copy run by root, and the real binary
     // run by the attacker, each claiming the live job. Each stays until the watchdog has
     // logged all three as impostors (the procfs detector sees them only at its periodic scan),
     // then exits 0: nothing assumes how fast the machine is.
     let standin = crate::bins::migratekit().map_err(fail("the stand-in binary"))?;
-    let release = public.path().join("release");
+    let release = public.join("release");
     // The harness reaps migratekit zombies itself (`procs::reap_orphans`), so each impostor is
     // awaited by its pid leaving `/proc`, not by `wait`.
     let mut pids = Vec::new();
     for (program, as_user) in [
-        (&copy, Some((uid, gid))),
+        (&copy, Some(attacker)),
         (&copy, None),
-        (&standin, Some((uid, gid))),
+        (&standin, Some(attacker)),
     ] {
-        let child = impostor(program, as_user, public.path(), &release)
+        let child = impostor(program, as_user, public, &release)
             .spawn()
             .map_err(fail("running an impostor"))?;
         pids.push(child.id());
@@ -64,16 +86,26 @@ pub fn trust(run: &Run) -> RunOutcome {
         pids.iter()
             .all(|pid| !Path::new(&format!("/proc/{pid}")).exists())
     });
-    check(gone, || format!("the impostors {pids:?} did not end"))?;
-    // Forged progress: a `failed` report from the attacker's process and from another root
-    // process.
+    check(gone, || format!("the impostors {pids:?} did not end"))
+}
+
+/// Forged progress: a `failed` report from the attacker's process and from another root
+/// process, each refused with 403.
+fn forged_progress(sys: &System, attacker: (u32, u32)) -> Result<(), String> {
     let url = format!("{}/api/v1/progress/victim/update", sys.watchdog.url);
-    for as_user in [Some((uid, gid)), None] {
+    for as_user in [Some(attacker), None] {
         let code = forge(&url, as_user).map_err(fail("posting forged progress"))?;
         check(code == "403", || {
             format!("forged progress as {as_user:?}: HTTP {code}, expected 403")
         })?;
     }
+    Ok(())
+}
+
+/// After the attacks: the job still runs `real`, the audit trail past `audit_before` holds
+/// recovery's own opinions only, the VM context is still held, and the watchdog logged the
+/// refusals.
+fn nothing_changed(sys: &System, real: ProcessIdentity, audit_before: usize) -> Result<(), String> {
     // Two poll intervals and more: had anything been believed, the OMA would have acted.
     std::thread::sleep(Duration::from_secs(2));
     let job = sys.oma.job("victim").map_err(fail("reading the job"))?;
@@ -103,18 +135,7 @@ pub fn trust(run: &Run) -> RunOutcome {
     let log = sys.watchdog.log();
     check(log.matches("progress_refused").count() >= 2, || {
         "fewer than two progress_refused lines in the watchdog's log".into()
-    })?;
-    // The real process's death is reported as usual.
-    let (_, latency) = sys
-        .kill_and_wait("victim", real, libc::SIGKILL)
-        .map_err(fail("killing the real process"))?;
-    expect_final(
-        &sys,
-        "victim",
-        JobStatus::Failed,
-        Some(FailureClass::ProcessKilled),
-    )?;
-    Ok(vec![latency])
+    })
 }
 
 /// A directory every user may enter, holding a copy of the stand-in named `migratekit`.

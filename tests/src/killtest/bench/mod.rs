@@ -103,17 +103,7 @@ pub fn kill_to_commit(
     } else {
         OmaConfig::shipped()
     };
-    let intervals = format!(
-        "OMA polling every {} s, recovery every {} s, {}, {}",
-        oma.poll_interval_secs,
-        oma.recovery_interval_secs,
-        if tls { "mutual TLS" } else { "plain HTTP" },
-        if metrics {
-            "metrics scraped every 1 s"
-        } else {
-            "metrics off"
-        }
-    );
+    let intervals = intervals(&oma, tls, metrics);
     let sys = System::start(&SystemOptions {
         oma,
         tls,
@@ -124,6 +114,63 @@ pub fn kill_to_commit(
     let _scraper = Scraper::start([sys.oma.metrics, sys.watchdog.metrics]);
     // The detector that actually runs, as the watchdog's /health reports it.
     let detector = sys.detector()?;
+    let Samples {
+        ms,
+        detect_ms,
+        measured,
+    } = measure(&sys, kills)?;
+    let syncs = fdatasync_baseline(sys.oma.dir(), 200)?;
+    let (steps, slowest) = split::split(
+        sys.watchdog.log_path(),
+        sys.oma.log_path(),
+        &measured,
+        // The watchdog runs with its default order: delivery beside the outbox's flush.
+        true,
+    );
+    Ok(BenchFigures {
+        kills,
+        p50_ms: percentile(&ms, 50.0).unwrap_or_default(),
+        p99_ms: percentile(&ms, 99.0).unwrap_or_default(),
+        max_ms: ms.iter().copied().fold(0.0, f64::max),
+        detect_p50_ms: percentile(&detect_ms, 50.0).unwrap_or_default(),
+        detect_p99_ms: percentile(&detect_ms, 99.0).unwrap_or_default(),
+        detector,
+        intervals,
+        steps,
+        slowest,
+        fdatasync_p50_ms: percentile(&syncs, 50.0).unwrap_or_default(),
+        fdatasync_p99_ms: percentile(&syncs, 99.0).unwrap_or_default(),
+    })
+}
+
+/// How the run was set up, for [`BenchFigures::intervals`]: the OMA's intervals, the
+/// transport and the scraping.
+fn intervals(oma: &OmaConfig, tls: bool, metrics: bool) -> String {
+    format!(
+        "OMA polling every {} s, recovery every {} s, {}, {}",
+        oma.poll_interval_secs,
+        oma.recovery_interval_secs,
+        if tls { "mutual TLS" } else { "plain HTTP" },
+        if metrics {
+            "metrics scraped every 1 s"
+        } else {
+            "metrics off"
+        }
+    )
+}
+
+/// What [`measure`] saw of the kills.
+struct Samples {
+    /// Kill to commit of each kill, milliseconds.
+    ms: Vec<f64>,
+    /// Kill to the watchdog's observation, milliseconds, for the kills that carried one.
+    detect_ms: Vec<f64>,
+    /// Each kill, for the split.
+    measured: Vec<split::Kill>,
+}
+
+/// Starts `kills` jobs on `sys` one at a time and SIGKILLs each once the OMA has recorded it.
+fn measure(sys: &System, kills: usize) -> crate::Result<Samples> {
     let mut ms = Vec::with_capacity(kills);
     let mut detect_ms = Vec::with_capacity(kills);
     let mut measured = Vec::with_capacity(kills);
@@ -151,27 +198,10 @@ pub fn kill_to_commit(
             eprintln!("  {} kills measured", i + 1);
         }
     }
-    let syncs = fdatasync_baseline(sys.oma.dir(), 200)?;
-    let (steps, slowest) = split::split(
-        sys.watchdog.log_path(),
-        sys.oma.log_path(),
-        &measured,
-        // The watchdog runs with its default order: delivery beside the outbox's flush.
-        true,
-    );
-    Ok(BenchFigures {
-        kills,
-        p50_ms: percentile(&ms, 50.0).unwrap_or_default(),
-        p99_ms: percentile(&ms, 99.0).unwrap_or_default(),
-        max_ms: ms.iter().copied().fold(0.0, f64::max),
-        detect_p50_ms: percentile(&detect_ms, 50.0).unwrap_or_default(),
-        detect_p99_ms: percentile(&detect_ms, 99.0).unwrap_or_default(),
-        detector,
-        intervals,
-        steps,
-        slowest,
-        fdatasync_p50_ms: percentile(&syncs, 50.0).unwrap_or_default(),
-        fdatasync_p99_ms: percentile(&syncs, 99.0).unwrap_or_default(),
+    Ok(Samples {
+        ms,
+        detect_ms,
+        measured,
     })
 }
 

@@ -132,7 +132,35 @@ pub fn split_raw(
     let names = if parallel { PARALLEL_STEPS } else { STEPS };
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let oma_text = std::fs::read_to_string(oma_log).unwrap_or_default();
-    // The OMA's lines (tracing's JSON: the event's fields under `fields`), by first event id.
+    let oma = oma_timings(&oma_text);
+    let lines: Vec<Value> = text
+        .lines()
+        .filter(|l| l.contains("_timing\""))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let watchdog = WatchdogTimings::index(&lines);
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut slowest: Vec<SlowKill> = Vec::new();
+    for kill in kills {
+        let steps_ms = kill_steps(kill, &watchdog, &oma, parallel);
+        for (i, ms) in steps_ms.iter().enumerate() {
+            samples[i].extend(*ms);
+        }
+        slowest.push(SlowKill {
+            job_id: kill.job_id.clone(),
+            total_ms: kill.total_us as f64 / 1e3,
+            steps_ms,
+        });
+        slowest.sort_by(|a, b| b.total_ms.total_cmp(&a.total_ms));
+        slowest.truncate(SLOWEST);
+    }
+    (samples, slowest)
+}
+
+/// The OMA's timing lines in `oma_text` (tracing's JSON: the event's fields under `fields`),
+/// merged by first event id: one delivery's intake is logged over two lines, `intake_timing`
+/// from the handler and `tx_timing` from the store.
+fn oma_timings(oma_text: &str) -> HashMap<String, Value> {
     let mut oma: HashMap<String, Value> = HashMap::new();
     for line in oma_text.lines().filter(|l| l.contains("_timing\"")) {
         let Ok(v) = serde_json::from_str::<Value>(line) else {
@@ -148,105 +176,117 @@ pub fn split_raw(
             }
         }
     }
-    let mut seen: HashMap<(u64, u64), &Value> = HashMap::new();
-    let mut received: HashMap<(u64, u64), &Value> = HashMap::new();
-    let mut deaths: HashMap<&str, &Value> = HashMap::new();
-    let mut deliveries: HashMap<&str, &Value> = HashMap::new();
-    let mut appends: HashMap<&str, &Value> = HashMap::new();
-    let lines: Vec<Value> = text
-        .lines()
-        .filter(|l| l.contains("_timing\""))
-        .filter_map(|l| serde_json::from_str(l).ok())
+    oma
+}
+
+/// The watchdog's timing lines, indexed by what each kill knows when it looks them up.
+#[derive(Default)]
+struct WatchdogTimings<'a> {
+    /// `exit_timing`, by process (pid, start time).
+    seen: HashMap<(u64, u64), &'a Value>,
+    /// `receive_timing`, by process (pid, start time).
+    received: HashMap<(u64, u64), &'a Value>,
+    /// `death_timing`, by job.
+    deaths: HashMap<&'a str, &'a Value>,
+    /// `delivery_timing`, by the first event id of the delivery.
+    deliveries: HashMap<&'a str, &'a Value>,
+    /// `append_timing`, by event id.
+    appends: HashMap<&'a str, &'a Value>,
+}
+
+impl<'a> WatchdogTimings<'a> {
+    /// Indexes `lines`, the watchdog's timing lines; a later line replaces an earlier one with
+    /// the same key.
+    fn index(lines: &'a [Value]) -> Self {
+        let mut t = Self::default();
+        for v in lines {
+            match v["event"].as_str() {
+                Some(kind @ ("exit_timing" | "receive_timing")) => {
+                    if let (Some(pid), Some(start)) = (v["pid"].as_u64(), v["start_time"].as_u64())
+                    {
+                        let into = if kind == "exit_timing" {
+                            &mut t.seen
+                        } else {
+                            &mut t.received
+                        };
+                        into.insert((pid, start), v);
+                    }
+                }
+                Some("death_timing") => {
+                    if let Some(job) = v["job_id"].as_str() {
+                        t.deaths.insert(job, v);
+                    }
+                }
+                Some("append_timing") => {
+                    if let Some(id) = v["event_id"].as_str() {
+                        t.appends.insert(id, v);
+                    }
+                }
+                Some("delivery_timing") => {
+                    if let Some(id) = v["first_event_id"].as_str() {
+                        t.deliveries.insert(id, v);
+                    }
+                }
+                _ => {}
+            }
+        }
+        t
+    }
+}
+
+/// `kill`'s time in each step, milliseconds (`None` where a timing line is missing), in the
+/// order of `STEPS`, or of `PARALLEL_STEPS` with `parallel`.
+fn kill_steps(
+    kill: &Kill,
+    watchdog: &WatchdogTimings<'_>,
+    oma: &HashMap<String, Value>,
+    parallel: bool,
+) -> Vec<Option<f64>> {
+    let us = |v: Option<&&Value>, k: &str| v.and_then(|v| v[k].as_u64());
+    let process = (u64::from(kill.process.pid), kill.process.start_time);
+    let exit = watchdog.seen.get(&process);
+    let receipt = watchdog.received.get(&process);
+    let death = watchdog.deaths.get(kill.job_id.as_str());
+    let event_id = death.and_then(|d| d["event_id"].as_str());
+    let delivery = event_id.and_then(|id| watchdog.deliveries.get(id));
+    let append = event_id.and_then(|id| watchdog.appends.get(id));
+    let intake = event_id.and_then(|id| oma.get(id));
+    // The OMA's wall-clock microseconds on the monotonic clock of this kill.
+    let offset = kill.killed_wall_us - kill.killed_us as i64;
+    let wall = |k: &str| {
+        intake
+            .and_then(|v| v[k].as_i64())
+            .and_then(|w| u64::try_from(w - offset).ok())
+    };
+    let points = [
+        Some(kill.killed_us),
+        us(exit, "kernel_us"),
+        us(exit, "seen_us"),
+        us(receipt, "received_us"),
+        us(append, "locked_us"),
+        us(append, "written_us"),
+        us(append, "synced_us"),
+        us(delivery, "post_us"),
+        wall("entered_us"),
+        wall("begun_us"),
+        wall("commit_us"),
+        wall("committed_us"),
+        Some(committed_us(kill)),
+    ];
+    let step = |from: Option<u64>, to: Option<u64>| match (from, to) {
+        (Some(from), Some(to)) => Some(to.saturating_sub(from) as f64 / 1e3),
+        _ => None,
+    };
+    let mut steps_ms: Vec<Option<f64>> = points
+        .windows(2)
+        .map(|pair| step(pair[0], pair[1]))
         .collect();
-    for v in &lines {
-        match v["event"].as_str() {
-            Some(kind @ ("exit_timing" | "receive_timing")) => {
-                if let (Some(pid), Some(start)) = (v["pid"].as_u64(), v["start_time"].as_u64()) {
-                    let into = if kind == "exit_timing" {
-                        &mut seen
-                    } else {
-                        &mut received
-                    };
-                    into.insert((pid, start), v);
-                }
-            }
-            Some("death_timing") => {
-                if let Some(job) = v["job_id"].as_str() {
-                    deaths.insert(job, v);
-                }
-            }
-            Some("append_timing") => {
-                if let Some(id) = v["event_id"].as_str() {
-                    appends.insert(id, v);
-                }
-            }
-            Some("delivery_timing") => {
-                if let Some(id) = v["first_event_id"].as_str() {
-                    deliveries.insert(id, v);
-                }
-            }
-            _ => {}
-        }
+    if parallel {
+        // Out of the chain: written -> POST replaces fdatasync and synced -> POST.
+        steps_ms.splice(5..7, [step(points[5], points[7])]);
+        steps_ms.push(step(points[5], points[6]));
     }
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
-    let mut slowest: Vec<SlowKill> = Vec::new();
-    for kill in kills {
-        let us = |v: Option<&&Value>, k: &str| v.and_then(|v| v[k].as_u64());
-        let process = (u64::from(kill.process.pid), kill.process.start_time);
-        let exit = seen.get(&process);
-        let receipt = received.get(&process);
-        let death = deaths.get(kill.job_id.as_str());
-        let event_id = death.and_then(|d| d["event_id"].as_str());
-        let delivery = event_id.and_then(|id| deliveries.get(id));
-        let append = event_id.and_then(|id| appends.get(id));
-        let intake = event_id.and_then(|id| oma.get(id));
-        // The OMA's wall-clock microseconds on the monotonic clock of this kill.
-        let offset = kill.killed_wall_us - kill.killed_us as i64;
-        let wall = |k: &str| {
-            intake
-                .and_then(|v| v[k].as_i64())
-                .and_then(|w| u64::try_from(w - offset).ok())
-        };
-        let points = [
-            Some(kill.killed_us),
-            us(exit, "kernel_us"),
-            us(exit, "seen_us"),
-            us(receipt, "received_us"),
-            us(append, "locked_us"),
-            us(append, "written_us"),
-            us(append, "synced_us"),
-            us(delivery, "post_us"),
-            wall("entered_us"),
-            wall("begun_us"),
-            wall("commit_us"),
-            wall("committed_us"),
-            Some(committed_us(kill)),
-        ];
-        let step = |from: Option<u64>, to: Option<u64>| match (from, to) {
-            (Some(from), Some(to)) => Some(to.saturating_sub(from) as f64 / 1e3),
-            _ => None,
-        };
-        let mut steps_ms: Vec<Option<f64>> = points
-            .windows(2)
-            .map(|pair| step(pair[0], pair[1]))
-            .collect();
-        if parallel {
-            // Out of the chain: written -> POST replaces fdatasync and synced -> POST.
-            steps_ms.splice(5..7, [step(points[5], points[7])]);
-            steps_ms.push(step(points[5], points[6]));
-        }
-        for (i, ms) in steps_ms.iter().enumerate() {
-            samples[i].extend(*ms);
-        }
-        slowest.push(SlowKill {
-            job_id: kill.job_id.clone(),
-            total_ms: kill.total_us as f64 / 1e3,
-            steps_ms,
-        });
-        slowest.sort_by(|a, b| b.total_ms.total_cmp(&a.total_ms));
-        slowest.truncate(SLOWEST);
-    }
-    (samples, slowest)
+    steps_ms
 }
 
 impl fmt::Display for Step {
