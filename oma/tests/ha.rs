@@ -14,7 +14,7 @@
 mod common;
 
 use api::{EventBatch, EventBatchAck, ProcessEventKind};
-use common::cluster::{Cluster, OmaProc, fresh_database};
+use common::cluster::{Cluster, OmaProc, each_job_finalized_once, fresh_database};
 use common::fixtures::{code, event, new_job};
 use common::vma::{Answer, StandInVma, pid};
 use oma::auth::hash_token;
@@ -121,7 +121,7 @@ async fn three_omas_survive_a_killed_lock_holder_and_a_database_restart() {
 
     // (d) Every job final, with exactly one final transition in its audit trail.
     let store = Store::connect(&database).await.unwrap();
-    audit_each_job_finalized_once(&store).await;
+    each_job_finalized_once(&store, "ha", VMAS, JOBS_PER_VMA).await;
     store.close().await;
     drop(omas);
     drop(cluster);
@@ -322,20 +322,4 @@ async fn post_deaths_of(i: usize, urls: Vec<String>) -> (DeathReport, Vec<Instan
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     (report, tried)
-}
-
-async fn audit_each_job_finalized_once(store: &Store) {
-    for i in 0..VMAS {
-        for k in 0..JOBS_PER_VMA {
-            let job = format!("ha-{i}-{k}");
-            let rec = store.get_job(&job).await.unwrap().job;
-            assert!(rec.status.is_final(), "{job} is {:?}", rec.status);
-            let audit = store.audit(&job).await.unwrap();
-            let finals = audit
-                .iter()
-                .filter(|a| a.to_status.is_final() && a.from_status.is_none_or(|s| !s.is_final()))
-                .count();
-            assert_eq!(finals, 1, "{job}: one final transition: {audit:#?}");
-        }
-    }
 }

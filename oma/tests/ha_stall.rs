@@ -15,7 +15,7 @@
 mod common;
 
 use api::ProcessEventKind;
-use common::cluster::{Cluster, OmaProc, fresh_database};
+use common::cluster::{Cluster, OmaProc, each_job_finalized_once, fresh_database};
 use common::fixtures::{code, event, new_job};
 use common::vma::{Answer, StandInVma, pid};
 use oma::auth::hash_token;
@@ -157,7 +157,7 @@ async fn a_stalled_lock_holder_loses_its_sessions_and_its_run() {
     );
 
     resume_the_stalled_oma(&store, &a).await;
-    audit_each_job_finalized_once(&store).await;
+    each_job_finalized_once(&store, "stall", VMAS, JOBS_PER_VMA).await;
     store.close().await;
     drop((a, b));
     drop(cluster);
@@ -183,22 +183,6 @@ async fn resume_the_stalled_oma(store: &Store, a: &OmaProc) {
     );
     let runs = store.recent_runs(10).await.unwrap();
     assert_eq!(runs.len(), 1, "oma-a recorded no run: {runs:#?}");
-}
-
-async fn audit_each_job_finalized_once(store: &Store) {
-    for i in 0..VMAS {
-        for k in 0..JOBS_PER_VMA {
-            let job = format!("stall-{i}-{k}");
-            let rec = store.get_job(&job).await.unwrap().job;
-            assert!(rec.status.is_final(), "{job} is {:?}", rec.status);
-            let audit = store.audit(&job).await.unwrap();
-            let finals = audit
-                .iter()
-                .filter(|a| a.to_status.is_final() && a.from_status.is_none_or(|s| !s.is_final()))
-                .count();
-            assert_eq!(finals, 1, "{job}: one final transition: {audit:#?}");
-        }
-    }
 }
 
 #[tokio::test]

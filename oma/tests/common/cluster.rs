@@ -193,3 +193,26 @@ pub async fn fresh_database(cluster: &Cluster, name: &str) -> String {
     let server = cluster.admin.strip_suffix("/postgres").unwrap();
     format!("{server}/{name}")
 }
+
+/// Every job `<prefix>-<vma>-<k>` of `vmas` x `jobs_per_vma` is final, and its audit trail holds
+/// exactly one transition into a final state: nothing was finalized twice.
+pub async fn each_job_finalized_once(
+    store: &oma::store::Store,
+    prefix: &str,
+    vmas: usize,
+    jobs_per_vma: usize,
+) {
+    for i in 0..vmas {
+        for k in 0..jobs_per_vma {
+            let job = format!("{prefix}-{i}-{k}");
+            let rec = store.get_job(&job).await.unwrap().job;
+            assert!(rec.status.is_final(), "{job} is {:?}", rec.status);
+            let audit = store.audit(&job).await.unwrap();
+            let finals = audit
+                .iter()
+                .filter(|a| a.to_status.is_final() && a.from_status.is_none_or(|s| !s.is_final()))
+                .count();
+            assert_eq!(finals, 1, "{job}: one final transition: {audit:#?}");
+        }
+    }
+}
