@@ -1,6 +1,9 @@
 //! `cargo xtask soak`: builds the daemons (with the eBPF object) and the `soak` runner of the
 //! `system-tests` crate, then runs it: a long random fault schedule its seed reproduces, with
 //! the invariants checked all the time (tests/src/soak/, docs/RELIABILITY.md "Soak").
+//! With `--runs N`, a campaign of N soaks, several at a time ([`campaign`]).
+
+mod campaign;
 
 use std::process::Command;
 
@@ -18,15 +21,23 @@ pub struct SoakArgs {
     #[arg(long)]
     seed: Option<u64>,
     /// The OMA's store: `sqlite`, or `postgres` (a server of the soak's own, which it
-    /// restarts as one of its faults).
-    #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "postgres"])]
+    /// restarts as one of its faults); `all` (with `--runs`) takes turns.
+    #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "postgres", "all"])]
     backend: String,
-    /// The watchdog's detector.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "ebpf", "procfs"])]
+    /// The watchdog's detector; `all` (with `--runs`) takes turns between `ebpf` and `procfs`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "ebpf", "procfs", "all"])]
     detector: String,
     /// Where to write the JSON report (default target/soak/report.json).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "runs")]
     json: Option<std::path::PathBuf>,
+    /// A campaign: this many soaks, each with a fresh seed, reports and logs kept in
+    /// `target/soak/campaign-<time>/`, a table of them all at the end.
+    #[arg(long, conflicts_with = "seed")]
+    runs: Option<usize>,
+    /// Soaks at a time in a campaign (each with its own copy of the binaries, so that one
+    /// watchdog never takes the other's stand-ins for its own).
+    #[arg(long, default_value_t = 2, requires = "runs")]
+    parallel: usize,
 }
 
 impl SoakArgs {
@@ -38,6 +49,8 @@ impl SoakArgs {
             backend: "sqlite".to_owned(),
             detector: "auto".to_owned(),
             json: None,
+            runs: None,
+            parallel: 1,
         }
     }
 }
@@ -49,6 +62,12 @@ pub fn run(args: &SoakArgs) -> Result<()> {
         build_ebpf::run().context("building the eBPF object the watchdog embeds")?;
     }
     setup::build_bins(false)?;
+    if let Some(runs) = args.runs {
+        return campaign::run(args, runs);
+    }
+    if args.backend == "all" || args.detector == "all" {
+        anyhow::bail!("`all` takes turns between runs: give it with --runs N");
+    }
     let mut runner = Command::new(root.join("target/debug/soak"));
     runner
         .current_dir(&root)
