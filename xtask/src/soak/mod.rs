@@ -57,6 +57,9 @@ impl SoakArgs {
 
 /// Builds what the runner needs and runs it; fails on a violation.
 pub fn run(args: &SoakArgs) -> Result<()> {
+    if args.runs.is_none() && (args.backend == "all" || args.detector == "all") {
+        anyhow::bail!("`all` takes turns between runs: give it with --runs N");
+    }
     let root = paths::workspace_root();
     if !paths::ebpf_object().exists() {
         build_ebpf::run().context("building the eBPF object the watchdog embeds")?;
@@ -64,9 +67,6 @@ pub fn run(args: &SoakArgs) -> Result<()> {
     setup::build_bins(false)?;
     if let Some(runs) = args.runs {
         return campaign::run(args, runs);
-    }
-    if args.backend == "all" || args.detector == "all" {
-        anyhow::bail!("`all` takes turns between runs: give it with --runs N");
     }
     let mut runner = Command::new(root.join("target/debug/soak"));
     runner
