@@ -301,3 +301,43 @@ async fn the_per_job_protocol_never_asks_the_feed() {
     assert_eq!(metric(&store, "oma_poll_feed_fallbacks_total"), 0.0);
     server.shutdown().await;
 }
+
+/// More unmoved jobs than one transaction of the stall sweep takes (200): every one of them
+/// is flagged, none left out between the chunks (each a transaction of its own in the
+/// poller's lane, so that deaths wait for one chunk at most, not for the whole fleet).
+#[tokio::test]
+async fn a_whole_fleet_stalling_at_once_is_flagged_chunk_by_chunk() {
+    const JOBS: usize = 230;
+    let db = common::sqlite_db();
+    let mut s = settings(&db);
+    s.poller.stall_threshold = Duration::from_millis(400);
+    let vma = FeedVma::start().await;
+    let server = start_server(s).await;
+    let store = server.state.store.clone();
+    register(&store, &vma.url).await;
+    let jobs: Vec<String> = (0..JOBS).map(|n| format!("fleet-{n}")).collect();
+    for (n, job) in jobs.iter().enumerate() {
+        create(&store, job).await;
+        vma.set(job, 1, n as u64 + 1);
+    }
+    eventually(
+        30,
+        "every job's progress, then every job flagged stalled",
+        || async {
+            let mut stalled = 0;
+            for job in &jobs {
+                let rec = store.get_job(job).await.unwrap().job;
+                stalled += usize::from(rec.stalled_since.is_some() && rec.bytes_transferred > 0);
+            }
+            (stalled == JOBS).then_some(())
+        },
+    )
+    .await;
+    for job in jobs.iter().step_by(23) {
+        assert!(
+            actions(&store, job).await.contains(&"stalled".to_owned()),
+            "{job}"
+        );
+    }
+    server.shutdown().await;
+}

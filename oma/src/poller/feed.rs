@@ -14,6 +14,8 @@ use std::sync::atomic::Ordering;
 const PAGE: u32 = 5000;
 /// Answers per poll at most; the rest waits for the next interval.
 const MAX_PAGES: usize = 8;
+/// Jobs per transaction of the stall sweep.
+const SWEEP_CHUNK: usize = 200;
 
 /// Polls one VMA's feed and applies it. `None` when the VMA has no feed (HTTP 404/405).
 pub(super) async fn poll(poller: &Arc<Poller>, work: &Work) -> Option<FeedOutcome> {
@@ -130,10 +132,14 @@ async fn stall_sweep(poller: &Poller) -> Result<(), crate::store::StoreError> {
         .filter(|(_, vma)| healthy.contains(vma))
         .map(|(id, _)| id)
         .collect();
-    let _lane = poller.write_lane().await;
-    poller
-        .store
-        .mutate_jobs(&ids, |cur, now| Ok(on_unmoved(cur, now, stall_ms)))
-        .await?;
+    // In transactions of a feed answer's usual size, each in the lane on its own: a fleet
+    // stalling at once (a datastore gone slow) must not hold the database for one long write.
+    for chunk in ids.chunks(SWEEP_CHUNK) {
+        let _lane = poller.write_lane().await;
+        poller
+            .store
+            .mutate_jobs(chunk, |cur, now| Ok(on_unmoved(cur, now, stall_ms)))
+            .await?;
+    }
     Ok(())
 }
