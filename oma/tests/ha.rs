@@ -199,10 +199,22 @@ async fn kill_the_lock_holder(
         rerun <= 2 * LEASE,
         "recovery again within 2 lease periods: {rerun:?}"
     );
-    let reruns: usize = (omas[1..].iter())
-        .map(|o| o.log_events("recovery_after_oma_lost"))
-        .sum();
-    assert_eq!(reruns, 1, "one survivor found oma-1 dead and ran recovery");
+    // Logged once the run has returned, a moment after its record is committed.
+    let reruns = || -> usize {
+        (omas[1..].iter())
+            .map(|o| o.log_events("recovery_after_oma_lost"))
+            .sum()
+    };
+    common::eventually(10, "a survivor's recovery_after_oma_lost line", || {
+        let n = reruns();
+        async move { (n > 0).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        reruns(),
+        1,
+        "one survivor found oma-1 dead and ran recovery"
+    );
     omas
 }
 

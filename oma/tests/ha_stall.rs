@@ -147,6 +147,12 @@ async fn a_stalled_lock_holder_loses_its_sessions_and_its_run() {
         "oma-a no longer holds the lock: {holder:?}"
     );
     assert_eq!(recovered.1 as u64, jobs, "oma-b's run finalized every job");
+    // Logged once the run has returned, a moment after its record is committed.
+    common::eventually(10, "oma-b's recovery_after_oma_lost line", || {
+        let n = b.log_events("recovery_after_oma_lost");
+        async move { (n > 0).then_some(()) }
+    })
+    .await;
     assert_eq!(b.log_events("recovery_after_oma_lost"), 1);
     eprintln!(
         "HA stall: lease period {:.0} s; oma-a SIGSTOPped holding the recovery lock; oma-b ended its sessions {:.2} s and completed recovery {:.2} s after the stop ({} jobs finalized)",
