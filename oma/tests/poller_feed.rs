@@ -164,15 +164,22 @@ fn metric(store: &Store, series: &str) -> f64 {
     test_support::metrics::value(&page, series).unwrap_or(0.0)
 }
 
+/// An OMA on `db` that flags a job stalled after 400 ms unmoved, polling a feed VMA
+/// registered as `vma-1`.
+async fn stalls_after_400ms(db: &common::TestDb) -> (FeedVma, oma::server::RunningServer, Store) {
+    let mut s = settings(db);
+    s.poller.stall_threshold = Duration::from_millis(400);
+    let vma = FeedVma::start().await;
+    let server = start_server(s).await;
+    let store = server.state.store.clone();
+    register(&store, &vma.url).await;
+    (vma, server, store)
+}
+
 #[tokio::test]
 async fn feed_progress_lands_with_its_audit_and_unmoved_jobs_are_flagged_stalled() {
     for db in test_dbs().await {
-        let mut s = settings(&db);
-        s.poller.stall_threshold = Duration::from_millis(400);
-        let vma = FeedVma::start().await;
-        let server = start_server(s).await;
-        let store = server.state.store.clone();
-        register(&store, &vma.url).await;
+        let (vma, server, store) = stalls_after_400ms(&db).await;
         let jobs: Vec<String> = (0..5).map(|n| format!("feed-{n}")).collect();
         for (n, job) in jobs.iter().enumerate() {
             create(&store, job).await;
@@ -309,12 +316,7 @@ async fn the_per_job_protocol_never_asks_the_feed() {
 async fn a_whole_fleet_stalling_at_once_is_flagged_chunk_by_chunk() {
     const JOBS: usize = 230;
     let db = common::sqlite_db();
-    let mut s = settings(&db);
-    s.poller.stall_threshold = Duration::from_millis(400);
-    let vma = FeedVma::start().await;
-    let server = start_server(s).await;
-    let store = server.state.store.clone();
-    register(&store, &vma.url).await;
+    let (vma, server, store) = stalls_after_400ms(&db).await;
     let jobs: Vec<String> = (0..JOBS).map(|n| format!("fleet-{n}")).collect();
     for (n, job) in jobs.iter().enumerate() {
         create(&store, job).await;
