@@ -104,20 +104,45 @@ pub enum RecoveryError {
     Store(#[from] StoreError),
 }
 
-/// Stops a run, with `recovery_lock_lost` in the log, unless it still holds the recovery lock
-/// (asked on the lock's own session; always held on SQLite). `done` is how many decisions the
-/// run has gone through so far (written, or found superseded).
-async fn still_locked(db_lock: &mut RecoveryLock, done: usize) -> Result<(), RecoveryError> {
-    let reason = match db_lock.check().await {
-        Released::Held => return Ok(()),
-        Released::Lost => "its database session ended".to_owned(),
-        Released::Unknown(error) => format!("checking it failed: {error}"),
-    };
-    tracing::error!(event = "recovery_lock_lost", decisions_done = done, %reason,
-        "this recovery run no longer holds the recovery lock, so it stops before its next write \
-         (counted as failed); another OMA may be recovering now, and each change this run made was \
-         applied only if the job had not changed since it was read");
-    Err(RecoveryError::LockLost(reason))
+/// How long a run goes on writing before it asks again whether it still holds the recovery
+/// lock. A query per decision would add a round trip to each of a large run's thousands of
+/// transactions; once per this interval costs one per hundred or so, and an OMA that stalled
+/// long enough for another to find its heartbeat expired (a lease period, seconds) has been
+/// paused for longer than this, so its first write after waking is always checked first.
+const LOCK_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// The run's recovery lock, and when it was last found held.
+struct WatchedLock<'a> {
+    lock: &'a mut RecoveryLock,
+    checked: Option<std::time::Instant>,
+}
+
+impl WatchedLock<'_> {
+    /// Stops a run, with `recovery_lock_lost` in the log, unless it still holds the recovery
+    /// lock (asked on the lock's own session, at most every [`LOCK_CHECK_EVERY`]; always held
+    /// on SQLite). `done` is how many decisions the run has gone through so far (written, or
+    /// found superseded).
+    async fn still_held(&mut self, done: usize) -> Result<(), RecoveryError> {
+        if self
+            .checked
+            .is_some_and(|at| at.elapsed() < LOCK_CHECK_EVERY)
+        {
+            return Ok(());
+        }
+        let reason = match self.lock.check().await {
+            Released::Held => {
+                self.checked = Some(std::time::Instant::now());
+                return Ok(());
+            }
+            Released::Lost => "its database session ended".to_owned(),
+            Released::Unknown(error) => format!("checking it failed: {error}"),
+        };
+        tracing::error!(event = "recovery_lock_lost", decisions_done = done, %reason,
+            "this recovery run no longer holds the recovery lock, so it stops before its next write \
+             (counted as failed); another OMA may be recovering now, and each change this run made was \
+             applied only if the job had not changed since it was read");
+        Err(RecoveryError::LockLost(reason))
+    }
 }
 
 /// The recovery engine. One per OMA; its mutex keeps two runs from overlapping.
@@ -362,12 +387,16 @@ impl Recovery {
     ) -> Result<RunReport, RecoveryError> {
         let started = now_ms();
         let plan = self.plan().await?;
+        let mut db_lock = WatchedLock {
+            lock: db_lock,
+            checked: None,
+        };
         let mut decisions = Vec::with_capacity(plan.len());
         for (read, decision) in plan {
             let (applied, superseded) = if dry_run {
                 (false, false)
             } else {
-                still_locked(db_lock, decisions.len()).await?;
+                db_lock.still_held(decisions.len()).await?;
                 let applied = self.apply(&read, &decision, trigger.actor()).await?;
                 (applied, !applied)
             };
@@ -396,7 +425,8 @@ impl Recovery {
             superseded: decisions.iter().filter(|d| d.superseded).count() as i64,
         };
         if !dry_run {
-            still_locked(db_lock, decisions.len()).await?;
+            db_lock.checked = None;
+            db_lock.still_held(decisions.len()).await?;
         }
         self.store.record_run(&run).await?;
         if !dry_run {
